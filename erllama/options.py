@@ -1,0 +1,239 @@
+"""Validation of per-request sampling parameters and per-model load options.
+
+Both are checked before anything reaches llama.cpp, which asserts (and so kills the
+worker) on many out-of-range values. Every problem is an ``invalid_params`` error that
+names the offending key. Unknown keys are rejected too: a misspelt ``temprature`` that
+were silently ignored would be worse than an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Final
+
+from erllama.protocol import (
+    DEFAULT_MAX_QUEUE,
+    MAX_STOP_SEQUENCE_BYTES,
+    MAX_STOP_SEQUENCES,
+    MAX_TOKENS_LIMIT,
+    ErllamaError,
+    ErrorCode,
+)
+
+DEFAULT_MAX_TOKENS: Final = 256
+KV_TYPES: Final = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+SPLIT_MODES: Final = ("none", "layer", "row")
+FLASH_ATTN_MODES: Final = ("auto", "on", "off")
+BACKENDS: Final = ("llama", "stub")
+MAX_SEQUENCES: Final = 64
+MAX_TENSOR_SPLIT: Final = 16
+MODEL_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+def _bad(key: str, why: str) -> ErllamaError:
+    return ErllamaError(ErrorCode.INVALID_PARAMS, f"{key}: {why}", {"key": key})
+
+
+def _int(key: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(key, f"expected an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise _bad(key, f"{value} is outside [{lo}, {hi}]")
+    return value
+
+
+def _float(key: str, value: Any, lo: float, hi: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(key, f"expected a number, got {type(value).__name__}")
+    value = float(value)
+    if math.isnan(value) or not lo <= value <= hi:
+        raise _bad(key, f"{value} is outside [{lo}, {hi}]")
+    return value
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(key, f"expected true or false, got {type(value).__name__}")
+    return value
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise _bad(key, f"{value!r} is not one of {', '.join(choices)}")
+    return str(value)
+
+
+def validate_model_id(model_id: Any) -> str:
+    """Model ids name files and sockets in places; keep them to a safe alphabet (no path traversal)."""
+    if not isinstance(model_id, str) or not MODEL_ID_PATTERN.match(model_id):
+        raise _bad("model", "ids are 1-128 characters of letters, digits, '.', '_', ':' and '-'")
+    return model_id
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """Per-request generation settings. ``temperature`` 0 means greedy; ``seed`` None means random."""
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+
+def parse_sampling(params: dict[str, Any] | None) -> SamplingParams:
+    """Turn a request's ``params`` map into ``SamplingParams`` or raise ``invalid_params``."""
+    params = params or {}
+    known = {f.name for f in dataclasses.fields(SamplingParams)}
+    for key in params:
+        if key not in known:
+            raise _bad(str(key), "unknown parameter")
+    out: dict[str, Any] = {}
+    if "max_tokens" in params:
+        out["max_tokens"] = _int("max_tokens", params["max_tokens"], 0, MAX_TOKENS_LIMIT)
+    if "temperature" in params:
+        out["temperature"] = _float("temperature", params["temperature"], 0.0, 100.0)
+    if "top_k" in params:
+        out["top_k"] = _int("top_k", params["top_k"], 0, 1 << 20)
+    if "top_p" in params:
+        out["top_p"] = _float("top_p", params["top_p"], 0.0, 1.0)
+    if "min_p" in params:
+        out["min_p"] = _float("min_p", params["min_p"], 0.0, 1.0)
+    if "repetition_penalty" in params:
+        out["repetition_penalty"] = _float("repetition_penalty", params["repetition_penalty"], 0.0, 10.0)
+    if params.get("seed") is not None:
+        out["seed"] = _int("seed", params["seed"], 0, 2**32 - 2)  # 2**32-1 is llama.cpp's "random"
+    if "stop" in params and params["stop"] is not None:
+        stop = params["stop"]
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+            raise _bad("stop", "expected a list of strings")
+        if len(stop) > MAX_STOP_SEQUENCES:
+            raise _bad("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences")
+        for s in stop:
+            if not s:
+                raise _bad("stop", "empty stop sequence")
+            if len(s.encode()) > MAX_STOP_SEQUENCE_BYTES:
+                raise _bad("stop", f"a stop sequence is longer than {MAX_STOP_SEQUENCE_BYTES} bytes")
+        out["stop"] = tuple(stop)
+    return SamplingParams(**out)
+
+
+def validate_prompt(prompt: Any, n_vocab: int | None = None) -> str | list[int]:
+    """A prompt is a non-empty string or a non-empty list of token ids inside the vocabulary."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise _bad("prompt", "empty prompt")
+        return prompt
+    if isinstance(prompt, list):
+        if not prompt:
+            raise _bad("prompt", "empty token list")
+        for tok in prompt:
+            if isinstance(tok, bool) or not isinstance(tok, int):
+                raise _bad("prompt", "token ids must be integers")
+            if tok < 0 or (n_vocab is not None and tok >= n_vocab):
+                raise _bad("prompt", f"token id {tok} is outside the vocabulary [0, {n_vocab})")
+        return prompt
+    raise _bad("prompt", f"expected a string or a list of token ids, got {type(prompt).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadOptions:
+    """Per-model options: llama.cpp model and context parameters plus erllama's own.
+
+    ``use_extra_bufts`` defaults to False: on CPUs with AMX, llama.cpp's repacked-weight
+    buffers segfault inside ``llama_decode`` for some models (see the README).
+    """
+
+    backend: str = "llama"
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_threads: int = 0  # 0 = one per core
+    n_seq_max: int = 4
+    n_gpu_layers: int = 0
+    main_gpu: int = 0
+    split_mode: str = "layer"
+    tensor_split: tuple[float, ...] = ()
+    use_mmap: bool = True
+    use_mlock: bool = False
+    flash_attn: str = "auto"
+    type_k: str = "f16"
+    type_v: str = "f16"
+    use_extra_bufts: bool = False
+    max_queue: int = DEFAULT_MAX_QUEUE
+    prefill_chunk_size: int = 256
+
+    def to_wire(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["tensor_split"] = list(self.tensor_split)
+        return d
+
+    @property
+    def threads(self) -> int:
+        return self.n_threads or (os.cpu_count() or 1)
+
+
+def parse_load_options(options: dict[str, Any] | None) -> LoadOptions:
+    """Validate a ``load_model`` options map (types, ranges, cross-field rules)."""
+    options = options or {}
+    known = {f.name for f in dataclasses.fields(LoadOptions)}
+    for key in options:
+        if key not in known:
+            raise _bad(str(key), "unknown load option")
+    o: dict[str, Any] = {}
+    ints = {
+        "n_ctx": (16, 1 << 20),
+        "n_batch": (1, 1 << 16),
+        "n_ubatch": (1, 1 << 16),
+        "n_threads": (0, 1024),
+        "n_seq_max": (1, MAX_SEQUENCES),
+        "n_gpu_layers": (-1, 100_000),
+        "main_gpu": (0, 64),
+        "max_queue": (0, 1 << 20),
+        "prefill_chunk_size": (1, 1 << 16),
+    }
+    for key, (lo, hi) in ints.items():
+        if key in options:
+            o[key] = _int(key, options[key], lo, hi)
+    for key in ("use_mmap", "use_mlock", "use_extra_bufts"):
+        if key in options:
+            o[key] = _bool(key, options[key])
+    for key, choices in (
+        ("backend", BACKENDS),
+        ("split_mode", SPLIT_MODES),
+        ("flash_attn", FLASH_ATTN_MODES),
+        ("type_k", KV_TYPES),
+        ("type_v", KV_TYPES),
+    ):
+        if key in options:
+            o[key] = _choice(key, options[key], choices)
+    if "tensor_split" in options:
+        ts = options["tensor_split"]
+        if not isinstance(ts, (list, tuple)) or len(ts) > MAX_TENSOR_SPLIT:
+            raise _bad("tensor_split", f"expected a list of at most {MAX_TENSOR_SPLIT} numbers")
+        o["tensor_split"] = tuple(_float("tensor_split", x, 0.0, 1e6) for x in ts)
+    opts = LoadOptions(**o)
+    if opts.n_ubatch > opts.n_batch:
+        raise _bad("n_ubatch", f"{opts.n_ubatch} exceeds n_batch {opts.n_batch}")
+    if opts.n_seq_max > opts.n_batch:
+        raise _bad("n_seq_max", "every running sequence needs a row of the batch: n_seq_max must be <= n_batch")
+    if opts.n_seq_max * 16 > opts.n_ctx:
+        raise _bad("n_seq_max", f"n_ctx {opts.n_ctx} leaves fewer than 16 cells per sequence")
+    if opts.type_v != "f16" and opts.type_v != "f32" and opts.flash_attn == "off":
+        raise _bad("type_v", "a quantized V cache needs flash_attn (auto or on)")
+    return opts
+

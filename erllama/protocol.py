@@ -1,0 +1,271 @@
+"""Wire schema, error codes and limits shared by every erllama process.
+
+Every message on every socket is one msgpack map in one ZeroMQ frame (the RAM
+tier of the cache store may append one raw payload frame). Each map carries
+``v`` (the protocol version) and ``t`` (the message type). Receivers tolerate
+unknown fields so that a newer peer can add optional ones; they reject unknown
+types, wrong versions and wrongly typed known fields with a typed error.
+
+Nothing here imports llama.cpp or ZeroMQ: the client, the broker, the workers
+and the cache store all import this module.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Final
+
+import msgpack
+
+PROTOCOL_VERSION: Final = 1
+
+# --- limits ---------------------------------------------------------------------------------------------
+# ZMQ_MAXMSGSIZE is per frame: a peer that sends more is disconnected by libzmq before Python sees it.
+MAX_CLIENT_FRAME_BYTES: Final = 16 * 1024 * 1024  # a 128k-token prompt as text or ids fits easily
+MAX_WORKER_FRAME_BYTES: Final = 64 * 1024 * 1024  # embeddings and tokenize replies of long prompts
+MAX_CACHE_CONTROL_BYTES: Final = 1024 * 1024  # control maps to and from the cache store
+MAX_CACHE_PAYLOAD_BYTES: Final = 2 * 1024 * 1024 * 1024  # one KV row sent as a raw frame (RAM tier)
+MAX_ID_CHARS: Final = 128  # request, model and session ids
+MAX_PROMPT_TOKENS: Final = 1 << 20
+MAX_STOP_SEQUENCES: Final = 16
+MAX_STOP_SEQUENCE_BYTES: Final = 256
+MAX_TOKENS_LIMIT: Final = 1 << 20
+DEFAULT_MAX_QUEUE: Final = 512
+DEFAULT_MODEL_ID: Final = "smollm2-135m"
+
+# --- liveness -------------------------------------------------------------------------------------------
+HEARTBEAT_INTERVAL_S: Final = 1.0
+# A worker silent for this long is declared hung. A tick is at most one prefill chunk (seconds on
+# a 2-core CPU), so this must comfortably exceed the slowest single llama_decode.
+WORKER_SILENCE_TIMEOUT_S: Final = 60.0
+BROKER_SILENCE_TIMEOUT_S: Final = 15.0
+MODEL_LOAD_TIMEOUT_S: Final = 300.0
+DEFAULT_REQUEST_TIMEOUT_S: Final = 600.0
+
+
+class ErrorCode(enum.StrEnum):
+    """Stable error codes; the client raises ``ErllamaError`` with one of these as ``code``."""
+
+    MODEL_NOT_FOUND = "model_not_found"
+    ALREADY_LOADED = "already_loaded"
+    INVALID_PARAMS = "invalid_params"
+    CONTEXT_OVERFLOW = "context_overflow"
+    OVERLOADED = "overloaded"
+    LOAD_FAILED = "load_failed"
+    MALFORMED_GGUF = "malformed_gguf"
+    WORKER_CRASHED = "worker_crashed"
+    TIMEOUT = "timeout"
+    PROTOCOL_ERROR = "protocol_error"
+    SHUTTING_DOWN = "shutting_down"
+    MODEL_FAILED = "model_failed"
+    NOT_SUPPORTED = "not_supported"
+    NO_GPU = "no_gpu"
+    INTERNAL = "internal"
+    # cache store
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"
+    CORRUPT = "corrupt"
+    OVER_BUDGET = "over_budget"
+    NO_SPACE = "no_space"
+    EXPIRED = "expired"
+    IO_ERROR = "io_error"
+
+
+class ErllamaError(Exception):
+    """The one exception family of erllama. ``code`` is an ``ErrorCode`` value (a plain str)."""
+
+    def __init__(self, code: ErrorCode | str, message: str = "", detail: dict[str, Any] | None = None):
+        self.code = str(code)
+        self.message = message or self.code
+        self.detail = detail or {}
+        super().__init__(f"{self.code}: {self.message}")
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "detail": self.detail}
+
+
+class MsgType(enum.StrEnum):
+    """Message types between client, broker and worker."""
+
+    # client -> broker
+    INFER = "infer"
+    CANCEL = "cancel"
+    LOAD_MODEL = "load_model"
+    UNLOAD_MODEL = "unload_model"
+    LIST_MODELS = "list_models"
+    MODEL_INFO = "model_info"
+    QUEUE_DEPTH = "queue_depth"
+    CALL = "call"  # an operation answered by the model's worker (tokenize, detokenize, ...)
+    PING = "ping"
+    # broker -> client (TOKEN, DONE, ERROR also flow worker -> broker)
+    OK = "ok"
+    TOKEN = "tok"
+    DONE = "done"
+    ERROR = "err"
+    # worker -> broker
+    READY = "ready"
+    HEARTBEAT = "hb"
+    ADMITTED = "admitted"
+    # broker -> worker
+    RUN = "run"
+    SHUTDOWN = "shutdown"
+
+
+class WorkerOp(enum.StrEnum):
+    """Operations a client may ask of a model's worker through ``MsgType.CALL``."""
+
+    TOKENIZE = "tokenize"
+    DETOKENIZE = "detokenize"
+
+
+class Phase(enum.StrEnum):
+    IDLE = "idle"
+    PREFILLING = "prefilling"
+    GENERATING = "generating"
+
+
+class ModelState(enum.StrEnum):
+    LOADING = "loading"
+    READY = "ready"
+    RESTARTING = "restarting"
+    FAILED = "failed"
+    UNLOADING = "unloading"
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+
+
+class CacheHitKind(enum.StrEnum):
+    EXACT = "exact"
+    PARTIAL = "partial"
+    STICKY = "sticky"
+    COLD = "cold"
+
+
+# --- schema ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Field:
+    """One field of a message: the Python types msgpack may decode it to, and whether it must be present."""
+
+    types: tuple[type, ...]
+    required: bool = True
+
+
+_STR = Field((str,))
+_OPT_STR = Field((str, type(None)), required=False)
+_INT = Field((int,))
+_MAP = Field((dict,))
+_OPT_MAP = Field((dict,), required=False)
+_PROMPT = Field((str, list))
+
+# Fields beyond ``v`` and ``t``. Client messages carry ``id`` (the client's own request id).
+SCHEMA: Final[dict[MsgType, dict[str, Field]]] = {
+    MsgType.INFER: {"id": _STR, "model": _STR, "prompt": _PROMPT, "params": _OPT_MAP},
+    MsgType.CANCEL: {"id": _STR, "target": _STR},
+    MsgType.LOAD_MODEL: {"id": _STR, "model": _STR, "path": _OPT_STR, "options": _OPT_MAP},
+    MsgType.UNLOAD_MODEL: {"id": _STR, "model": _STR},
+    MsgType.LIST_MODELS: {"id": _STR},
+    MsgType.MODEL_INFO: {"id": _STR, "model": _STR},
+    MsgType.QUEUE_DEPTH: {"id": _STR, "model": _OPT_STR},
+    MsgType.CALL: {"id": _STR, "model": _STR, "op": _STR, "args": _OPT_MAP},
+    MsgType.PING: {"id": _STR},
+    # worker -> broker
+    MsgType.READY: {"model": _STR, "pid": _INT, "slots": _INT, "info": _MAP},
+    MsgType.HEARTBEAT: {"progress": _INT, "phase": _STR},
+    MsgType.ADMITTED: {"rid": _INT, "cache_hit_kind": _STR, "prefix_len": _INT},
+    MsgType.TOKEN: {"rid": _INT, "text": _STR, "token_ids": Field((list,))},
+    MsgType.DONE: {"rid": _INT, "result": _MAP},
+    MsgType.ERROR: {"rid": Field((int, type(None))), "code": _STR, "message": _STR},
+    MsgType.OK: {"rid": _INT, "result": Field((object,))},
+    # broker -> worker
+    MsgType.RUN: {"rid": _INT, "prompt": _PROMPT, "params": _MAP},
+    MsgType.SHUTDOWN: {},
+}
+
+CLIENT_TYPES: Final = frozenset(
+    {
+        MsgType.INFER,
+        MsgType.CANCEL,
+        MsgType.LOAD_MODEL,
+        MsgType.UNLOAD_MODEL,
+        MsgType.LIST_MODELS,
+        MsgType.MODEL_INFO,
+        MsgType.QUEUE_DEPTH,
+        MsgType.CALL,
+        MsgType.PING,
+    }
+)
+WORKER_TYPES: Final = frozenset(
+    {MsgType.READY, MsgType.HEARTBEAT, MsgType.ADMITTED, MsgType.TOKEN, MsgType.DONE, MsgType.ERROR, MsgType.OK}
+)
+
+
+def encode(t: str, **fields: Any) -> bytes:
+    """Pack one message. ``t`` is its type; ``v`` is added here so no sender can forget it."""
+    fields["v"] = PROTOCOL_VERSION
+    fields["t"] = str(t)
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def _reject_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack ext type {code} is not allowed")
+
+
+def decode(frame: bytes | memoryview) -> dict[str, Any]:
+    """Unpack one frame into a map with a supported ``v`` and a str ``t``.
+
+    Raises ``ErllamaError(protocol_error)`` for anything else. The frame size is already
+    bounded by the socket's ZMQ_MAXMSGSIZE, and ``unpackb`` bounds every container by it.
+    """
+    try:
+        msg = msgpack.unpackb(frame, raw=False, strict_map_key=True, ext_hook=_reject_ext)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise ErllamaError(ErrorCode.PROTOCOL_ERROR, f"undecodable frame: {type(exc).__name__}") from None
+    if not isinstance(msg, dict):
+        raise ErllamaError(ErrorCode.PROTOCOL_ERROR, "a message must be a msgpack map")
+    if msg.get("v") != PROTOCOL_VERSION:
+        raise ErllamaError(
+            ErrorCode.PROTOCOL_ERROR,
+            f"unsupported protocol version {msg.get('v')!r}",
+            {"supported": [PROTOCOL_VERSION]},
+        )
+    if not isinstance(msg.get("t"), str):
+        raise ErllamaError(ErrorCode.PROTOCOL_ERROR, "a message needs a str 't'")
+    return msg
+
+
+def validate(msg: dict[str, Any], allowed: frozenset[MsgType]) -> MsgType:
+    """Check ``msg`` against the schema of its type; return the type.
+
+    Raises ``ErllamaError(protocol_error)`` for an unknown or unexpected type, a missing
+    required field or a field of the wrong type.
+    """
+    try:
+        t = MsgType(msg["t"])
+    except ValueError:
+        raise ErllamaError(ErrorCode.PROTOCOL_ERROR, f"unknown message type {msg['t']!r}") from None
+    if t not in allowed:
+        raise ErllamaError(ErrorCode.PROTOCOL_ERROR, f"message type {t.value!r} is not accepted here")
+    for name, spec in SCHEMA[t].items():
+        if name not in msg:
+            if spec.required:
+                raise ErllamaError(ErrorCode.PROTOCOL_ERROR, f"{t.value}: missing field {name!r}")
+            continue
+        value = msg[name]
+        # bool is an int subclass; an int field never accepts True/False.
+        if not isinstance(value, spec.types) or (isinstance(value, bool) and bool not in spec.types):
+            raise ErllamaError(ErrorCode.PROTOCOL_ERROR, f"{t.value}: field {name!r} has the wrong type")
+        if isinstance(value, str) and name in ("id", "model", "target") and len(value) > MAX_ID_CHARS:
+            raise ErllamaError(ErrorCode.PROTOCOL_ERROR, f"{t.value}: field {name!r} is too long")
+    return t
+
+
+def error_reply(rid_field: str, rid: Any, err: ErllamaError) -> bytes:
+    """Encode an ``err`` message addressed by ``rid_field`` (``id`` towards clients, ``rid`` towards the broker)."""
+    return encode(MsgType.ERROR, **{rid_field: rid}, code=err.code, message=err.message, detail=err.detail)
