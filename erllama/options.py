@@ -176,6 +176,7 @@ class LoadOptions:
     use_extra_bufts: bool = False
     max_queue: int = DEFAULT_MAX_QUEUE
     prefill_chunk_size: int = 256
+    stub_decode_ms: int = 0  # the stub backend sleeps this long per decode, standing in for compute
 
     def to_wire(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -205,6 +206,7 @@ def parse_load_options(options: dict[str, Any] | None) -> LoadOptions:
         "main_gpu": (0, 64),
         "max_queue": (0, 1 << 20),
         "prefill_chunk_size": (1, 1 << 16),
+        "stub_decode_ms": (0, 10_000),
     }
     for key, (lo, hi) in ints.items():
         if key in options:

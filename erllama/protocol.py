@@ -109,6 +109,8 @@ class MsgType(enum.StrEnum):
     ADMITTED = "admitted"
     # broker -> worker
     RUN = "run"
+    CANCEL_RUN = "cancel_run"
+    OP = "op"  # a client's CALL, addressed by the broker's rid
     SHUTDOWN = "shutdown"
 
 
@@ -185,6 +187,8 @@ SCHEMA: Final[dict[MsgType, dict[str, Field]]] = {
     MsgType.OK: {"rid": _INT, "result": Field((object,))},
     # broker -> worker
     MsgType.RUN: {"rid": _INT, "prompt": _PROMPT, "params": _MAP},
+    MsgType.CANCEL_RUN: {"rid": _INT},
+    MsgType.OP: {"rid": _INT, "op": _STR, "args": _MAP},
     MsgType.SHUTDOWN: {},
 }
 
@@ -203,6 +207,9 @@ CLIENT_TYPES: Final = frozenset(
 )
 WORKER_TYPES: Final = frozenset(
     {MsgType.READY, MsgType.HEARTBEAT, MsgType.ADMITTED, MsgType.TOKEN, MsgType.DONE, MsgType.ERROR, MsgType.OK}
+)
+BROKER_TO_WORKER_TYPES: Final = frozenset(
+    {MsgType.RUN, MsgType.CANCEL_RUN, MsgType.OP, MsgType.SHUTDOWN, MsgType.ERROR}
 )
 
 
@@ -240,19 +247,25 @@ def decode(frame: bytes | memoryview) -> dict[str, Any]:
     return msg
 
 
-def validate(msg: dict[str, Any], allowed: frozenset[MsgType]) -> MsgType:
+def validate(
+    msg: dict[str, Any], allowed: frozenset[Any], schema: dict[Any, dict[str, Field]] | None = None
+) -> Any:
     """Check ``msg`` against the schema of its type; return the type.
 
+    ``schema`` defaults to ``SCHEMA`` (``MsgType``); the cache store passes ``CACHE_SCHEMA``. The
+    type is parsed with the enum class of ``allowed``'s members.
     Raises ``ErllamaError(protocol_error)`` for an unknown or unexpected type, a missing
     required field or a field of the wrong type.
     """
+    table = SCHEMA if schema is None else schema
+    kind = type(next(iter(allowed)))
     try:
-        t = MsgType(msg["t"])
+        t = kind(msg["t"])
     except ValueError:
         raise ErllamaError(ErrorCode.PROTOCOL_ERROR, f"unknown message type {msg['t']!r}") from None
     if t not in allowed:
         raise ErllamaError(ErrorCode.PROTOCOL_ERROR, f"message type {t.value!r} is not accepted here")
-    for name, spec in SCHEMA[t].items():
+    for name, spec in table[t].items():
         if name not in msg:
             if spec.required:
                 raise ErllamaError(ErrorCode.PROTOCOL_ERROR, f"{t.value}: missing field {name!r}")
@@ -269,3 +282,80 @@ def validate(msg: dict[str, Any], allowed: frozenset[MsgType]) -> MsgType:
 def error_reply(rid_field: str, rid: Any, err: ErllamaError) -> bytes:
     """Encode an ``err`` message addressed by ``rid_field`` (``id`` towards clients, ``rid`` towards the broker)."""
     return encode(MsgType.ERROR, **{rid_field: rid}, code=err.code, message=err.message, detail=err.detail)
+
+
+# --- cache store messages -------------------------------------------------------------------------------
+# Requests to erllama-cachestore (from workers, the broker and the ``erllama cache`` CLI). Each carries
+# ``rid`` (the client's request id) and gets exactly one reply with the same ``rid``: ``c.ok`` or ``err``.
+# Keys, fingerprints and token ids travel as msgpack bin (tokens as u32 little-endian). Row bytes never
+# travel here except on the inline fallback (one raw frame after the map); see cachestore/README.md.
+
+MAX_ROW_TOKENS: Final = 131_072  # 512 KiB of token ids: a reserve map stays well under MAX_CACHE_CONTROL_BYTES
+MAX_FINGERPRINT_BYTES: Final = 255  # stored as a u8 length in the row header
+
+
+class CacheMsgType(enum.StrEnum):
+    EXACT = "c.exact"  # key -> row metadata or null
+    PREFIX = "c.prefix"  # fp, tokens -> the stored row sharing the longest token prefix, or null
+    LOAD = "c.load"  # key -> a lease and where to map the row (inline: the row as a raw frame)
+    RELEASE = "c.release"  # end a lease
+    RESERVE = "c.reserve"  # announce a row; get a temp to fill, or already_present / conflict
+    COMMIT = "c.commit"  # the temp is written (inline: the payload follows as a raw frame); verify, publish
+    ABORT = "c.abort"  # give a reservation back
+    STATS = "c.stats"
+    EVICT = "c.evict"  # free bytes in some tiers (memory-pressure watcher)
+    BYE = "c.bye"  # the client is closing: end its leases and reservations now
+    OK = "c.ok"
+    ERROR = "err"  # same wire value as MsgType.ERROR; encoded with error_reply("rid", ...)
+
+
+class CacheTier(enum.StrEnum):
+    RAM = "ram"  # memfds owned by the daemon: gone when it exits
+    SHM = "shm"  # files under /dev/shm: survive a daemon restart
+    DISK = "disk"  # files in the cache directory: survive a reboot
+
+
+class SaveReason(enum.StrEnum):
+    COLD = "cold"
+    CONTINUED = "continued"
+    FINISH = "finish"
+    EVICT = "evict"
+    SHUTDOWN = "shutdown"
+
+
+class ReserveStatus(enum.StrEnum):
+    RESERVED = "reserved"
+    ALREADY_PRESENT = "already_present"
+    CONFLICT = "conflict"
+
+
+class SaveOutcome(enum.StrEnum):
+    """What ``CacheClient.save`` reports; none of these is an error for the caller."""
+
+    STORED = "stored"
+    ALREADY_PRESENT = "already_present"
+    CONFLICT = "conflict"  # another writer is publishing the same key right now
+    DROPPED = "dropped"  # the store refused or lost it (over budget, no space, expired, bad checksum)
+
+
+_BIN = Field((bytes,))
+_OPT_BOOL = Field((bool,), required=False)
+_OPT_INT = Field((int,), required=False)
+
+CACHE_SCHEMA: Final[dict[CacheMsgType, dict[str, Field]]] = {
+    CacheMsgType.EXACT: {"rid": _INT, "key": _BIN},
+    CacheMsgType.PREFIX: {"rid": _INT, "fp": _BIN, "tokens": _BIN, "min_len": _OPT_INT},
+    CacheMsgType.LOAD: {"rid": _INT, "key": _BIN, "pid": _INT, "inline": _OPT_BOOL},
+    CacheMsgType.RELEASE: {"rid": _INT, "lease": _INT, "bad": _OPT_BOOL},
+    CacheMsgType.RESERVE: {
+        "rid": _INT, "fp": _BIN, "tokens": _BIN, "payload_len": _INT, "reason": _STR, "pid": _INT, "tier": _OPT_STR,
+    },  # fmt: skip
+    CacheMsgType.COMMIT: {"rid": _INT, "res": _INT, "crc": _INT, "inline": _OPT_BOOL},
+    CacheMsgType.ABORT: {"rid": _INT, "res": _INT},
+    CacheMsgType.STATS: {"rid": _INT},
+    CacheMsgType.EVICT: {"rid": _INT, "bytes": _INT, "tiers": Field((list,), required=False)},
+    CacheMsgType.BYE: {"rid": _INT},
+    CacheMsgType.OK: {"rid": _INT},
+    CacheMsgType.ERROR: {"rid": Field((int, type(None))), "code": _STR, "message": _STR},
+}
+CACHE_REQUEST_TYPES: Final = frozenset(set(CacheMsgType) - {CacheMsgType.OK, CacheMsgType.ERROR})

@@ -1,0 +1,110 @@
+"""Broker configuration: command-line flags, environment and an optional TOML file.
+
+Example ``erllama.toml``::
+
+    [broker]
+    endpoint = "ipc:///run/user/1000/erllama/broker.sock"   # default: ipc in the runtime dir
+    tcp = "tcp://127.0.0.1:7420"                              # optional extra endpoint
+    log_level = "INFO"
+
+    [[models]]
+    id = "smollm2-135m"
+    # path omitted: the embedded default model
+    options = { n_ctx = 4096, n_seq_max = 4 }
+
+    [[models]]
+    id = "qwen"
+    path = "/models/qwen2.5-0.5b-instruct-q4_k_m.gguf"
+
+Without a file (and without ``--no-default-model``) the broker serves the embedded default
+model under the id ``smollm2-135m``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from erllama.options import parse_load_options, validate_model_id
+from erllama.protocol import DEFAULT_MODEL_ID, ErllamaError, ErrorCode
+from erllama.transport import (
+    BROKER_ENDPOINT_ENV,
+    CLIENT_SOCKET_NAME,
+    WORKER_SOCKET_NAME,
+    check_tcp_bind,
+    default_runtime_dir,
+    ipc_endpoint,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    model_id: str
+    path: str | None
+    options: dict[str, Any]
+
+
+@dataclass(slots=True)
+class BrokerConfig:
+    runtime_dir: Path
+    endpoint: str
+    tcp: str | None = None
+    allow_remote: bool = False
+    log_level: str = "INFO"
+    models: list[ModelSpec] = field(default_factory=list)
+
+    @property
+    def worker_endpoint(self) -> str:
+        return ipc_endpoint(self.runtime_dir, WORKER_SOCKET_NAME)
+
+
+def _model_spec(raw: dict[str, Any]) -> ModelSpec:
+    if not isinstance(raw, dict):
+        raise ErllamaError(ErrorCode.INVALID_PARAMS, "each [[models]] entry must be a table")
+    model_id = validate_model_id(raw.get("id"))
+    path = raw.get("path")
+    if path is not None and not isinstance(path, str):
+        raise ErllamaError(ErrorCode.INVALID_PARAMS, f"models.{model_id}.path must be a string")
+    options = parse_load_options(raw.get("options") or {}).to_wire()
+    return ModelSpec(model_id, path, options)
+
+
+def build_config(
+    config_file: str | None,
+    endpoint: str | None,
+    runtime_dir: str | None,
+    tcp: str | None,
+    allow_remote: bool,
+    log_level: str | None,
+    default_model: bool,
+) -> BrokerConfig:
+    """Merge flags (strongest), environment, the TOML file and defaults (weakest)."""
+    file_cfg: dict[str, Any] = {}
+    if config_file:
+        with open(config_file, "rb") as f:
+            file_cfg = tomllib.load(f)
+    section = file_cfg.get("broker", {})
+    rdir = Path(runtime_dir or section.get("runtime_dir") or default_runtime_dir())
+    ep = endpoint or os.environ.get(BROKER_ENDPOINT_ENV) or section.get("endpoint") or ipc_endpoint(rdir, CLIENT_SOCKET_NAME)
+    tcp_ep = tcp or section.get("tcp")
+    allow = allow_remote or bool(section.get("allow_remote", False))
+    for e in (ep, tcp_ep):
+        if e:
+            check_tcp_bind(e, allow)
+    models = [_model_spec(m) for m in file_cfg.get("models", [])]
+    if not models and default_model and not config_file:
+        models = [ModelSpec(DEFAULT_MODEL_ID, None, parse_load_options({}).to_wire())]
+    ids = [m.model_id for m in models]
+    if len(set(ids)) != len(ids):
+        raise ErllamaError(ErrorCode.INVALID_PARAMS, "duplicate model ids in the config file")
+    return BrokerConfig(
+        runtime_dir=rdir,
+        endpoint=ep,
+        tcp=tcp_ep,
+        allow_remote=allow,
+        log_level=log_level or section.get("log_level", "INFO"),
+        models=models,
+    )

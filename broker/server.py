@@ -1,0 +1,554 @@
+"""The broker: one thread, one ``zmq.Poller`` loop over the client socket, the worker socket,
+and every spawned worker's pidfd and stderr pipe.
+
+Clients talk to a ROUTER (ipc, optionally tcp). Workers talk to a second ROUTER. A request
+is queued per model (``queues.py``), sent to the model's worker when it has a free slot, and
+each streamed event is relayed back to the client that asked. The broker never blocks on a
+peer: sends are non-blocking, and a client that cannot be reached has its request cancelled.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import zmq
+
+from erllama import protocol
+from erllama.broker.config import BrokerConfig
+from erllama.broker.queues import ModelQueue, QueueTotals, Request
+from erllama.broker.registry import ModelEntry, Waiter
+from erllama.broker.supervisor import TERMINATE_GRACE_S, WorkerProcess, spawn_worker
+from erllama.options import parse_load_options, parse_sampling, validate_model_id, validate_prompt
+from erllama.protocol import (
+    CLIENT_TYPES,
+    MODEL_LOAD_TIMEOUT_S,
+    WORKER_SILENCE_TIMEOUT_S,
+    WORKER_TYPES,
+    ErllamaError,
+    ErrorCode,
+    ModelState,
+    MsgType,
+    Phase,
+)
+from erllama.transport import BROKER_LOCK_NAME, InstanceLock, ensure_private_dir, make_socket
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_MS = 100
+
+
+class Broker:
+    def __init__(self, cfg: BrokerConfig):
+        self.cfg = cfg
+        self.ctx = zmq.Context()
+        self.models: dict[str, ModelEntry] = {}
+        self.requests: dict[int, Request] = {}
+        self.by_client: dict[tuple[bytes, str], int] = {}
+        self.calls: dict[int, tuple[Waiter, str]] = {}  # rid -> who asked, which model
+        self.workers: dict[bytes, ModelEntry] = {}  # routing id -> entry
+        self.fds: dict[int, WorkerProcess] = {}  # pidfd or stderr fd -> worker
+        self.totals = QueueTotals()
+        self._rids = itertools.count(1)
+        self.stopping = False
+        self.lock = InstanceLock(cfg.runtime_dir / BROKER_LOCK_NAME)
+        self.front: zmq.Socket | None = None
+        self.back: zmq.Socket | None = None
+        self.poller = zmq.Poller()
+        self._client_handlers: dict[MsgType, Callable[[bytes, dict[str, Any]], None]] = {
+            MsgType.INFER: self._on_infer,
+            MsgType.CANCEL: self._on_cancel,
+            MsgType.LOAD_MODEL: self._on_load_model,
+            MsgType.UNLOAD_MODEL: self._on_unload_model,
+            MsgType.LIST_MODELS: lambda c, m: self._reply(c, m["id"], [e.describe() for e in self.models.values()]),
+            MsgType.MODEL_INFO: lambda c, m: self._reply(c, m["id"], self._entry(m["model"]).describe()),
+            MsgType.QUEUE_DEPTH: self._on_queue_depth,
+            MsgType.CALL: self._on_call,
+            MsgType.PING: lambda c, m: self._reply(c, m["id"], {"pid": os.getpid(), "models": len(self.models)}),
+        }
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        ensure_private_dir(self.cfg.runtime_dir)
+        self.lock.acquire()
+        self.front = make_socket(self.ctx, zmq.ROUTER, protocol.MAX_CLIENT_FRAME_BYTES)
+        for ep in filter(None, (self.cfg.endpoint, self.cfg.tcp)):
+            self.front.bind(ep)
+            log.info("clients: %s", ep)
+        self.back = make_socket(self.ctx, zmq.ROUTER, protocol.MAX_WORKER_FRAME_BYTES)
+        self.back.bind(self.cfg.worker_endpoint)
+        self.poller.register(self.front, zmq.POLLIN)
+        self.poller.register(self.back, zmq.POLLIN)
+        for spec in self.cfg.models:
+            self._create(spec.model_id, spec.path, spec.options, waiter=None)
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        while not self.stopping:
+            self._poll_once(POLL_INTERVAL_MS)
+        self._shutdown()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        self.stopping = True
+
+    def _poll_once(self, timeout_ms: int) -> None:
+        for item, _ in self.poller.poll(timeout_ms):
+            if item is self.front:
+                self._drain(self.front, self._on_client_frames)
+            elif item is self.back:
+                self._drain(self.back, self._on_worker_frames)
+            elif isinstance(item, int) and item in self.fds:
+                self._on_worker_fd(item)
+        self._timers(time.monotonic())
+
+    def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None]) -> None:
+        # Bounded, so a flood on one socket cannot starve the other.
+        for _ in range(1000):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handler(frames)
+
+    def _shutdown(self) -> None:
+        """Stop every worker (they finish with ``cancelled``), relay their last events, then close."""
+        for entry in self.models.values():
+            for rid in list(entry.queue.waiting):
+                self._fail(rid, ErllamaError(ErrorCode.SHUTTING_DOWN, "the broker is shutting down"))
+            self._send_worker(entry, protocol.encode(MsgType.SHUTDOWN))
+        deadline = time.monotonic() + TERMINATE_GRACE_S
+        while any(e.worker and e.spawned for e in self.models.values()) and time.monotonic() < deadline:
+            self._poll_once(50)
+        for entry in list(self.models.values()):
+            if entry.worker is not None:
+                entry.worker.kill()
+                self._reap(entry.worker)
+        for rid in list(self.requests):
+            self._fail(rid, ErllamaError(ErrorCode.SHUTTING_DOWN, "the broker is shutting down"))
+        for sock in (self.front, self.back):
+            if sock is not None:
+                sock.close(linger=500)
+        self.ctx.term()
+        for ep in (self.cfg.endpoint, self.cfg.worker_endpoint):
+            if ep.startswith("ipc://"):
+                Path(ep[len("ipc://") :]).unlink(missing_ok=True)
+        self.lock.release()
+        log.info("broker stopped")
+
+    # --- sending -------------------------------------------------------------------------------------------
+
+    def _send_client(self, client: bytes, payload: bytes) -> bool:
+        try:
+            self.front.send_multipart([client, payload], zmq.NOBLOCK)  # type: ignore[union-attr]
+            return True
+        except zmq.Again:
+            log.warning("client %s is not reading; dropping its message", client.hex())
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EHOSTUNREACH:
+                raise
+        return False
+
+    def _reply(self, client: bytes, client_id: str, result: Any) -> None:
+        self._send_client(client, protocol.encode(MsgType.OK, id=client_id, result=result))
+
+    def _reply_error(self, client: bytes, client_id: str | None, err: ErllamaError) -> None:
+        self._send_client(client, protocol.error_reply("id", client_id, err))
+
+    def _send_worker(self, entry: ModelEntry, payload: bytes) -> bool:
+        if entry.worker is None or entry.worker.identity is None:
+            return False
+        try:
+            self.back.send_multipart([entry.worker.identity, payload], zmq.NOBLOCK)  # type: ignore[union-attr]
+            return True
+        except zmq.ZMQError as exc:
+            log.warning("cannot reach the worker of %s: %s", entry.model_id, exc)
+            return False
+
+    # --- client messages -----------------------------------------------------------------------------------
+
+    def _on_client_frames(self, frames: list[bytes]) -> None:
+        client = frames[0]
+        client_id = None
+        try:
+            if len(frames) != 2:
+                raise ErllamaError(ErrorCode.PROTOCOL_ERROR, f"expected one frame, got {len(frames) - 1}")
+            msg = protocol.decode(frames[1])
+            client_id = msg.get("id") if isinstance(msg.get("id"), str) else None
+            t = protocol.validate(msg, CLIENT_TYPES)
+            self._client_handlers[t](client, msg)
+        except ErllamaError as err:
+            if err.code == ErrorCode.PROTOCOL_ERROR:
+                self.totals.bad_messages += 1
+                log.info("bad client message: %s", err.message)
+            self._reply_error(client, client_id, err)
+
+    def _entry(self, model_id: str) -> ModelEntry:
+        entry = self.models.get(model_id)
+        if entry is None:
+            raise ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"no model {model_id!r} is loaded", {"model": model_id})
+        return entry
+
+    def _on_infer(self, client: bytes, msg: dict[str, Any]) -> None:
+        if self.stopping:
+            raise ErllamaError(ErrorCode.SHUTTING_DOWN, "the broker is shutting down")
+        entry = self._entry(msg["model"])
+        if entry.state is ModelState.FAILED:
+            raise ErllamaError(ErrorCode.MODEL_FAILED, f"model {entry.model_id!r} has failed", entry.last_error)
+        if entry.state is ModelState.UNLOADING:
+            raise ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"model {entry.model_id!r} is being unloaded")
+        params = msg.get("params") or {}
+        parse_sampling(params)  # reject bad values here, before they take a queue slot
+        validate_prompt(msg["prompt"])
+        key = (client, msg["id"])
+        if key in self.by_client:
+            raise ErllamaError(ErrorCode.PROTOCOL_ERROR, f"request id {msg['id']!r} is already in flight")
+        rid = next(self._rids)
+        try:
+            entry.queue.enqueue(rid)
+        except ErllamaError:
+            self.totals.rejected_overloaded += 1
+            raise
+        self.requests[rid] = Request(rid, client, msg["id"], entry.model_id, msg["prompt"], params)
+        self.by_client[key] = rid
+        self.totals.accepted += 1
+        self.totals.depth += 1
+        self._dispatch(entry)
+
+    def _on_cancel(self, client: bytes, msg: dict[str, Any]) -> None:
+        rid = self.by_client.get((client, msg["target"]))
+        if rid is not None:
+            self._cancel(rid)
+        self._reply(client, msg["id"], {"cancelled": rid is not None})
+
+    def _cancel(self, rid: int) -> None:
+        req = self.requests[rid]
+        entry = self.models.get(req.model_id)
+        if not req.dispatched:
+            if entry is not None:
+                entry.queue.remove(rid)
+            self._finish(rid, protocol.encode(MsgType.DONE, id=req.client_id, result=_cancelled_result(req)))
+        elif entry is not None:
+            self._send_worker(entry, protocol.encode(MsgType.CANCEL_RUN, rid=rid))
+
+    def _on_load_model(self, client: bytes, msg: dict[str, Any]) -> None:
+        model_id = validate_model_id(msg["model"])
+        if model_id in self.models:
+            raise ErllamaError(ErrorCode.ALREADY_LOADED, f"model {model_id!r} is already loaded", {"model": model_id})
+        path = msg.get("path")
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ErllamaError(ErrorCode.LOAD_FAILED, f"model file {path} does not exist", {"path": path})
+            path = str(p.resolve())
+        options = parse_load_options(msg.get("options")).to_wire()
+        self._create(model_id, path, options, Waiter(client, msg["id"]))
+
+    def _create(self, model_id: str, path: str | None, options: dict[str, Any], waiter: Waiter | None) -> None:
+        entry = ModelEntry(model_id, path, options, ModelQueue(model_id, max_queue=options["max_queue"]))
+        if waiter is not None:
+            entry.load_waiters.append(waiter)
+        self.models[model_id] = entry
+        self._spawn(entry)
+
+    def _spawn(self, entry: ModelEntry) -> None:
+        wp = spawn_worker(
+            entry.model_id, entry.path, entry.options, self.cfg.worker_endpoint, self.cfg.runtime_dir, self.cfg.log_level
+        )
+        entry.worker = wp
+        for fd in (wp.pidfd, wp.stderr_fd):
+            self.fds[fd] = wp
+            self.poller.register(fd, zmq.POLLIN)
+
+    def _on_unload_model(self, client: bytes, msg: dict[str, Any]) -> None:
+        entry = self._entry(msg["model"])
+        entry.unload_waiters.append(Waiter(client, msg["id"]))
+        if entry.state is ModelState.UNLOADING:
+            return
+        entry.state = ModelState.UNLOADING
+        for rid in list(entry.queue.waiting):
+            self._fail(rid, ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"model {entry.model_id!r} was unloaded"))
+        if entry.worker is None or not self._send_worker(entry, protocol.encode(MsgType.SHUTDOWN)):
+            if entry.worker is not None:
+                entry.worker.kill()
+            else:
+                self._forget(entry)
+
+    def _on_queue_depth(self, client: bytes, msg: dict[str, Any]) -> None:
+        model_id = msg.get("model")
+        depth = self._entry(model_id).queue.depth if model_id else self.totals.depth
+        self._reply(client, msg["id"], depth)
+
+    def _on_call(self, client: bytes, msg: dict[str, Any]) -> None:
+        entry = self._entry(msg["model"])
+        if entry.state is not ModelState.READY:
+            raise ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"model {entry.model_id!r} is {entry.state.value}")
+        rid = next(self._rids)
+        payload = protocol.encode(MsgType.OP, rid=rid, op=msg["op"], args=msg.get("args") or {})
+        if not self._send_worker(entry, payload):
+            raise ErllamaError(ErrorCode.WORKER_CRASHED, f"the worker of {entry.model_id!r} is unreachable")
+        self.calls[rid] = (Waiter(client, msg["id"]), entry.model_id)
+
+    # --- dispatch and completion ---------------------------------------------------------------------------
+
+    def _dispatch(self, entry: ModelEntry) -> None:
+        while (rid := entry.queue.next_dispatchable()) is not None:
+            req = self.requests[rid]
+            queue_ms = (time.monotonic() - req.received_s) * 1000.0
+            run = protocol.encode(MsgType.RUN, rid=rid, prompt=req.prompt, params=req.params, queue_ms=queue_ms)
+            if not self._send_worker(entry, run):
+                entry.queue.running.discard(rid)
+                entry.queue.enqueue(rid, front=True)
+                return
+            req.dispatched = True
+
+    def _finish(self, rid: int, payload: bytes, failed: bool = False) -> None:
+        """Deliver a request's terminal event and forget it."""
+        req = self.requests.pop(rid)
+        self.by_client.pop((req.client, req.client_id), None)
+        self.totals.depth -= 1
+        if failed:
+            self.totals.failed += 1
+        else:
+            self.totals.completed += 1
+        self._send_client(req.client, payload)
+        entry = self.models.get(req.model_id)
+        if entry is not None:
+            entry.queue.remove(rid)
+            self._dispatch(entry)
+
+    def _fail(self, rid: int, err: ErllamaError) -> None:
+        req = self.requests.get(rid)
+        if req is not None:
+            self._finish(rid, protocol.error_reply("id", req.client_id, err), failed=True)
+
+    # --- worker messages -----------------------------------------------------------------------------------
+
+    def _on_worker_frames(self, frames: list[bytes]) -> None:
+        identity = frames[0]
+        try:
+            if len(frames) != 2:
+                raise ErllamaError(ErrorCode.PROTOCOL_ERROR, "expected one frame")
+            msg = protocol.decode(frames[1])
+            t = protocol.validate(msg, WORKER_TYPES)
+        except ErllamaError as err:
+            self.totals.bad_messages += 1
+            log.warning("bad worker message from %r: %s", identity, err.message)
+            return
+        entry = self.workers.get(identity)
+        if entry is None:
+            self._on_unknown_worker(identity, t, msg)
+            return
+        assert entry.worker is not None
+        entry.worker.last_seen_s = time.monotonic()
+        if t is MsgType.TOKEN:
+            req = self.requests.get(msg["rid"])
+            if req is not None:
+                req.tokens_sent += len(msg["token_ids"])
+                ok = self._send_client(
+                    req.client, protocol.encode(MsgType.TOKEN, id=req.client_id, text=msg["text"], token_ids=msg["token_ids"])
+                )
+                if not ok:
+                    self._send_worker(entry, protocol.encode(MsgType.CANCEL_RUN, rid=req.rid))
+        elif t is MsgType.DONE:
+            req = self.requests.get(msg["rid"])
+            if req is not None:
+                self._finish(req.rid, protocol.encode(MsgType.DONE, id=req.client_id, result=msg["result"]))
+        elif t is MsgType.ERROR:
+            self._on_worker_error(entry, msg)
+        elif t is MsgType.OK:
+            call = self.calls.pop(msg["rid"], None)
+            if call is not None:
+                self._reply(call[0].client, call[0].client_id, msg["result"])
+        elif t is MsgType.ADMITTED:
+            entry.queue.last_cache_hit = {"kind": msg["cache_hit_kind"], "prefix_len": msg["prefix_len"]}
+        elif t is MsgType.HEARTBEAT:
+            self._on_heartbeat(entry, msg)
+        elif t is MsgType.READY:
+            log.warning("worker of %s sent a second ready; ignored", entry.model_id)
+
+    def _on_heartbeat(self, entry: ModelEntry, msg: dict[str, Any]) -> None:
+        wp = entry.worker
+        assert wp is not None
+        if msg["progress"] != wp.progress:
+            wp.progress = msg["progress"]
+            wp.progress_changed_s = wp.last_seen_s
+        try:
+            entry.queue.phase = Phase(msg["phase"])
+        except ValueError:
+            pass
+        if isinstance(msg.get("tokens_generated"), int):
+            entry.queue.tokens_generated = msg["tokens_generated"]
+
+    def _on_worker_error(self, entry: ModelEntry, msg: dict[str, Any]) -> None:
+        err = ErllamaError(msg["code"], msg["message"], msg.get("detail") or {})
+        rid = msg["rid"]
+        if rid in self.requests:
+            self._fail(rid, err)
+        elif rid in self.calls:
+            waiter, _ = self.calls.pop(rid)
+            self._reply_error(waiter.client, waiter.client_id, err)
+
+    def _on_unknown_worker(self, identity: bytes, t: MsgType, msg: dict[str, Any]) -> None:
+        """A worker we have not heard from: one we spawned reporting in, or an operator's."""
+        if t is MsgType.ERROR and msg["rid"] is None:
+            detail = msg.get("detail") or {}
+            entry = self.models.get(str(detail.get("model")))
+            if entry is not None and entry.worker is not None and entry.worker.pid == detail.get("pid"):
+                entry.last_error = {"code": msg["code"], "message": msg["message"]}
+            return
+        if t is not MsgType.READY:
+            return
+        model_id, pid = msg["model"], msg["pid"]
+        entry = self.models.get(model_id)
+        if entry is None:
+            entry = ModelEntry(model_id, msg["info"].get("path"), msg["info"].get("options", {}),
+                               ModelQueue(model_id, max_queue=protocol.DEFAULT_MAX_QUEUE), spawned=False)  # fmt: skip
+            entry.worker = WorkerProcess(model_id, pid)
+            self.models[model_id] = entry
+            log.info("operator-started worker registered %s (pid %d)", model_id, pid)
+        elif not entry.spawned and entry.state in (ModelState.FAILED, ModelState.RESTARTING):
+            entry.worker = WorkerProcess(model_id, pid)
+        elif entry.worker is None or entry.worker.pid != pid or entry.worker.identity is not None:
+            err = ErllamaError(ErrorCode.ALREADY_LOADED, f"model {model_id!r} is already served")
+            self.back.send_multipart([identity, protocol.error_reply("rid", None, err)])  # type: ignore[union-attr]
+            return
+        assert entry.worker is not None
+        entry.worker.identity = identity
+        self.workers[identity] = entry
+        entry.info = msg["info"]
+        entry.queue.slots = msg["slots"]
+        entry.state = ModelState.READY
+        entry.last_error = None
+        entry.restart.reset()
+        for w in entry.load_waiters:
+            self._reply(w.client, w.client_id, entry.describe())
+        entry.load_waiters.clear()
+        log.info("model %s ready (pid %d, %d slots)", model_id, pid, msg["slots"])
+        self._dispatch(entry)
+
+    # --- worker processes ----------------------------------------------------------------------------------
+
+    def _on_worker_fd(self, fd: int) -> None:
+        wp = self.fds[fd]
+        if fd == wp.stderr_fd:
+            if not wp.read_stderr():
+                self.poller.unregister(fd)
+                del self.fds[fd]
+            return
+        self._reap(wp)
+
+    def _reap(self, wp: WorkerProcess) -> None:
+        """A worker process ended (or was declared dead): settle its requests and decide its future."""
+        if wp.stderr_fd >= 0:
+            while wp.read_stderr():
+                pass
+        for fd in (wp.pidfd, wp.stderr_fd):
+            if fd in self.fds:
+                self.poller.unregister(fd)
+                del self.fds[fd]
+        detail = wp.exit_detail()
+        wp.close_fds()
+        if wp.identity is not None:
+            self.workers.pop(wp.identity, None)
+        entry = self.models.get(wp.model_id)
+        if entry is None or entry.worker is not wp:
+            return
+        entry.worker = None
+        if entry.state is ModelState.UNLOADING or self.stopping:
+            self._forget(entry)
+            return
+        detail["model"] = entry.model_id
+        if entry.state is ModelState.LOADING:
+            self._load_failed(entry, detail)
+            return
+        log.error("worker of %s died: %s", entry.model_id, {k: v for k, v in detail.items() if k != "stderr_tail"})
+        self._worker_crashed(entry, detail)
+
+    def _load_failed(self, entry: ModelEntry, detail: dict[str, Any]) -> None:
+        reported = entry.last_error or {}
+        code = reported.get("code", ErrorCode.LOAD_FAILED)
+        message = reported.get("message") or f"the worker exited while loading: {detail.get('stderr_tail', '')[-500:]}"
+        err = ErllamaError(code, message, detail)
+        for w in entry.load_waiters:
+            self._reply_error(w.client, w.client_id, err)
+        entry.load_waiters.clear()
+        for rid in list(entry.queue.waiting):
+            self._fail(rid, err)
+        del self.models[entry.model_id]
+        log.error("loading %s failed: %s", entry.model_id, message)
+
+    def _worker_crashed(self, entry: ModelEntry, detail: dict[str, Any]) -> None:
+        err = ErllamaError(ErrorCode.WORKER_CRASHED, f"the worker of {entry.model_id!r} died", detail)
+        for rid in sorted(entry.queue.running, reverse=True):
+            req = self.requests[rid]
+            req.crashes += 1
+            entry.queue.running.discard(rid)
+            if req.tokens_sent == 0 and req.crashes == 1:
+                req.dispatched = False
+                entry.queue.enqueue(rid, front=True)  # it may have been the victim, not the cause: once more
+            else:
+                poisoned = ErllamaError(err.code, err.message, detail | {"poison": req.crashes > 1})
+                self._fail(rid, poisoned)
+        for rid, (waiter, model_id) in list(self.calls.items()):
+            if model_id == entry.model_id:
+                del self.calls[rid]
+                self._reply_error(waiter.client, waiter.client_id, err)
+        entry.last_error = {"code": err.code, "message": err.message, "detail": detail}
+        now = time.monotonic()
+        if entry.spawned and entry.restart.record_crash(now):
+            entry.state = ModelState.RESTARTING
+            entry.restart_at_s = now + entry.restart.next_delay()
+        else:
+            entry.state = ModelState.FAILED
+            failed = ErllamaError(ErrorCode.MODEL_FAILED, f"model {entry.model_id!r} failed", entry.last_error)
+            for rid in list(entry.queue.waiting):
+                self._fail(rid, failed)
+
+    def _forget(self, entry: ModelEntry) -> None:
+        for rid in list(entry.queue.running) + list(entry.queue.waiting):
+            self._fail(rid, ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"model {entry.model_id!r} was unloaded"))
+        for w in entry.unload_waiters:
+            self._reply(w.client, w.client_id, {"unloaded": entry.model_id})
+        self.models.pop(entry.model_id, None)
+        log.info("model %s unloaded", entry.model_id)
+
+    def _timers(self, now: float) -> None:
+        for entry in list(self.models.values()):
+            wp = entry.worker
+            if entry.state is ModelState.RESTARTING and wp is None and entry.spawned and now >= entry.restart_at_s:
+                entry.restarts += 1
+                self._spawn(entry)
+            elif wp is not None and wp.identity is None and now - wp.started_s > MODEL_LOAD_TIMEOUT_S:
+                entry.last_error = {"code": ErrorCode.TIMEOUT, "message": f"no ready within {MODEL_LOAD_TIMEOUT_S:.0f} s"}
+                wp.kill()
+            elif wp is not None and wp.identity is not None and now - wp.last_seen_s > WORKER_SILENCE_TIMEOUT_S:
+                log.error("worker of %s silent for %.0f s; declaring it dead", entry.model_id, now - wp.last_seen_s)
+                wp.kill()
+                if not wp.spawned:
+                    self._reap(wp)
+
+
+def _cancelled_result(req: Request) -> dict[str, Any]:
+    """The result of a request cancelled before it reached a worker."""
+    return {
+        "reply": "",
+        "generated": [],
+        "context_tokens": [],
+        "committed_tokens": 0,
+        "finish_reason": "cancelled",
+        "stop_sequence": None,
+        "finish_key": None,
+        "cache_hit_kind": None,
+        "cache_delta": {"read": 0, "created": 0},
+        "stats": {"prompt_tokens": 0, "completion_tokens": 0, "queue_ms": 0.0, "ttft_ms": 0.0,
+                  "prefill_ms": 0.0, "generation_ms": 0.0},  # fmt: skip
+    }

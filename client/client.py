@@ -1,0 +1,182 @@
+"""``erllama.Client``: the synchronous client library.
+
+    from erllama import Client
+
+    with Client() as c:                       # $ERLLAMA_BROKER, else the default ipc socket
+        for ev in c.infer("smollm2-135m", "Tell me a joke.", max_tokens=64):
+            print(ev.text, end="", flush=True)
+        r = c.complete("smollm2-135m", "2+2=", max_tokens=4, temperature=0)
+        print(r.reply, r.finish_reason, r.stats.ttft_ms)
+
+Every failure raises ``ErllamaError`` whose ``code`` is a stable string (``model_not_found``,
+``overloaded``, ``context_overflow``, ``worker_crashed``, ...). A Client is thread-safe.
+"""
+
+from __future__ import annotations
+
+import queue
+from typing import Any, Iterator, Sequence
+
+from erllama import protocol
+from erllama.client.connection import Connection
+from erllama.client.results import CompletionResult, Stats, TokenEvent
+from erllama.protocol import DEFAULT_REQUEST_TIMEOUT_S, MODEL_LOAD_TIMEOUT_S, ErllamaError, ErrorCode, MsgType, WorkerOp
+from erllama.transport import default_client_endpoint
+
+ADMIN_TIMEOUT_S = 30.0
+
+
+class InferStream:
+    """The events of one ``infer()`` request. Iterate for ``TokenEvent``s; ``result`` is set at the end.
+
+    Leaving the iteration early (``break``, an exception, garbage collection) does not cancel the
+    request by itself: call ``cancel()``, or use the stream as a context manager, which cancels a
+    request still running when the block exits.
+    """
+
+    def __init__(self, conn: Connection, request_id: str, q: queue.SimpleQueue[dict[str, Any]], timeout_s: float | None):
+        self._conn = conn
+        self.request_id = request_id
+        self._q = q
+        self._timeout_s = timeout_s
+        self.result: CompletionResult | None = None
+        self._texts: list[str] = []
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        while self.result is None:
+            try:
+                msg = self._conn.wait(self._q, self._timeout_s, f"request {self.request_id} produced nothing")
+            except ErllamaError:
+                self._conn.close_route(self.request_id)
+                raise
+            if msg["t"] == MsgType.TOKEN:
+                ev = TokenEvent(msg.get("text", ""), list(msg.get("token_ids", [])))
+                self._texts.append(ev.text)
+                yield ev
+            elif msg["t"] == MsgType.DONE:
+                self.result = CompletionResult.from_wire(msg.get("result") or {})
+                self._conn.close_route(self.request_id)
+
+    def __enter__(self) -> InferStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.result is None:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Ask the broker to stop this request; the stream then ends with ``finish_reason == "cancelled"``."""
+        if self.result is None:
+            self._conn.send(protocol.encode(MsgType.CANCEL, id=self._conn.new_id(), target=self.request_id))
+
+    def collect(self) -> CompletionResult:
+        """Consume the rest of the stream and return its result."""
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+    @property
+    def text(self) -> str:
+        """The text streamed so far."""
+        return "".join(self._texts)
+
+    @property
+    def stats(self) -> Stats | None:
+        return self.result.stats if self.result else None
+
+
+class Client:
+    """A connection to an erllama broker. ``endpoint`` defaults to ``$ERLLAMA_BROKER``, else the
+    broker's default ipc socket in the runtime directory."""
+
+    def __init__(self, endpoint: str | None = None, *, timeout_s: float = ADMIN_TIMEOUT_S):
+        self.endpoint = endpoint or default_client_endpoint()
+        self.timeout_s = timeout_s
+        self._conn = Connection(self.endpoint)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --- models --------------------------------------------------------------------------------------------
+
+    def load_model(self, model_id: str, model_path: str | None = None, **options: Any) -> dict[str, Any]:
+        """Start a worker for a model file (None: the embedded default) and wait until it is ready.
+        Options are llama.cpp and erllama load options (``n_ctx``, ``n_seq_max``, ``type_k``, ...)."""
+        return self._conn.call(
+            MsgType.LOAD_MODEL, MODEL_LOAD_TIMEOUT_S, model=model_id, path=model_path, options=options
+        )
+
+    def unload_model(self, model_id: str) -> None:
+        self._conn.call(MsgType.UNLOAD_MODEL, MODEL_LOAD_TIMEOUT_S, model=model_id)
+
+    def list_models(self) -> list[dict[str, Any]]:
+        return self._conn.call(MsgType.LIST_MODELS, self.timeout_s)
+
+    def model_info(self, model_id: str) -> dict[str, Any]:
+        """State, worker pid, options, n_ctx, slots, queue depth, pending length, phase, last cache hit."""
+        return self._conn.call(MsgType.MODEL_INFO, self.timeout_s, model=model_id)
+
+    def queue_depth(self, model_id: str | None = None) -> int:
+        """Requests accepted and not finished (waiting + running): for one model, or all of them."""
+        return self._conn.call(MsgType.QUEUE_DEPTH, self.timeout_s, model=model_id)
+
+    def pending_len(self, model_id: str) -> int:
+        """Requests waiting for a free sequence of ``model_id``."""
+        return self.model_info(model_id)["pending_len"]
+
+    def phase(self, model_id: str) -> str:
+        """``idle``, ``prefilling`` or ``generating``."""
+        return self.model_info(model_id)["phase"]
+
+    def last_cache_hit(self, model_id: str) -> dict[str, Any] | None:
+        return self.model_info(model_id)["last_cache_hit"]
+
+    def ping(self) -> dict[str, Any]:
+        return self._conn.call(MsgType.PING, self.timeout_s)
+
+    # --- text ----------------------------------------------------------------------------------------------
+
+    def tokenize(self, model_id: str, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        args = {"text": text, "add_special": add_special, "parse_special": parse_special}
+        return self._conn.call(MsgType.CALL, self.timeout_s, model=model_id, op=WorkerOp.TOKENIZE, args=args)
+
+    def detokenize(self, model_id: str, tokens: Sequence[int]) -> str:
+        args = {"tokens": list(tokens)}
+        return self._conn.call(MsgType.CALL, self.timeout_s, model=model_id, op=WorkerOp.DETOKENIZE, args=args)
+
+    # --- generation ----------------------------------------------------------------------------------------
+
+    def infer(
+        self, model_id: str, prompt: str | Sequence[int], *, timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S, **params: Any
+    ) -> InferStream:
+        """Start a request and return its stream. ``prompt`` is text or token ids. Params:
+        ``max_tokens``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
+        ``seed``, ``stop``. ``timeout_s`` bounds the wait for each event, not the whole request."""
+        request_id = self._conn.new_id()
+        q = self._conn.open(request_id)
+        wire_prompt = prompt if isinstance(prompt, str) else [int(t) for t in prompt]
+        try:
+            self._conn.send(protocol.encode(MsgType.INFER, id=request_id, model=model_id, prompt=wire_prompt, params=params))
+        except ErllamaError:
+            self._conn.close_route(request_id)
+            raise
+        return InferStream(self._conn, request_id, q, timeout_s)
+
+    def complete(self, model_id: str, prompt: str | Sequence[int], **params: Any) -> CompletionResult:
+        """Run a request to its end and return the result (same parameters as ``infer``)."""
+        return self.infer(model_id, prompt, **params).collect()
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel a request of this client by id; False if it was not in flight."""
+        result = self._conn.call(MsgType.CANCEL, self.timeout_s, target=request_id)
+        return bool(result and result.get("cancelled"))
+
+
+__all__ = ["Client", "InferStream", "CompletionResult", "Stats", "TokenEvent", "ErllamaError", "ErrorCode"]

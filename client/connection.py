@@ -1,0 +1,141 @@
+"""The client's connection to the broker: one DEALER socket owned by one background thread.
+
+ZeroMQ sockets must not be shared between threads, and a client may run several streams at
+once from several threads. So one I/O thread owns the socket: callers hand it outgoing
+frames through a queue (waking it with an eventfd), and it routes every incoming message by
+request id to the queue of whoever is waiting for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import uuid
+from typing import Any
+
+import zmq
+
+from erllama import protocol
+from erllama.protocol import ErllamaError, ErrorCode
+from erllama.transport import make_socket
+
+log = logging.getLogger(__name__)
+
+
+class Connection:
+    """A thread-safe request/stream multiplexer over one broker connection."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+        self._ctx = zmq.Context()
+        self._sock = make_socket(self._ctx, zmq.DEALER, protocol.MAX_CLIENT_FRAME_BYTES)
+        self._sock.connect(endpoint)
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()  # None stops the thread
+        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._routes: dict[str, queue.SimpleQueue[dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._io_loop, name="erllama-client-io", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def new_id() -> str:
+        return uuid.uuid4().hex
+
+    def open(self, request_id: str) -> queue.SimpleQueue[dict[str, Any]]:
+        """Register ``request_id`` and return the queue its replies will arrive on."""
+        q: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        with self._lock:
+            self._routes[request_id] = q
+        return q
+
+    def close_route(self, request_id: str) -> None:
+        with self._lock:
+            self._routes.pop(request_id, None)
+
+    def send(self, payload: bytes) -> None:
+        if self._closed:
+            raise ErllamaError(ErrorCode.PROTOCOL_ERROR, "the client is closed")
+        self._outbox.put(payload)
+        os.eventfd_write(self._wake, 1)
+
+    def call(self, t: str, timeout_s: float | None, **fields: Any) -> Any:
+        """Send one message and wait for its ``ok`` (returning ``result``) or ``err`` (raising)."""
+        request_id = self.new_id()
+        q = self.open(request_id)
+        try:
+            self.send(protocol.encode(t, id=request_id, **fields))
+            msg = self.wait(q, timeout_s, f"{t} got no reply")
+        finally:
+            self.close_route(request_id)
+        return msg.get("result")
+
+    @staticmethod
+    def wait(q: queue.SimpleQueue[dict[str, Any]], timeout_s: float | None, what: str) -> dict[str, Any]:
+        """Next message from ``q``; raises its error, or ``timeout``."""
+        try:
+            msg = q.get(timeout=timeout_s)
+        except queue.Empty:
+            raise ErllamaError(ErrorCode.TIMEOUT, f"{what} within {timeout_s} s") from None
+        if msg.get("t") == protocol.MsgType.ERROR:
+            raise ErllamaError(str(msg.get("code")), str(msg.get("message", "")), msg.get("detail") or {})
+        return msg
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._outbox.put(None)
+        os.eventfd_write(self._wake, 1)
+        self._thread.join(timeout=5)
+        os.close(self._wake)
+
+    # --- the I/O thread ------------------------------------------------------------------------------------
+
+    def _io_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._wake, zmq.POLLIN)
+        try:
+            while True:
+                events = dict(poller.poll())
+                if self._wake in events:
+                    os.eventfd_read(self._wake)
+                    if not self._flush_outbox():
+                        return
+                if self._sock in events:
+                    self._drain_socket()
+        finally:
+            self._sock.close(linger=0)
+            self._ctx.term()
+
+    def _flush_outbox(self) -> bool:
+        while True:
+            try:
+                payload = self._outbox.get_nowait()
+            except queue.Empty:
+                return True
+            if payload is None:
+                return False
+            self._sock.send(payload)
+
+    def _drain_socket(self) -> None:
+        while True:
+            try:
+                frame = self._sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                msg = protocol.decode(frame)
+            except ErllamaError as err:
+                log.warning("undecodable message from the broker: %s", err)
+                continue
+            request_id = msg.get("id")
+            with self._lock:
+                q = self._routes.get(request_id) if isinstance(request_id, str) else None
+            if q is not None:
+                q.put(msg)
+            elif msg.get("t") == protocol.MsgType.ERROR:
+                log.warning("broker error not tied to a request: %s %s", msg.get("code"), msg.get("message"))

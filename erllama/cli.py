@@ -1,0 +1,186 @@
+"""``erllama``: the command line for a running broker (and a self-contained demo).
+
+    erllama demo ["prompt"]          start a broker if none runs, stream a reply from the default model
+    erllama status                   each model with its state, phase, queue depth and pending length
+    erllama complete MODEL PROMPT    stream a completion
+    erllama load ID [PATH] [-o k=v]  load a model (PATH omitted: the embedded default)
+    erllama unload ID
+    erllama info ID                  model_info as JSON
+    erllama cache [...]              the cache store's counters (see ``erllama cache --help``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from erllama.client import Client
+from erllama.protocol import DEFAULT_MODEL_ID, ErllamaError
+from erllama.transport import BROKER_ENDPOINT_ENV, CLIENT_SOCKET_NAME, RUNTIME_DIR_ENV, ipc_endpoint
+
+log = logging.getLogger("erllama.cli")
+
+DEMO_PROMPT = "Explain in two sentences why the sky is blue."
+DEMO_START_TIMEOUT_S = 120.0
+
+
+def _out(text: str, stream: TextIO = sys.stdout) -> None:
+    stream.write(text)
+    stream.flush()
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def chatml(prompt: str) -> str:
+    """The default model's chat format, for the demo (full chat templates arrive with ``chat()``)."""
+    return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def cmd_status(c: Client, args: argparse.Namespace) -> int:
+    rows = [("MODEL", "STATE", "PHASE", "QUEUE", "PENDING", "RUNNING", "SLOTS", "PID")]
+    for m in c.list_models():
+        rows.append((m["id"], m["state"], m["phase"], str(m["queue_depth"]), str(m["pending_len"]),
+                     str(m["running"]), str(m["slots"]), str(m["worker_pid"] or "-")))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        _out("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() + "\n")
+    _out(f"total queue depth: {c.queue_depth()}\n")
+    return 0
+
+
+def stream_reply(c: Client, model: str, prompt: str | list[int], **params: Any) -> int:
+    stream = c.infer(model, prompt, **params)
+    with stream:
+        for ev in stream:
+            _out(ev.text)
+    r = stream.result
+    assert r is not None
+    _out("\n")
+    _out(f"[{r.finish_reason}; {r.stats.prompt_tokens} prompt + {r.stats.completion_tokens} generated tokens; "
+         f"ttft {r.stats.ttft_ms:.0f} ms; "
+         f"{r.stats.completion_tokens / max(r.stats.generation_ms / 1000, 1e-9):.1f} tok/s]\n", sys.stderr)  # fmt: skip
+    return 0
+
+
+def cmd_complete(c: Client, args: argparse.Namespace) -> int:
+    params = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    return stream_reply(c, args.model, args.prompt, **params)
+
+
+def cmd_load(c: Client, args: argparse.Namespace) -> int:
+    options = dict(kv.split("=", 1) for kv in args.option)
+    info = c.load_model(args.id, args.path, **{k: _parse_value(v) for k, v in options.items()})
+    _out(json.dumps(info, indent=2, default=str) + "\n")
+    return 0
+
+
+def cmd_unload(c: Client, args: argparse.Namespace) -> int:
+    c.unload_model(args.id)
+    return 0
+
+
+def cmd_info(c: Client, args: argparse.Namespace) -> int:
+    _out(json.dumps(c.model_info(args.id), indent=2, default=str) + "\n")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Use a running broker if there is one; otherwise run a private one for the length of the demo."""
+    broker: subprocess.Popen[bytes] | None = None
+    tmp: tempfile.TemporaryDirectory[str] | None = None
+    endpoint = os.environ.get(BROKER_ENDPOINT_ENV)
+    try:
+        with Client(endpoint, timeout_s=2.0) as probe:
+            probe.ping()
+    except ErllamaError:
+        tmp = tempfile.TemporaryDirectory(prefix="erllama-demo-")
+        endpoint = ipc_endpoint(Path(tmp.name), CLIENT_SOCKET_NAME)
+        env = os.environ | {RUNTIME_DIR_ENV: tmp.name, BROKER_ENDPOINT_ENV: endpoint, "ERLLAMA_LOG_LEVEL": "WARNING"}
+        _out(f"starting erllama-broker (runtime dir {tmp.name}) ...\n", sys.stderr)
+        broker = subprocess.Popen([sys.executable, "-m", "erllama.broker.main"], env=env)
+    try:
+        with Client(endpoint, timeout_s=5.0) as c:
+            _wait_ready(c, DEFAULT_MODEL_ID)
+            tokens = c.tokenize(DEFAULT_MODEL_ID, chatml(args.prompt), parse_special=True)
+            _out(f"> {args.prompt}\n")
+            return stream_reply(c, DEFAULT_MODEL_ID, tokens, max_tokens=args.max_tokens, temperature=0.0)
+    finally:
+        if broker is not None:
+            broker.terminate()
+            broker.wait(timeout=30)
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _wait_ready(c: Client, model_id: str) -> None:
+    deadline = time.monotonic() + DEMO_START_TIMEOUT_S
+    while True:
+        try:
+            if c.model_info(model_id)["state"] == "ready":
+                return
+        except ErllamaError as err:
+            if time.monotonic() > deadline:
+                raise
+            if err.code not in ("timeout", "model_not_found"):
+                raise
+        if time.monotonic() > deadline:
+            raise ErllamaError("timeout", f"{model_id} did not become ready")
+        time.sleep(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["cache"]:
+        from erllama.cachestore.cli import run
+
+        return run(argv[1:])
+    ap = argparse.ArgumentParser(prog="erllama", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)  # fmt: skip
+    ap.add_argument("--endpoint", help="broker endpoint (default: $ERLLAMA_BROKER, else the runtime dir's ipc socket)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("demo", help="stream a reply from the default model")
+    p.add_argument("prompt", nargs="?", default=DEMO_PROMPT)
+    p.add_argument("--max-tokens", type=int, default=96)
+    sub.add_parser("status", help="models, phases, queue depths")
+    p = sub.add_parser("complete", help="stream a completion")
+    p.add_argument("model")
+    p.add_argument("prompt")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p = sub.add_parser("load", help="load a model")
+    p.add_argument("id")
+    p.add_argument("path", nargs="?")
+    p.add_argument("-o", "--option", action="append", default=[], help="load option key=value (repeatable)")
+    p = sub.add_parser("unload", help="unload a model")
+    p.add_argument("id")
+    p = sub.add_parser("info", help="model_info as JSON")
+    p.add_argument("id")
+    sub.add_parser("cache", help="the cache store's counters (erllama cache --help)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    handlers = {"status": cmd_status, "complete": cmd_complete, "load": cmd_load, "unload": cmd_unload, "info": cmd_info}
+    try:
+        if args.cmd == "demo":
+            return cmd_demo(args)
+        with Client(args.endpoint) as c:
+            return handlers[args.cmd](c, args)
+    except ErllamaError as err:
+        _out(f"error: {err.code}: {err.message}\n", sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

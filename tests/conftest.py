@@ -1,0 +1,123 @@
+"""Fixtures shared by every test: real broker processes in private runtime directories."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from erllama import Client, ErllamaError
+from erllama.protocol import DEFAULT_MODEL_ID
+from erllama.transport import CLIENT_SOCKET_NAME, ipc_endpoint
+
+BROKER_START_TIMEOUT_S = 30.0
+BROKER_STOP_TIMEOUT_S = 30.0
+REAL_MODEL_ID = DEFAULT_MODEL_ID
+
+
+@dataclass
+class BrokerProcess:
+    """An ``erllama-broker`` subprocess with its own runtime directory."""
+
+    proc: subprocess.Popen[bytes]
+    runtime_dir: Path
+    endpoint: str
+    clients: list[Client] = field(default_factory=list)
+
+    def client(self, **kw) -> Client:
+        c = Client(self.endpoint, **kw)
+        self.clients.append(c)
+        return c
+
+    def stop(self) -> int:
+        for c in self.clients:
+            c.close()
+        self.clients.clear()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=BROKER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def short_tmpdir(prefix: str) -> Path:
+    """ipc socket paths are limited to 107 characters, so runtime dirs live directly under /tmp."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def start_broker(runtime_dir: Path, *args: str, env: dict[str, str] | None = None) -> BrokerProcess:
+    endpoint = ipc_endpoint(runtime_dir, CLIENT_SOCKET_NAME)
+    cmd = [sys.executable, "-m", "erllama.broker.main", "--runtime-dir", str(runtime_dir), *args]
+    proc = subprocess.Popen(cmd, env=(os.environ | (env or {})), stdin=subprocess.DEVNULL)
+    bp = BrokerProcess(proc, runtime_dir, endpoint)
+    deadline = time.monotonic() + BROKER_START_TIMEOUT_S
+    with Client(endpoint, timeout_s=1.0) as probe:
+        while True:
+            try:
+                probe.ping()
+                return bp
+            except ErllamaError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    bp.stop()
+                    raise RuntimeError(f"broker did not start (exit {proc.returncode})") from None
+
+
+@pytest.fixture
+def broker() -> Iterator[BrokerProcess]:
+    """A fresh broker with no model loaded."""
+    rdir = short_tmpdir("erl-t-")
+    bp = start_broker(rdir, "--no-default-model")
+    try:
+        yield bp
+    finally:
+        bp.stop()
+        shutil.rmtree(rdir, ignore_errors=True)
+
+
+@pytest.fixture
+def client(broker: BrokerProcess) -> Client:
+    return broker.client()
+
+
+@pytest.fixture
+def stub_client(broker: BrokerProcess) -> Client:
+    """A client of a broker serving the stub backend as model ``stub``."""
+    c = broker.client()
+    c.load_model("stub", backend="stub", n_ctx=512, n_seq_max=4)
+    return c
+
+
+@pytest.fixture(scope="session")
+def real_broker() -> Iterator[BrokerProcess]:
+    """One broker for the session serving the embedded default model (SmolLM2-135M) as
+    ``smollm2-135m``. Tests that crash or reconfigure things use their own broker."""
+    rdir = short_tmpdir("erl-r-")
+    bp = start_broker(rdir, "--no-default-model")
+    try:
+        with bp.client(timeout_s=60.0) as c:
+            c.load_model(REAL_MODEL_ID, None, n_ctx=2048, n_seq_max=4)
+        yield bp
+    finally:
+        bp.stop()
+        shutil.rmtree(rdir, ignore_errors=True)
+
+
+@pytest.fixture
+def real_client(real_broker: BrokerProcess) -> Iterator[Client]:
+    c = Client(real_broker.endpoint, timeout_s=60.0)
+    try:
+        yield c
+    finally:
+        c.close()

@@ -1,0 +1,144 @@
+"""The scheduler's tick, driven directly over the stub backend (no processes, no sockets)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from erllama import ErllamaError
+from erllama.options import SamplingParams
+from erllama.worker.scheduler import Scheduler
+from erllama.worker.stub_backend import StubBackend
+
+
+@dataclass
+class Recorder:
+    tokens: dict[int, list[int]] = field(default_factory=dict)
+    texts: dict[int, list[str]] = field(default_factory=dict)
+    results: dict[int, dict[str, Any]] = field(default_factory=dict)
+    errors: dict[int, ErllamaError] = field(default_factory=dict)
+    log: list[tuple[str, int]] = field(default_factory=list)
+
+    def admitted(self, rid, kind, prefix_len):
+        self.log.append(("admitted", rid))
+
+    def token(self, rid, text, ids):
+        self.tokens.setdefault(rid, []).extend(ids)
+        self.texts.setdefault(rid, []).append(text)
+        self.log.append(("token", rid))
+
+    def done(self, rid, result):
+        self.results[rid] = result
+        self.log.append(("done", rid))
+
+    def error(self, rid, err):
+        self.errors[rid] = err
+
+
+def make(n_seq_max=4, n_batch=64, chunk=16, n_ctx=256) -> tuple[Scheduler, Recorder, StubBackend]:
+    be = StubBackend(n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=n_batch)
+    rec = Recorder()
+    return Scheduler(be, rec, chunk), rec, be
+
+
+def run_all(s: Scheduler, limit: int = 10_000) -> None:
+    for _ in range(limit):
+        if not s.has_work():
+            return
+        s.tick()
+    raise AssertionError("scheduler did not drain")
+
+
+def alone(prompt: str, max_tokens: int, **kw) -> list[int]:
+    s, rec, _ = make(**kw)
+    s.submit(1, prompt, SamplingParams(max_tokens=max_tokens))
+    run_all(s)
+    return rec.results[1]["generated"]
+
+
+def test_requests_beyond_the_sequence_count_wait_and_match_their_solo_runs():
+    s, rec, _ = make(n_seq_max=2)
+    prompts = {i: f"prompt number {i} " * (i + 1) for i in range(6)}
+    for rid, p in prompts.items():
+        s.submit(rid, p, SamplingParams(max_tokens=5 + rid))
+    run_all(s)
+    for rid, p in prompts.items():
+        assert rec.results[rid]["generated"] == alone(p, 5 + rid, n_seq_max=2)
+        assert rec.results[rid]["finish_reason"] == "length"
+
+
+def test_chunked_prefill_gives_the_same_tokens_as_one_chunk():
+    prompt = "a long prompt " * 12
+    assert alone(prompt, 12, chunk=7, n_batch=64) == alone(prompt, 12, chunk=512, n_batch=512)
+
+
+def test_a_long_prefill_does_not_stop_a_running_stream():
+    s, rec, _ = make(n_seq_max=2, n_batch=32, chunk=16)
+    s.submit(1, "short", SamplingParams(max_tokens=200))
+    for _ in range(3):
+        s.tick()
+    s.submit(2, "x" * 200, SamplingParams(max_tokens=1))  # 201 tokens: many chunks
+    before = len(rec.tokens[1])
+    ticks = 0
+    while 2 not in rec.results:
+        s.tick()
+        ticks += 1
+    assert ticks >= 200 // 16
+    assert len(rec.tokens[1]) - before == ticks  # one token for stream 1 on every tick
+
+
+def test_context_tokens_are_the_prompt_and_every_decoded_token():
+    s, rec, be = make()
+    s.submit(1, "hello", SamplingParams(max_tokens=4))
+    run_all(s)
+    r = rec.results[1]
+    prompt = be.tokenize("hello")
+    assert r["context_tokens"] == prompt + r["generated"][:-1]
+    assert r["committed_tokens"] == len(prompt) + 3
+
+
+def test_cancel_ends_with_cancelled_and_frees_the_sequence():
+    s, rec, _ = make(n_seq_max=1)
+    s.submit(1, "one", SamplingParams(max_tokens=200))
+    s.tick()
+    s.tick()
+    s.cancel(1)
+    s.submit(2, "two", SamplingParams(max_tokens=3))
+    run_all(s)
+    assert rec.results[1]["finish_reason"] == "cancelled"
+    assert rec.results[2]["finish_reason"] == "length"
+    assert s.free_seqs == [0]
+
+
+def test_max_tokens_zero_only_prefills():
+    s, rec, _ = make()
+    s.submit(1, "abc", SamplingParams(max_tokens=0))
+    run_all(s)
+    assert rec.results[1]["generated"] == [] and rec.results[1]["finish_reason"] == "length"
+
+
+def test_prompt_that_fills_the_context_is_context_overflow():
+    s, _, _ = make(n_ctx=32)
+    with pytest.raises(ErllamaError) as exc:
+        s.submit(1, "x" * 40, SamplingParams())
+    assert exc.value.code == "context_overflow"
+
+
+def test_generation_stops_with_length_when_the_context_is_full():
+    s, rec, _ = make(n_ctx=32)
+    s.submit(1, "x" * 20, SamplingParams(max_tokens=30))
+    run_all(s)
+    assert rec.results[1]["finish_reason"] == "length"
+    assert rec.results[1]["committed_tokens"] == 32
+
+
+def test_seeded_sampling_differs_from_greedy_and_repeats_with_the_same_seed():
+    outs = []
+    for seed in (1, 1, 2):
+        s, rec, _ = make()
+        s.submit(1, "hi", SamplingParams(max_tokens=20, temperature=0.8, seed=seed))
+        run_all(s)
+        outs.append(rec.results[1]["generated"])
+    assert outs[0] == outs[1] != outs[2]

@@ -1,0 +1,252 @@
+"""llama.cpp through llama-cpp-python's low-level API: one model, one context, many sequences.
+
+The high-level ``llama_cpp.Llama`` class drives a single sequence; the scheduler needs one
+``llama_batch`` carrying rows of several sequences per ``llama_decode``, a sampler chain per
+request, and per-sequence KV state, so everything here calls the C functions directly.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections import deque
+from pathlib import Path
+from typing import Any, Final, Sequence
+
+import llama_cpp as L
+
+from erllama.options import LoadOptions, SamplingParams
+from erllama.protocol import ErllamaError, ErrorCode
+from erllama.worker.backend import BackendError, BatchRow
+
+log = logging.getLogger(__name__)
+
+GGML_TYPES: Final = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+FLASH_ATTN: Final = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                     "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}  # fmt: skip
+SPLIT_MODES: Final = {"none": L.LLAMA_SPLIT_MODE_NONE, "layer": L.LLAMA_SPLIT_MODE_LAYER, "row": L.LLAMA_SPLIT_MODE_ROW}
+PENALTY_WINDOW_TOKENS: Final = 64
+PIECE_BUFFER_BYTES: Final = 256
+_GGML_LEVELS: Final = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level
+
+# --- llama.cpp's log, routed into ours ----------------------------------------------------------------------
+
+_llama_log = logging.getLogger("llama.cpp")
+_recent_errors: deque[str] = deque(maxlen=20)  # quoted in load_failed messages
+_last_level = logging.INFO
+
+
+@L.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    global _last_level
+    if level != 5:  # 5 = continuation of the previous line
+        _last_level = _GGML_LEVELS.get(level, logging.INFO)
+    line = text.decode("utf-8", errors="replace").rstrip("\n")
+    if not line:
+        return
+    if _last_level >= logging.WARNING:
+        _recent_errors.append(line)
+    # llama.cpp is chatty at INFO (every tensor, every KV key): keep that at DEBUG.
+    _llama_log.log(logging.DEBUG if _last_level == logging.INFO else _last_level, "%s", line)
+
+
+_initialized = False
+
+
+def _init_llama() -> None:
+    global _initialized
+    if not _initialized:
+        L.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        L.llama_backend_init()
+        _initialized = True
+
+
+def _load_error(what: str) -> str:
+    return f"{what}: {' | '.join(_recent_errors) or 'no message from llama.cpp'}"
+
+
+class LlamaBackend:
+    """See ``erllama.worker.backend.Backend``."""
+
+    def __init__(self, path: Path, options: LoadOptions):
+        _init_llama()
+        if (options.n_gpu_layers != 0 or options.tensor_split) and not L.llama_supports_gpu_offload():
+            raise ErllamaError(ErrorCode.NO_GPU, "n_gpu_layers/tensor_split need a GPU build of llama.cpp and a GPU")
+        self.options = options
+        mp = L.llama_model_default_params()
+        mp.n_gpu_layers = options.n_gpu_layers
+        mp.split_mode = SPLIT_MODES[options.split_mode]
+        mp.main_gpu = options.main_gpu
+        if options.tensor_split:
+            n = L.llama_max_devices()
+            self._tensor_split = (ctypes.c_float * n)(*options.tensor_split[:n])  # kept alive with the model
+            mp.tensor_split = self._tensor_split
+        mp.load_mode = {(True, True): L.LLAMA_LOAD_MODE_MMAP_MLOCK, (True, False): L.LLAMA_LOAD_MODE_MMAP,
+                        (False, True): L.LLAMA_LOAD_MODE_MLOCK, (False, False): L.LLAMA_LOAD_MODE_NONE}[
+            (options.use_mmap, options.use_mlock)]  # fmt: skip
+        # Off by default: with AMX, the repacked-weight buffers segfault inside llama_decode.
+        mp.use_extra_bufts = options.use_extra_bufts
+        _recent_errors.clear()
+        self.model = L.llama_model_load_from_file(str(path).encode(), mp)
+        if not self.model:
+            raise ErllamaError(ErrorCode.LOAD_FAILED, _load_error(f"llama.cpp could not load {path}"))
+        cp = L.llama_context_default_params()
+        # Every sequence may grow to n_ctx tokens; the unified KV cache holds all of them.
+        cp.n_ctx = options.n_ctx * options.n_seq_max
+        cp.n_batch = options.n_batch
+        cp.n_ubatch = options.n_ubatch
+        cp.n_seq_max = options.n_seq_max
+        cp.n_threads = cp.n_threads_batch = options.threads
+        cp.flash_attn_type = FLASH_ATTN[options.flash_attn]
+        cp.type_k = GGML_TYPES[options.type_k]
+        cp.type_v = GGML_TYPES[options.type_v]
+        cp.kv_unified = True
+        cp.no_perf = True
+        self.ctx = L.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            L.llama_model_free(self.model)
+            raise ErllamaError(ErrorCode.LOAD_FAILED, _load_error("llama.cpp could not create a context"))
+        self.vocab = L.llama_model_get_vocab(self.model)
+        self.mem = L.llama_get_memory(self.ctx)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self.n_seq_max = options.n_seq_max
+        self.n_batch = L.llama_n_batch(self.ctx)
+        self.n_ctx = L.llama_n_ctx(self.ctx)
+        self.n_ctx_seq = min(options.n_ctx, L.llama_n_ctx_seq(self.ctx))
+        self.batch = L.llama_batch_init(self.n_batch, 0, 1)
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(PIECE_BUFFER_BYTES)
+
+    # --- text ----------------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        while True:
+            buf = (L.llama_token * cap)()
+            n = L.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+            if n >= 0:
+                return list(buf[:n])
+            cap = -n
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            n = L.llama_token_to_piece(self.vocab, token, self._piece_buf, PIECE_BUFFER_BYTES, 0, False)
+            piece = self._piece_buf.raw[: max(n, 0)]
+            self._pieces[token] = piece
+        return piece
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(L.llama_vocab_is_eog(self.vocab, token))
+
+    # --- decoding ------------------------------------------------------------------------------------------
+
+    def decode(self, rows: Sequence[BatchRow]) -> list[int]:
+        b = self.batch
+        k = 0
+        out: list[int] = []
+        for row in rows:
+            n = len(row.tokens)
+            if k + n > self.n_batch:
+                raise BackendError("batch_overflow", f"{k + n} tokens exceed n_batch {self.n_batch}")
+            for i, tok in enumerate(row.tokens):
+                b.token[k + i] = tok
+                b.pos[k + i] = row.pos + i
+                b.n_seq_id[k + i] = 1
+                b.seq_id[k + i][0] = row.seq_id
+                b.logits[k + i] = 0
+            k += n
+            if row.want_logits:
+                b.logits[k - 1] = 1
+                out.append(k - 1)
+            else:
+                out.append(-1)
+        b.n_tokens = k
+        rc = L.llama_decode(self.ctx, b)
+        if rc != 0:
+            # 1: no KV slot for the batch; 2: aborted; <0: invalid batch or compute error
+            raise BackendError("decode_failed", f"llama_decode returned {rc}")
+        return out
+
+    def new_sampler(self, params: SamplingParams, history: Sequence[int]) -> Any:
+        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        if params.repetition_penalty != 1.0:
+            L.llama_sampler_chain_add(
+                chain, L.llama_sampler_init_penalties(PENALTY_WINDOW_TOKENS, params.repetition_penalty, 0.0, 0.0)
+            )
+            for tok in history[-PENALTY_WINDOW_TOKENS:]:
+                L.llama_sampler_accept(chain, tok)
+        if params.temperature == 0.0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
+            return chain
+        if params.top_k > 0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(params.top_p, 1))
+        if params.min_p > 0.0:
+            L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(params.min_p, 1))
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
+        seed = L.LLAMA_DEFAULT_SEED if params.seed is None else params.seed
+        L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
+        return chain
+
+    def sample(self, sampler: Any, logits_index: int) -> int:
+        # llama_sampler_sample also accepts the token into the chain (penalty history).
+        return int(L.llama_sampler_sample(sampler, self.ctx, logits_index))
+
+    def free_sampler(self, sampler: Any) -> None:
+        L.llama_sampler_free(sampler)
+
+    # --- sequences -----------------------------------------------------------------------------------------
+
+    def seq_clear(self, seq_id: int) -> None:
+        L.llama_memory_seq_rm(self.mem, seq_id, -1, -1)
+
+    def seq_truncate(self, seq_id: int, n_keep: int) -> None:
+        if not L.llama_memory_seq_rm(self.mem, seq_id, n_keep, -1):
+            raise BackendError("truncate_failed", f"cannot truncate sequence {seq_id} to {n_keep}")
+
+    def seq_state(self, seq_id: int) -> bytes:
+        size = L.llama_state_seq_get_size(self.ctx, seq_id)
+        buf = bytearray(size)
+        n = L.llama_state_seq_get_data(self.ctx, (ctypes.c_uint8 * size).from_buffer(buf), size, seq_id)
+        return bytes(buf) if n == size else bytes(buf[:n])
+
+    def seq_restore(self, seq_id: int, state: bytes | memoryview) -> None:
+        size = len(state)
+        if isinstance(state, bytes):
+            src = ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))  # no copy
+        else:
+            src = (ctypes.c_uint8 * size).from_buffer(state)
+        if L.llama_state_seq_set_data(self.ctx, src, size, seq_id) == 0:
+            self.seq_clear(seq_id)
+            raise BackendError("restore_failed", f"llama.cpp rejected a {size}-byte state for sequence {seq_id}")
+
+    # --- facts and teardown --------------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        desc = ctypes.create_string_buffer(256)
+        L.llama_model_desc(self.model, desc, 256)
+        template = L.llama_model_chat_template(self.model, None)
+        return {
+            "backend": "llama.cpp",
+            "description": desc.value.decode(errors="replace"),
+            "n_params": int(L.llama_model_n_params(self.model)),
+            "size_bytes": int(L.llama_model_size(self.model)),
+            "n_ctx_train": int(L.llama_model_n_ctx_train(self.model)),
+            "n_layer": int(L.llama_model_n_layer(self.model)),
+            "n_vocab": self.n_vocab,
+            "chat_template": template.decode(errors="replace") if template else None,
+            "gpu_offload": bool(L.llama_supports_gpu_offload()),
+        }
+
+    def close(self) -> None:
+        if self.ctx:
+            L.llama_batch_free(self.batch)
+            L.llama_free(self.ctx)
+            L.llama_model_free(self.model)
+            self.ctx = self.model = None

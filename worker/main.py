@@ -1,0 +1,104 @@
+"""``erllama-worker``: one OS process serving one model for the broker.
+
+The broker spawns it as ``erllama-worker --model PATH --id NAME --broker ENDPOINT --options JSON``;
+an operator may start one by hand the same way, and it registers with the broker it connects
+to. A llama.cpp abort (``GGML_ASSERT``) ends this process only: the broker fails its in-flight
+requests with ``worker_crashed`` and starts a new one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import zmq
+
+from erllama import protocol
+from erllama.logsetup import setup_logging
+from erllama.models import check_gguf_header, default_model_path
+from erllama.options import LoadOptions, parse_load_options, validate_model_id
+from erllama.protocol import ErllamaError, ErrorCode
+from erllama.transport import WORKER_SOCKET_NAME, default_runtime_dir, ipc_endpoint
+from erllama.worker.backend import Backend
+from erllama.worker.service import WorkerService, connect
+
+log = logging.getLogger("erllama.worker")
+
+EXIT_LOAD_FAILED = 3
+PR_SET_PDEATHSIG = 1
+
+
+def load_backend(model_path: Path | None, options: LoadOptions) -> tuple[Backend, Path | None]:
+    """Build the backend the options ask for. Raises ``ErllamaError`` with a load error code."""
+    if options.backend == "stub":
+        from erllama.worker.stub_backend import StubBackend
+
+        return StubBackend(options.n_ctx, options.n_seq_max, options.n_batch, options.stub_decode_ms), model_path
+    path = model_path or default_model_path()
+    if not path.is_file():
+        raise ErllamaError(ErrorCode.LOAD_FAILED, f"model file {path} does not exist")
+    check_gguf_header(path)
+    from erllama.worker.llama_backend import LlamaBackend  # imported late: it loads libllama
+
+    return LlamaBackend(path, options), path
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel for SIGTERM when the spawning broker dies, so no worker outlives it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        sys.exit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="erllama-worker", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    ap.add_argument("--id", default=protocol.DEFAULT_MODEL_ID, help="model id clients use")
+    ap.add_argument("--broker", help="broker worker endpoint (default: ipc in the runtime dir)")
+    ap.add_argument("--runtime-dir", help="runtime directory (default: $ERLLAMA_RUNTIME_DIR)")
+    ap.add_argument("--options", default="{}", help="load options as a JSON object")
+    ap.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--log-level", default=os.environ.get("ERLLAMA_LOG_LEVEL", "INFO"))
+    args = ap.parse_args(argv)
+    setup_logging(args.log_level, f"worker[{args.id}]")
+    if args.parent_pid:
+        die_with_parent(args.parent_pid)
+
+    runtime_dir = Path(args.runtime_dir) if args.runtime_dir else default_runtime_dir()
+    endpoint = args.broker or ipc_endpoint(runtime_dir, WORKER_SOCKET_NAME)
+    ctx = zmq.Context()
+    sock = connect(ctx, endpoint, args.id)
+    try:
+        validate_model_id(args.id)
+        options = parse_load_options(json.loads(args.options))
+        backend, path = load_backend(Path(args.model) if args.model else None, options)
+    except (ErllamaError, json.JSONDecodeError) as exc:
+        err = exc if isinstance(exc, ErllamaError) else ErllamaError(ErrorCode.INVALID_PARAMS, f"--options: {exc}")
+        err.detail |= {"model": args.id, "pid": os.getpid()}
+        log.error("load failed: %s", err)
+        sock.setsockopt(zmq.LINGER, 2000)  # make sure the broker hears why
+        sock.send(protocol.error_reply("rid", None, err))
+        sock.close()
+        ctx.term()
+        return EXIT_LOAD_FAILED
+    info = backend.info() | {"path": str(path) if path else None, "options": options.to_wire(), "n_ctx": backend.n_ctx_seq}
+    service = WorkerService(args.id, backend, options, sock, info)
+    try:
+        service.run()
+    finally:
+        backend.close()
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.close()
+        ctx.term()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""The worker's scheduler: sequences, admission and the tick that calls ``decode`` once.
+
+Each tick packs one batch: a decode row for every generating request first (so streams keep
+flowing), then prefill chunks of requests still reading their prompt, in admission order,
+until ``n_batch`` is full. After the single ``decode`` every row that reached the end of its
+prompt, and every decode row, samples its next token right away. A sampled token is decoded
+(committed to the KV cache) by the next tick, so the last token of a finished request is
+never in the cache; ``context_tokens`` reports exactly what is.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from erllama.options import SamplingParams, validate_prompt
+from erllama.protocol import CacheHitKind, ErllamaError, ErrorCode, FinishReason, Phase
+from erllama.worker.backend import Backend, BackendError, BatchRow, Sampler
+from erllama.worker.textstream import TextStream
+
+log = logging.getLogger(__name__)
+
+
+class ReqState(enum.Enum):
+    WAITING = "waiting"  # accepted, no free sequence yet
+    PREFILLING = "prefilling"
+    GENERATING = "generating"
+
+
+class Emitter(Protocol):
+    """Where the scheduler sends what happens to a request (the worker's socket loop)."""
+
+    def admitted(self, rid: int, cache_hit_kind: str, prefix_len: int) -> None: ...
+    def token(self, rid: int, text: str, token_ids: list[int]) -> None: ...
+    def done(self, rid: int, result: dict[str, Any]) -> None: ...
+    def error(self, rid: int, err: ErllamaError) -> None: ...
+
+
+@dataclass(slots=True)
+class Request:
+    rid: int
+    prompt: list[int]
+    params: SamplingParams
+    received_s: float
+    queue_ms: float = 0.0
+    state: ReqState = ReqState.WAITING
+    seq_id: int = -1
+    n_past: int = 0  # tokens of this request in its sequence's KV
+    generated: list[int] = field(default_factory=list)
+    pending_token: int | None = None  # sampled, to be decoded next tick
+    sampler: Sampler | None = None
+    text: TextStream = field(default_factory=TextStream)
+    cancelled: bool = False
+    cache_hit_kind: CacheHitKind = CacheHitKind.COLD
+    prefix_len: int = 0
+    prefill_done_s: float = 0.0
+    first_token_s: float = 0.0
+
+
+class Scheduler:
+    """Owns the backend's sequences. Not thread-safe: the worker loop calls it from one thread."""
+
+    def __init__(self, backend: Backend, emit: Emitter, prefill_chunk_size: int):
+        self.backend = backend
+        self.emit = emit
+        self.prefill_chunk_size = prefill_chunk_size
+        self.free_seqs: list[int] = list(range(backend.n_seq_max - 1, -1, -1))
+        self.waiting: deque[Request] = deque()
+        self.running: dict[int, Request] = {}  # rid -> request, in admission order
+        self.progress = 0  # decodes done; heartbeats carry it so a stuck decode shows
+        self.tokens_generated = 0
+
+    # --- requests in -------------------------------------------------------------------------------------
+
+    def submit(self, rid: int, prompt: str | list[int], params: SamplingParams, queue_ms: float = 0.0) -> None:
+        """Accept a request or raise ``invalid_params`` / ``context_overflow`` before anything is decoded."""
+        prompt = validate_prompt(prompt, self.backend.n_vocab)
+        tokens = self.backend.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        limit = self.backend.n_ctx_seq
+        if len(tokens) >= limit:
+            raise ErllamaError(
+                ErrorCode.CONTEXT_OVERFLOW,
+                f"prompt of {len(tokens)} tokens does not fit the context of {limit} (one cell is needed to generate)",
+                {"prompt_tokens": len(tokens), "n_ctx": limit},
+            )
+        if params.max_tokens > limit:
+            raise ErllamaError(
+                ErrorCode.CONTEXT_OVERFLOW,
+                f"max_tokens {params.max_tokens} exceeds the context of {limit}",
+                {"max_tokens": params.max_tokens, "n_ctx": limit},
+            )
+        req = Request(rid=rid, prompt=tokens, params=params, received_s=time.monotonic(), queue_ms=queue_ms)
+        req.text = TextStream(stops=params.stop)
+        self.waiting.append(req)
+
+    def cancel_all(self) -> None:
+        """End every request with ``cancelled`` now (the worker is shutting down)."""
+        for req in list(self.waiting) + list(self.running.values()):
+            req.cancelled = True
+        self._finish_cancelled()
+
+    def cancel(self, rid: int) -> None:
+        """Mark a request cancelled; it ends with ``cancelled`` at the start of the next tick."""
+        req = self.running.get(rid)
+        if req is not None:
+            req.cancelled = True
+            return
+        for req in self.waiting:
+            if req.rid == rid:
+                req.cancelled = True
+
+    # --- state for heartbeats ------------------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return bool(self.running) or bool(self.waiting)
+
+    @property
+    def phase(self) -> Phase:
+        if any(r.state is ReqState.PREFILLING for r in self.running.values()):
+            return Phase.PREFILLING
+        return Phase.GENERATING if self.running else Phase.IDLE
+
+    # --- the tick ------------------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Finish cancelled requests, admit waiting ones, then one decode for everything running."""
+        self._finish_cancelled()
+        while self.waiting and self.free_seqs:
+            self._admit(self.waiting.popleft())
+        rows, reqs = self._build_batch()
+        if not rows:
+            return
+        try:
+            indices = self.backend.decode(rows)
+        except BackendError as exc:
+            log.error("decode failed: %s", exc)
+            for req in reqs:
+                self._fail(req, ErllamaError(ErrorCode.INTERNAL, f"llama_decode failed: {exc.message}"))
+            return
+        self.progress += 1
+        for row, req, idx in zip(rows, reqs, indices):
+            req.n_past += len(row.tokens)
+            if req.state is ReqState.PREFILLING and req.n_past == len(req.prompt):
+                req.state = ReqState.GENERATING
+                req.prefill_done_s = time.monotonic()
+            if idx >= 0:
+                self._sample(req, idx)
+
+    def _finish_cancelled(self) -> None:
+        for req in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(req)
+            self._finish(req, FinishReason.CANCELLED)
+        for req in [r for r in self.running.values() if r.cancelled]:
+            self._finish(req, FinishReason.CANCELLED)
+
+    def _admit(self, req: Request) -> None:
+        req.seq_id = self.free_seqs.pop()
+        self.backend.seq_clear(req.seq_id)
+        req.sampler = self.backend.new_sampler(req.params, req.prompt)
+        req.state = ReqState.PREFILLING
+        self.running[req.rid] = req
+        self.emit.admitted(req.rid, req.cache_hit_kind.value, req.prefix_len)
+
+    def _build_batch(self) -> tuple[list[BatchRow], list[Request]]:
+        rows: list[BatchRow] = []
+        reqs: list[Request] = []
+        for req in self.running.values():
+            if req.state is ReqState.GENERATING and req.pending_token is not None:
+                rows.append(BatchRow(req.seq_id, [req.pending_token], req.n_past, want_logits=True))
+                reqs.append(req)
+                req.pending_token = None
+        budget = self.backend.n_batch - len(rows)
+        for req in self.running.values():
+            if budget <= 0:
+                break
+            if req.state is not ReqState.PREFILLING:
+                continue
+            take = min(len(req.prompt) - req.n_past, self.prefill_chunk_size, budget)
+            end = req.n_past + take
+            last = end == len(req.prompt)
+            rows.append(BatchRow(req.seq_id, req.prompt[req.n_past : end], req.n_past, want_logits=last))
+            reqs.append(req)
+            budget -= take
+        return rows, reqs
+
+    def _sample(self, req: Request, logits_index: int) -> None:
+        """Sample the request's next token from this tick's logits and stream it."""
+        if req.params.max_tokens == 0:
+            self._finish(req, FinishReason.LENGTH)
+            return
+        assert req.sampler is not None
+        tok = self.backend.sample(req.sampler, logits_index)
+        now = time.monotonic()
+        if not req.first_token_s:
+            req.first_token_s = now
+        if self.backend.is_eog(tok):
+            self._finish(req, FinishReason.STOP)
+            return
+        req.generated.append(tok)
+        self.tokens_generated += 1
+        text = req.text.feed(self.backend.token_bytes(tok))
+        self.emit.token(req.rid, text, [tok])
+        if req.text.matched_stop is not None:
+            self._finish(req, FinishReason.STOP)
+        elif len(req.generated) >= req.params.max_tokens or req.n_past + 1 > self.backend.n_ctx_seq:
+            self._finish(req, FinishReason.LENGTH)
+        else:
+            req.pending_token = tok
+
+    # --- requests out --------------------------------------------------------------------------------------
+
+    def _release(self, req: Request) -> None:
+        self.running.pop(req.rid, None)
+        if req.sampler is not None:
+            self.backend.free_sampler(req.sampler)
+            req.sampler = None
+        if req.seq_id >= 0:
+            self.backend.seq_clear(req.seq_id)
+            self.free_seqs.append(req.seq_id)
+            req.seq_id = -1
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        tail = req.text.flush()
+        if tail:
+            self.emit.token(req.rid, tail, [])
+        context = req.prompt + req.generated
+        committed = context[: req.n_past]
+        now = time.monotonic()
+        first = req.first_token_s or now
+        prefill_end = req.prefill_done_s or now
+        result = {
+            "reply": req.text.text,
+            "generated": req.generated,
+            "context_tokens": committed,
+            "committed_tokens": len(committed),
+            "finish_reason": reason.value,
+            "stop_sequence": req.text.matched_stop,
+            "finish_key": None,
+            "cache_hit_kind": req.cache_hit_kind.value,
+            "cache_delta": {"read": req.prefix_len, "created": 0},
+            "stats": {
+                "prompt_tokens": len(req.prompt),
+                "completion_tokens": len(req.generated),
+                "queue_ms": req.queue_ms,
+                "ttft_ms": req.queue_ms + (first - req.received_s) * 1000.0,
+                "prefill_ms": (prefill_end - req.received_s) * 1000.0,
+                "generation_ms": (now - prefill_end) * 1000.0,
+            },
+        }
+        self._release(req)
+        self.emit.done(req.rid, result)
+
+    def _fail(self, req: Request, err: ErllamaError) -> None:
+        self._release(req)
+        self.emit.error(req.rid, err)

@@ -1,0 +1,184 @@
+"""The worker's socket loop: messages from the broker in, scheduler ticks, events out.
+
+One thread does everything: between two ticks it drains the broker socket without blocking,
+so a cancel or a new request waits at most one tick (one ``llama_decode``). When nothing is
+running it blocks in ``poll`` until the broker sends something or a heartbeat is due.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import zmq
+
+from erllama import protocol
+from erllama.options import LoadOptions, parse_sampling
+from erllama.protocol import HEARTBEAT_INTERVAL_S, ErllamaError, ErrorCode, MsgType, WorkerOp
+from erllama.transport import make_socket
+from erllama.worker.backend import Backend
+from erllama.worker.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class SocketEmitter:
+    """Sends scheduler events to the broker."""
+
+    def __init__(self, sock: zmq.Socket):
+        self.sock = sock
+
+    def admitted(self, rid: int, cache_hit_kind: str, prefix_len: int) -> None:
+        self.sock.send(protocol.encode(MsgType.ADMITTED, rid=rid, cache_hit_kind=cache_hit_kind, prefix_len=prefix_len))
+
+    def token(self, rid: int, text: str, token_ids: list[int]) -> None:
+        self.sock.send(protocol.encode(MsgType.TOKEN, rid=rid, text=text, token_ids=token_ids))
+
+    def done(self, rid: int, result: dict[str, Any]) -> None:
+        self.sock.send(protocol.encode(MsgType.DONE, rid=rid, result=result))
+
+    def error(self, rid: int | None, err: ErllamaError) -> None:
+        self.sock.send(protocol.error_reply("rid", rid, err))
+
+
+class WorkerService:
+    """Serves one model for one broker until told to shut down or the broker goes away."""
+
+    def __init__(self, model_id: str, backend: Backend, options: LoadOptions, sock: zmq.Socket, info: dict[str, Any]):
+        self.model_id = model_id
+        self.backend = backend
+        self.options = options
+        self.sock = sock
+        self.info = info
+        self.emitter = SocketEmitter(sock)
+        self.scheduler = Scheduler(backend, self.emitter, options.prefill_chunk_size)
+        self.stopping = False
+        self.refused = False
+        self.bad_messages = 0
+        self._next_heartbeat_s = 0.0
+        self._reported_phase = self.scheduler.phase
+
+    def announce(self) -> None:
+        self.sock.send(
+            protocol.encode(MsgType.READY, model=self.model_id, pid=os.getpid(), slots=self.backend.n_seq_max, info=self.info)
+        )
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.announce()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self.stopping:
+            busy = self.scheduler.has_work()
+            timeout_ms = 0 if busy else int(HEARTBEAT_INTERVAL_S * 1000)
+            if poller.poll(timeout_ms):
+                self._drain()
+            if self.scheduler.has_work() and not self.stopping:
+                self.scheduler.tick()
+            self._maybe_heartbeat()
+        log.info("worker %s stopping", self.model_id)
+        self.scheduler.cancel_all()
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+
+    def _maybe_heartbeat(self) -> None:
+        """Every second, and at once when the phase changes, so the broker's view stays current."""
+        now = time.monotonic()
+        s = self.scheduler
+        phase = s.phase
+        if now < self._next_heartbeat_s and phase is self._reported_phase:
+            return
+        self._next_heartbeat_s = now + HEARTBEAT_INTERVAL_S
+        self._reported_phase = phase
+        self.sock.send(
+            protocol.encode(
+                MsgType.HEARTBEAT,
+                progress=s.progress,
+                phase=phase.value,
+                running=len(s.running),
+                waiting=len(s.waiting),
+                tokens_generated=s.tokens_generated,
+            )
+        )
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                frame = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._handle(frame)
+
+    def _handle(self, frame: bytes) -> None:
+        try:
+            msg = protocol.decode(frame)
+            t = protocol.validate(msg, protocol.BROKER_TO_WORKER_TYPES)
+        except ErllamaError as err:
+            # The broker is our only peer and never sends garbage; count it and go on.
+            self.bad_messages += 1
+            log.warning("dropped a bad message from the broker: %s", err)
+            return
+        if t is MsgType.RUN:
+            self._run(msg)
+        elif t is MsgType.CANCEL_RUN:
+            self.scheduler.cancel(msg["rid"])
+        elif t is MsgType.OP:
+            self._call(msg)
+        elif t is MsgType.SHUTDOWN:
+            self.stopping = True
+        elif t is MsgType.ERROR:
+            # The broker refused our registration (another worker serves this model id).
+            log.error("the broker refused this worker: %s", msg["message"])
+            self.refused = True
+            self.stopping = True
+
+    def _run(self, msg: dict[str, Any]) -> None:
+        rid = msg["rid"]
+        try:
+            params = parse_sampling(msg["params"])
+            self.scheduler.submit(rid, msg["prompt"], params, float(msg.get("queue_ms", 0.0)))
+        except ErllamaError as err:
+            self.emitter.error(rid, err)
+
+    def _call(self, msg: dict[str, Any]) -> None:
+        rid = msg["rid"]
+        try:
+            result = self._dispatch_call(msg["op"], msg["args"])
+        except ErllamaError as err:
+            self.emitter.error(rid, err)
+            return
+        self.sock.send(protocol.encode(MsgType.OK, rid=rid, result=result))
+
+    def _dispatch_call(self, op: str, args: dict[str, Any]) -> Any:
+        try:
+            wop = WorkerOp(op)
+        except ValueError:
+            raise ErllamaError(ErrorCode.INVALID_PARAMS, f"unknown operation {op!r}") from None
+        if wop is WorkerOp.TOKENIZE:
+            text = args.get("text")
+            add_special = args.get("add_special", True)
+            parse_special = args.get("parse_special", False)
+            if not isinstance(text, str) or not isinstance(add_special, bool) or not isinstance(parse_special, bool):
+                raise ErllamaError(ErrorCode.INVALID_PARAMS, "tokenize takes text: str, add_special/parse_special: bool")
+            return self.backend.tokenize(text, add_special, parse_special)
+        if wop is WorkerOp.DETOKENIZE:
+            tokens = args.get("tokens")
+            if not isinstance(tokens, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.backend.n_vocab for t in tokens
+            ):
+                raise ErllamaError(ErrorCode.INVALID_PARAMS, "detokenize takes tokens: a list of ids in the vocabulary")
+            return self.backend.detokenize(tokens)
+        raise ErllamaError(ErrorCode.NOT_SUPPORTED, f"operation {op!r} is not supported")
+
+
+def connect(ctx: zmq.Context, endpoint: str, model_id: str) -> zmq.Socket:
+    """A DEALER to the broker's worker socket. The routing id carries the pid so a restarted
+    worker of the same model is a new peer, never confused with the dead one."""
+    identity = f"w:{model_id}:{os.getpid()}".encode()
+    sock = make_socket(ctx, zmq.DEALER, protocol.MAX_WORKER_FRAME_BYTES, identity=identity)
+    sock.connect(endpoint)
+    return sock

@@ -1,0 +1,127 @@
+"""A deterministic backend with no model file, for fast tests of the scheduler, broker and client.
+
+Tokens are bytes: id 0 is BOS, id 1 is EOS, ids 2..257 are the byte values 0..255, so
+tokenize/detokenize round-trip exactly and tests can write stop strings in plain text.
+The "KV state" of a sequence is its token list, so save/restore and truncation are
+observable. The next token is a hash of the sequence's recent history (and, when sampling
+with a temperature, of the seed and the number of draws), mapped to a lower-case letter or a
+space: output depends on the prompt, on the sampler and on nothing else, so a request whose
+stream got mixed up with another's is visible at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any, Final, Sequence
+
+from erllama.options import SamplingParams
+from erllama.worker.backend import BackendError, BatchRow
+
+BOS_ID: Final = 0
+EOS_ID: Final = 1
+BYTE_BASE: Final = 2
+N_VOCAB: Final = BYTE_BASE + 256
+ALPHABET: Final = b"abcdefghijklmnopqrstuvwxyz    "
+HISTORY_TOKENS: Final = 16
+STATE_MAGIC: Final = b"STUBKV1\0"
+
+
+@dataclass(slots=True)
+class StubSampler:
+    greedy: bool
+    seed: int
+    draws: int = 0
+
+
+class StubBackend:
+    """See the module docstring. ``decode_ms`` sleeps per decode to stand in for compute."""
+
+    def __init__(self, n_ctx: int, n_seq_max: int, n_batch: int, decode_ms: int = 0):
+        self.n_ctx_seq = n_ctx
+        self.n_ctx = n_ctx * n_seq_max
+        self.n_seq_max = n_seq_max
+        self.n_batch = n_batch
+        self.n_vocab = N_VOCAB
+        self._decode_s = decode_ms / 1000.0
+        self._kv: list[list[int]] = [[] for _ in range(n_seq_max)]
+        self._logits: list[tuple[int, ...]] = []  # per logits index: the history it was computed from
+        self._seed_counter = 0
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        body = [BYTE_BASE + b for b in text.encode()]
+        return [BOS_ID, *body] if add_special else body
+
+    def token_bytes(self, token: int) -> bytes:
+        return bytes([token - BYTE_BASE]) if token >= BYTE_BASE else b""
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return token == EOS_ID
+
+    def decode(self, rows: Sequence[BatchRow]) -> list[int]:
+        if sum(len(r.tokens) for r in rows) > self.n_batch:
+            raise BackendError("batch_overflow", "more tokens than n_batch")
+        self._logits = []
+        out: list[int] = []
+        for row in rows:
+            kv = self._kv[row.seq_id]
+            if row.pos != len(kv):
+                raise BackendError("bad_position", f"seq {row.seq_id}: pos {row.pos} != {len(kv)}")
+            if len(kv) + len(row.tokens) > self.n_ctx_seq:
+                raise BackendError("no_kv_slot", f"seq {row.seq_id} is full")
+            kv.extend(row.tokens)
+            if row.want_logits:
+                out.append(len(self._logits))
+                self._logits.append(tuple(kv[-HISTORY_TOKENS:]))
+            else:
+                out.append(-1)
+        if self._decode_s:
+            time.sleep(self._decode_s)
+        return out
+
+    def new_sampler(self, params: SamplingParams, history: Sequence[int]) -> StubSampler:
+        if params.seed is None:
+            self._seed_counter += 1
+            seed = int(time.monotonic_ns() + self._seed_counter) & 0xFFFFFFFF
+        else:
+            seed = params.seed
+        return StubSampler(greedy=params.temperature == 0.0, seed=seed)
+
+    def sample(self, sampler: StubSampler, logits_index: int) -> int:
+        history = self._logits[logits_index]
+        h = hashlib.blake2b(struct.pack(f"<{len(history)}I", *history), digest_size=8)
+        if not sampler.greedy:
+            h.update(struct.pack("<II", sampler.seed, sampler.draws))
+        sampler.draws += 1
+        return BYTE_BASE + ALPHABET[h.digest()[0] % len(ALPHABET)]
+
+    def free_sampler(self, sampler: StubSampler) -> None:
+        pass
+
+    def seq_clear(self, seq_id: int) -> None:
+        self._kv[seq_id] = []
+
+    def seq_truncate(self, seq_id: int, n_keep: int) -> None:
+        del self._kv[seq_id][n_keep:]
+
+    def seq_state(self, seq_id: int) -> bytes:
+        kv = self._kv[seq_id]
+        return STATE_MAGIC + struct.pack(f"<I{len(kv)}I", len(kv), *kv)
+
+    def seq_restore(self, seq_id: int, state: bytes | memoryview) -> None:
+        state = bytes(state)
+        if not state.startswith(STATE_MAGIC):
+            raise BackendError("bad_state", "not a stub KV state")
+        (n,) = struct.unpack_from("<I", state, len(STATE_MAGIC))
+        self._kv[seq_id] = list(struct.unpack_from(f"<{n}I", state, len(STATE_MAGIC) + 4))
+
+    def info(self) -> dict[str, Any]:
+        return {"backend": "stub", "n_vocab": self.n_vocab, "description": "deterministic stub"}
+
+    def close(self) -> None:
+        self._kv = []
