@@ -42,9 +42,17 @@ class ModelQueue:
     slots: int = 0
     waiting: deque[int] = field(default_factory=deque)
     running: set[int] = field(default_factory=set)
-    phase: Phase = Phase.IDLE
+    reported_phase: Phase = Phase.IDLE  # from the worker's heartbeats
     last_cache_hit: dict[str, Any] | None = None
     tokens_generated: int = 0
+
+    @property
+    def phase(self) -> Phase:
+        """The worker's reported phase, corrected for what the broker knows first: nothing running
+        means idle, and a request dispatched before the worker reported starts by prefilling."""
+        if not self.running:
+            return Phase.IDLE
+        return Phase.PREFILLING if self.reported_phase is Phase.IDLE else self.reported_phase
 
     @property
     def pending_len(self) -> int:

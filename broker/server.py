@@ -382,7 +382,7 @@ class Broker:
             wp.progress = msg["progress"]
             wp.progress_changed_s = wp.last_seen_s
         try:
-            entry.queue.phase = Phase(msg["phase"])
+            entry.queue.reported_phase = Phase(msg["phase"])
         except ValueError:
             pass
         if isinstance(msg.get("tokens_generated"), int):

@@ -14,6 +14,7 @@ Every failure raises ``ErllamaError`` whose ``code`` is a stable string (``model
 
 from __future__ import annotations
 
+import operator
 import queue
 from typing import Any, Iterator, Sequence
 
@@ -161,7 +162,11 @@ class Client:
         ``seed``, ``stop``. ``timeout_s`` bounds the wait for each event, not the whole request."""
         request_id = self._conn.new_id()
         q = self._conn.open(request_id)
-        wire_prompt = prompt if isinstance(prompt, str) else [int(t) for t in prompt]
+        try:
+            wire_prompt = prompt if isinstance(prompt, str) else [operator.index(t) for t in prompt]
+        except TypeError:
+            self._conn.close_route(request_id)
+            raise ErllamaError(ErrorCode.INVALID_PARAMS, "prompt: token ids must be integers") from None
         try:
             self._conn.send(protocol.encode(MsgType.INFER, id=request_id, model=model_id, prompt=wire_prompt, params=params))
         except ErllamaError:

@@ -1,0 +1,461 @@
+"""The store's state machine: index, tier accounting, leases, lookups, loads and row movement.
+
+Everything here runs on the daemon's loop thread. Blocking work (copies, checksums, fsyncs, unlinks)
+is handed to ``submit`` and its result comes back to the loop thread through ``on_done``, so a lookup
+is never queued behind a 100 MB write.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import psutil
+
+from erllama.cachestore.codec import CorruptRow, RowHeader, encode_usage
+from erllama.cachestore.config import SHM_TIER_MIN_BYTES, StoreConfig, auto_shm_budget
+from erllama.cachestore.index import Index, RowEntry, RowState
+from erllama.cachestore.stats import Counters
+from erllama.cachestore.storage import Location, Storage, io_error
+from erllama.cachestore.tiers import TIER_ORDER, Tiers, TierState, eviction_order
+from erllama.protocol import CacheTier, ErllamaError, ErrorCode
+
+log = logging.getLogger(__name__)
+
+Submit = Callable[..., None]  # submit(fn, on_done, *args): run fn(*args) off the loop, then on_done(future)
+
+
+class Replier(Protocol):
+    """Where a request's single answer goes (possibly later, after background work)."""
+
+    ident: bytes
+
+    def ok(self, frame: Any = None, **fields: Any) -> None: ...
+
+    def error(self, err: ErllamaError) -> None: ...
+
+
+@dataclass(slots=True)
+class Lease:
+    lease_id: int
+    key: bytes
+    ident: bytes
+    pid: int
+    expires_at: float  # time.monotonic()
+
+
+class ProcessWatch:
+    """Which client processes are alive. The start time recorded at first sight catches pid reuse."""
+
+    def __init__(self) -> None:
+        self._started: dict[int, float] = {}
+
+    def register(self, pid: int) -> None:
+        if pid not in self._started:
+            try:
+                self._started[pid] = psutil.Process(pid).create_time()
+            except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+                self._started[pid] = -1.0  # unknown (another pid namespace): trust TTLs only
+
+    def alive(self, pid: int) -> bool:
+        started = self._started.get(pid, -1.0)
+        if started < 0:
+            return True
+        try:
+            proc = psutil.Process(pid)
+            return proc.create_time() == started and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+        except psutil.AccessDenied:
+            return True
+
+    def forget(self, keep: set[int]) -> None:
+        for pid in [p for p in self._started if p not in keep]:
+            del self._started[pid]
+
+
+def entry_from_header(header: RowHeader, loc: Location, *, verified: bool) -> RowEntry:
+    return RowEntry(
+        key=header.key, fingerprint=header.fingerprint, token_bytes=header.token_bytes, size=header.size,
+        payload_offset=header.payload_offset, payload_len=header.payload_len, reason=header.reason,
+        created_ns=header.created_ns, hits=header.hits, last_used_ns=header.last_used_ns,
+        tier=loc.tier, path=loc.path, fd=loc.fd, verified=verified,
+    )  # fmt: skip
+
+
+def row_fields(entry: RowEntry) -> dict[str, Any]:
+    """How a row is described on the wire."""
+    return {
+        "key": entry.key, "tier": entry.tier.value, "row_tokens": entry.n_tokens, "size": entry.size,
+        "payload_len": entry.payload_len, "hits": entry.hits, "reason": entry.reason.value,
+        "created_ns": entry.created_ns, "last_used_ns": entry.last_used_ns,
+    }  # fmt: skip
+
+
+class Store:
+    def __init__(self, config: StoreConfig, storage: Storage, submit: Submit, ram_row_limit: int | None = None):
+        self.config = config
+        self.storage = storage
+        self.submit = submit
+        self.index = Index()
+        self.counters = Counters()
+        shm_on = CacheTier.SHM in storage.dirs
+        self.tiers = Tiers({
+            CacheTier.RAM: TierState(CacheTier.RAM, config.ram_bytes, config.ram_bytes > 0, ram_row_limit),
+            CacheTier.SHM: TierState(CacheTier.SHM, config.shm_bytes or 0, shm_on),
+            CacheTier.DISK: TierState(CacheTier.DISK, config.disk_bytes, config.disk_bytes > 0),
+        })  # fmt: skip
+        self.leases: dict[int, Lease] = {}
+        self.procs = ProcessWatch()
+        self.ids = itertools.count(1)
+        self._waiters: dict[bytes, list[Callable[[bool], None]]] = {}
+        self._move_cancelled: set[bytes] = set()
+
+    # --- start -------------------------------------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Rebuild the index from the shm and disk rows (hit counts kept; RAM rows died with the last
+        daemon), delete temps, and size the shm tier from what /dev/shm has."""
+        for tier in (CacheTier.SHM, CacheTier.DISK):
+            if tier not in self.storage.dirs:
+                continue
+            try:
+                self.storage.prepare(tier)
+            except (OSError, ErllamaError) as exc:
+                if tier is CacheTier.DISK:
+                    raise
+                log.warning("shm tier off: cannot use %s (%s)", self.storage.dirs[tier], exc)
+                del self.storage.dirs[tier]
+                self.tiers[tier].enabled = False
+                continue
+            found, bad = self.storage.scan(tier)
+            self.counters.corrupt_rows += bad
+            for header, path in found:
+                if header.key in self.index:  # a move was cut short: keep the hotter copy
+                    self.submit(self.storage.delete, _ignore, Location(tier, path))
+                    continue
+                entry = entry_from_header(header, Location(tier, path), verified=False)
+                self.index.add(entry)
+                self.tiers[tier].add_row(entry.size)
+            log.info("%s tier: %d rows, %d bytes restored, %d bad files deleted",
+                     tier.value, self.tiers[tier].rows, self.tiers[tier].rows_bytes, bad)  # fmt: skip
+        shm = self.tiers[CacheTier.SHM]
+        if shm.enabled:
+            fs_free = self.storage.fs_free_bytes(CacheTier.SHM)
+            if self.config.shm_bytes is None:
+                shm.budget = auto_shm_budget(fs_free, shm.rows_bytes)
+            elif self.config.shm_bytes > fs_free + shm.rows_bytes:
+                shm.budget = fs_free + shm.rows_bytes
+                log.warning("shm budget clamped to %d bytes: that is all %s can hold",
+                            shm.budget, self.storage.dirs[CacheTier.SHM])  # fmt: skip
+            if shm.budget < SHM_TIER_MIN_BYTES:
+                log.warning(
+                    "shm tier off: %s offers only %d bytes (minimum %d); running on RAM + disk. In a container, "
+                    "raise --shm-size", self.storage.dirs[CacheTier.SHM], shm.budget, SHM_TIER_MIN_BYTES,
+                )  # fmt: skip
+                shm.enabled = False
+        self.relieve()
+
+    # --- lookups -----------------------------------------------------------------------------------------
+
+    def exact(self, reply: Replier, key: bytes) -> None:
+        t0 = time.perf_counter_ns()
+        entry = self.index.get(key)
+        self._count_lookup(entry is not None, exact=True, t0=t0)
+        reply.ok(row=row_fields(entry) if entry is not None else None)
+
+    def prefix(self, reply: Replier, fingerprint: bytes, token_bytes: bytes, min_len: int | None) -> None:
+        t0 = time.perf_counter_ns()
+        if len(token_bytes) % 4:
+            raise ErllamaError(ErrorCode.INVALID_PARAMS, "tokens must be u32 little-endian")
+        found = self.index.longest_prefix(fingerprint, token_bytes, min_len or self.config.min_prefix_tokens)
+        self._count_lookup(found is not None, exact=False, t0=t0)
+        if found is None:
+            reply.ok(hit=None)
+            return
+        entry, common = found
+        reply.ok(hit={"key": entry.key, "row_tokens": entry.n_tokens, "common_len": common, "tier": entry.tier.value})
+
+    def _count_lookup(self, hit: bool, *, exact: bool, t0: int) -> None:
+        c = self.counters
+        c.lookups += 1
+        if not hit:
+            c.misses += 1
+        elif exact:
+            c.hits_exact += 1
+        else:
+            c.hits_prefix += 1
+        c.lookup_ns += time.perf_counter_ns() - t0
+
+    # --- loads and leases --------------------------------------------------------------------------------
+
+    def load(self, reply: Replier, key: bytes, pid: int, inline: bool) -> None:
+        t0 = time.perf_counter_ns()
+        entry = self.index.get(key)
+        if entry is None:
+            reply.error(ErllamaError(ErrorCode.NOT_FOUND, "no such row"))
+            return
+        if entry.state is RowState.VERIFYING or (entry.state is RowState.MOVING and not entry.verified):
+            self._waiters.setdefault(key, []).append(lambda ok: self._retry_load(reply, key, pid, inline, ok, t0))
+            return
+        if not entry.verified:
+            self._waiters.setdefault(key, []).append(lambda ok: self._retry_load(reply, key, pid, inline, ok, t0))
+            self._verify(entry)
+            return
+        if not self.storage.present(self._location(entry), entry.size):
+            self._drop_corrupt(entry, "row file vanished or changed size")
+            reply.error(ErllamaError(ErrorCode.NOT_FOUND, "row vanished"))
+            return
+        if entry.state is RowState.MOVING:
+            self._move_cancelled.add(key)  # served from where it is; the copy will be thrown away
+        lease = Lease(next(self.ids), key, reply.ident, pid, time.monotonic() + self.config.lease_ttl_s)
+        self.leases[lease.lease_id] = lease
+        self.procs.register(pid)
+        entry.leases += 1
+        entry.hits += 1
+        entry.last_used_ns = time.time_ns()
+        if entry.tier is not CacheTier.RAM:
+            entry.usage_dirty = True
+            entry.promote_pending = True
+        fields = {"lease": lease.lease_id, "path": entry.path, "offset": entry.payload_offset} | row_fields(entry)
+        self.counters.loads += 1
+        self.counters.load_ns += time.perf_counter_ns() - t0
+        if not inline:
+            reply.ok(**fields)
+            return
+
+        def sent(fut: Future[bytearray]) -> None:
+            if fut.exception() is None:
+                reply.ok(frame=fut.result(), **fields)
+            else:
+                self._end_lease(lease.lease_id)
+                reply.error(_as_error(fut.exception()))
+
+        self.submit(self.storage.read_row, sent, self._location(entry), entry.size)
+
+    def _retry_load(self, reply: Replier, key: bytes, pid: int, inline: bool, ok: bool, t0: int) -> None:
+        if not ok:
+            reply.error(ErllamaError(ErrorCode.CORRUPT, "row failed verification and was removed"))
+            return
+        self.load(reply, key, pid, inline)
+
+    def release(self, reply: Replier, lease_id: int, bad: bool) -> None:
+        lease = self.leases.get(lease_id)
+        if lease is not None and bad:
+            entry = self.index.get(lease.key)
+            if entry is not None:
+                log.warning("a reader reports row %s bad: verifying it again", entry.key.hex()[:16])
+                entry.verified = False
+        self._end_lease(lease_id)
+        reply.ok()
+
+    def _end_lease(self, lease_id: int) -> None:
+        lease = self.leases.pop(lease_id, None)
+        if lease is None:
+            return
+        entry = self.index.get(lease.key)
+        if entry is None:
+            return
+        entry.leases -= 1
+        if entry.leases == 0:
+            if not entry.verified and entry.state is RowState.READY:
+                self._verify(entry)
+            elif entry.promote_pending and entry.state is RowState.READY:
+                entry.promote_pending = False
+                target = self.tiers.promotion_target(entry, self.index)
+                if target is not None:
+                    self._move(entry, target, promotion=True)
+            self.relieve()
+
+    def drop_client(self, ident: bytes) -> None:
+        """A client said bye: end its leases now."""
+        for lease in [le for le in self.leases.values() if le.ident == ident]:
+            self.counters.leases_reaped += 1
+            self._end_lease(lease.lease_id)
+
+    def reap_leases(self, now: float) -> None:
+        """End leases whose holder died or overstayed ``lease_ttl_s``."""
+        alive: dict[int, bool] = {}
+        for lease in list(self.leases.values()):
+            if lease.pid not in alive:
+                alive[lease.pid] = self.procs.alive(lease.pid)
+            if not alive[lease.pid] or now > lease.expires_at:
+                log.info("ending lease %d on %s: holder pid %d %s", lease.lease_id, lease.key.hex()[:16],
+                         lease.pid, "died" if not alive[lease.pid] else "overstayed")  # fmt: skip
+                self.counters.leases_reaped += 1
+                self._end_lease(lease.lease_id)
+
+    # --- verification ------------------------------------------------------------------------------------
+
+    def _verify(self, entry: RowEntry) -> None:
+        entry.state = RowState.VERIFYING
+
+        def done(fut: Future[RowHeader]) -> None:
+            entry.state = RowState.READY
+            exc = fut.exception()
+            ok = exc is None
+            if ok:
+                entry.verified = True
+            elif self.index.get(entry.key) is entry:
+                self._drop_corrupt(entry, str(exc))
+            self._wake(entry.key, ok)
+
+        self.submit(self.storage.verify, done, self._location(entry), entry.key)
+
+    def _wake(self, key: bytes, ok: bool) -> None:
+        for waiter in self._waiters.pop(key, []):
+            waiter(ok)
+
+    def _drop_corrupt(self, entry: RowEntry, why: str) -> None:
+        log.warning("row %s in %s is corrupt (%s): removed", entry.key.hex()[:16], entry.tier.value, why)
+        self.counters.corrupt_rows += 1
+        self._remove(entry)
+
+    # --- movement ----------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _location(entry: RowEntry) -> Location:
+        return Location(entry.tier, entry.path, entry.fd)
+
+    def _remove(self, entry: RowEntry) -> None:
+        self.index.remove(entry.key)
+        self.tiers[entry.tier].remove_row(entry.size)
+        self.submit(self.storage.delete, _ignore, self._location(entry))
+
+    def add_row(self, entry: RowEntry) -> None:
+        self.index.add(entry)
+        self.tiers[entry.tier].add_row(entry.size)
+
+    def _evict(self, entry: RowEntry) -> None:
+        log.debug("evicting %s from %s (%d bytes)", entry.key.hex()[:16], entry.tier.value, entry.size)
+        self.counters.evictions += 1
+        self._remove(entry)
+
+    def _move(self, entry: RowEntry, dest: CacheTier, *, promotion: bool) -> None:
+        src, size = self._location(entry), entry.size
+        entry.state = RowState.MOVING
+        self.tiers[src.tier].outgoing_bytes += size
+        self.tiers[dest].reserved_bytes += size
+        usage = encode_usage(entry.hits, entry.last_used_ns)
+        verify = not entry.verified
+
+        def done(fut: Future[tuple[Location, RowHeader]]) -> None:
+            self.tiers[src.tier].outgoing_bytes -= size
+            self.tiers[dest].reserved_bytes -= size
+            entry.state = RowState.READY
+            cancelled = entry.key in self._move_cancelled
+            self._move_cancelled.discard(entry.key)
+            exc = fut.exception()
+            if exc is not None:
+                if isinstance(exc, CorruptRow):
+                    self._drop_corrupt(entry, str(exc))
+                else:
+                    log.warning("moving %s %s -> %s failed: %s", entry.key.hex()[:16], src.tier.value, dest.value, exc)
+                    if not promotion and entry.leases == 0:
+                        self._evict(entry)  # it was leaving its tier anyway
+                self._wake(entry.key, not isinstance(exc, CorruptRow))
+                self.relieve()
+                return
+            new, _ = fut.result()
+            if cancelled or self.index.get(entry.key) is not entry:
+                self.submit(self.storage.delete, _ignore, new)
+            else:
+                self.tiers[src.tier].remove_row(size)
+                self.index.relocate(entry, dest, new.path, new.fd)
+                self.tiers[dest].add_row(size)
+                entry.verified = True
+                entry.usage_dirty = dest is not CacheTier.RAM
+                self.submit(self.storage.delete, _ignore, src)
+                if promotion:
+                    self.counters.promotions += 1
+                else:
+                    self.counters.demotions += 1
+            self._wake(entry.key, True)
+            self.relieve()
+
+        tag = f"m{next(self.ids)}"
+        self.submit(self.storage.copy_row, done, src, dest, entry.key, size, usage, tag, verify=verify)
+
+    def relieve(self) -> None:
+        """Bring every tier back under budget: hottest first, each hands its lowest-ordered idle rows to
+        the next colder tier (which may in turn overflow and is handled next), the coldest evicts."""
+        now = time.time_ns()
+        for tier in TIER_ORDER:
+            excess = self.tiers[tier].excess()
+            if excess <= 0:
+                continue
+            for victim in eviction_order(self.index, tier, now):
+                if excess <= 0:
+                    break
+                excess -= victim.size
+                dest = self.tiers.demotion_target(tier, victim.size)
+                if dest is None:
+                    self._evict(victim)
+                else:
+                    self._move(victim, dest, promotion=False)
+
+    def evict_bytes(self, nbytes: int, tiers: list[CacheTier]) -> tuple[int, int]:
+        """Free at least ``nbytes`` from ``tiers`` (memory pressure): each row leaves for the next
+        colder tier not listed, or is evicted. Leased rows stay. Returns (rows, bytes) scheduled."""
+        now, rows, freed = time.time_ns(), 0, 0
+        for tier in [t for t in TIER_ORDER if t in tiers]:
+            for victim in eviction_order(self.index, tier, now):
+                if freed >= nbytes:
+                    return rows, freed
+                dest = self.tiers.demotion_target(tier, victim.size)
+                while dest is not None and dest in tiers:
+                    dest = self.tiers.demotion_target(dest, victim.size)
+                if dest is None:
+                    self._evict(victim)
+                else:
+                    self._move(victim, dest, promotion=False)
+                rows, freed = rows + 1, freed + victim.size
+        self.relieve()
+        return rows, freed
+
+    # --- upkeep ------------------------------------------------------------------------------------------
+
+    def flush_usage(self, *, wait: bool = False) -> None:
+        """Write changed hit counts / last-use times back into shm and disk row files."""
+        items = []
+        for entry in self.index.rows.values():
+            if entry.usage_dirty and entry.tier is not CacheTier.RAM and entry.state is not RowState.MOVING:
+                entry.usage_dirty = False
+                items.append((entry.path, encode_usage(entry.hits, entry.last_used_ns)))
+        if not items:
+            return
+        if wait:
+            self.storage.write_usage(items)
+        else:
+            self.submit(self.storage.write_usage, _ignore, items)
+
+    def holders(self) -> set[int]:
+        return {le.pid for le in self.leases.values()}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "counters": self.counters.snapshot(),
+            "tiers": {t.value: self.tiers[t].snapshot() for t in TIER_ORDER},
+            "rows": len(self.index),
+            "leases": len(self.leases),
+            "dirs": {t.value: str(p) for t, p in self.storage.dirs.items()},
+        }
+
+
+def _ignore(fut: Future[Any]) -> None:
+    exc = fut.exception()
+    if exc is not None:
+        log.warning("background operation failed: %s", exc)
+
+
+def _as_error(exc: BaseException | None) -> ErllamaError:
+    if isinstance(exc, ErllamaError):
+        return exc
+    if isinstance(exc, OSError):
+        return io_error(exc)
+    return ErllamaError(ErrorCode.INTERNAL, repr(exc))

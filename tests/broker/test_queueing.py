@@ -1,0 +1,121 @@
+"""Routing, queueing and the broker's own tables, over the stub backend."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from erllama import Client, ErllamaError
+from tests.conftest import BrokerProcess
+
+
+def wait_for(pred, timeout_s: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def test_a_worker_is_never_sent_more_requests_than_it_has_slots(client: Client):
+    client.load_model("slow", backend="stub", n_ctx=256, n_seq_max=2, stub_decode_ms=20)
+    streams = [client.infer("slow", f"prompt {i}", max_tokens=30) for i in range(6)]
+    info = wait_for(lambda: (i := client.model_info("slow"))["running"] == 2 and i, what="two running")
+    assert info["pending_len"] == 4 and info["queue_depth"] == 6
+    assert client.queue_depth("slow") == 6 and client.queue_depth() == 6
+    assert info["phase"] in ("prefilling", "generating")
+    results = [s.collect() for s in streams]
+    assert all(r.finish_reason == "length" and len(r.generated) == 30 for r in results)
+    assert client.queue_depth() == 0
+    assert wait_for(lambda: client.phase("slow") == "idle", what="idle")
+    assert client.last_cache_hit("slow") == {"kind": "cold", "prefix_len": 0}
+
+
+def test_each_stream_gets_only_its_own_tokens(stub_client: Client):
+    prompts = [f"stream number {i}" for i in range(12)]
+    solo = [stub_client.complete("stub", p, max_tokens=20).generated for p in prompts]
+    streams = [stub_client.infer("stub", p, max_tokens=20) for p in prompts]
+    got = [[t for ev in s for t in ev.token_ids] for s in streams]
+    assert got == solo
+
+
+def test_cancel_of_a_queued_request_answers_cancelled_without_reaching_a_worker(client: Client):
+    client.load_model("one", backend="stub", n_ctx=256, n_seq_max=1, stub_decode_ms=20)
+    first = client.infer("one", "busy", max_tokens=100)
+    second = client.infer("one", "queued", max_tokens=5)
+    wait_for(lambda: client.pending_len("one") == 1, what="queued")
+    assert client.cancel(second.request_id) is True
+    assert second.collect().finish_reason == "cancelled"
+    first.cancel()
+    assert first.collect().finish_reason == "cancelled"
+    assert client.cancel("no-such-request") is False
+
+
+def test_load_unload_and_list_models(client: Client):
+    info = client.load_model("a", backend="stub", n_ctx=128)
+    assert info["state"] == "ready" and info["n_ctx"] == 128 and info["options"]["backend"] == "stub"
+    with pytest.raises(ErllamaError) as exc:
+        client.load_model("a", backend="stub")
+    assert exc.value.code == "already_loaded"
+    assert [m["id"] for m in client.list_models()] == ["a"]
+    client.unload_model("a")
+    assert client.list_models() == []
+    with pytest.raises(ErllamaError) as exc:
+        client.complete("a", "x")
+    assert exc.value.code == "model_not_found"
+
+
+def test_unload_while_streaming_ends_the_stream(client: Client):
+    client.load_model("u", backend="stub", n_ctx=256, stub_decode_ms=10)
+    stream = client.infer("u", "hello", max_tokens=200)
+    next(iter(stream))
+    client.unload_model("u")
+    assert stream.collect().finish_reason == "cancelled"
+
+
+def test_a_killed_worker_fails_its_streams_and_is_restarted(client: Client):
+    client.load_model("k", backend="stub", n_ctx=256, n_seq_max=2, stub_decode_ms=10)
+    pid = client.model_info("k")["worker_pid"]
+    stream = client.infer("k", "hello", max_tokens=200)
+    next(iter(stream))
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(ErllamaError) as exc:
+        stream.collect()
+    assert exc.value.code == "worker_crashed"
+    assert exc.value.detail["signal"] == "SIGKILL"
+    info = wait_for(lambda: (i := client.model_info("k"))["state"] == "ready" and i, what="restart")
+    assert info["worker_pid"] != pid and info["restarts"] == 1
+    assert client.complete("k", "again", max_tokens=3).finish_reason == "length"
+
+
+def test_an_operator_started_worker_registers_and_serves(broker: BrokerProcess, client: Client):
+    from erllama.transport import WORKER_SOCKET_NAME, ipc_endpoint
+
+    cmd = [sys.executable, "-m", "erllama.worker.main", "--id", "manual", "--options", '{"backend": "stub"}',
+           "--broker", ipc_endpoint(broker.runtime_dir, WORKER_SOCKET_NAME)]  # fmt: skip
+    proc = subprocess.Popen(cmd)
+    try:
+        info = wait_for(lambda: any(m["id"] == "manual" for m in client.list_models()) and client.model_info("manual"))
+        assert info["spawned"] is False and info["worker_pid"] == proc.pid
+        assert client.complete("manual", "hi", max_tokens=4).finish_reason == "length"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_status_cli_prints_phase_queue_depth_and_pending_length(broker: BrokerProcess, stub_client: Client):
+    out = subprocess.run(
+        [sys.executable, "-m", "erllama.cli", "--endpoint", broker.endpoint, "status"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )  # fmt: skip
+    header, row = out.stdout.splitlines()[:2]
+    assert header.split()[:5] == ["MODEL", "STATE", "PHASE", "QUEUE", "PENDING"]
+    assert row.split()[:5] == ["stub", "ready", "idle", "0", "0"]
