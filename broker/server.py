@@ -354,7 +354,9 @@ class Broker:
             if req is not None:
                 req.tokens_sent += len(msg["token_ids"])
                 ok = self._send_client(
-                    req.client, protocol.encode(MsgType.TOKEN, id=req.client_id, text=msg["text"], token_ids=msg["token_ids"])
+                    req.client, protocol.encode(
+                        MsgType.TOKEN, id=req.client_id, text=msg["text"], token_ids=msg["token_ids"], ts_ns=msg.get("ts_ns")
+                    )
                 )
                 if not ok:
                     self._send_worker(entry, protocol.encode(MsgType.CANCEL_RUN, rid=req.rid))

@@ -207,7 +207,7 @@ class Store:
             self._waiters.setdefault(key, []).append(lambda ok: self._retry_load(reply, key, pid, inline, ok, t0))
             self._verify(entry)
             return
-        if not self.storage.present(self._location(entry), entry.size):
+        if not self.storage.present(self.location(entry), entry.size):
             self._drop_corrupt(entry, "row file vanished or changed size")
             reply.error(ErllamaError(ErrorCode.NOT_FOUND, "row vanished"))
             return
@@ -234,9 +234,9 @@ class Store:
                 reply.ok(frame=fut.result(), **fields)
             else:
                 self._end_lease(lease.lease_id)
-                reply.error(_as_error(fut.exception()))
+                reply.error(as_error(fut.exception()))
 
-        self.submit(self.storage.read_row, sent, self._location(entry), entry.size)
+        self.submit(self.storage.read_row, sent, self.location(entry), entry.size)
 
     def _retry_load(self, reply: Replier, key: bytes, pid: int, inline: bool, ok: bool, t0: int) -> None:
         if not ok:
@@ -305,7 +305,7 @@ class Store:
                 self._drop_corrupt(entry, str(exc))
             self._wake(entry.key, ok)
 
-        self.submit(self.storage.verify, done, self._location(entry), entry.key)
+        self.submit(self.storage.verify, done, self.location(entry), entry.key)
 
     def _wake(self, key: bytes, ok: bool) -> None:
         for waiter in self._waiters.pop(key, []):
@@ -319,13 +319,13 @@ class Store:
     # --- movement ----------------------------------------------------------------------------------------
 
     @staticmethod
-    def _location(entry: RowEntry) -> Location:
+    def location(entry: RowEntry) -> Location:
         return Location(entry.tier, entry.path, entry.fd)
 
     def _remove(self, entry: RowEntry) -> None:
         self.index.remove(entry.key)
         self.tiers[entry.tier].remove_row(entry.size)
-        self.submit(self.storage.delete, _ignore, self._location(entry))
+        self.submit(self.storage.delete, _ignore, self.location(entry))
 
     def add_row(self, entry: RowEntry) -> None:
         self.index.add(entry)
@@ -337,7 +337,7 @@ class Store:
         self._remove(entry)
 
     def _move(self, entry: RowEntry, dest: CacheTier, *, promotion: bool) -> None:
-        src, size = self._location(entry), entry.size
+        src, size = self.location(entry), entry.size
         entry.state = RowState.MOVING
         self.tiers[src.tier].outgoing_bytes += size
         self.tiers[dest].reserved_bytes += size
@@ -453,7 +453,7 @@ def _ignore(fut: Future[Any]) -> None:
         log.warning("background operation failed: %s", exc)
 
 
-def _as_error(exc: BaseException | None) -> ErllamaError:
+def as_error(exc: BaseException | None) -> ErllamaError:
     if isinstance(exc, ErllamaError):
         return exc
     if isinstance(exc, OSError):

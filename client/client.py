@@ -51,7 +51,7 @@ class InferStream:
                 self._conn.close_route(self.request_id)
                 raise
             if msg["t"] == MsgType.TOKEN:
-                ev = TokenEvent(msg.get("text", ""), list(msg.get("token_ids", [])))
+                ev = TokenEvent(msg.get("text", ""), list(msg.get("token_ids", [])), msg.get("ts_ns"), msg["received_ns"])
                 self._texts.append(ev.text)
                 yield ev
             elif msg["t"] == MsgType.DONE:

@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -132,6 +133,7 @@ class Connection:
             except ErllamaError as err:
                 log.warning("undecodable message from the broker: %s", err)
                 continue
+            msg["received_ns"] = time.monotonic_ns()
             request_id = msg.get("id")
             with self._lock:
                 q = self._routes.get(request_id) if isinstance(request_id, str) else None

@@ -62,3 +62,10 @@ class TokenEvent:
 
     text: str
     token_ids: list[int]
+    sent_ns: int | None = None  # the worker's CLOCK_MONOTONIC when it sent the event
+    received_ns: int = 0  # this process's CLOCK_MONOTONIC when the event arrived
+
+    @property
+    def latency_ms(self) -> float | None:
+        """Worker-to-client transit time; meaningful only when both run on the same host."""
+        return None if self.sent_ns is None else (self.received_ns - self.sent_ns) / 1e6

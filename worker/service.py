@@ -35,7 +35,8 @@ class SocketEmitter:
         self.sock.send(protocol.encode(MsgType.ADMITTED, rid=rid, cache_hit_kind=cache_hit_kind, prefix_len=prefix_len))
 
     def token(self, rid: int, text: str, token_ids: list[int]) -> None:
-        self.sock.send(protocol.encode(MsgType.TOKEN, rid=rid, text=text, token_ids=token_ids))
+        # ts_ns lets a same-host client measure worker-to-client latency (CLOCK_MONOTONIC is system-wide).
+        self.sock.send(protocol.encode(MsgType.TOKEN, rid=rid, text=text, token_ids=token_ids, ts_ns=time.monotonic_ns()))
 
     def done(self, rid: int, result: dict[str, Any]) -> None:
         self.sock.send(protocol.encode(MsgType.DONE, rid=rid, result=result))
