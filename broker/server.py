@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +31,7 @@ from erllama.protocol import (
     CLIENT_TYPES,
     MODEL_LOAD_TIMEOUT_S,
     WORKER_SILENCE_TIMEOUT_S,
+    WORKER_STALL_TIMEOUT_S,
     WORKER_TYPES,
     ErllamaError,
     ErrorCode,
@@ -57,6 +59,9 @@ class Broker:
         self.totals = QueueTotals()
         self._rids = itertools.count(1)
         self.stopping = False
+        # Workers compare it across heartbeats: a new value tells an operator-started worker
+        # that the broker was restarted and it must register again.
+        self.instance = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.lock = InstanceLock(cfg.runtime_dir / BROKER_LOCK_NAME)
         self.front: zmq.Socket | None = None
         self.back: zmq.Socket | None = None
@@ -343,6 +348,9 @@ class Broker:
             self.totals.bad_messages += 1
             log.warning("bad worker message from %r: %s", identity, err.message)
             return
+        if t is MsgType.HEARTBEAT:
+            self._on_heartbeat(identity, msg)
+            return
         entry = self.workers.get(identity)
         if entry is None:
             self._on_unknown_worker(identity, t, msg)
@@ -372,17 +380,28 @@ class Broker:
                 self._reply(call[0].client, call[0].client_id, msg["result"])
         elif t is MsgType.ADMITTED:
             entry.queue.last_cache_hit = {"kind": msg["cache_hit_kind"], "prefix_len": msg["prefix_len"]}
-        elif t is MsgType.HEARTBEAT:
-            self._on_heartbeat(entry, msg)
         elif t is MsgType.READY:
             log.warning("worker of %s sent a second ready; ignored", entry.model_id)
 
-    def _on_heartbeat(self, entry: ModelEntry, msg: dict[str, Any]) -> None:
-        wp = entry.worker
-        assert wp is not None
-        if msg["progress"] != wp.progress:
-            wp.progress = msg["progress"]
-            wp.progress_changed_s = wp.last_seen_s
+    def _on_heartbeat(self, identity: bytes, msg: dict[str, Any]) -> None:
+        """Heartbeats come from each worker's heartbeat thread (and, on a phase change, from its main
+        socket). Those from the heartbeat thread are answered with our instance id."""
+        entry = self.models.get(msg["model"])
+        wp = entry.worker if entry is not None else None
+        if identity != (wp.identity if wp else None):
+            try:
+                self.back.send_multipart([identity, protocol.encode(MsgType.BROKER_HEARTBEAT, instance=self.instance)],
+                                         zmq.NOBLOCK)  # type: ignore[union-attr]  # fmt: skip
+            except zmq.ZMQError:
+                pass
+        if entry is None or wp is None or wp.pid != msg["pid"]:
+            return
+        now = time.monotonic()
+        wp.last_seen_s = now
+        if msg["progress"] != wp.progress or (msg["busy"] and not wp.busy):
+            wp.progress_changed_s = now
+        wp.progress = msg["progress"]
+        wp.busy = msg["busy"]
         try:
             entry.queue.reported_phase = Phase(msg["phase"])
         except ValueError:
@@ -532,11 +551,18 @@ class Broker:
             elif wp is not None and wp.identity is None and now - wp.started_s > MODEL_LOAD_TIMEOUT_S:
                 entry.last_error = {"code": ErrorCode.TIMEOUT, "message": f"no ready within {MODEL_LOAD_TIMEOUT_S:.0f} s"}
                 wp.kill()
-            elif wp is not None and wp.identity is not None and now - wp.last_seen_s > WORKER_SILENCE_TIMEOUT_S:
-                log.error("worker of %s silent for %.0f s; declaring it dead", entry.model_id, now - wp.last_seen_s)
-                wp.kill()
-                if not wp.spawned:
-                    self._reap(wp)
+            elif wp is not None and wp.identity is not None:
+                if now - wp.last_seen_s > WORKER_SILENCE_TIMEOUT_S:
+                    wp.kill_reason = f"silent for {now - wp.last_seen_s:.0f} s"
+                elif wp.busy and now - wp.progress_changed_s > entry.options.get("stall_timeout_s", WORKER_STALL_TIMEOUT_S):
+                    wp.kill_reason = f"no decode progress for {now - wp.progress_changed_s:.0f} s (stuck in native code)"
+                else:
+                    continue
+                log.error("worker of %s: %s; declaring it dead", entry.model_id, wp.kill_reason)
+                if wp.spawned:
+                    wp.kill()  # its pidfd fires next and _reap settles its requests
+                else:
+                    self._reap(wp)  # not our child: we cannot kill it, only stop using it
 
 
 def _cancelled_result(req: Request) -> dict[str, Any]:

@@ -47,6 +47,8 @@ class WorkerProcess:
     last_seen_s: float = field(default_factory=time.monotonic)
     progress: int = 0
     progress_changed_s: float = field(default_factory=time.monotonic)
+    busy: bool = False
+    kill_reason: str | None = None  # why the broker killed it (silence, stall), for the crash report
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_TAIL_LINES))
     _partial: bytes = b""
 
@@ -81,6 +83,8 @@ class WorkerProcess:
     def exit_detail(self) -> dict[str, Any]:
         """How the process ended: exit status or signal name, and the tail of its stderr."""
         detail: dict[str, Any] = {"pid": self.pid, "stderr_tail": self.tail_text()}
+        if self.kill_reason:
+            detail["killed_because"] = self.kill_reason
         if self.proc is not None:
             rc = self.proc.poll()
             if rc is None:
@@ -95,13 +99,9 @@ class WorkerProcess:
         return detail
 
     def kill(self) -> None:
+        """SIGKILL a spawned worker; an operator's worker is not ours to kill."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-        elif self.proc is None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
     def terminate(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

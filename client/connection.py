@@ -96,9 +96,14 @@ class Connection:
     # --- the I/O thread ------------------------------------------------------------------------------------
 
     def _io_loop(self) -> None:
+        # The monitor reports a dropped connection (the broker died or restarted): requests in
+        # flight then can never complete, so they fail with broker_lost rather than time out.
+        # ZeroMQ reconnects by itself; later requests go to the new broker.
+        monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         poller.register(self._wake, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         try:
             while True:
                 events = dict(poller.poll())
@@ -108,9 +113,20 @@ class Connection:
                         return
                 if self._sock in events:
                     self._drain_socket()
+                if monitor in events:
+                    monitor.recv_multipart()
+                    self._fail_all(ErrorCode.BROKER_LOST, f"the connection to {self.endpoint} dropped")
         finally:
+            self._sock.disable_monitor()
+            monitor.close(linger=0)
             self._sock.close(linger=0)
             self._ctx.term()
+
+    def _fail_all(self, code: ErrorCode, message: str) -> None:
+        with self._lock:
+            queues = list(self._routes.values())
+        for q in queues:
+            q.put({"t": protocol.MsgType.ERROR, "code": code.value, "message": message, "detail": {"retryable": True}})
 
     def _flush_outbox(self) -> bool:
         while True:

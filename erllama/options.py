@@ -20,6 +20,7 @@ from erllama.protocol import (
     MAX_STOP_SEQUENCE_BYTES,
     MAX_STOP_SEQUENCES,
     MAX_TOKENS_LIMIT,
+    WORKER_STALL_TIMEOUT_S,
     ErllamaError,
     ErrorCode,
 )
@@ -177,6 +178,7 @@ class LoadOptions:
     max_queue: int = DEFAULT_MAX_QUEUE
     prefill_chunk_size: int = 256
     stub_decode_ms: int = 0  # the stub backend sleeps this long per decode, standing in for compute
+    stall_timeout_s: int = int(WORKER_STALL_TIMEOUT_S)  # a busy worker without decode progress this long is killed
 
     def to_wire(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -206,7 +208,8 @@ def parse_load_options(options: dict[str, Any] | None) -> LoadOptions:
         "main_gpu": (0, 64),
         "max_queue": (0, 1 << 20),
         "prefill_chunk_size": (1, 1 << 16),
-        "stub_decode_ms": (0, 10_000),
+        "stub_decode_ms": (0, 60_000),
+        "stall_timeout_s": (1, 86_400),
     }
     for key, (lo, hi) in ints.items():
         if key in options:

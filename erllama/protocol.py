@@ -36,10 +36,13 @@ DEFAULT_MODEL_ID: Final = "smollm2-135m"
 
 # --- liveness -------------------------------------------------------------------------------------------
 HEARTBEAT_INTERVAL_S: Final = 1.0
-# A worker silent for this long is declared hung. A tick is at most one prefill chunk (seconds on
-# a 2-core CPU), so this must comfortably exceed the slowest single llama_decode.
-WORKER_SILENCE_TIMEOUT_S: Final = 60.0
-BROKER_SILENCE_TIMEOUT_S: Final = 15.0
+# Workers send heartbeats from a thread of their own, so they keep coming while llama_decode
+# runs: silence means the process is gone (or frozen), not that a prefill is slow.
+WORKER_SILENCE_TIMEOUT_S: Final = 10.0
+# A busy worker whose decode counter has not moved for this long is stuck in native code. One
+# tick is one llama_decode of at most n_batch tokens: seconds on a CPU, never minutes.
+WORKER_STALL_TIMEOUT_S: Final = 120.0
+BROKER_SILENCE_TIMEOUT_S: Final = 10.0
 MODEL_LOAD_TIMEOUT_S: Final = 300.0
 DEFAULT_REQUEST_TIMEOUT_S: Final = 600.0
 
@@ -58,6 +61,7 @@ class ErrorCode(enum.StrEnum):
     TIMEOUT = "timeout"
     PROTOCOL_ERROR = "protocol_error"
     SHUTTING_DOWN = "shutting_down"
+    BROKER_LOST = "broker_lost"  # the connection to the broker dropped while the request was in flight
     MODEL_FAILED = "model_failed"
     NOT_SUPPORTED = "not_supported"
     NO_GPU = "no_gpu"
@@ -112,6 +116,7 @@ class MsgType(enum.StrEnum):
     CANCEL_RUN = "cancel_run"
     OP = "op"  # a client's CALL, addressed by the broker's rid
     SHUTDOWN = "shutdown"
+    BROKER_HEARTBEAT = "bhb"  # to each worker's heartbeat socket; carries the broker's instance id
 
 
 class WorkerOp(enum.StrEnum):
@@ -179,7 +184,7 @@ SCHEMA: Final[dict[MsgType, dict[str, Field]]] = {
     MsgType.PING: {"id": _STR},
     # worker -> broker
     MsgType.READY: {"model": _STR, "pid": _INT, "slots": _INT, "info": _MAP},
-    MsgType.HEARTBEAT: {"progress": _INT, "phase": _STR},
+    MsgType.HEARTBEAT: {"model": _STR, "pid": _INT, "progress": _INT, "phase": _STR, "busy": Field((bool,))},
     MsgType.ADMITTED: {"rid": _INT, "cache_hit_kind": _STR, "prefix_len": _INT},
     MsgType.TOKEN: {"rid": _INT, "text": _STR, "token_ids": Field((list,))},
     MsgType.DONE: {"rid": _INT, "result": _MAP},
@@ -190,6 +195,7 @@ SCHEMA: Final[dict[MsgType, dict[str, Field]]] = {
     MsgType.CANCEL_RUN: {"rid": _INT},
     MsgType.OP: {"rid": _INT, "op": _STR, "args": _MAP},
     MsgType.SHUTDOWN: {},
+    MsgType.BROKER_HEARTBEAT: {"instance": _STR},
 }
 
 CLIENT_TYPES: Final = frozenset(

@@ -26,6 +26,7 @@ from erllama.options import LoadOptions, parse_load_options, validate_model_id
 from erllama.protocol import ErllamaError, ErrorCode
 from erllama.transport import WORKER_SOCKET_NAME, default_runtime_dir, ipc_endpoint
 from erllama.worker.backend import Backend
+from erllama.worker.heartbeat import Heartbeat
 from erllama.worker.service import WorkerService, connect
 
 log = logging.getLogger("erllama.worker")
@@ -89,10 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         ctx.term()
         return EXIT_LOAD_FAILED
     info = backend.info() | {"path": str(path) if path else None, "options": options.to_wire(), "n_ctx": backend.n_ctx_seq}
-    service = WorkerService(args.id, backend, options, sock, info)
+    heartbeat = Heartbeat(ctx, endpoint, args.id)
+    heartbeat.start()
+    service = WorkerService(args.id, backend, options, sock, heartbeat, info)
     try:
         service.run()
     finally:
+        heartbeat.stop()
         backend.close()
         sock.setsockopt(zmq.LINGER, 1000)
         sock.close()

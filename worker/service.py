@@ -20,6 +20,7 @@ from erllama.options import LoadOptions, parse_sampling
 from erllama.protocol import HEARTBEAT_INTERVAL_S, ErllamaError, ErrorCode, MsgType, WorkerOp
 from erllama.transport import make_socket
 from erllama.worker.backend import Backend
+from erllama.worker.heartbeat import Heartbeat, WorkerStatus
 from erllama.worker.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,17 @@ class SocketEmitter:
 class WorkerService:
     """Serves one model for one broker until told to shut down or the broker goes away."""
 
-    def __init__(self, model_id: str, backend: Backend, options: LoadOptions, sock: zmq.Socket, info: dict[str, Any]):
+    def __init__(
+        self,
+        model_id: str,
+        backend: Backend,
+        options: LoadOptions,
+        sock: zmq.Socket,
+        heartbeat: Heartbeat,
+        info: dict[str, Any],
+    ):
         self.model_id = model_id
+        self.heartbeat = heartbeat
         self.backend = backend
         self.options = options
         self.sock = sock
@@ -59,7 +69,6 @@ class WorkerService:
         self.stopping = False
         self.refused = False
         self.bad_messages = 0
-        self._next_heartbeat_s = 0.0
         self._reported_phase = self.scheduler.phase
 
     def announce(self) -> None:
@@ -77,34 +86,41 @@ class WorkerService:
             timeout_ms = 0 if busy else int(HEARTBEAT_INTERVAL_S * 1000)
             if poller.poll(timeout_ms):
                 self._drain()
+            # Published before the tick too: the broker must know we are busy while a decode runs.
+            self._publish_status()
             if self.scheduler.has_work() and not self.stopping:
                 self.scheduler.tick()
-            self._maybe_heartbeat()
+            self._publish_status()
+            if self.heartbeat.broker_restarted.is_set():
+                self._register_again()
         log.info("worker %s stopping", self.model_id)
         self.scheduler.cancel_all()
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.stopping = True
 
-    def _maybe_heartbeat(self) -> None:
-        """Every second, and at once when the phase changes, so the broker's view stays current."""
-        now = time.monotonic()
+    def _publish_status(self) -> None:
+        """Hand the heartbeat thread a fresh snapshot; tell the broker at once when the phase changes."""
         s = self.scheduler
         phase = s.phase
-        if now < self._next_heartbeat_s and phase is self._reported_phase:
-            return
-        self._next_heartbeat_s = now + HEARTBEAT_INTERVAL_S
-        self._reported_phase = phase
-        self.sock.send(
-            protocol.encode(
-                MsgType.HEARTBEAT,
-                progress=s.progress,
-                phase=phase.value,
-                running=len(s.running),
-                waiting=len(s.waiting),
-                tokens_generated=s.tokens_generated,
+        status = WorkerStatus(s.progress, phase, len(s.running), len(s.waiting), s.tokens_generated)
+        self.heartbeat.status = status
+        if phase is not self._reported_phase:
+            self._reported_phase = phase
+            self.sock.send(
+                protocol.encode(
+                    MsgType.HEARTBEAT, model=self.model_id, pid=os.getpid(), progress=status.progress,
+                    phase=phase.value, busy=bool(status.running or status.waiting), running=status.running,
+                    waiting=status.waiting, tokens_generated=status.tokens_generated,
+                )  # fmt: skip
             )
-        )
+
+    def _register_again(self) -> None:
+        """A new broker does not know our requests (their clients were the old broker's) and reuses
+        request ids: end them all, then introduce ourselves."""
+        self.heartbeat.broker_restarted.clear()
+        self.scheduler.cancel_all()
+        self.announce()
 
     def _drain(self) -> None:
         while True:

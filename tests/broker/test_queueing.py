@@ -119,3 +119,32 @@ def test_status_cli_prints_phase_queue_depth_and_pending_length(broker: BrokerPr
     header, row = out.stdout.splitlines()[:2]
     assert header.split()[:5] == ["MODEL", "STATE", "PHASE", "QUEUE", "PENDING"]
     assert row.split()[:5] == ["stub", "ready", "idle", "0", "0"]
+
+
+def test_a_worker_stuck_in_a_decode_is_killed_and_a_request_present_at_two_crashes_fails_as_poison(client: Client):
+    # The stub sleeps 60 s in each decode: heartbeats keep coming, the decode counter does not move.
+    client.load_model("stuck", backend="stub", stub_decode_ms=60_000, stall_timeout_s=2)
+    first_pid = client.model_info("stuck")["worker_pid"]
+    with pytest.raises(ErllamaError) as exc:
+        client.complete("stuck", "hello", max_tokens=3)
+    assert exc.value.code == "worker_crashed"
+    assert exc.value.detail["poison"] is True  # re-queued once after the first kill, failed at the second
+    assert "no decode progress" in exc.value.detail["killed_because"]
+    info = client.model_info("stuck")
+    assert info["restarts"] >= 1 and info["worker_pid"] != first_pid
+
+
+def test_a_frozen_worker_is_declared_dead_and_restarted(client: Client):
+    client.load_model("frozen", backend="stub")
+    pid = client.model_info("frozen")["worker_pid"]
+    os.kill(pid, signal.SIGSTOP)  # no heartbeats at all from a stopped process
+    try:
+        info = wait_for(lambda: (i := client.model_info("frozen"))["worker_pid"] not in (pid, None) and i, 60)
+        assert "silent" in info["last_error"]["detail"]["killed_because"] or info["state"] == "ready"
+        wait_for(lambda: client.model_info("frozen")["state"] == "ready", 60)
+        assert client.complete("frozen", "back", max_tokens=2).finish_reason == "length"
+    finally:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
