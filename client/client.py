@@ -152,6 +152,11 @@ class Client:
         args = {"tokens": list(tokens)}
         return self._conn.call(MsgType.CALL, self.timeout_s, model=model_id, op=WorkerOp.DETOKENIZE, args=args)
 
+    def end_session(self, model_id: str, session_id: str) -> bool:
+        """Release the sequence a sticky session keeps pinned; False if the worker did not know it."""
+        args = {"session_id": session_id}
+        return self._conn.call(MsgType.CALL, self.timeout_s, model=model_id, op=WorkerOp.END_SESSION, args=args)
+
     # --- generation ----------------------------------------------------------------------------------------
 
     def infer(
@@ -159,7 +164,8 @@ class Client:
     ) -> InferStream:
         """Start a request and return its stream. ``prompt`` is text or token ids. Params:
         ``max_tokens``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
-        ``seed``, ``stop``. ``timeout_s`` bounds the wait for each event, not the whole request."""
+        ``seed``, ``stop``; ``session_id`` keeps the sequence's KV for the session's next request;
+        ``parent_key`` resumes from an earlier ``finish_key``. ``timeout_s`` bounds the wait for each event, not the whole request."""
         request_id = self._conn.new_id()
         q = self._conn.open(request_id)
         try:

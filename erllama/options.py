@@ -17,6 +17,7 @@ from typing import Any, Final
 
 from erllama.protocol import (
     DEFAULT_MAX_QUEUE,
+    MAX_ID_CHARS,
     MAX_STOP_SEQUENCE_BYTES,
     MAX_STOP_SEQUENCES,
     MAX_TOKENS_LIMIT,
@@ -77,7 +78,9 @@ def validate_model_id(model_id: Any) -> str:
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """Per-request generation settings. ``temperature`` 0 means greedy; ``seed`` None means random."""
+    """Per-request settings: sampling (``temperature`` 0 is greedy; ``seed`` None is random) and how
+    the request meets the cache (``session_id`` pins its sequence between requests, ``parent_key``
+    names an earlier request's ``finish_key`` to resume from)."""
 
     max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 0.0
@@ -87,6 +90,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    session_id: str | None = None
+    parent_key: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -130,6 +135,12 @@ def parse_sampling(params: dict[str, Any] | None) -> SamplingParams:
             if len(s.encode()) > MAX_STOP_SEQUENCE_BYTES:
                 raise _bad("stop", f"a stop sequence is longer than {MAX_STOP_SEQUENCE_BYTES} bytes")
         out["stop"] = tuple(stop)
+    for key in ("session_id", "parent_key"):
+        value = params.get(key)
+        if value is not None:
+            if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
+                raise _bad(key, f"expected a string of 1-{MAX_ID_CHARS} characters")
+            out[key] = value
     return SamplingParams(**out)
 
 

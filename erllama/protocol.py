@@ -61,6 +61,7 @@ class ErrorCode(enum.StrEnum):
     TIMEOUT = "timeout"
     PROTOCOL_ERROR = "protocol_error"
     SHUTTING_DOWN = "shutting_down"
+    STICKY_BUSY = "sticky_busy"  # another request is using the same session_id
     BROKER_LOST = "broker_lost"  # the connection to the broker dropped while the request was in flight
     MODEL_FAILED = "model_failed"
     NOT_SUPPORTED = "not_supported"
@@ -124,6 +125,7 @@ class WorkerOp(enum.StrEnum):
 
     TOKENIZE = "tokenize"
     DETOKENIZE = "detokenize"
+    END_SESSION = "end_session"
 
 
 class Phase(enum.StrEnum):

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from erllama.options import SamplingParams, validate_prompt
 from erllama.protocol import CacheHitKind, ErllamaError, ErrorCode, FinishReason, Phase
 from erllama.worker.backend import Backend, BackendError, BatchRow, Sampler
+from erllama.worker.sessions import Session, SequencePool
 from erllama.worker.textstream import TextStream
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,7 @@ class Scheduler:
         self.backend = backend
         self.emit = emit
         self.prefill_chunk_size = prefill_chunk_size
-        self.free_seqs: list[int] = list(range(backend.n_seq_max - 1, -1, -1))
+        self.pool = SequencePool(backend.n_seq_max, backend.seq_clear, self._save_idle_session)
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # rid -> request, in admission order
         self.progress = 0  # decodes done; heartbeats carry it so a stuck decode shows
@@ -93,9 +94,15 @@ class Scheduler:
                 f"max_tokens {params.max_tokens} exceeds the context of {limit}",
                 {"max_tokens": params.max_tokens, "n_ctx": limit},
             )
+        if params.session_id is not None:
+            self.pool.claim(params.session_id, rid)  # sticky_busy if another request holds it
         req = Request(rid=rid, prompt=tokens, params=params, received_s=time.monotonic(), queue_ms=queue_ms)
         req.text = TextStream(stops=params.stop)
         self.waiting.append(req)
+
+    def end_session(self, session_id: str) -> bool:
+        """Release a session's pinned sequence (at once, or when its running request ends)."""
+        return self.pool.end(session_id)
 
     def cancel_all(self) -> None:
         """End every request with ``cancelled`` now (the worker is shutting down)."""
@@ -129,8 +136,8 @@ class Scheduler:
     def tick(self) -> None:
         """Finish cancelled requests, admit waiting ones, then one decode for everything running."""
         self._finish_cancelled()
-        while self.waiting and self.free_seqs:
-            self._admit(self.waiting.popleft())
+        while self.waiting and self._admit(self.waiting[0]):
+            self.waiting.popleft()
         rows, reqs = self._build_batch()
         if not rows:
             return
@@ -153,17 +160,41 @@ class Scheduler:
     def _finish_cancelled(self) -> None:
         for req in [r for r in self.waiting if r.cancelled]:
             self.waiting.remove(req)
-            self._finish(req, FinishReason.CANCELLED)
+            self._finish(req, FinishReason.CANCELLED)  # it never had a sequence: _release abandons its session
         for req in [r for r in self.running.values() if r.cancelled]:
             self._finish(req, FinishReason.CANCELLED)
 
-    def _admit(self, req: Request) -> None:
-        req.seq_id = self.free_seqs.pop()
-        self.backend.seq_clear(req.seq_id)
+    def _admit(self, req: Request) -> bool:
+        """Give a request a sequence and decide how much of its prompt is already there. False if
+        no sequence is free (it waits for the next tick)."""
+        session = self.pool.unpin(req.params.session_id) if req.params.session_id else None
+        if session is not None and req.prompt[: len(session.tokens)] == session.tokens:
+            req.seq_id = session.seq_id
+            self._keep(req, len(session.tokens), CacheHitKind.STICKY)
+        else:
+            if session is not None:  # the prompt diverged from what the session holds
+                self.pool.give_back(session.seq_id)
+            seq = self.pool.take()
+            if seq is None:
+                return False
+            req.seq_id = seq
         req.sampler = self.backend.new_sampler(req.params, req.prompt)
         req.state = ReqState.PREFILLING
         self.running[req.rid] = req
         self.emit.admitted(req.rid, req.cache_hit_kind.value, req.prefix_len)
+        return True
+
+    def _keep(self, req: Request, cached: int, kind: CacheHitKind) -> None:
+        """The sequence holds the first ``cached`` prompt tokens. Keep at most all but the last prompt
+        token: its logits are not in the KV state, so it is decoded again to sample from fresh ones."""
+        keep = min(cached, len(req.prompt) - 1)
+        self.backend.seq_truncate(req.seq_id, keep)
+        req.n_past = keep
+        req.cache_hit_kind = kind
+        req.prefix_len = keep
+
+    def _save_idle_session(self, session: Session) -> None:
+        """An idle session loses its sequence to a new request; its KV goes to the cache first."""
 
     def _build_batch(self) -> tuple[list[BatchRow], list[Request]]:
         rows: list[BatchRow] = []
@@ -213,15 +244,23 @@ class Scheduler:
 
     # --- requests out --------------------------------------------------------------------------------------
 
-    def _release(self, req: Request) -> None:
+    def _release(self, req: Request, kv_valid: bool = True) -> None:
+        """Free what a request held. A session keeps its sequence, holding the committed tokens."""
         self.running.pop(req.rid, None)
         if req.sampler is not None:
             self.backend.free_sampler(req.sampler)
             req.sampler = None
-        if req.seq_id >= 0:
-            self.backend.seq_clear(req.seq_id)
-            self.free_seqs.append(req.seq_id)
-            req.seq_id = -1
+        sid = req.params.session_id
+        if req.seq_id < 0:
+            if sid is not None:
+                self.pool.abandon(sid)
+            return
+        committed = (req.prompt + req.generated)[: req.n_past]
+        if sid is None or not kv_valid or not self.pool.finish(sid, req.seq_id, committed):
+            if sid is not None and not kv_valid:
+                self.pool.abandon(sid)
+            self.pool.give_back(req.seq_id)
+        req.seq_id = -1
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
         tail = req.text.flush()
@@ -255,5 +294,5 @@ class Scheduler:
         self.emit.done(req.rid, result)
 
     def _fail(self, req: Request, err: ErllamaError) -> None:
-        self._release(req)
+        self._release(req, kv_valid=False)
         self.emit.error(req.rid, err)

@@ -189,6 +189,11 @@ class WorkerService:
             ):
                 raise ErllamaError(ErrorCode.INVALID_PARAMS, "detokenize takes tokens: a list of ids in the vocabulary")
             return self.backend.detokenize(tokens)
+        if wop is WorkerOp.END_SESSION:
+            session_id = args.get("session_id")
+            if not isinstance(session_id, str):
+                raise ErllamaError(ErrorCode.INVALID_PARAMS, "end_session takes session_id: str")
+            return self.scheduler.end_session(session_id)
         raise ErllamaError(ErrorCode.NOT_SUPPORTED, f"operation {op!r} is not supported")
 
 

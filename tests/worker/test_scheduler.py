@@ -109,7 +109,7 @@ def test_cancel_ends_with_cancelled_and_frees_the_sequence():
     run_all(s)
     assert rec.results[1]["finish_reason"] == "cancelled"
     assert rec.results[2]["finish_reason"] == "length"
-    assert s.free_seqs == [0]
+    assert s.pool.free == [0]
 
 
 def test_max_tokens_zero_only_prefills():
@@ -142,3 +142,58 @@ def test_seeded_sampling_differs_from_greedy_and_repeats_with_the_same_seed():
         run_all(s)
         outs.append(rec.results[1]["generated"])
     assert outs[0] == outs[1] != outs[2]
+
+
+def test_a_session_s_next_turn_prefills_only_the_new_suffix_on_its_pinned_sequence():
+    s, rec, be = make(n_seq_max=2)
+    s.submit(1, "turn one", SamplingParams(max_tokens=4, session_id="chat"))
+    run_all(s)
+    first = rec.results[1]
+    turn2 = first["context_tokens"] + be.tokenize(" and turn two", add_special=False)
+    s.submit(2, turn2, SamplingParams(max_tokens=4, session_id="chat"))
+    run_all(s)
+    second = rec.results[2]
+    assert second["cache_hit_kind"] == "sticky"
+    assert second["cache_delta"]["read"] == first["committed_tokens"]
+    fresh, frec, _ = make(n_seq_max=2)
+    fresh.submit(2, turn2, SamplingParams(max_tokens=4))
+    run_all(fresh)
+    assert second["generated"] == frec.results[2]["generated"]
+
+
+def test_concurrent_use_of_one_session_is_sticky_busy():
+    s, _, _ = make()
+    s.submit(1, "a", SamplingParams(max_tokens=50, session_id="x"))
+    with pytest.raises(ErllamaError) as exc:
+        s.submit(2, "b", SamplingParams(session_id="x"))
+    assert exc.value.code == "sticky_busy"
+
+
+def test_a_diverging_prompt_leaves_the_sticky_path():
+    s, rec, _ = make()
+    s.submit(1, "alpha", SamplingParams(max_tokens=3, session_id="x"))
+    run_all(s)
+    s.submit(2, "beta", SamplingParams(max_tokens=3, session_id="x"))
+    run_all(s)
+    assert rec.results[2]["cache_hit_kind"] == "cold"
+
+
+def test_idle_sessions_pinning_every_sequence_never_block_new_requests():
+    s, rec, _ = make(n_seq_max=2)
+    for rid, sid in ((1, "a"), (2, "b")):
+        s.submit(rid, f"session {sid}", SamplingParams(max_tokens=2, session_id=sid))
+    run_all(s)
+    assert s.pool.free == [] and set(s.pool.pinned) == {"a", "b"}
+    s.submit(3, "a newcomer", SamplingParams(max_tokens=2))
+    run_all(s)
+    assert rec.results[3]["finish_reason"] == "length"
+    assert len(s.pool.pinned) == 1  # the least recently used session gave up its sequence
+
+
+def test_end_session_frees_the_pinned_sequence():
+    s, _, _ = make(n_seq_max=1)
+    s.submit(1, "hello", SamplingParams(max_tokens=2, session_id="x"))
+    run_all(s)
+    assert s.pool.free == []
+    assert s.end_session("x") is True and s.pool.free == [0]
+    assert s.end_session("x") is False
