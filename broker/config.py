@@ -7,6 +7,14 @@ Example ``erllama.toml``::
     tcp = "tcp://127.0.0.1:7420"                              # optional extra endpoint
     log_level = "INFO"
 
+    [cachestore]                      # the broker runs erllama-cachestore with these settings
+    disk_dir = "/var/cache/erllama/kv"
+    ram_bytes = "1G"
+    shm_bytes = "4G"
+    disk_bytes = "50G"
+    # enabled = false                 # serve without a KV cache
+    # endpoint = "ipc:///path/cs.sock" # use a store someone else runs instead of spawning one
+
     [[models]]
     id = "smollm2-135m"
     # path omitted: the embedded default model
@@ -32,6 +40,7 @@ from erllama.options import parse_load_options, validate_model_id
 from erllama.protocol import DEFAULT_MODEL_ID, ErllamaError, ErrorCode
 from erllama.transport import (
     BROKER_ENDPOINT_ENV,
+    CACHESTORE_SOCKET_NAME,
     CLIENT_SOCKET_NAME,
     WORKER_SOCKET_NAME,
     check_tcp_bind,
@@ -48,6 +57,24 @@ class ModelSpec:
 
 
 @dataclass(slots=True)
+class CacheStoreSettings:
+    """Whether workers get a KV cache, and the cache store the broker runs for them."""
+
+    enabled: bool = True
+    external_endpoint: str | None = None  # a store the broker does not spawn
+    flags: list[str] = field(default_factory=list)  # passed through to erllama-cachestore
+
+
+CACHESTORE_FLAGS = {  # TOML key / broker flag -> erllama-cachestore flag
+    "disk_dir": "--disk-dir",
+    "shm_dir": "--shm-dir",
+    "ram_bytes": "--ram-bytes",
+    "shm_bytes": "--shm-bytes",
+    "disk_bytes": "--disk-bytes",
+}
+
+
+@dataclass(slots=True)
 class BrokerConfig:
     runtime_dir: Path
     endpoint: str
@@ -55,10 +82,18 @@ class BrokerConfig:
     allow_remote: bool = False
     log_level: str = "INFO"
     models: list[ModelSpec] = field(default_factory=list)
+    cache: CacheStoreSettings = field(default_factory=CacheStoreSettings)
 
     @property
     def worker_endpoint(self) -> str:
         return ipc_endpoint(self.runtime_dir, WORKER_SOCKET_NAME)
+
+    @property
+    def cachestore_endpoint(self) -> str | None:
+        """Where workers find the cache store (None: no cache)."""
+        if not self.cache.enabled:
+            return None
+        return self.cache.external_endpoint or ipc_endpoint(self.runtime_dir, CACHESTORE_SOCKET_NAME)
 
 
 def _model_spec(raw: dict[str, Any]) -> ModelSpec:
@@ -80,6 +115,7 @@ def build_config(
     allow_remote: bool,
     log_level: str | None,
     default_model: bool,
+    cache_overrides: dict[str, Any] | None = None,
 ) -> BrokerConfig:
     """Merge flags (strongest), environment, the TOML file and defaults (weakest)."""
     file_cfg: dict[str, Any] = {}
@@ -97,6 +133,7 @@ def build_config(
     models = [_model_spec(m) for m in file_cfg.get("models", [])]
     if not models and default_model and not config_file:
         models = [ModelSpec(DEFAULT_MODEL_ID, None, parse_load_options({}).to_wire())]
+    cache = _cache_settings(file_cfg.get("cachestore", {}) | {k: v for k, v in (cache_overrides or {}).items() if v is not None})
     ids = [m.model_id for m in models]
     if len(set(ids)) != len(ids):
         raise ErllamaError(ErrorCode.INVALID_PARAMS, "duplicate model ids in the config file")
@@ -107,4 +144,16 @@ def build_config(
         allow_remote=allow,
         log_level=log_level or section.get("log_level", "INFO"),
         models=models,
+        cache=cache,
     )
+
+
+def _cache_settings(raw: dict[str, Any]) -> CacheStoreSettings:
+    unknown = set(raw) - set(CACHESTORE_FLAGS) - {"enabled", "endpoint"}
+    if unknown:
+        raise ErllamaError(ErrorCode.INVALID_PARAMS, f"unknown [cachestore] keys: {', '.join(sorted(unknown))}")
+    flags: list[str] = []
+    for key, flag in CACHESTORE_FLAGS.items():
+        if raw.get(key) is not None:
+            flags += [flag, str(raw[key])]
+    return CacheStoreSettings(enabled=bool(raw.get("enabled", True)), external_endpoint=raw.get("endpoint"), flags=flags)

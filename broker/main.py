@@ -28,11 +28,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime-dir", help="where ipc sockets and the lock live (default: $ERLLAMA_RUNTIME_DIR)")
     ap.add_argument("--no-default-model", action="store_true", help="start with no model loaded")
     ap.add_argument("--log-level", default=os.environ.get("ERLLAMA_LOG_LEVEL"))
+    cache = ap.add_argument_group("KV cache (passed to the erllama-cachestore the broker runs)")
+    cache.add_argument("--no-cache", dest="cache_enabled", action="store_const", const=False, help="serve without a KV cache")
+    cache.add_argument("--cachestore", help="use the cache store at this endpoint instead of spawning one")
+    cache.add_argument("--cache-dir", help="disk tier directory (default ~/.cache/erllama/kv)")
+    cache.add_argument("--shm-dir", help="shm tier directory (default /dev/shm/erllama-<uid>)")
+    cache.add_argument("--cache-ram", help="RAM tier budget, e.g. 1G (0 = off)")
+    cache.add_argument("--cache-shm", help="shm tier budget (default: min(4G, half of /dev/shm free))")
+    cache.add_argument("--cache-disk", help="disk tier budget (default 20G)")
     args = ap.parse_args(argv)
+    cache_overrides = {
+        "enabled": args.cache_enabled, "endpoint": args.cachestore, "disk_dir": args.cache_dir, "shm_dir": args.shm_dir,
+        "ram_bytes": args.cache_ram, "shm_bytes": args.cache_shm, "disk_bytes": args.cache_disk,
+    }  # fmt: skip
     try:
         cfg = build_config(
             args.config, args.endpoint, args.runtime_dir, args.tcp, args.allow_remote, args.log_level,
-            default_model=not args.no_default_model,
+            default_model=not args.no_default_model, cache_overrides=cache_overrides,
         )  # fmt: skip
     except (ErllamaError, OSError, ValueError) as exc:
         setup_logging("INFO", "broker")

@@ -14,6 +14,8 @@ import itertools
 import logging
 import os
 import signal
+import struct
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -25,10 +27,18 @@ from erllama import protocol
 from erllama.broker.config import BrokerConfig
 from erllama.broker.queues import ModelQueue, QueueTotals, Request
 from erllama.broker.registry import ModelEntry, Waiter
-from erllama.broker.supervisor import TERMINATE_GRACE_S, WorkerProcess, spawn_worker
+from erllama.broker.supervisor import (
+    TERMINATE_GRACE_S,
+    ChildProcess,
+    RestartPolicy,
+    WorkerProcess,
+    spawn_cachestore,
+    spawn_worker,
+)
 from erllama.options import parse_load_options, parse_sampling, validate_model_id, validate_prompt
 from erllama.protocol import (
     CLIENT_TYPES,
+    CacheMsgType,
     MODEL_LOAD_TIMEOUT_S,
     WORKER_SILENCE_TIMEOUT_S,
     WORKER_STALL_TIMEOUT_S,
@@ -44,6 +54,7 @@ from erllama.transport import BROKER_LOCK_NAME, InstanceLock, ensure_private_dir
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_MS = 100
+CACHE_QUERY_TIMEOUT_S = 2.0
 
 
 class Broker:
@@ -55,7 +66,12 @@ class Broker:
         self.by_client: dict[tuple[bytes, str], int] = {}
         self.calls: dict[int, tuple[Waiter, str]] = {}  # rid -> who asked, which model
         self.workers: dict[bytes, ModelEntry] = {}  # routing id -> entry
-        self.fds: dict[int, WorkerProcess] = {}  # pidfd or stderr fd -> worker
+        self.fds: dict[int, ChildProcess] = {}  # pidfd or stderr fd -> child process
+        self.cachestore: ChildProcess | None = None
+        self.cachestore_restart = RestartPolicy()
+        self.cachestore_restart_at_s = 0.0
+        self.cache_sock: zmq.Socket | None = None  # our own questions to the store (cached_prefix_len)
+        self.cache_queries: dict[int, tuple[Waiter, float]] = {}  # rid -> who asked, deadline
         self.totals = QueueTotals()
         self._rids = itertools.count(1)
         self.stopping = False
@@ -75,6 +91,7 @@ class Broker:
             MsgType.MODEL_INFO: lambda c, m: self._reply(c, m["id"], self._entry(m["model"]).describe()),
             MsgType.QUEUE_DEPTH: self._on_queue_depth,
             MsgType.CALL: self._on_call,
+            MsgType.CACHED_PREFIX_LEN: self._on_cached_prefix_len,
             MsgType.PING: lambda c, m: self._reply(c, m["id"], {"pid": os.getpid(), "models": len(self.models)}),
         }
 
@@ -91,6 +108,12 @@ class Broker:
         self.back.bind(self.cfg.worker_endpoint)
         self.poller.register(self.front, zmq.POLLIN)
         self.poller.register(self.back, zmq.POLLIN)
+        if self.cfg.cache.enabled and self.cfg.cache.external_endpoint is None:
+            self._spawn_cachestore()
+        if self.cfg.cachestore_endpoint:
+            self.cache_sock = make_socket(self.ctx, zmq.DEALER, protocol.MAX_CACHE_CONTROL_BYTES)
+            self.cache_sock.connect(self.cfg.cachestore_endpoint)
+            self.poller.register(self.cache_sock, zmq.POLLIN)
         for spec in self.cfg.models:
             self._create(spec.model_id, spec.path, spec.options, waiter=None)
 
@@ -111,8 +134,10 @@ class Broker:
                 self._drain(self.front, self._on_client_frames)
             elif item is self.back:
                 self._drain(self.back, self._on_worker_frames)
+            elif item is self.cache_sock:
+                self._drain(self.cache_sock, self._on_cache_reply)
             elif isinstance(item, int) and item in self.fds:
-                self._on_worker_fd(item)
+                self._on_child_fd(item)
         self._timers(time.monotonic())
 
     def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None]) -> None:
@@ -139,7 +164,8 @@ class Broker:
                 self._reap(entry.worker)
         for rid in list(self.requests):
             self._fail(rid, ErllamaError(ErrorCode.SHUTTING_DOWN, "the broker is shutting down"))
-        for sock in (self.front, self.back):
+        self._stop_cachestore()
+        for sock in (self.front, self.back, self.cache_sock):
             if sock is not None:
                 sock.close(linger=500)
         self.ctx.term()
@@ -266,12 +292,59 @@ class Broker:
 
     def _spawn(self, entry: ModelEntry) -> None:
         wp = spawn_worker(
-            entry.model_id, entry.path, entry.options, self.cfg.worker_endpoint, self.cfg.runtime_dir, self.cfg.log_level
-        )
+            entry.model_id, entry.path, entry.options, self.cfg.worker_endpoint, self.cfg.runtime_dir,
+            self.cfg.log_level, self.cfg.cachestore_endpoint,
+        )  # fmt: skip
         entry.worker = wp
-        for fd in (wp.pidfd, wp.stderr_fd):
-            self.fds[fd] = wp
+        self._watch(wp)
+
+    def _watch(self, child: ChildProcess) -> None:
+        for fd in (child.pidfd, child.stderr_fd):
+            self.fds[fd] = child
             self.poller.register(fd, zmq.POLLIN)
+
+    def _unwatch(self, child: ChildProcess) -> None:
+        if child.stderr_fd >= 0:
+            while child.read_stderr():
+                pass
+        for fd in (child.pidfd, child.stderr_fd):
+            if fd in self.fds:
+                self.poller.unregister(fd)
+                del self.fds[fd]
+
+    # --- the cache store -----------------------------------------------------------------------------------
+
+    def _spawn_cachestore(self) -> None:
+        args = ["--endpoint", self.cfg.cachestore_endpoint or "", "--log-level", self.cfg.log_level, *self.cfg.cache.flags]
+        self.cachestore = spawn_cachestore(args)
+        self._watch(self.cachestore)
+
+    def _cachestore_exited(self, child: ChildProcess) -> None:
+        """Workers keep serving (with cache misses) while the store is restarted with backoff."""
+        self._unwatch(child)
+        detail = child.exit_detail()
+        child.close_fds()
+        self.cachestore = None
+        if self.stopping:
+            return
+        self.cachestore_restart.record_crash(time.monotonic())
+        self.cachestore_restart_at_s = time.monotonic() + self.cachestore_restart.next_delay()
+        log.error("the cache store died (%s); restarting it", {k: v for k, v in detail.items() if k != "stderr_tail"})
+
+    def _stop_cachestore(self) -> None:
+        """Last, after the workers: their shutdown saves must reach it. SIGTERM lets it spill RAM rows."""
+        cs = self.cachestore
+        if cs is None or cs.proc is None:
+            return
+        cs.terminate()
+        try:
+            cs.proc.wait(timeout=TERMINATE_GRACE_S + 5)
+        except subprocess.TimeoutExpired:
+            cs.kill()
+            cs.proc.wait()
+        self._unwatch(cs)
+        cs.close_fds()
+        self.cachestore = None
 
     def _on_unload_model(self, client: bytes, msg: dict[str, Any]) -> None:
         entry = self._entry(msg["model"])
@@ -301,6 +374,40 @@ class Broker:
         if not self._send_worker(entry, payload):
             raise ErllamaError(ErrorCode.WORKER_CRASHED, f"the worker of {entry.model_id!r} is unreachable")
         self.calls[rid] = (Waiter(client, msg["id"]), entry.model_id)
+
+    def _on_cached_prefix_len(self, client: bytes, msg: dict[str, Any]) -> None:
+        """How many leading tokens of ``tokens`` the cache holds for this model: asked of the store
+        directly with the fingerprint the worker reported, without a worker hop."""
+        entry = self._entry(msg["model"])
+        tokens = validate_prompt(msg["tokens"])
+        fp = entry.info.get("fingerprint")
+        if self.cache_sock is None or not fp or not isinstance(tokens, list):
+            self._reply(client, msg["id"], 0)
+            return
+        rid = next(self._rids)
+        query = protocol.encode(CacheMsgType.PREFIX, rid=rid, fp=bytes.fromhex(fp), tokens=struct.pack(f"<{len(tokens)}I", *tokens),
+                                min_len=1)  # fmt: skip
+        try:
+            self.cache_sock.send(query, zmq.NOBLOCK)
+        except zmq.Again:
+            raise ErllamaError(ErrorCode.TIMEOUT, "the cache store is not accepting queries") from None
+        self.cache_queries[rid] = (Waiter(client, msg["id"]), time.monotonic() + CACHE_QUERY_TIMEOUT_S)
+
+    def _on_cache_reply(self, frames: list[bytes]) -> None:
+        try:
+            msg = protocol.decode(frames[0])
+        except ErllamaError:
+            return
+        query = self.cache_queries.pop(msg.get("rid"), None)  # type: ignore[arg-type]
+        if query is None:
+            return
+        waiter = query[0]
+        if msg["t"] == CacheMsgType.OK:
+            hit = msg.get("hit")
+            self._reply(waiter.client, waiter.client_id, int(hit["common_len"]) if isinstance(hit, dict) else 0)
+        else:
+            err = ErllamaError(str(msg.get("code", ErrorCode.INTERNAL)), str(msg.get("message", "")))
+            self._reply_error(waiter.client, waiter.client_id, err)
 
     # --- dispatch and completion ---------------------------------------------------------------------------
 
@@ -458,24 +565,21 @@ class Broker:
 
     # --- worker processes ----------------------------------------------------------------------------------
 
-    def _on_worker_fd(self, fd: int) -> None:
-        wp = self.fds[fd]
-        if fd == wp.stderr_fd:
-            if not wp.read_stderr():
+    def _on_child_fd(self, fd: int) -> None:
+        child = self.fds[fd]
+        if fd == child.stderr_fd:
+            if not child.read_stderr():
                 self.poller.unregister(fd)
                 del self.fds[fd]
-            return
-        self._reap(wp)
+        elif child is self.cachestore:
+            self._cachestore_exited(child)
+        else:
+            assert isinstance(child, WorkerProcess)
+            self._reap(child)
 
     def _reap(self, wp: WorkerProcess) -> None:
         """A worker process ended (or was declared dead): settle its requests and decide its future."""
-        if wp.stderr_fd >= 0:
-            while wp.read_stderr():
-                pass
-        for fd in (wp.pidfd, wp.stderr_fd):
-            if fd in self.fds:
-                self.poller.unregister(fd)
-                del self.fds[fd]
+        self._unwatch(wp)
         detail = wp.exit_detail()
         wp.close_fds()
         if wp.identity is not None:
@@ -543,6 +647,13 @@ class Broker:
         log.info("model %s unloaded", entry.model_id)
 
     def _timers(self, now: float) -> None:
+        for rid, (waiter, deadline) in list(self.cache_queries.items()):
+            if now > deadline:
+                del self.cache_queries[rid]
+                self._reply_error(waiter.client, waiter.client_id, ErllamaError(ErrorCode.TIMEOUT, "the cache store did not answer"))
+        if (self.cachestore is None and self.cfg.cache.enabled and self.cfg.cache.external_endpoint is None
+                and not self.stopping and now >= self.cachestore_restart_at_s):  # fmt: skip
+            self._spawn_cachestore()
         for entry in list(self.models.values()):
             wp = entry.worker
             if entry.state is ModelState.RESTARTING and wp is None and entry.spawned and now >= entry.restart_at_s:

@@ -1,4 +1,4 @@
-"""Spawning and watching worker processes.
+"""Spawning and watching child processes: the workers and the cache store.
 
 The broker is the parent of the workers it spawns, so it learns of a death from the kernel
 (a pidfd becomes readable) rather than from a missed heartbeat: a ``GGML_ASSERT`` abort is
@@ -34,20 +34,15 @@ TERMINATE_GRACE_S: Final = 10.0
 
 
 @dataclass(slots=True)
-class WorkerProcess:
-    """A worker the broker knows about: spawned (``proc`` set) or operator-started."""
+class ChildProcess:
+    """A process the broker watches: spawned by it (``proc`` set) or, for workers, operator-started."""
 
-    model_id: str
+    name: str
     pid: int
     proc: subprocess.Popen[bytes] | None = None
     pidfd: int = -1
     stderr_fd: int = -1
-    identity: bytes | None = None  # ZeroMQ routing id, known once it sends ``ready``
     started_s: float = field(default_factory=time.monotonic)
-    last_seen_s: float = field(default_factory=time.monotonic)
-    progress: int = 0
-    progress_changed_s: float = field(default_factory=time.monotonic)
-    busy: bool = False
     kill_reason: str | None = None  # why the broker killed it (silence, stall), for the crash report
     stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_TAIL_LINES))
     _partial: bytes = b""
@@ -114,20 +109,50 @@ class WorkerProcess:
         self.pidfd = self.stderr_fd = -1
 
 
-def worker_command() -> list[str]:
-    """``erllama-worker`` from the same environment as the broker, else ``python -m``."""
-    script = Path(sys.executable).with_name("erllama-worker")
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("erllama-worker")
-    return [found] if found else [sys.executable, "-m", "erllama.worker.main"]
+@dataclass(slots=True)
+class WorkerProcess(ChildProcess):
+    """A model's worker; ``name`` is the model id."""
+
+    identity: bytes | None = None  # ZeroMQ routing id, known once it sends ``ready``
+    last_seen_s: float = field(default_factory=time.monotonic)
+    progress: int = 0
+    progress_changed_s: float = field(default_factory=time.monotonic)
+    busy: bool = False
+
+    @property
+    def model_id(self) -> str:
+        return self.name
+
+
+def console_command(script: str, module: str) -> list[str]:
+    """A console script from the same environment as the broker, else ``python -m module``."""
+    path = Path(sys.executable).with_name(script)
+    if path.exists():
+        return [str(path)]
+    found = shutil.which(script)
+    return [found] if found else [sys.executable, "-m", module]
+
+
+def _popen(cmd: list[str]) -> tuple[subprocess.Popen[bytes], int, int]:
+    """Start a child with its stderr on a non-blocking pipe; returns it, its pidfd and that pipe."""
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    stderr_fd = proc.stderr.fileno()
+    os.set_blocking(stderr_fd, False)
+    return proc, os.pidfd_open(proc.pid), stderr_fd
 
 
 def spawn_worker(
-    model_id: str, model_path: str | None, options: dict[str, Any], endpoint: str, runtime_dir: Path, log_level: str
+    model_id: str,
+    model_path: str | None,
+    options: dict[str, Any],
+    endpoint: str,
+    runtime_dir: Path,
+    log_level: str,
+    cachestore: str | None,
 ) -> WorkerProcess:
     """Start a worker process; the caller polls its pidfd and stderr."""
-    cmd = worker_command() + [
+    cmd = console_command("erllama-worker", "erllama.worker.main") + [
         "--id", model_id,
         "--broker", endpoint,
         "--runtime-dir", str(runtime_dir),
@@ -137,13 +162,17 @@ def spawn_worker(
     ]  # fmt: skip
     if model_path:
         cmd += ["--model", model_path]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    stderr_fd = proc.stderr.fileno()
-    os.set_blocking(stderr_fd, False)
-    wp = WorkerProcess(model_id=model_id, pid=proc.pid, proc=proc, pidfd=os.pidfd_open(proc.pid), stderr_fd=stderr_fd)
+    cmd += ["--cachestore", cachestore] if cachestore else ["--no-cache"]
+    proc, pidfd, stderr_fd = _popen(cmd)
     log.info("spawned worker for %s: pid %d", model_id, proc.pid)
-    return wp
+    return WorkerProcess(name=model_id, pid=proc.pid, proc=proc, pidfd=pidfd, stderr_fd=stderr_fd)
+
+
+def spawn_cachestore(args: list[str]) -> ChildProcess:
+    """Start the cache store with the broker's cache settings (``erllama-cachestore`` flags)."""
+    proc, pidfd, stderr_fd = _popen(console_command("erllama-cachestore", "erllama.cachestore.main") + args)
+    log.info("spawned the cache store: pid %d", proc.pid)
+    return ChildProcess(name="cachestore", pid=proc.pid, proc=proc, pidfd=pidfd, stderr_fd=stderr_fd)
 
 
 @dataclass(slots=True)

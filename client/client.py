@@ -184,6 +184,20 @@ class Client:
         """Run a request to its end and return the result (same parameters as ``infer``)."""
         return self.infer(model_id, prompt, **params).collect()
 
+    def prefill_only(self, model_id: str, prompt: str | Sequence[int], parent_key: str | None = None) -> CompletionResult:
+        """Prime the cache with ``prompt`` without sampling; the result's ``finish_key`` names the row
+        (None if the prompt is shorter than the model's ``cache_min_tokens``)."""
+        params: dict[str, Any] = {"max_tokens": 0}
+        if parent_key is not None:
+            params["parent_key"] = parent_key
+        return self.complete(model_id, prompt, **params)
+
+    def cached_prefix_len(self, model_id: str, prompt: str | Sequence[int]) -> int:
+        """How many leading tokens of ``prompt`` the cache holds for this model, answered by the cache
+        store (a text prompt is tokenized by the model's worker first)."""
+        tokens = self.tokenize(model_id, prompt) if isinstance(prompt, str) else [operator.index(t) for t in prompt]
+        return self._conn.call(MsgType.CACHED_PREFIX_LEN, self.timeout_s, model=model_id, tokens=tokens)
+
     def cancel(self, request_id: str) -> bool:
         """Cancel a request of this client by id; False if it was not in flight."""
         result = self._conn.call(MsgType.CANCEL, self.timeout_s, target=request_id)

@@ -36,7 +36,8 @@ class CompletionResult:
     stop_sequence: str | None
     finish_key: str | None
     cache_hit_kind: str | None  # exact | partial | sticky | cold
-    cache_delta: dict[str, int] = field(default_factory=dict)
+    cache_delta: dict[str, int] = field(default_factory=dict)  # read: tokens restored; created: tokens saved
+    cache_tier: str | None = None  # where a restored row came from: ram, shm or disk
     stats: Stats = field(default_factory=Stats)
 
     @classmethod
@@ -52,6 +53,7 @@ class CompletionResult:
             finish_key=fk.hex() if isinstance(fk, bytes) else fk,
             cache_hit_kind=d.get("cache_hit_kind"),
             cache_delta=dict(d.get("cache_delta") or {}),
+            cache_tier=d.get("cache_tier"),
             stats=Stats.from_wire(d.get("stats") or {}),
         )
 

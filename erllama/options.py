@@ -34,6 +34,7 @@ BACKENDS: Final = ("llama", "stub")
 MAX_SEQUENCES: Final = 64
 MAX_TENSOR_SPLIT: Final = 16
 MODEL_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+ROW_KEY_PATTERN: Final = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _bad(key: str, why: str) -> ErllamaError:
@@ -140,6 +141,8 @@ def parse_sampling(params: dict[str, Any] | None) -> SamplingParams:
         if value is not None:
             if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
                 raise _bad(key, f"expected a string of 1-{MAX_ID_CHARS} characters")
+            if key == "parent_key" and not ROW_KEY_PATTERN.match(value):
+                raise _bad(key, "expected a finish_key: 64 hexadecimal characters")
             out[key] = value
     return SamplingParams(**out)
 
@@ -190,6 +193,14 @@ class LoadOptions:
     prefill_chunk_size: int = 256
     stub_decode_ms: int = 0  # the stub backend sleeps this long per decode, standing in for compute
     stall_timeout_s: int = int(WORKER_STALL_TIMEOUT_S)  # a busy worker without decode progress this long is killed
+    # KV cache policy (see worker/kvcache.py): rows shorter than cache_min_tokens are neither saved nor
+    # restored; a cold prompt is saved at floor((len - cold_trim_tokens) / cold_align_tokens) * align;
+    # a generating request saves its context every continued_interval_tokens.
+    cache: bool = True
+    cache_min_tokens: int = 64
+    cold_trim_tokens: int = 32
+    cold_align_tokens: int = 64
+    continued_interval_tokens: int = 512
 
     def to_wire(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -221,11 +232,15 @@ def parse_load_options(options: dict[str, Any] | None) -> LoadOptions:
         "prefill_chunk_size": (1, 1 << 16),
         "stub_decode_ms": (0, 60_000),
         "stall_timeout_s": (1, 86_400),
+        "cache_min_tokens": (1, 1 << 20),
+        "cold_trim_tokens": (0, 1 << 20),
+        "cold_align_tokens": (1, 1 << 20),
+        "continued_interval_tokens": (1, 1 << 20),
     }
     for key, (lo, hi) in ints.items():
         if key in options:
             o[key] = _int(key, options[key], lo, hi)
-    for key in ("use_mmap", "use_mlock", "use_extra_bufts"):
+    for key in ("use_mmap", "use_mlock", "use_extra_bufts", "cache"):
         if key in options:
             o[key] = _bool(key, options[key])
     for key, choices in (

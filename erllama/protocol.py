@@ -102,6 +102,7 @@ class MsgType(enum.StrEnum):
     MODEL_INFO = "model_info"
     QUEUE_DEPTH = "queue_depth"
     CALL = "call"  # an operation answered by the model's worker (tokenize, detokenize, ...)
+    CACHED_PREFIX_LEN = "cached_prefix_len"  # answered by the cache store, no worker hop
     PING = "ping"
     # broker -> client (TOKEN, DONE, ERROR also flow worker -> broker)
     OK = "ok"
@@ -126,6 +127,8 @@ class WorkerOp(enum.StrEnum):
     TOKENIZE = "tokenize"
     DETOKENIZE = "detokenize"
     END_SESSION = "end_session"
+    EVICT = "evict"  # save every running context and idle session (reason evict); nothing stops
+    SHUTDOWN_SAVE = "shutdown"  # the same with reason shutdown
 
 
 class Phase(enum.StrEnum):
@@ -184,6 +187,7 @@ SCHEMA: Final[dict[MsgType, dict[str, Field]]] = {
     MsgType.QUEUE_DEPTH: {"id": _STR, "model": _OPT_STR},
     MsgType.CALL: {"id": _STR, "model": _STR, "op": _STR, "args": _OPT_MAP},
     MsgType.PING: {"id": _STR},
+    MsgType.CACHED_PREFIX_LEN: {"id": _STR, "model": _STR, "tokens": Field((list,))},
     # worker -> broker
     MsgType.READY: {"model": _STR, "pid": _INT, "slots": _INT, "info": _MAP},
     MsgType.HEARTBEAT: {"model": _STR, "pid": _INT, "progress": _INT, "phase": _STR, "busy": Field((bool,))},
@@ -210,6 +214,7 @@ CLIENT_TYPES: Final = frozenset(
         MsgType.MODEL_INFO,
         MsgType.QUEUE_DEPTH,
         MsgType.CALL,
+        MsgType.CACHED_PREFIX_LEN,
         MsgType.PING,
     }
 )

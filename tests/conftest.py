@@ -52,14 +52,27 @@ class BrokerProcess:
         return self.proc.returncode
 
 
+def remove_runtime(runtime_dir: Path) -> None:
+    """Delete a test broker's runtime dir and its shm tier."""
+    shutil.rmtree(cache_dirs(runtime_dir)[1], ignore_errors=True)
+    shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
 def short_tmpdir(prefix: str) -> Path:
     """ipc socket paths are limited to 107 characters, so runtime dirs live directly under /tmp."""
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
+def cache_dirs(runtime_dir: Path) -> tuple[Path, Path]:
+    """The disk and shm tier directories a test broker's cache store uses (removed with the broker)."""
+    return runtime_dir / "kv", Path("/dev/shm") / f"erllama-test-{runtime_dir.name}"
+
+
 def start_broker(runtime_dir: Path, *args: str, env: dict[str, str] | None = None) -> BrokerProcess:
     endpoint = ipc_endpoint(runtime_dir, CLIENT_SOCKET_NAME)
-    cmd = [sys.executable, "-m", "erllama.broker.main", "--runtime-dir", str(runtime_dir), *args]
+    disk, shm = cache_dirs(runtime_dir)
+    cmd = [sys.executable, "-m", "erllama.broker.main", "--runtime-dir", str(runtime_dir),
+           "--cache-dir", str(disk), "--shm-dir", str(shm), *args]  # fmt: skip
     proc = subprocess.Popen(cmd, env=(os.environ | (env or {})), stdin=subprocess.DEVNULL)
     bp = BrokerProcess(proc, runtime_dir, endpoint)
     deadline = time.monotonic() + BROKER_START_TIMEOUT_S
@@ -83,7 +96,7 @@ def broker() -> Iterator[BrokerProcess]:
         yield bp
     finally:
         bp.stop()
-        shutil.rmtree(rdir, ignore_errors=True)
+        remove_runtime(rdir)
 
 
 @pytest.fixture
@@ -111,7 +124,7 @@ def real_broker() -> Iterator[BrokerProcess]:
         yield bp
     finally:
         bp.stop()
-        shutil.rmtree(rdir, ignore_errors=True)
+        remove_runtime(rdir)
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ import functools
 import json
 import logging
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import jinja2
 import jinja2.ext
@@ -57,7 +57,7 @@ TOOLS_HEADER: Final = "Available tools:"
 class _IgnoreGenerationTags(jinja2.ext.Extension):
     """Pass-through for Hugging Face's ``{% generation %}`` tag (as llama-cpp-python does)."""
 
-    tags = {"generation"}
+    tags: ClassVar[set[str]] = {"generation"}
 
     def parse(self, parser: Parser) -> list[jinja2.nodes.Node]:
         parser.stream.skip(1)
@@ -93,13 +93,15 @@ def _bad(why: str) -> ErllamaError:
 class ChatTemplate:
     """One compiled chat template. Compile once per model; ``render`` is thread-safe."""
 
-    __slots__ = ("source", "bos_token", "eos_token", "uses_tools", "_compiled")
+    __slots__ = ("_compiled", "bos_token", "eos_token", "source", "uses_tools")
 
     def __init__(self, template: str | None, *, bos_token: str, eos_token: str):
         if not template or not template.strip():
             raise ErllamaError(ERR_NO_TEMPLATE, "the model has no chat template")
         if len(template) > MAX_TEMPLATE_CHARS:
-            raise ErllamaError(ERR_TEMPLATE_FAILED, f"the chat template is longer than {MAX_TEMPLATE_CHARS} chars")
+            raise ErllamaError(
+                ERR_TEMPLATE_FAILED, f"the chat template is longer than {MAX_TEMPLATE_CHARS} chars"
+            )
         env = ImmutableSandboxedEnvironment(
             loader=jinja2.BaseLoader(),
             trim_blocks=True,
@@ -154,7 +156,9 @@ class ChatTemplate:
                 ArithmeticError, RecursionError, OverflowError) as exc:  # fmt: skip
             # Anything else a template can raise while rendering is the template's (the model file's) fault.
             log.warning("chat template failed: %s: %s", type(exc).__name__, exc)
-            raise ErllamaError(ERR_TEMPLATE_FAILED, f"the chat template failed: {type(exc).__name__}: {exc}") from None
+            raise ErllamaError(
+                ERR_TEMPLATE_FAILED, f"the chat template failed: {type(exc).__name__}: {exc}"
+            ) from None
         if len(text) > MAX_RENDERED_CHARS:
             raise ErllamaError(ERR_TEMPLATE_FAILED, f"the rendered prompt exceeds {MAX_RENDERED_CHARS} chars")
         return text
@@ -207,13 +211,15 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
             raise _bad(f"{where}: expected a map")
         unknown = set(m) - ALLOWED_MESSAGE_KEYS
         if unknown:
-            raise _bad(f"{where}: unknown key {sorted(map(str, unknown))[0]!r}")
+            raise _bad(f"{where}: unknown key {min(map(str, unknown))!r}")
         role = m.get("role")
         if not isinstance(role, str) or not role or len(role) > MAX_ROLE_CHARS:
             raise _bad(f"{where}.role: expected a non-empty string of at most {MAX_ROLE_CHARS} chars")
         content = m.get("content")
         if isinstance(content, list):
-            raise ErllamaError(ERR_INVALID_CONTENT, f"{where}.content: content blocks are not supported, send text")
+            raise ErllamaError(
+                ERR_INVALID_CONTENT, f"{where}.content: content blocks are not supported, send text"
+            )
         if not isinstance(content, str):
             raise _bad(f"{where}.content: expected a string")
         total += len(content.encode("utf-8", errors="surrogatepass"))
@@ -284,11 +290,15 @@ def tools_listing(tools: list[dict[str, Any]]) -> str:
         fn = t["function"]
         lines.append(f"  - {fn['name']}: {fn['description']}")
         if "parameters" in fn:
-            lines.append(f"    parameters: {json.dumps(fn['parameters'], ensure_ascii=False, sort_keys=True)}")
+            lines.append(
+                f"    parameters: {json.dumps(fn['parameters'], ensure_ascii=False, sort_keys=True)}"
+            )
     return "\n".join(lines)
 
 
-def _fold_system(msgs: list[dict[str, Any]], system: str | None, tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _fold_system(
+    msgs: list[dict[str, Any]], system: str | None, tools: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
     parts = [p for p in (system, tools_listing(tools) if tools else None) if p]
     if not parts:
         return msgs

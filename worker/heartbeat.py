@@ -45,13 +45,13 @@ class Heartbeat(threading.Thread):
         self.broker_instance: str | None = None
         self.broker_restarted = threading.Event()  # the scheduler thread re-registers when set
         self.last_broker_s = time.monotonic()
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         identity = f"h:{model_id}:{os.getpid()}".encode()
         self._sock = make_socket(ctx, zmq.DEALER, protocol.MAX_CACHE_CONTROL_BYTES, identity=identity)
         self._sock.connect(endpoint)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(timeout=5)
 
     @property
@@ -60,10 +60,10 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         try:
-            while not self._stop.is_set():
+            while not self._halt.is_set():
                 self._send()
                 deadline = time.monotonic() + HEARTBEAT_INTERVAL_S
-                while (left := deadline - time.monotonic()) > 0 and not self._stop.is_set():
+                while (left := deadline - time.monotonic()) > 0 and not self._halt.is_set():
                     if self._sock.poll(int(left * 1000) + 1):
                         self._receive()
         finally:

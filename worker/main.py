@@ -26,7 +26,10 @@ from erllama.options import LoadOptions, parse_load_options, validate_model_id
 from erllama.protocol import ErllamaError, ErrorCode
 from erllama.transport import WORKER_SOCKET_NAME, default_runtime_dir, ipc_endpoint
 from erllama.worker.backend import Backend
+from erllama.cachestore.config import default_endpoint as default_cachestore_endpoint
+from erllama.worker.fingerprint import file_sha256, fingerprint
 from erllama.worker.heartbeat import Heartbeat
+from erllama.worker.kvcache import CachePolicy, KVCache
 from erllama.worker.service import WorkerService, connect
 
 log = logging.getLogger("erllama.worker")
@@ -50,6 +53,21 @@ def load_backend(model_path: Path | None, options: LoadOptions) -> tuple[Backend
     return LlamaBackend(path, options), path
 
 
+def model_fingerprint(path: Path | None, options: LoadOptions) -> bytes:
+    if options.backend == "stub":
+        return fingerprint("stub-backend", options, "stub")
+    import llama_cpp
+
+    assert path is not None
+    return fingerprint(file_sha256(path), options, f"llama-cpp-python {llama_cpp.__version__}")
+
+
+def policy_of(options: LoadOptions) -> CachePolicy:
+    return CachePolicy(
+        options.cache_min_tokens, options.cold_trim_tokens, options.cold_align_tokens, options.continued_interval_tokens
+    )
+
+
 def die_with_parent(parent_pid: int) -> None:
     """Ask the kernel for SIGTERM when the spawning broker dies, so no worker outlives it."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -65,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--broker", help="broker worker endpoint (default: ipc in the runtime dir)")
     ap.add_argument("--runtime-dir", help="runtime directory (default: $ERLLAMA_RUNTIME_DIR)")
     ap.add_argument("--options", default="{}", help="load options as a JSON object")
+    ap.add_argument("--cachestore", help="cache store endpoint (default: $ERLLAMA_CACHESTORE, else the runtime dir's)")
+    ap.add_argument("--no-cache", action="store_true", help="serve without the KV cache")
     ap.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--log-level", default=os.environ.get("ERLLAMA_LOG_LEVEL", "INFO"))
     args = ap.parse_args(argv)
@@ -89,14 +109,24 @@ def main(argv: list[str] | None = None) -> int:
         sock.close()
         ctx.term()
         return EXIT_LOAD_FAILED
-    info = backend.info() | {"path": str(path) if path else None, "options": options.to_wire(), "n_ctx": backend.n_ctx_seq}
+    cache = None
+    if options.cache and not args.no_cache:
+        cache = KVCache(args.cachestore or default_cachestore_endpoint(), model_fingerprint(path, options), policy_of(options))
+    info = backend.info() | {
+        "path": str(path) if path else None,
+        "options": options.to_wire(),
+        "n_ctx": backend.n_ctx_seq,
+        "fingerprint": cache.fingerprint.hex() if cache else None,
+    }
     heartbeat = Heartbeat(ctx, endpoint, args.id)
     heartbeat.start()
-    service = WorkerService(args.id, backend, options, sock, heartbeat, info)
+    service = WorkerService(args.id, backend, options, sock, heartbeat, info, cache)
     try:
         service.run()
     finally:
         heartbeat.stop()
+        if cache is not None:
+            cache.close()  # hands over the shutdown saves before the process ends
         backend.close()
         sock.setsockopt(zmq.LINGER, 1000)
         sock.close()

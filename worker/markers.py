@@ -37,8 +37,9 @@ import enum
 import hashlib
 import hmac
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from erllama.protocol import ErllamaError, ErrorCode
 
@@ -111,6 +112,15 @@ _STATE_MARKERS: dict[SpanState, tuple[MarkerKind, ...]] = {
 }
 
 
+_TOOL_KINDS: tuple[MarkerKind, ...] = (
+    MarkerKind.TOOL_START, MarkerKind.TOOL_END, MarkerKind.PAYLOAD_START, MarkerKind.PAYLOAD_END,
+)  # fmt: skip
+_MARKER_OPTION_KEYS: dict[str, tuple[str, ...]] = {
+    "thinking_markers": ("start", "end"),
+    "tool_call_markers": ("start", "end", "payload_start", "payload_end"),
+}
+
+
 def _seqs(value: Any, what: str) -> tuple[TokenSeq, ...]:
     """One token sequence, or several alternatives, as a tuple of non-empty int tuples."""
     if value is None:
@@ -153,9 +163,7 @@ class MarkerSpec:
                 raise ValueError("thinking markers need both start and end")
         if tool_call is not None:
             parts = tuple(tool_call) + (None,) * (4 - len(tool_call))
-            for kind, value in zip(
-                (MarkerKind.TOOL_START, MarkerKind.TOOL_END, MarkerKind.PAYLOAD_START, MarkerKind.PAYLOAD_END), parts
-            ):
+            for kind, value in zip(_TOOL_KINDS, parts, strict=True):
                 seqs = _seqs(value, kind.value)
                 if seqs:
                     m[kind] = seqs
@@ -192,13 +200,19 @@ class MarkerSpec:
         for name, opts in (("thinking_markers", thinking_markers), ("tool_call_markers", tool_call_markers)):
             if opts is not None and not isinstance(opts, dict):
                 raise ErllamaError(ErrorCode.INVALID_PARAMS, f"{name}: expected a map")
+            unknown = sorted(str(k) for k in (opts or {}) if k not in _MARKER_OPTION_KEYS[name])
+            if unknown:
+                raise ErllamaError(ErrorCode.INVALID_PARAMS, f"{name}: unknown key {unknown[0]!r}")
         try:
             th = tc = None
             if thinking_markers:
-                th = (toks(thinking_markers, "start", "thinking_markers"), toks(thinking_markers, "end", "thinking_markers"))
+                th = (
+                    toks(thinking_markers, "start", "thinking_markers"),
+                    toks(thinking_markers, "end", "thinking_markers"),
+                )
             if tool_call_markers:
-                tc = tuple(toks(tool_call_markers, k, "tool_call_markers")
-                           for k in ("start", "end", "payload_start", "payload_end"))  # fmt: skip
+                keys = _MARKER_OPTION_KEYS["tool_call_markers"]
+                tc = tuple(toks(tool_call_markers, k, "tool_call_markers") for k in keys)
             return cls.from_ids(thinking=th, tool_call=tc)  # type: ignore[arg-type]
         except ValueError as exc:
             raise ErllamaError(ErrorCode.INVALID_PARAMS, f"markers: {exc}") from None
@@ -378,7 +392,10 @@ class SpanAutomaton:
             self._thinking_buf += data
             self.thinking_tokens += 1
             out.append(SpanEvent(EventKind.THINKING_DELTA, TokenRole.THINKING, (tid,), data))
-            if self.thinking_budget_tokens is not None and self.thinking_tokens >= self.thinking_budget_tokens:
+            if (
+                self.thinking_budget_tokens is not None
+                and self.thinking_tokens >= self.thinking_budget_tokens
+            ):
                 self.capped = True
                 self._close_thinking((), b"", out, synthetic=True)
                 self._build_tables()  # no thinking block opens again
@@ -399,4 +416,6 @@ class SpanAutomaton:
         span = bytes(self._tool_buf)
         self._tool_buf = bytearray()
         self.state = SpanState.TEXT
-        out.append(SpanEvent(EventKind.TOOL_CALL_END, TokenRole.MARKER, ids, data, span=span, synthetic=synthetic))
+        out.append(
+            SpanEvent(EventKind.TOOL_CALL_END, TokenRole.MARKER, ids, data, span=span, synthetic=synthetic)
+        )

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Final
+from typing import Any, Final
 
 import psutil
 
@@ -98,13 +100,17 @@ class PressureConfig:
             raise _bad("source", f"{self.source!r} is not one of {', '.join(s.value for s in SourceName)}")
         for key in ("high_watermark", "low_watermark", "interval_s"):
             v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
                 raise _bad(key, "expected a number")
         if not 0.0 <= self.low_watermark < self.high_watermark <= 1.0:
             raise _bad("low_watermark", "watermarks must satisfy 0 <= low < high <= 1")
         if not self.interval_s > 0:
             raise _bad("interval_s", "must be positive")
-        if isinstance(self.min_evict_bytes, bool) or not isinstance(self.min_evict_bytes, int) or self.min_evict_bytes < 0:
+        if (
+            isinstance(self.min_evict_bytes, bool)
+            or not isinstance(self.min_evict_bytes, int)
+            or self.min_evict_bytes < 0
+        ):
             raise _bad("min_evict_bytes", "expected a non-negative integer")
         return self
 

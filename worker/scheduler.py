@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from erllama.options import SamplingParams, validate_prompt
-from erllama.protocol import CacheHitKind, ErllamaError, ErrorCode, FinishReason, Phase
+from erllama.protocol import CacheHitKind, ErllamaError, ErrorCode, FinishReason, Phase, SaveReason
 from erllama.worker.backend import Backend, BackendError, BatchRow, Sampler
+from erllama.worker.kvcache import KVCache
 from erllama.worker.sessions import Session, SequencePool
 from erllama.worker.textstream import TextStream
 
@@ -57,7 +58,12 @@ class Request:
     text: TextStream = field(default_factory=TextStream)
     cancelled: bool = False
     cache_hit_kind: CacheHitKind = CacheHitKind.COLD
-    prefix_len: int = 0
+    prefix_len: int = 0  # prompt tokens whose KV came from the cache or the session
+    cache_tier: str | None = None  # the tier a restored row came from (ram, shm, disk)
+    cold_save_at: int = 0  # prefill pauses here to save the prompt's aligned prefix (0: no cold save)
+    last_save_at: int = 0  # n_past at the last save, for the continued-save interval
+    cache_created: int = 0  # tokens this request added to the cache
+    finish_key: str | None = None
     prefill_done_s: float = 0.0
     first_token_s: float = 0.0
 
@@ -65,9 +71,10 @@ class Request:
 class Scheduler:
     """Owns the backend's sequences. Not thread-safe: the worker loop calls it from one thread."""
 
-    def __init__(self, backend: Backend, emit: Emitter, prefill_chunk_size: int):
+    def __init__(self, backend: Backend, emit: Emitter, prefill_chunk_size: int, cache: KVCache | None = None):
         self.backend = backend
         self.emit = emit
+        self.cache = cache
         self.prefill_chunk_size = prefill_chunk_size
         self.pool = SequencePool(backend.n_seq_max, backend.seq_clear, self._save_idle_session)
         self.waiting: deque[Request] = deque()
@@ -151,6 +158,9 @@ class Scheduler:
         self.progress += 1
         for row, req, idx in zip(rows, reqs, indices):
             req.n_past += len(row.tokens)
+            if req.n_past == req.cold_save_at:
+                self._save_request(req, SaveReason.COLD)
+                req.cold_save_at = 0
             if req.state is ReqState.PREFILLING and req.n_past == len(req.prompt):
                 req.state = ReqState.GENERATING
                 req.prefill_done_s = time.monotonic()
@@ -178,6 +188,10 @@ class Scheduler:
             if seq is None:
                 return False
             req.seq_id = seq
+            self._restore_from_cache(req)
+        if self.cache is not None:
+            boundary = self.cache.policy.cold_boundary(len(req.prompt))
+            req.cold_save_at = boundary if boundary > req.n_past else 0
         req.sampler = self.backend.new_sampler(req.params, req.prompt)
         req.state = ReqState.PREFILLING
         self.running[req.rid] = req
@@ -193,8 +207,54 @@ class Scheduler:
         req.cache_hit_kind = kind
         req.prefix_len = keep
 
+    def _restore_from_cache(self, req: Request) -> None:
+        """Restore the longest cached prefix of the prompt into the request's (empty) sequence."""
+        if self.cache is None:
+            return
+        found = self.cache.find(req.prompt, req.params.parent_key)
+        if found is None:
+            return
+        try:
+            self.backend.seq_restore(req.seq_id, found.row.payload)
+        except BackendError as exc:
+            log.warning("restoring a cached row failed, prefilling cold: %s", exc)
+            self.cache.counters.restore_failures += 1
+            self.backend.seq_clear(req.seq_id)
+            return
+        finally:
+            found.row.close()
+        self._keep(req, found.common, found.kind)
+        req.cache_tier = found.row.tier.value
+        self.cache.counters.restored_tokens += req.n_past
+
+    def _save(self, seq_id: int, tokens: list[int], reason: SaveReason) -> str | None:
+        """Copy a sequence's KV out and queue it for the store; the key (hex), or None if dropped."""
+        if self.cache is None or len(tokens) < self.cache.policy.min_tokens:
+            return None
+        if not self.cache.accepting():
+            self.cache.counters.saves_dropped += 1
+            return None
+        return self.cache.save(tokens, self.backend.seq_state(seq_id), reason)
+
+    def _save_request(self, req: Request, reason: SaveReason) -> str | None:
+        key = self._save(req.seq_id, (req.prompt + req.generated)[: req.n_past], reason)
+        if key is not None:
+            req.last_save_at = req.n_past
+            req.cache_created = max(req.cache_created, req.n_past - req.prefix_len)
+        return key
+
+    def save_all(self, reason: SaveReason) -> int:
+        """``evict`` and ``shutdown``: save every running request's context and every idle session."""
+        saved = 0
+        for req in self.running.values():
+            saved += self._save_request(req, reason) is not None
+        for session in self.pool.pinned.values():
+            saved += self._save(session.seq_id, session.tokens, reason) is not None
+        return saved
+
     def _save_idle_session(self, session: Session) -> None:
         """An idle session loses its sequence to a new request; its KV goes to the cache first."""
+        self._save(session.seq_id, session.tokens, SaveReason.EVICT)
 
     def _build_batch(self) -> tuple[list[BatchRow], list[Request]]:
         rows: list[BatchRow] = []
@@ -210,7 +270,8 @@ class Scheduler:
                 break
             if req.state is not ReqState.PREFILLING:
                 continue
-            take = min(len(req.prompt) - req.n_past, self.prefill_chunk_size, budget)
+            stop_at = req.cold_save_at if req.cold_save_at > req.n_past else len(req.prompt)
+            take = min(stop_at - req.n_past, self.prefill_chunk_size, budget)
             end = req.n_past + take
             last = end == len(req.prompt)
             rows.append(BatchRow(req.seq_id, req.prompt[req.n_past : end], req.n_past, want_logits=last))
@@ -241,6 +302,8 @@ class Scheduler:
             self._finish(req, FinishReason.LENGTH)
         else:
             req.pending_token = tok
+            if self.cache is not None and req.n_past - req.last_save_at >= self.cache.policy.continued_interval_tokens:
+                self._save_request(req, SaveReason.CONTINUED)
 
     # --- requests out --------------------------------------------------------------------------------------
 
@@ -266,6 +329,8 @@ class Scheduler:
         tail = req.text.flush()
         if tail:
             self.emit.token(req.rid, tail, [])
+        if req.seq_id >= 0:
+            req.finish_key = self._save_request(req, SaveReason.FINISH)
         context = req.prompt + req.generated
         committed = context[: req.n_past]
         now = time.monotonic()
@@ -278,9 +343,10 @@ class Scheduler:
             "committed_tokens": len(committed),
             "finish_reason": reason.value,
             "stop_sequence": req.text.matched_stop,
-            "finish_key": None,
+            "finish_key": req.finish_key,
             "cache_hit_kind": req.cache_hit_kind.value,
-            "cache_delta": {"read": req.prefix_len, "created": 0},
+            "cache_delta": {"read": req.prefix_len, "created": req.cache_created},
+            "cache_tier": req.cache_tier,
             "stats": {
                 "prompt_tokens": len(req.prompt),
                 "completion_tokens": len(req.generated),

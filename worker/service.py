@@ -17,10 +17,11 @@ import zmq
 
 from erllama import protocol
 from erllama.options import LoadOptions, parse_sampling
-from erllama.protocol import HEARTBEAT_INTERVAL_S, ErllamaError, ErrorCode, MsgType, WorkerOp
+from erllama.protocol import HEARTBEAT_INTERVAL_S, ErllamaError, ErrorCode, MsgType, SaveReason, WorkerOp
 from erllama.transport import make_socket
 from erllama.worker.backend import Backend
 from erllama.worker.heartbeat import Heartbeat, WorkerStatus
+from erllama.worker.kvcache import KVCache
 from erllama.worker.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class WorkerService:
         sock: zmq.Socket,
         heartbeat: Heartbeat,
         info: dict[str, Any],
+        cache: KVCache | None = None,
     ):
         self.model_id = model_id
         self.heartbeat = heartbeat
@@ -65,7 +67,7 @@ class WorkerService:
         self.sock = sock
         self.info = info
         self.emitter = SocketEmitter(sock)
-        self.scheduler = Scheduler(backend, self.emitter, options.prefill_chunk_size)
+        self.scheduler = Scheduler(backend, self.emitter, options.prefill_chunk_size, cache)
         self.stopping = False
         self.refused = False
         self.bad_messages = 0
@@ -94,6 +96,9 @@ class WorkerService:
             if self.heartbeat.broker_restarted.is_set():
                 self._register_again()
         log.info("worker %s stopping", self.model_id)
+        # A clean unload or broker shutdown keeps what this worker knows: every running context and
+        # idle session goes to the cache before the requests end.
+        self.scheduler.save_all(SaveReason.SHUTDOWN)
         self.scheduler.cancel_all()
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
@@ -189,6 +194,10 @@ class WorkerService:
             ):
                 raise ErllamaError(ErrorCode.INVALID_PARAMS, "detokenize takes tokens: a list of ids in the vocabulary")
             return self.backend.detokenize(tokens)
+        if wop is WorkerOp.EVICT:
+            return self.scheduler.save_all(SaveReason.EVICT)
+        if wop is WorkerOp.SHUTDOWN_SAVE:
+            return self.scheduler.save_all(SaveReason.SHUTDOWN)
         if wop is WorkerOp.END_SESSION:
             session_id = args.get("session_id")
             if not isinstance(session_id, str):

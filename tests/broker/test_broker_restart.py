@@ -4,7 +4,6 @@ operator-started workers register with the next broker, and clients reconnect by
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import pytest
 from erllama import Client, ErllamaError
 from erllama.transport import WORKER_SOCKET_NAME, ipc_endpoint
 from tests.broker.test_queueing import wait_for
-from tests.conftest import short_tmpdir, start_broker
+from tests.conftest import remove_runtime, short_tmpdir, start_broker
 
 
 def test_broker_death_and_restart():
@@ -56,4 +55,4 @@ def test_broker_death_and_restart():
         for bp in (first, second):
             if bp is not None:
                 bp.stop()
-        shutil.rmtree(rdir, ignore_errors=True)
+        remove_runtime(rdir)

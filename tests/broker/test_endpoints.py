@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
 import stat
 import subprocess
 import sys
 
 from erllama import Client
-from tests.conftest import BrokerProcess, short_tmpdir, start_broker
+from tests.conftest import BrokerProcess, remove_runtime, short_tmpdir, start_broker
 
 
 def free_port() -> int:
@@ -39,14 +38,14 @@ def test_a_loopback_tcp_endpoint_serves_clients_and_a_public_one_is_refused():
             assert c.complete("s", "over tcp", max_tokens=3).finish_reason == "length"
     finally:
         bp.stop()
-        shutil.rmtree(rdir, ignore_errors=True)
+        remove_runtime(rdir)
     refused = subprocess.run(
         [sys.executable, "-m", "erllama.broker.main", "--no-default-model", "--runtime-dir", str(rdir),
          "--tcp", f"tcp://0.0.0.0:{free_port()}"],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert refused.returncode == 2 and "--allow-remote" in refused.stderr
-    shutil.rmtree(rdir, ignore_errors=True)
+    remove_runtime(rdir)
 
 
 def test_the_client_reads_its_endpoint_from_the_environment(broker: BrokerProcess, monkeypatch):
@@ -68,4 +67,4 @@ def test_a_toml_config_loads_its_models_at_start(tmp_path):
         assert info["slots"] == 2 and info["options"]["n_ctx"] == 256
     finally:
         bp.stop()
-        shutil.rmtree(rdir, ignore_errors=True)
+        remove_runtime(rdir)

@@ -1,0 +1,155 @@
+"""Warm restore on the real model: cached prefixes skip prefill and give the same tokens as cold runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from erllama import Client
+from tests.broker.test_queueing import wait_for
+from tests.conftest import BrokerProcess, remove_runtime, short_tmpdir, start_broker
+from tests.reference import ReferenceModel, assert_same_greedy
+
+MODEL = "warm"
+# Small boundaries so that test prompts of a few hundred tokens exercise every save reason.
+OPTIONS = dict(n_ctx=2048, n_seq_max=2, cache_min_tokens=16, cold_trim_tokens=4, cold_align_tokens=16,
+               continued_interval_tokens=64)  # fmt: skip
+STORY = (
+    "The lighthouse keeper climbed the spiral stairs every evening at dusk. He wound the clockwork, "
+    "trimmed the wick and polished the great lens until it shone. Ships passed in the night, and the "
+    "keeper wrote their names in a leather book: the Albatross, the Morning Star, the Silver Heron. "
+)
+N_GEN = 16
+
+
+@pytest.fixture(scope="module")
+def warm_broker() -> Iterator[BrokerProcess]:
+    rdir = short_tmpdir("erl-w-")
+    bp = start_broker(rdir, "--no-default-model", "--cache-shm", "0")  # RAM + disk tiers
+    try:
+        bp.client(timeout_s=120).load_model(MODEL, None, **OPTIONS)
+        yield bp
+    finally:
+        bp.stop()
+        remove_runtime(rdir)
+
+
+@pytest.fixture(scope="module")
+def reference() -> ReferenceModel:
+    return ReferenceModel.load()
+
+
+@pytest.fixture
+def c(warm_broker: BrokerProcess) -> Iterator[Client]:
+    client = Client(warm_broker.endpoint, timeout_s=120)
+    yield client
+    client.close()
+
+
+def cached(c: Client, tokens: list[int], at_least: int) -> int:
+    return wait_for(lambda: (n := c.cached_prefix_len(MODEL, tokens)) >= at_least and n, 60, "the save to land")
+
+
+def check_against_reference(reference: ReferenceModel, prompt: list[int], *generated: list[int]) -> None:
+    ref, logits = reference.greedy(prompt, N_GEN)
+    for g in generated:
+        assert_same_greedy(g, ref, logits)
+
+
+def test_an_exact_hit_restores_the_whole_prompt_and_generates_the_same_tokens(c: Client, reference):
+    prompt = c.tokenize(MODEL, STORY * 2 + "The first ship was")
+    cold = c.complete(MODEL, prompt, max_tokens=N_GEN)
+    assert cold.cache_hit_kind == "cold" and cold.finish_key is not None
+    cached(c, prompt, len(prompt))
+    warm = c.complete(MODEL, prompt, max_tokens=N_GEN)
+    assert warm.cache_hit_kind == "exact"
+    assert warm.cache_delta["read"] == len(prompt) - 1  # the last token is decoded again for fresh logits
+    check_against_reference(reference, prompt, cold.generated, warm.generated)
+
+
+def test_a_longer_row_is_truncated_to_the_common_prefix(c: Client, reference):
+    base = c.tokenize(MODEL, STORY * 2 + "In winter the sea froze")
+    c.complete(MODEL, base + c.tokenize(MODEL, " and the gulls left for the south.", add_special=False), max_tokens=4)
+    other = base + c.tokenize(MODEL, ", but the lamp burned all night", add_special=False)
+    common = cached(c, other, len(base))
+    warm = c.complete(MODEL, other, max_tokens=N_GEN)
+    assert warm.cache_hit_kind == "partial"
+    assert len(base) <= warm.cache_delta["read"] == common < len(other)
+    check_against_reference(reference, other, warm.generated)
+
+
+def test_parent_key_resumes_from_an_earlier_finish_row(c: Client, reference):
+    first = c.complete(MODEL, STORY + "The keeper's name was", max_tokens=N_GEN)
+    assert first.finish_key is not None
+    cached(c, first.context_tokens, len(first.context_tokens))
+    turn2 = first.context_tokens + c.tokenize(MODEL, " He lived alone.", add_special=False)
+    second = c.complete(MODEL, turn2, max_tokens=N_GEN, parent_key=first.finish_key)
+    assert second.cache_hit_kind == "partial"
+    assert second.cache_delta["read"] == len(first.context_tokens)
+    check_against_reference(reference, turn2, second.generated)
+    # a parent_key whose row is gone (or never was) falls back to the longest-prefix lookup
+    third = c.complete(MODEL, turn2, max_tokens=4, parent_key="0" * 64)
+    assert third.cache_hit_kind in ("exact", "partial") and third.cache_delta["read"] >= len(first.context_tokens)
+
+
+def test_a_second_turn_that_resends_the_conversation_reads_the_first_turn_from_the_cache(c: Client):
+    def chat(turns: list[tuple[str, str]]) -> str:
+        text = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        for role, content in turns:
+            text += f"<|im_start|>{role}\n{content}<|im_end|>\n"
+        return text + "<|im_start|>assistant\n"
+
+    turn1 = chat([("user", "Tell me about lighthouses. " + STORY)])
+    r1 = c.complete(MODEL, c.tokenize(MODEL, turn1, parse_special=True), max_tokens=24)
+    cached(c, r1.context_tokens, len(r1.context_tokens))
+    turn2 = chat([("user", "Tell me about lighthouses. " + STORY), ("assistant", r1.reply), ("user", "And the keeper?")])
+    tokens2 = c.tokenize(MODEL, turn2, parse_special=True)
+    r2 = c.complete(MODEL, tokens2, max_tokens=8)
+    assert r2.cache_hit_kind == "partial"
+    assert r2.cache_delta["read"] >= len(c.tokenize(MODEL, turn1, parse_special=True))
+
+
+def test_prefill_only_primes_the_cache_and_cached_prefix_len_reports_it(c: Client):
+    prompt = c.tokenize(MODEL, STORY + "A storm was coming and")
+    assert c.cached_prefix_len(MODEL, prompt) < len(prompt)
+    primed = c.prefill_only(MODEL, prompt)
+    assert primed.generated == [] and primed.finish_key is not None
+    assert cached(c, prompt, len(prompt)) == len(prompt)
+    assert c.complete(MODEL, prompt, max_tokens=2).cache_hit_kind == "exact"
+
+
+def test_rows_survive_a_restart_of_every_process_and_come_back_from_disk():
+    rdir = short_tmpdir("erl-rb-")
+    prompt_text = STORY * 2 + "After the restart,"
+    bp = start_broker(rdir, "--no-default-model", "--cache-shm", "0")
+    try:
+        c = bp.client(timeout_s=120)
+        c.load_model(MODEL, None, **OPTIONS)
+        prompt = c.tokenize(MODEL, prompt_text)
+        cold = c.complete(MODEL, prompt, max_tokens=8)
+        cached(c, prompt, len(prompt))
+    finally:
+        bp.stop()  # broker, worker and cache store all exit; RAM rows are spilled to disk
+    bp = start_broker(rdir, "--no-default-model", "--cache-shm", "0")
+    try:
+        c = bp.client(timeout_s=120)
+        c.load_model(MODEL, None, **OPTIONS)
+        warm = c.complete(MODEL, prompt, max_tokens=8)
+        assert warm.cache_hit_kind == "exact" and warm.cache_tier == "disk"
+        assert warm.generated == cold.generated or warm.generated[:1] == cold.generated[:1]
+    finally:
+        bp.stop()
+        remove_runtime(rdir)
+
+
+def test_a_killed_cache_store_costs_only_cache_misses(warm_broker: BrokerProcess, c: Client):
+    store = next(p for p in psutil.Process(warm_broker.proc.pid).children() if "cachestore" in " ".join(p.cmdline()))
+    os.kill(store.pid, signal.SIGKILL)
+    results = [c.complete(MODEL, STORY + f"Ship number {i} was", max_tokens=4) for i in range(3)]
+    assert all(r.finish_reason == "length" for r in results)
+    wait_for(lambda: any("cachestore" in " ".join(p.cmdline()) and p.pid != store.pid
+                         for p in psutil.Process(warm_broker.proc.pid).children()), 60, "the store's restart")  # fmt: skip
