@@ -93,11 +93,24 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     session_id: str | None = None
     parent_key: str | None = None
+    grammar: str | None = None  # GBNF with a "root" rule; checked at admission (invalid_grammar)
+    thinking: bool = False  # stream thinking spans as thinking deltas (needs the model's thinking_markers)
+    thinking_budget_tokens: int | None = None  # close the thinking block after this many tokens
+    verify: tuple[int, ...] | None = None  # speculative verify: the candidate tokens after the prompt
 
     def to_wire(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["stop"] = list(self.stop)
         return d
+
+
+MAX_GRAMMAR_BYTES: Final = 256 * 1024
+MAX_VERIFY_TOKENS: Final = 256
+MARKER_KEYS: Final = {
+    "thinking_markers": ("start", "end"),
+    "tool_call_markers": ("start", "end", "payload_start", "payload_end"),
+}
+MAX_MARKER_CHARS: Final = 64
 
 
 def parse_sampling(params: dict[str, Any] | None) -> SamplingParams:
@@ -144,6 +157,23 @@ def parse_sampling(params: dict[str, Any] | None) -> SamplingParams:
             if key == "parent_key" and not ROW_KEY_PATTERN.match(value):
                 raise _bad(key, "expected a finish_key: 64 hexadecimal characters")
             out[key] = value
+    if params.get("grammar") is not None:
+        g = params["grammar"]
+        if not isinstance(g, str) or not g.strip() or len(g.encode()) > MAX_GRAMMAR_BYTES:
+            raise _bad("grammar", f"expected GBNF text of at most {MAX_GRAMMAR_BYTES} bytes")
+        out["grammar"] = g
+    if "thinking" in params:
+        t = params["thinking"]
+        if t not in (True, False, "enabled", "disabled"):
+            raise _bad("thinking", "expected true/false or 'enabled'/'disabled'")
+        out["thinking"] = t in (True, "enabled")
+    if params.get("thinking_budget_tokens") is not None:
+        out["thinking_budget_tokens"] = _int("thinking_budget_tokens", params["thinking_budget_tokens"], 1, MAX_TOKENS_LIMIT)
+    if params.get("verify") is not None:
+        v = params["verify"]
+        if not isinstance(v, (list, tuple)) or not 0 < len(v) <= MAX_VERIFY_TOKENS:
+            raise _bad("verify", f"expected 1-{MAX_VERIFY_TOKENS} candidate token ids")
+        out["verify"] = tuple(_int("verify", t, 0, 1 << 31) for t in v)
     return SamplingParams(**out)
 
 
@@ -201,6 +231,10 @@ class LoadOptions:
     cold_trim_tokens: int = 32
     cold_align_tokens: int = 64
     continued_interval_tokens: int = 512
+    # Span markers, tokenized at load: thinking {start, end}; tool calls {start, end, payload_start?,
+    # payload_end?}. Tokens inside spans are streamed as thinking / tool-call deltas.
+    thinking_markers: dict[str, str] | None = None
+    tool_call_markers: dict[str, str] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -257,6 +291,14 @@ def parse_load_options(options: dict[str, Any] | None) -> LoadOptions:
         if not isinstance(ts, (list, tuple)) or len(ts) > MAX_TENSOR_SPLIT:
             raise _bad("tensor_split", f"expected a list of at most {MAX_TENSOR_SPLIT} numbers")
         o["tensor_split"] = tuple(_float("tensor_split", x, 0.0, 1e6) for x in ts)
+    for key, allowed in MARKER_KEYS.items():
+        if options.get(key) is not None:
+            m = options[key]
+            if not isinstance(m, dict) or not {"start", "end"} <= set(m) or not set(m) <= set(allowed):
+                raise _bad(key, f"expected a map with keys {', '.join(allowed)} (start and end required)")
+            if not all(isinstance(v, str) and 0 < len(v) <= MAX_MARKER_CHARS for v in m.values()):
+                raise _bad(key, f"markers are strings of 1-{MAX_MARKER_CHARS} characters")
+            o[key] = dict(m)
     opts = LoadOptions(**o)
     if opts.n_ubatch > opts.n_batch:
         raise _bad("n_ubatch", f"{opts.n_ubatch} exceeds n_batch {opts.n_batch}")

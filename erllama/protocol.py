@@ -61,7 +61,11 @@ class ErrorCode(enum.StrEnum):
     TIMEOUT = "timeout"
     PROTOCOL_ERROR = "protocol_error"
     SHUTTING_DOWN = "shutting_down"
-    STICKY_BUSY = "sticky_busy"  # another request is using the same session_id
+    STICKY_BUSY = "sticky_busy"
+    INVALID_GRAMMAR = "invalid_grammar"
+    INVALID_CONTENT = "invalid_content"  # chat content given as a list of blocks
+    NO_TEMPLATE = "no_template"  # the model has no chat template
+    TEMPLATE_FAILED = "template_failed"  # another request is using the same session_id
     BROKER_LOST = "broker_lost"  # the connection to the broker dropped while the request was in flight
     MODEL_FAILED = "model_failed"
     NOT_SUPPORTED = "not_supported"
@@ -113,6 +117,7 @@ class MsgType(enum.StrEnum):
     READY = "ready"
     HEARTBEAT = "hb"
     ADMITTED = "admitted"
+    SPAN_END = "span_end"  # the end of a thinking block (with its signature) or of a tool call (its bytes)
     # broker -> worker
     RUN = "run"
     CANCEL_RUN = "cancel_run"
@@ -129,6 +134,12 @@ class WorkerOp(enum.StrEnum):
     END_SESSION = "end_session"
     EVICT = "evict"  # save every running context and idle session (reason evict); nothing stops
     SHUTDOWN_SAVE = "shutdown"  # the same with reason shutdown
+    APPLY_CHAT_TEMPLATE = "apply_chat_template"
+    EMBED = "embed"
+    LOAD_ADAPTER = "load_adapter"
+    UNLOAD_ADAPTER = "unload_adapter"
+    SET_ADAPTER_SCALE = "set_adapter_scale"
+    LIST_ADAPTERS = "list_adapters"
 
 
 class Phase(enum.StrEnum):
@@ -194,6 +205,7 @@ SCHEMA: Final[dict[MsgType, dict[str, Field]]] = {
     MsgType.ADMITTED: {"rid": _INT, "cache_hit_kind": _STR, "prefix_len": _INT},
     MsgType.TOKEN: {"rid": _INT, "text": _STR, "token_ids": Field((list,))},
     MsgType.DONE: {"rid": _INT, "result": _MAP},
+    MsgType.SPAN_END: {"rid": _INT, "kind": _STR, "data": _STR, "signature": Field((bytes,))},
     MsgType.ERROR: {"rid": Field((int, type(None))), "code": _STR, "message": _STR},
     MsgType.OK: {"rid": _INT, "result": Field((object,))},
     # broker -> worker
@@ -219,7 +231,8 @@ CLIENT_TYPES: Final = frozenset(
     }
 )
 WORKER_TYPES: Final = frozenset(
-    {MsgType.READY, MsgType.HEARTBEAT, MsgType.ADMITTED, MsgType.TOKEN, MsgType.DONE, MsgType.ERROR, MsgType.OK}
+    {MsgType.READY, MsgType.HEARTBEAT, MsgType.ADMITTED, MsgType.TOKEN, MsgType.SPAN_END, MsgType.DONE, MsgType.ERROR,
+     MsgType.OK}
 )
 BROKER_TO_WORKER_TYPES: Final = frozenset(
     {MsgType.RUN, MsgType.CANCEL_RUN, MsgType.OP, MsgType.SHUTDOWN, MsgType.ERROR}

@@ -24,7 +24,7 @@ class BatchRow:
     seq_id: int
     tokens: Sequence[int]
     pos: int  # position of tokens[0] in the sequence (== number of tokens already in its KV)
-    want_logits: bool  # logits for the last token, so a token can be sampled after the decode
+    n_logits: int  # logits for this many trailing tokens (1: sample the next token; 0: none)
 
 
 class Sampler(Protocol):
@@ -51,17 +51,39 @@ class Backend(Protocol):
         """True for end-of-generation tokens (EOS, EOT, ...)."""
 
     def decode(self, rows: Sequence[BatchRow]) -> list[int]:
-        """Run one decode over all rows. Returns, for each row, the index to pass to ``sample``
-        (-1 for rows that did not ask for logits). Raises ``BackendError`` on failure."""
+        """Run one decode over all rows. Returns, for each row, the logits index of its last token
+        (its other ``n_logits - 1`` are the indices just before), or -1 for rows without logits.
+        Raises ``BackendError`` on failure."""
 
     def new_sampler(self, params: SamplingParams, history: Sequence[int]) -> Sampler:
-        """A sampler for one request. ``history`` (the prompt) primes repetition penalties."""
+        """A sampler for one request. ``history`` (the prompt) primes repetition penalties, not the
+        grammar. Raises ``BackendError("invalid_grammar")`` for a grammar that does not parse."""
+
+    def greedy_sampler(self) -> Sampler:
+        """A plain greedy sampler (tool-call syntax is sampled with it)."""
 
     def sample(self, sampler: Sampler, logits_index: int) -> int:
         """Sample one token from the logits at ``logits_index`` of the last decode, and record it
         in the sampler's history."""
 
+    def accept(self, sampler: Sampler, token: int) -> None:
+        """Record a token chosen by another sampler in this one's history (repetition penalties)."""
+
+    def argmax(self, logits_index: int) -> int:
+        """The most likely token at ``logits_index`` of the last decode (speculative verify)."""
+
     def free_sampler(self, sampler: Sampler) -> None: ...
+
+    def embed(self, tokens: Sequence[int]) -> list[float]:
+        """A mean-pooled, L2-normalized embedding of ``tokens`` (an embeddings context of its own)."""
+
+    def set_adapters(self, adapters: Sequence[tuple[Any, float]]) -> None:
+        """Apply exactly these (adapter handle, scale) pairs to the context."""
+
+    def load_adapter(self, path: str) -> Any:
+        """Load a LoRA adapter file; returns a handle for ``set_adapters``."""
+
+    def free_adapter(self, adapter: Any) -> None: ...
 
     def seq_clear(self, seq_id: int) -> None:
         """Drop every KV cell of a sequence."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Final, Sequence
 
 import llama_cpp as L
+import numpy as np
 
 from erllama.options import LoadOptions, SamplingParams
 from erllama.protocol import ErllamaError, ErrorCode
@@ -115,6 +116,7 @@ class LlamaBackend:
         self.n_ctx_seq = min(options.n_ctx, L.llama_n_ctx_seq(self.ctx))
         self.batch = L.llama_batch_init(self.n_batch, 0, 1)
         self._pieces: dict[int, bytes] = {}
+        self._embed_ctx: Any = None  # created on the first embed()
         self._piece_buf = ctypes.create_string_buffer(PIECE_BUFFER_BYTES)
 
     # --- text ----------------------------------------------------------------------------------------------
@@ -160,11 +162,9 @@ class LlamaBackend:
                 b.seq_id[k + i][0] = row.seq_id
                 b.logits[k + i] = 0
             k += n
-            if row.want_logits:
-                b.logits[k - 1] = 1
-                out.append(k - 1)
-            else:
-                out.append(-1)
+            for i in range(k - min(row.n_logits, n), k):
+                b.logits[i] = 1
+            out.append(k - 1 if row.n_logits else -1)
         b.n_tokens = k
         rc = L.llama_decode(self.ctx, b)
         if rc != 0:
@@ -174,12 +174,19 @@ class LlamaBackend:
 
     def new_sampler(self, params: SamplingParams, history: Sequence[int]) -> Any:
         chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+        if params.grammar is not None:
+            _recent_errors.clear()
+            grammar = L.llama_sampler_init_grammar(self.vocab, params.grammar.encode(), b"root")
+            if not grammar:
+                L.llama_sampler_free(chain)
+                raise BackendError("invalid_grammar", " | ".join(_recent_errors) or "the grammar does not parse")
+            L.llama_sampler_chain_add(chain, grammar)
         if params.repetition_penalty != 1.0:
-            L.llama_sampler_chain_add(
-                chain, L.llama_sampler_init_penalties(PENALTY_WINDOW_TOKENS, params.repetition_penalty, 0.0, 0.0)
-            )
+            penalties = L.llama_sampler_init_penalties(PENALTY_WINDOW_TOKENS, params.repetition_penalty, 0.0, 0.0)
+            # Primed with the prompt before joining the chain: the grammar must not see the prompt.
             for tok in history[-PENALTY_WINDOW_TOKENS:]:
-                L.llama_sampler_accept(chain, tok)
+                L.llama_sampler_accept(penalties, tok)
+            L.llama_sampler_chain_add(chain, penalties)
         if params.temperature == 0.0:
             L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
             return chain
@@ -198,8 +205,68 @@ class LlamaBackend:
         # llama_sampler_sample also accepts the token into the chain (penalty history).
         return int(L.llama_sampler_sample(sampler, self.ctx, logits_index))
 
+    def greedy_sampler(self) -> Any:
+        return L.llama_sampler_init_greedy()
+
+    def accept(self, sampler: Any, token: int) -> None:
+        L.llama_sampler_accept(sampler, token)
+
+    def argmax(self, logits_index: int) -> int:
+        logits = L.llama_get_logits_ith(self.ctx, logits_index)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(self.n_vocab,))))
+
     def free_sampler(self, sampler: Any) -> None:
         L.llama_sampler_free(sampler)
+
+    # --- embeddings and adapters ---------------------------------------------------------------------------
+
+    def embed(self, tokens: Sequence[int]) -> list[float]:
+        if self._embed_ctx is None:
+            cp = L.llama_context_default_params()
+            cp.n_ctx = cp.n_batch = cp.n_ubatch = self.options.n_ctx
+            cp.n_seq_max = 1
+            cp.n_threads = cp.n_threads_batch = self.options.threads
+            cp.embeddings = True
+            cp.pooling_type = L.LLAMA_POOLING_TYPE_MEAN
+            cp.no_perf = True
+            self._embed_ctx = L.llama_init_from_model(self.model, cp)
+            if not self._embed_ctx:
+                self._embed_ctx = None
+                raise BackendError("embed_failed", _load_error("llama.cpp could not create an embeddings context"))
+        ctx = self._embed_ctx
+        n = len(tokens)
+        batch = L.llama_batch_init(n, 0, 1)
+        try:
+            for i, tok in enumerate(tokens):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, i, 1, 1
+                batch.seq_id[i][0] = 0
+            batch.n_tokens = n
+            L.llama_memory_seq_rm(L.llama_get_memory(ctx), 0, -1, -1)
+            if L.llama_decode(ctx, batch) != 0:
+                raise BackendError("embed_failed", "llama_decode failed on the embeddings context")
+            dim = L.llama_model_n_embd(self.model)
+            vec = np.array(np.ctypeslib.as_array(L.llama_get_embeddings_seq(ctx, 0), shape=(dim,)), dtype=np.float64)
+        finally:
+            L.llama_batch_free(batch)
+        norm = float(np.linalg.norm(vec))
+        return (vec / norm if norm > 0 else vec).tolist()
+
+    def load_adapter(self, path: str) -> Any:
+        _recent_errors.clear()
+        adapter = L.llama_adapter_lora_init(self.model, path.encode())
+        if not adapter:
+            raise BackendError("load_failed", _load_error(f"llama.cpp could not load the adapter {path}"))
+        return adapter
+
+    def set_adapters(self, adapters: Sequence[tuple[Any, float]]) -> None:
+        n = len(adapters)
+        arr = (L.llama_adapter_lora_p_ctypes * n)(*(a for a, _ in adapters)) if n else None
+        scales = (ctypes.c_float * n)(*(s for _, s in adapters)) if n else None
+        if L.llama_set_adapters_lora(self.ctx, arr, n, scales) != 0:
+            raise BackendError("adapter_failed", "llama.cpp refused the adapter set")
+
+    def free_adapter(self, adapter: Any) -> None:
+        L.llama_adapter_lora_free(adapter)
 
     # --- sequences -----------------------------------------------------------------------------------------
 
@@ -241,10 +308,15 @@ class LlamaBackend:
             "n_layer": int(L.llama_model_n_layer(self.model)),
             "n_vocab": self.n_vocab,
             "chat_template": template.decode(errors="replace") if template else None,
+            "bos_token_id": int(L.llama_vocab_bos(self.vocab)),
+            "eos_token_id": int(L.llama_vocab_eos(self.vocab)),
             "gpu_offload": bool(L.llama_supports_gpu_offload()),
         }
 
     def close(self) -> None:
+        if self._embed_ctx is not None:
+            L.llama_free(self._embed_ctx)
+            self._embed_ctx = None
         if self.ctx:
             L.llama_batch_free(self.batch)
             L.llama_free(self.ctx)

@@ -30,6 +30,7 @@ from erllama.cachestore.config import default_endpoint as default_cachestore_end
 from erllama.worker.fingerprint import file_sha256, fingerprint
 from erllama.worker.heartbeat import Heartbeat
 from erllama.worker.kvcache import CachePolicy, KVCache
+from erllama.worker.markers import MarkerSpec
 from erllama.worker.service import WorkerService, connect
 
 log = logging.getLogger("erllama.worker")
@@ -53,13 +54,29 @@ def load_backend(model_path: Path | None, options: LoadOptions) -> tuple[Backend
     return LlamaBackend(path, options), path
 
 
-def model_fingerprint(path: Path | None, options: LoadOptions) -> bytes:
+def model_hash(path: Path | None, options: LoadOptions) -> str:
+    """What identifies the weights: the file's content hash (the stub has no file)."""
+    return "stub-backend" if options.backend == "stub" or path is None else file_sha256(path)
+
+
+def runtime_name(options: LoadOptions) -> str:
+    """The code that lays out KV state: a different llama.cpp build may lay it out differently."""
     if options.backend == "stub":
-        return fingerprint("stub-backend", options, "stub")
+        return "stub"
     import llama_cpp
 
-    assert path is not None
-    return fingerprint(file_sha256(path), options, f"llama-cpp-python {llama_cpp.__version__}")
+    return f"llama-cpp-python {llama_cpp.__version__}"
+
+
+def fail_load(sock: zmq.Socket, ctx: zmq.Context, err: ErllamaError, model_id: str) -> int:
+    """Tell the broker why the load failed, then exit."""
+    err.detail |= {"model": model_id, "pid": os.getpid()}
+    log.error("load failed: %s", err)
+    sock.setsockopt(zmq.LINGER, 2000)  # make sure the broker hears why
+    sock.send(protocol.error_reply("rid", None, err))
+    sock.close()
+    ctx.term()
+    return EXIT_LOAD_FAILED
 
 
 def policy_of(options: LoadOptions) -> CachePolicy:
@@ -102,16 +119,22 @@ def main(argv: list[str] | None = None) -> int:
         backend, path = load_backend(Path(args.model) if args.model else None, options)
     except (ErllamaError, json.JSONDecodeError) as exc:
         err = exc if isinstance(exc, ErllamaError) else ErllamaError(ErrorCode.INVALID_PARAMS, f"--options: {exc}")
-        err.detail |= {"model": args.id, "pid": os.getpid()}
-        log.error("load failed: %s", err)
-        sock.setsockopt(zmq.LINGER, 2000)  # make sure the broker hears why
-        sock.send(protocol.error_reply("rid", None, err))
-        sock.close()
-        ctx.term()
-        return EXIT_LOAD_FAILED
+        return fail_load(sock, ctx, err, args.id)
+    try:
+        markers = None
+        if options.thinking_markers or options.tool_call_markers:
+            markers = MarkerSpec.from_text(lambda s: backend.tokenize(s, False, True), options.thinking_markers,
+                                           options.tool_call_markers)  # fmt: skip
+    except ErllamaError as err:
+        return fail_load(sock, ctx, err, args.id)
+    model_identity = model_hash(path, options)
+
+    def refingerprint(adapters: list[tuple[str, float]]) -> bytes:
+        return fingerprint(model_identity, options, runtime_name(options), adapters)
+
     cache = None
     if options.cache and not args.no_cache:
-        cache = KVCache(args.cachestore or default_cachestore_endpoint(), model_fingerprint(path, options), policy_of(options))
+        cache = KVCache(args.cachestore or default_cachestore_endpoint(), refingerprint([]), policy_of(options))
     info = backend.info() | {
         "path": str(path) if path else None,
         "options": options.to_wire(),
@@ -120,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     heartbeat = Heartbeat(ctx, endpoint, args.id)
     heartbeat.start()
-    service = WorkerService(args.id, backend, options, sock, heartbeat, info, cache)
+    service = WorkerService(args.id, backend, options, sock, heartbeat, info, cache, markers, refingerprint)
     try:
         service.run()
     finally:

@@ -3,91 +3,82 @@
 Each tick packs one batch: a decode row for every generating request first (so streams keep
 flowing), then prefill chunks of requests still reading their prompt, in admission order,
 until ``n_batch`` is full. After the single ``decode`` every row that reached the end of its
-prompt, and every decode row, samples its next token right away. A sampled token is decoded
-(committed to the KV cache) by the next tick, so the last token of a finished request is
-never in the cache; ``context_tokens`` reports exactly what is.
+prompt, and every decode row, samples its next token right away (``_sample``). A sampled token
+is decoded (committed to the KV cache) by the next tick, so the last token of a finished
+request is never in the cache; ``context_tokens`` reports exactly what is.
+
+At admission a request gets a sequence and as much of its prompt as is already known: its
+sticky session's KV, else the longest cached prefix from the cache store. Saves copy KV out
+and hand it to the store's saver thread, so they never wait on the store.
 """
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from erllama.options import SamplingParams, validate_prompt
 from erllama.protocol import CacheHitKind, ErllamaError, ErrorCode, FinishReason, Phase, SaveReason
-from erllama.worker.backend import Backend, BackendError, BatchRow, Sampler
+from erllama.worker.backend import Backend, BackendError, BatchRow
 from erllama.worker.kvcache import KVCache
+from erllama.worker.markers import MarkerSpec, SpanAutomaton
+from erllama.worker.output import TEXT, THINKING_END, TOOL_CALL_END, RequestOutput
+from erllama.worker.request import ReqState, Request
 from erllama.worker.sessions import Session, SequencePool
 from erllama.worker.textstream import TextStream
 
 log = logging.getLogger(__name__)
 
 
-class ReqState(enum.Enum):
-    WAITING = "waiting"  # accepted, no free sequence yet
-    PREFILLING = "prefilling"
-    GENERATING = "generating"
-
-
 class Emitter(Protocol):
     """Where the scheduler sends what happens to a request (the worker's socket loop)."""
 
     def admitted(self, rid: int, cache_hit_kind: str, prefix_len: int) -> None: ...
-    def token(self, rid: int, text: str, token_ids: list[int]) -> None: ...
+    def token(self, rid: int, text: str, token_ids: list[int], kind: str = TEXT) -> None: ...
+    def span_end(self, rid: int, kind: str, data: str, signature: bytes) -> None: ...
     def done(self, rid: int, result: dict[str, Any]) -> None: ...
     def error(self, rid: int, err: ErllamaError) -> None: ...
-
-
-@dataclass(slots=True)
-class Request:
-    rid: int
-    prompt: list[int]
-    params: SamplingParams
-    received_s: float
-    queue_ms: float = 0.0
-    state: ReqState = ReqState.WAITING
-    seq_id: int = -1
-    n_past: int = 0  # tokens of this request in its sequence's KV
-    generated: list[int] = field(default_factory=list)
-    pending_token: int | None = None  # sampled, to be decoded next tick
-    sampler: Sampler | None = None
-    text: TextStream = field(default_factory=TextStream)
-    cancelled: bool = False
-    cache_hit_kind: CacheHitKind = CacheHitKind.COLD
-    prefix_len: int = 0  # prompt tokens whose KV came from the cache or the session
-    cache_tier: str | None = None  # the tier a restored row came from (ram, shm, disk)
-    cold_save_at: int = 0  # prefill pauses here to save the prompt's aligned prefix (0: no cold save)
-    last_save_at: int = 0  # n_past at the last save, for the continued-save interval
-    cache_created: int = 0  # tokens this request added to the cache
-    finish_key: str | None = None
-    prefill_done_s: float = 0.0
-    first_token_s: float = 0.0
 
 
 class Scheduler:
     """Owns the backend's sequences. Not thread-safe: the worker loop calls it from one thread."""
 
-    def __init__(self, backend: Backend, emit: Emitter, prefill_chunk_size: int, cache: KVCache | None = None):
+    def __init__(
+        self,
+        backend: Backend,
+        emit: Emitter,
+        prefill_chunk_size: int,
+        cache: KVCache | None = None,
+        markers: MarkerSpec | None = None,
+        signing_key: bytes = b"",
+    ):
         self.backend = backend
         self.emit = emit
         self.cache = cache
+        self.markers = markers
+        self.signing_key = signing_key
         self.prefill_chunk_size = prefill_chunk_size
         self.pool = SequencePool(backend.n_seq_max, backend.seq_clear, self._save_idle_session)
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # rid -> request, in admission order
         self.progress = 0  # decodes done; heartbeats carry it so a stuck decode shows
         self.tokens_generated = 0
+        self.adapter_epoch = 0  # bumped when the LoRA set changes
 
     # --- requests in -------------------------------------------------------------------------------------
 
     def submit(self, rid: int, prompt: str | list[int], params: SamplingParams, queue_ms: float = 0.0) -> None:
-        """Accept a request or raise ``invalid_params`` / ``context_overflow`` before anything is decoded."""
+        """Accept a request or raise ``invalid_params`` / ``context_overflow`` / ``invalid_grammar``
+        / ``sticky_busy`` before anything is decoded."""
         prompt = validate_prompt(prompt, self.backend.n_vocab)
         tokens = self.backend.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        verify_from = -1
+        if params.verify is not None:
+            validate_prompt(list(params.verify), self.backend.n_vocab)
+            verify_from = len(tokens) - 1
+            tokens += params.verify
         limit = self.backend.n_ctx_seq
         if len(tokens) >= limit:
             raise ErllamaError(
@@ -101,10 +92,23 @@ class Scheduler:
                 f"max_tokens {params.max_tokens} exceeds the context of {limit}",
                 {"max_tokens": params.max_tokens, "n_ctx": limit},
             )
+        try:
+            sampler = self.backend.new_sampler(params, tokens)
+        except BackendError as exc:
+            raise ErllamaError(ErrorCode.INVALID_GRAMMAR, exc.message) from None
         if params.session_id is not None:
-            self.pool.claim(params.session_id, rid)  # sticky_busy if another request holds it
+            try:
+                self.pool.claim(params.session_id, rid)
+            except ErllamaError:
+                self.backend.free_sampler(sampler)
+                raise
         req = Request(rid=rid, prompt=tokens, params=params, received_s=time.monotonic(), queue_ms=queue_ms)
-        req.text = TextStream(stops=params.stop)
+        req.sampler, req.verify_from = sampler, verify_from
+        spans = None
+        if self.markers is not None:
+            spans = SpanAutomaton(self.markers, thinking=params.thinking, tool_calls=self.markers.has_tool_calls,
+                                  thinking_budget_tokens=params.thinking_budget_tokens, signing_key=self.signing_key)  # fmt: skip
+        req.out = RequestOutput(TextStream(stops=params.stop), spans)
         self.waiting.append(req)
 
     def end_session(self, session_id: str) -> bool:
@@ -164,7 +168,11 @@ class Scheduler:
             if req.state is ReqState.PREFILLING and req.n_past == len(req.prompt):
                 req.state = ReqState.GENERATING
                 req.prefill_done_s = time.monotonic()
-            if idx >= 0:
+            if req.is_verify:
+                req.verify_argmax += [self.backend.argmax(i) for i in range(idx - row.n_logits + 1, idx + 1)]
+                if req.state is ReqState.GENERATING:
+                    self._finish(req, FinishReason.STOP)
+            elif idx >= 0:
                 self._sample(req, idx)
 
     def _finish_cancelled(self) -> None:
@@ -189,10 +197,10 @@ class Scheduler:
                 return False
             req.seq_id = seq
             self._restore_from_cache(req)
-        if self.cache is not None:
+        if self.cache is not None and not req.is_verify:
             boundary = self.cache.policy.cold_boundary(len(req.prompt))
             req.cold_save_at = boundary if boundary > req.n_past else 0
-        req.sampler = self.backend.new_sampler(req.params, req.prompt)
+        req.adapter_epoch = self.adapter_epoch
         req.state = ReqState.PREFILLING
         self.running[req.rid] = req
         self.emit.admitted(req.rid, req.cache_hit_kind.value, req.prefix_len)
@@ -200,12 +208,75 @@ class Scheduler:
 
     def _keep(self, req: Request, cached: int, kind: CacheHitKind) -> None:
         """The sequence holds the first ``cached`` prompt tokens. Keep at most all but the last prompt
-        token: its logits are not in the KV state, so it is decoded again to sample from fresh ones."""
-        keep = min(cached, len(req.prompt) - 1)
+        token: its logits are not in the KV state, so it is decoded again to sample from fresh ones
+        (a verify keeps less: it needs the logits of every candidate position)."""
+        limit = req.verify_from if req.is_verify else len(req.prompt) - 1
+        keep = min(cached, limit)
         self.backend.seq_truncate(req.seq_id, keep)
         req.n_past = keep
-        req.cache_hit_kind = kind
+        req.cache_hit_kind = kind if keep > 0 else CacheHitKind.COLD
         req.prefix_len = keep
+
+    def _build_batch(self) -> tuple[list[BatchRow], list[Request]]:
+        rows: list[BatchRow] = []
+        reqs: list[Request] = []
+        for req in self.running.values():
+            if req.state is ReqState.GENERATING and req.pending_token is not None:
+                rows.append(BatchRow(req.seq_id, [req.pending_token], req.n_past, n_logits=1))
+                reqs.append(req)
+                req.pending_token = None
+        budget = self.backend.n_batch - len(rows)
+        for req in self.running.values():
+            if budget <= 0:
+                break
+            if req.state is not ReqState.PREFILLING:
+                continue
+            stop_at = req.cold_save_at if req.cold_save_at > req.n_past else len(req.prompt)
+            take = min(stop_at - req.n_past, self.prefill_chunk_size, budget)
+            end = req.n_past + take
+            rows.append(BatchRow(req.seq_id, req.prompt[req.n_past : end], req.n_past, req.logits_wanted(end)))
+            reqs.append(req)
+            budget -= take
+        return rows, reqs
+
+    def _sample(self, req: Request, logits_index: int) -> None:
+        """Sample the request's next token from this tick's logits and stream it."""
+        if req.params.max_tokens == 0:
+            self._finish(req, FinishReason.LENGTH)
+            return
+        assert req.sampler is not None
+        if req.out.greedy_next:
+            req.greedy = req.greedy or self.backend.greedy_sampler()
+            tok = self.backend.sample(req.greedy, logits_index)
+            if req.params.grammar is None:  # a grammar would reject a token it did not choose itself
+                self.backend.accept(req.sampler, tok)
+        else:
+            tok = self.backend.sample(req.sampler, logits_index)
+        if not req.first_token_s:
+            req.first_token_s = time.monotonic()
+        if self.backend.is_eog(tok):
+            self._finish(req, FinishReason.STOP)
+            return
+        req.generated.append(tok)
+        self.tokens_generated += 1
+        self._stream(req, req.out.feed(tok, self.backend.token_bytes(tok)))
+        if req.out.matched_stop is not None:
+            self._finish(req, FinishReason.STOP)
+        elif len(req.generated) >= req.params.max_tokens or req.n_past + 1 > self.backend.n_ctx_seq:
+            self._finish(req, FinishReason.LENGTH)
+        else:
+            req.pending_token = tok
+            if self.cache is not None and req.n_past - req.last_save_at >= self.cache.policy.continued_interval_tokens:
+                self._save_request(req, SaveReason.CONTINUED)
+
+    def _stream(self, req: Request, events: list[Any]) -> None:
+        for ev in events:
+            if ev.kind in (THINKING_END, TOOL_CALL_END):
+                self.emit.span_end(req.rid, ev.kind, ev.text, ev.signature)
+            elif ev.text or ev.token_ids:
+                self.emit.token(req.rid, ev.text, ev.token_ids, ev.kind)
+
+    # --- the cache -----------------------------------------------------------------------------------------
 
     def _restore_from_cache(self, req: Request) -> None:
         """Restore the longest cached prefix of the prompt into the request's (empty) sequence."""
@@ -237,7 +308,11 @@ class Scheduler:
         return self.cache.save(tokens, self.backend.seq_state(seq_id), reason)
 
     def _save_request(self, req: Request, reason: SaveReason) -> str | None:
-        key = self._save(req.seq_id, (req.prompt + req.generated)[: req.n_past], reason)
+        # A verify's candidates are guesses, and KV made partly under another adapter set has no
+        # fingerprint that describes it: neither is ever saved.
+        if req.is_verify or req.adapter_epoch != self.adapter_epoch:
+            return None
+        key = self._save(req.seq_id, req.committed, reason)
         if key is not None:
             req.last_save_at = req.n_past
             req.cache_created = max(req.cache_created, req.n_past - req.prefix_len)
@@ -256,106 +331,40 @@ class Scheduler:
         """An idle session loses its sequence to a new request; its KV goes to the cache first."""
         self._save(session.seq_id, session.tokens, SaveReason.EVICT)
 
-    def _build_batch(self) -> tuple[list[BatchRow], list[Request]]:
-        rows: list[BatchRow] = []
-        reqs: list[Request] = []
-        for req in self.running.values():
-            if req.state is ReqState.GENERATING and req.pending_token is not None:
-                rows.append(BatchRow(req.seq_id, [req.pending_token], req.n_past, want_logits=True))
-                reqs.append(req)
-                req.pending_token = None
-        budget = self.backend.n_batch - len(rows)
-        for req in self.running.values():
-            if budget <= 0:
-                break
-            if req.state is not ReqState.PREFILLING:
-                continue
-            stop_at = req.cold_save_at if req.cold_save_at > req.n_past else len(req.prompt)
-            take = min(stop_at - req.n_past, self.prefill_chunk_size, budget)
-            end = req.n_past + take
-            last = end == len(req.prompt)
-            rows.append(BatchRow(req.seq_id, req.prompt[req.n_past : end], req.n_past, want_logits=last))
-            reqs.append(req)
-            budget -= take
-        return rows, reqs
-
-    def _sample(self, req: Request, logits_index: int) -> None:
-        """Sample the request's next token from this tick's logits and stream it."""
-        if req.params.max_tokens == 0:
-            self._finish(req, FinishReason.LENGTH)
-            return
-        assert req.sampler is not None
-        tok = self.backend.sample(req.sampler, logits_index)
-        now = time.monotonic()
-        if not req.first_token_s:
-            req.first_token_s = now
-        if self.backend.is_eog(tok):
-            self._finish(req, FinishReason.STOP)
-            return
-        req.generated.append(tok)
-        self.tokens_generated += 1
-        text = req.text.feed(self.backend.token_bytes(tok))
-        self.emit.token(req.rid, text, [tok])
-        if req.text.matched_stop is not None:
-            self._finish(req, FinishReason.STOP)
-        elif len(req.generated) >= req.params.max_tokens or req.n_past + 1 > self.backend.n_ctx_seq:
-            self._finish(req, FinishReason.LENGTH)
-        else:
-            req.pending_token = tok
-            if self.cache is not None and req.n_past - req.last_save_at >= self.cache.policy.continued_interval_tokens:
-                self._save_request(req, SaveReason.CONTINUED)
+    def adapters_changed(self) -> None:
+        """The LoRA set changed: idle sessions' KV no longer matches it, and running requests stop saving."""
+        self.adapter_epoch += 1
+        for session_id in list(self.pool.pinned):
+            self.pool.end(session_id)
 
     # --- requests out --------------------------------------------------------------------------------------
 
     def _release(self, req: Request, kv_valid: bool = True) -> None:
         """Free what a request held. A session keeps its sequence, holding the committed tokens."""
         self.running.pop(req.rid, None)
-        if req.sampler is not None:
-            self.backend.free_sampler(req.sampler)
-            req.sampler = None
+        for sampler in (req.sampler, req.greedy):
+            if sampler is not None:
+                self.backend.free_sampler(sampler)
+        req.sampler = req.greedy = None
         sid = req.params.session_id
         if req.seq_id < 0:
             if sid is not None:
                 self.pool.abandon(sid)
             return
-        committed = (req.prompt + req.generated)[: req.n_past]
-        if sid is None or not kv_valid or not self.pool.finish(sid, req.seq_id, committed):
+        kv_valid = kv_valid and not req.is_verify and req.adapter_epoch == self.adapter_epoch
+        if sid is None or not kv_valid or not self.pool.finish(sid, req.seq_id, req.committed):
             if sid is not None and not kv_valid:
                 self.pool.abandon(sid)
             self.pool.give_back(req.seq_id)
         req.seq_id = -1
 
     def _finish(self, req: Request, reason: FinishReason) -> None:
-        tail = req.text.flush()
-        if tail:
-            self.emit.token(req.rid, tail, [])
+        self._stream(req, req.out.finish())
         if req.seq_id >= 0:
             req.finish_key = self._save_request(req, SaveReason.FINISH)
-        context = req.prompt + req.generated
-        committed = context[: req.n_past]
-        now = time.monotonic()
-        first = req.first_token_s or now
-        prefill_end = req.prefill_done_s or now
-        result = {
-            "reply": req.text.text,
-            "generated": req.generated,
-            "context_tokens": committed,
-            "committed_tokens": len(committed),
-            "finish_reason": reason.value,
-            "stop_sequence": req.text.matched_stop,
-            "finish_key": req.finish_key,
-            "cache_hit_kind": req.cache_hit_kind.value,
-            "cache_delta": {"read": req.prefix_len, "created": req.cache_created},
-            "cache_tier": req.cache_tier,
-            "stats": {
-                "prompt_tokens": len(req.prompt),
-                "completion_tokens": len(req.generated),
-                "queue_ms": req.queue_ms,
-                "ttft_ms": req.queue_ms + (first - req.received_s) * 1000.0,
-                "prefill_ms": (prefill_end - req.received_s) * 1000.0,
-                "generation_ms": (now - prefill_end) * 1000.0,
-            },
-        }
+        result = req.result(reason)
+        if req.is_verify and reason is not FinishReason.CANCELLED:
+            result["verify"] = req.verify_outcome(self.backend.is_eog)
         self._release(req)
         self.emit.done(req.rid, result)
 

@@ -11,20 +11,24 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
 from erllama import protocol
 from erllama.options import LoadOptions, parse_sampling
-from erllama.protocol import HEARTBEAT_INTERVAL_S, ErllamaError, ErrorCode, MsgType, SaveReason, WorkerOp
+from erllama.protocol import HEARTBEAT_INTERVAL_S, ErllamaError, MsgType, SaveReason
 from erllama.transport import make_socket
 from erllama.worker.backend import Backend
 from erllama.worker.heartbeat import Heartbeat, WorkerStatus
 from erllama.worker.kvcache import KVCache
+from erllama.worker.markers import MarkerSpec
+from erllama.worker.ops import WorkerOps
 from erllama.worker.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
+
+THINKING_KEY_ENV = "ERLLAMA_THINKING_SIGNING_KEY"  # HMAC key for thinking-block signatures (empty: no signature)
 
 
 class SocketEmitter:
@@ -36,9 +40,14 @@ class SocketEmitter:
     def admitted(self, rid: int, cache_hit_kind: str, prefix_len: int) -> None:
         self.sock.send(protocol.encode(MsgType.ADMITTED, rid=rid, cache_hit_kind=cache_hit_kind, prefix_len=prefix_len))
 
-    def token(self, rid: int, text: str, token_ids: list[int]) -> None:
+    def token(self, rid: int, text: str, token_ids: list[int], kind: str = "text") -> None:
         # ts_ns lets a same-host client measure worker-to-client latency (CLOCK_MONOTONIC is system-wide).
-        self.sock.send(protocol.encode(MsgType.TOKEN, rid=rid, text=text, token_ids=token_ids, ts_ns=time.monotonic_ns()))
+        self.sock.send(
+            protocol.encode(MsgType.TOKEN, rid=rid, text=text, token_ids=token_ids, kind=kind, ts_ns=time.monotonic_ns())
+        )
+
+    def span_end(self, rid: int, kind: str, data: str, signature: bytes) -> None:
+        self.sock.send(protocol.encode(MsgType.SPAN_END, rid=rid, kind=kind, data=data, signature=signature))
 
     def done(self, rid: int, result: dict[str, Any]) -> None:
         self.sock.send(protocol.encode(MsgType.DONE, rid=rid, result=result))
@@ -59,6 +68,8 @@ class WorkerService:
         heartbeat: Heartbeat,
         info: dict[str, Any],
         cache: KVCache | None = None,
+        markers: MarkerSpec | None = None,
+        refingerprint: Callable[[list[tuple[str, float]]], bytes] = lambda adapters: b"",
     ):
         self.model_id = model_id
         self.heartbeat = heartbeat
@@ -67,7 +78,9 @@ class WorkerService:
         self.sock = sock
         self.info = info
         self.emitter = SocketEmitter(sock)
-        self.scheduler = Scheduler(backend, self.emitter, options.prefill_chunk_size, cache)
+        signing_key = os.environ.get(THINKING_KEY_ENV, "").encode()
+        self.scheduler = Scheduler(backend, self.emitter, options.prefill_chunk_size, cache, markers, signing_key)
+        self.ops = WorkerOps(backend, self.scheduler, cache, refingerprint)
         self.stopping = False
         self.refused = False
         self.bad_messages = 0
@@ -169,41 +182,11 @@ class WorkerService:
     def _call(self, msg: dict[str, Any]) -> None:
         rid = msg["rid"]
         try:
-            result = self._dispatch_call(msg["op"], msg["args"])
+            result = self.ops.dispatch(msg["op"], msg["args"])
         except ErllamaError as err:
             self.emitter.error(rid, err)
             return
         self.sock.send(protocol.encode(MsgType.OK, rid=rid, result=result))
-
-    def _dispatch_call(self, op: str, args: dict[str, Any]) -> Any:
-        try:
-            wop = WorkerOp(op)
-        except ValueError:
-            raise ErllamaError(ErrorCode.INVALID_PARAMS, f"unknown operation {op!r}") from None
-        if wop is WorkerOp.TOKENIZE:
-            text = args.get("text")
-            add_special = args.get("add_special", True)
-            parse_special = args.get("parse_special", False)
-            if not isinstance(text, str) or not isinstance(add_special, bool) or not isinstance(parse_special, bool):
-                raise ErllamaError(ErrorCode.INVALID_PARAMS, "tokenize takes text: str, add_special/parse_special: bool")
-            return self.backend.tokenize(text, add_special, parse_special)
-        if wop is WorkerOp.DETOKENIZE:
-            tokens = args.get("tokens")
-            if not isinstance(tokens, list) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.backend.n_vocab for t in tokens
-            ):
-                raise ErllamaError(ErrorCode.INVALID_PARAMS, "detokenize takes tokens: a list of ids in the vocabulary")
-            return self.backend.detokenize(tokens)
-        if wop is WorkerOp.EVICT:
-            return self.scheduler.save_all(SaveReason.EVICT)
-        if wop is WorkerOp.SHUTDOWN_SAVE:
-            return self.scheduler.save_all(SaveReason.SHUTDOWN)
-        if wop is WorkerOp.END_SESSION:
-            session_id = args.get("session_id")
-            if not isinstance(session_id, str):
-                raise ErllamaError(ErrorCode.INVALID_PARAMS, "end_session takes session_id: str")
-            return self.scheduler.end_session(session_id)
-        raise ErllamaError(ErrorCode.NOT_SUPPORTED, f"operation {op!r} is not supported")
 
 
 def connect(ctx: zmq.Context, endpoint: str, model_id: str) -> zmq.Socket:

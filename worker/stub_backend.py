@@ -75,11 +75,10 @@ class StubBackend:
             if len(kv) + len(row.tokens) > self.n_ctx_seq:
                 raise BackendError("no_kv_slot", f"seq {row.seq_id} is full")
             kv.extend(row.tokens)
-            if row.want_logits:
-                out.append(len(self._logits))
-                self._logits.append(tuple(kv[-HISTORY_TOKENS:]))
-            else:
-                out.append(-1)
+            n = min(row.n_logits, len(row.tokens))
+            for end in range(len(kv) - n + 1, len(kv) + 1):  # the history each logits row depends on
+                self._logits.append(tuple(kv[max(0, end - HISTORY_TOKENS) : end]))
+            out.append(len(self._logits) - 1 if n else -1)
         if self._decode_s:
             time.sleep(self._decode_s)
         return out
@@ -100,7 +99,33 @@ class StubBackend:
         sampler.draws += 1
         return BYTE_BASE + ALPHABET[h.digest()[0] % len(ALPHABET)]
 
+    def greedy_sampler(self) -> StubSampler:
+        return StubSampler(greedy=True, seed=0)
+
+    def accept(self, sampler: StubSampler, token: int) -> None:
+        pass
+
+    def argmax(self, logits_index: int) -> int:
+        return self.sample(StubSampler(greedy=True, seed=0), logits_index)
+
     def free_sampler(self, sampler: StubSampler) -> None:
+        pass
+
+    def embed(self, tokens: Sequence[int]) -> list[float]:
+        """A 16-dimensional unit vector hashed from the tokens."""
+        digest = hashlib.blake2b(struct.pack(f"<{len(tokens)}I", *tokens), digest_size=16).digest()
+        vec = [b - 127.5 for b in digest]
+        norm = sum(v * v for v in vec) ** 0.5
+        return [v / norm for v in vec]
+
+    def load_adapter(self, path: str) -> Any:
+        raise BackendError("not_supported", "the stub backend has no adapters")
+
+    def set_adapters(self, adapters: Sequence[tuple[Any, float]]) -> None:
+        if adapters:
+            raise BackendError("not_supported", "the stub backend has no adapters")
+
+    def free_adapter(self, adapter: Any) -> None:
         pass
 
     def seq_clear(self, seq_id: int) -> None:

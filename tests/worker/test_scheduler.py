@@ -24,10 +24,13 @@ class Recorder:
     def admitted(self, rid, kind, prefix_len):
         self.log.append(("admitted", rid))
 
-    def token(self, rid, text, ids):
+    def token(self, rid, text, ids, kind="text"):
         self.tokens.setdefault(rid, []).extend(ids)
         self.texts.setdefault(rid, []).append(text)
         self.log.append(("token", rid))
+
+    def span_end(self, rid, kind, data, signature):
+        self.log.append((kind, rid))
 
     def done(self, rid, result):
         self.results[rid] = result
