@@ -27,6 +27,7 @@ from erllama import protocol
 from erllama.broker.config import BrokerConfig
 from erllama.broker.queues import ModelQueue, QueueTotals, Request
 from erllama.broker.registry import ModelEntry, Waiter
+from erllama.resources import vram_info
 from erllama.broker.supervisor import (
     TERMINATE_GRACE_S,
     ChildProcess,
@@ -93,6 +94,7 @@ class Broker:
             MsgType.CALL: self._on_call,
             MsgType.CACHED_PREFIX_LEN: self._on_cached_prefix_len,
             MsgType.PING: lambda c, m: self._reply(c, m["id"], {"pid": os.getpid(), "models": len(self.models)}),
+            MsgType.VRAM_INFO: lambda c, m: self._reply(c, m["id"], vram_info()),
         }
 
     # --- lifecycle -----------------------------------------------------------------------------------------
@@ -470,11 +472,17 @@ class Broker:
                 req.tokens_sent += len(msg["token_ids"])
                 ok = self._send_client(
                     req.client, protocol.encode(
-                        MsgType.TOKEN, id=req.client_id, text=msg["text"], token_ids=msg["token_ids"], ts_ns=msg.get("ts_ns")
-                    )
-                )
+                        MsgType.TOKEN, id=req.client_id, text=msg["text"], token_ids=msg["token_ids"],
+                        kind=msg.get("kind", "text"), ts_ns=msg.get("ts_ns"),
+                    ),
+                )  # fmt: skip
                 if not ok:
                     self._send_worker(entry, protocol.encode(MsgType.CANCEL_RUN, rid=req.rid))
+        elif t is MsgType.SPAN_END:
+            req = self.requests.get(msg["rid"])
+            if req is not None:
+                self._send_client(req.client, protocol.encode(
+                    MsgType.SPAN_END, id=req.client_id, kind=msg["kind"], data=msg["data"], signature=msg["signature"]))  # fmt: skip
         elif t is MsgType.DONE:
             req = self.requests.get(msg["rid"])
             if req is not None:

@@ -51,9 +51,13 @@ class InferStream:
                 self._conn.close_route(self.request_id)
                 raise
             if msg["t"] == MsgType.TOKEN:
-                ev = TokenEvent(msg.get("text", ""), list(msg.get("token_ids", [])), msg.get("ts_ns"), msg["received_ns"])
-                self._texts.append(ev.text)
+                kind = msg.get("kind", "text")
+                ev = TokenEvent(msg.get("text", ""), list(msg.get("token_ids", [])), msg.get("ts_ns"), msg["received_ns"], kind)
+                if kind == "text":
+                    self._texts.append(ev.text)
                 yield ev
+            elif msg["t"] == MsgType.SPAN_END:
+                yield TokenEvent(msg.get("data", ""), [], None, msg["received_ns"], f"{msg.get('kind')}", msg.get("signature", b""))
             elif msg["t"] == MsgType.DONE:
                 self.result = CompletionResult.from_wire(msg.get("result") or {})
                 self._conn.close_route(self.request_id)
@@ -79,7 +83,7 @@ class InferStream:
 
     @property
     def text(self) -> str:
-        """The text streamed so far."""
+        """The reply text streamed so far (thinking and tool-call deltas are not part of it)."""
         return "".join(self._texts)
 
     @property
@@ -146,16 +150,17 @@ class Client:
 
     def tokenize(self, model_id: str, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         args = {"text": text, "add_special": add_special, "parse_special": parse_special}
-        return self._conn.call(MsgType.CALL, self.timeout_s, model=model_id, op=WorkerOp.TOKENIZE, args=args)
+        return self._call_worker(model_id, WorkerOp.TOKENIZE, args)
 
     def detokenize(self, model_id: str, tokens: Sequence[int]) -> str:
-        args = {"tokens": list(tokens)}
-        return self._conn.call(MsgType.CALL, self.timeout_s, model=model_id, op=WorkerOp.DETOKENIZE, args=args)
+        return self._call_worker(model_id, WorkerOp.DETOKENIZE, {"tokens": list(tokens)})
 
     def end_session(self, model_id: str, session_id: str) -> bool:
         """Release the sequence a sticky session keeps pinned; False if the worker did not know it."""
-        args = {"session_id": session_id}
-        return self._conn.call(MsgType.CALL, self.timeout_s, model=model_id, op=WorkerOp.END_SESSION, args=args)
+        return self._call_worker(model_id, WorkerOp.END_SESSION, {"session_id": session_id})
+
+    def _call_worker(self, model_id: str, op: WorkerOp, args: dict[str, Any]) -> Any:
+        return self._conn.call(MsgType.CALL, self.timeout_s, model=model_id, op=op, args=args)
 
     # --- generation ----------------------------------------------------------------------------------------
 
@@ -183,6 +188,60 @@ class Client:
     def complete(self, model_id: str, prompt: str | Sequence[int], **params: Any) -> CompletionResult:
         """Run a request to its end and return the result (same parameters as ``infer``)."""
         return self.infer(model_id, prompt, **params).collect()
+
+    def chat(self, model_id: str, messages: list[dict[str, str]], *, system: str | None = None,
+             tools: list[dict[str, Any]] | None = None, **params: Any) -> InferStream:  # fmt: skip
+        """Render ``messages`` with the model's chat template and stream the reply (same parameters as
+        ``infer``). Resending a growing conversation reads the earlier turns from the cache."""
+        return self.infer(model_id, self.apply_chat_template(model_id, messages, system=system, tools=tools), **params)
+
+    def apply_chat_template(self, model_id: str, messages: list[dict[str, str]], *, system: str | None = None,
+                            tools: list[dict[str, Any]] | None = None, add_generation_prompt: bool = True) -> list[int]:  # fmt: skip
+        """Token ids of ``messages`` rendered with the model's own GGUF template. ``system`` and ``tools``
+        become a leading system message (tools go to the template itself when it takes them).
+        Errors: ``invalid_content`` (content as a list of blocks), ``no_template``, ``template_failed``."""
+        args = {"messages": messages, "system": system, "tools": tools, "add_generation_prompt": add_generation_prompt}
+        return self._call_worker(model_id, WorkerOp.APPLY_CHAT_TEMPLATE, args)
+
+    def embed(self, model_id: str, text_or_tokens: str | Sequence[int]) -> list[float]:
+        """A mean-pooled, unit-length embedding of the input, from an embeddings context of the model."""
+        source = text_or_tokens if isinstance(text_or_tokens, str) else list(text_or_tokens)
+        return self._call_worker(model_id, WorkerOp.EMBED, {"input": source})
+
+    def load_adapter(self, model_id: str, path: str) -> dict[str, Any]:
+        """Load a LoRA adapter (scale 1.0); returns ``{handle, path, scale, sha256}``. The adapter set
+        and scales are part of the cache fingerprint: rows never cross adapter sets."""
+        return self._call_worker(model_id, WorkerOp.LOAD_ADAPTER, {"path": path})
+
+    def unload_adapter(self, model_id: str, handle: int) -> bool:
+        return self._call_worker(model_id, WorkerOp.UNLOAD_ADAPTER, {"handle": handle})
+
+    def set_adapter_scale(self, model_id: str, handle: int, scale: float) -> dict[str, Any]:
+        return self._call_worker(model_id, WorkerOp.SET_ADAPTER_SCALE, {"handle": handle, "scale": scale})
+
+    def list_adapters(self, model_id: str) -> list[dict[str, Any]]:
+        return self._call_worker(model_id, WorkerOp.LIST_ADAPTERS, {})
+
+    def evict(self, model_id: str) -> int:
+        """Save every running context and idle session of the model to the cache (reason ``evict``);
+        nothing stops. Returns how many rows were handed to the store."""
+        return self._call_worker(model_id, WorkerOp.EVICT, {})
+
+    def draft_tokens(self, model_id: str, prefix: Sequence[int], max_tokens: int = 8) -> list[int]:
+        """Up to ``max_tokens`` greedy continuation tokens (a draft for speculative decoding)."""
+        return self.complete(model_id, list(prefix), max_tokens=max_tokens, temperature=0.0).generated
+
+    def verify(self, model_id: str, prefix: Sequence[int], candidates: Sequence[int]) -> tuple[int, int | str]:
+        """How many ``candidates`` the model accepts after ``prefix`` (greedy agreement) and its own next
+        token there (``"eos"`` at end of generation). Runs on a sequence of its own."""
+        r = self.infer(model_id, list(prefix), verify=list(candidates), max_tokens=1).collect()
+        if r.verify is None:
+            raise ErllamaError(ErrorCode.PROTOCOL_ERROR, f"verify ended without an outcome ({r.finish_reason})")
+        return r.verify["accepted"], "eos" if r.verify["eos"] else r.verify["next_token"]
+
+    def vram_info(self) -> dict[str, int]:
+        """Total, free and used GPU memory in bytes; ``no_gpu`` where there is none."""
+        return self._conn.call(MsgType.VRAM_INFO, self.timeout_s)
 
     def prefill_only(self, model_id: str, prompt: str | Sequence[int], parent_key: str | None = None) -> CompletionResult:
         """Prime the cache with ``prompt`` without sampling; the result's ``finish_key`` names the row

@@ -38,7 +38,10 @@ class CompletionResult:
     cache_hit_kind: str | None  # exact | partial | sticky | cold
     cache_delta: dict[str, int] = field(default_factory=dict)  # read: tokens restored; created: tokens saved
     cache_tier: str | None = None  # where a restored row came from: ram, shm or disk
+    thinking: list[str] = field(default_factory=list)  # each closed thinking block
+    tool_calls: list[str] = field(default_factory=list)  # each tool call's exact text
     stats: Stats = field(default_factory=Stats)
+    verify: dict[str, Any] | None = None  # a speculative verify: accepted, next_token, eos
 
     @classmethod
     def from_wire(cls, d: dict[str, Any]) -> CompletionResult:
@@ -54,18 +57,26 @@ class CompletionResult:
             cache_hit_kind=d.get("cache_hit_kind"),
             cache_delta=dict(d.get("cache_delta") or {}),
             cache_tier=d.get("cache_tier"),
+            thinking=list(d.get("thinking") or []),
+            tool_calls=list(d.get("tool_calls") or []),
             stats=Stats.from_wire(d.get("stats") or {}),
+            verify=d.get("verify"),
         )
 
 
 @dataclass(frozen=True, slots=True)
 class TokenEvent:
-    """One streamed step: ``text`` is valid UTF-8 (possibly empty while a stop string may match)."""
+    """One streamed step. ``kind`` is ``text`` (reply text; valid UTF-8, possibly empty while a stop
+    string may still match), ``thinking`` or ``tool_call`` (deltas of those spans), or
+    ``thinking_end`` (``signature``: HMAC-SHA256 of the block) / ``tool_call_end`` (``text``: the
+    call's exact bytes), each sent once per span."""
 
     text: str
     token_ids: list[int]
     sent_ns: int | None = None  # the worker's CLOCK_MONOTONIC when it sent the event
     received_ns: int = 0  # this process's CLOCK_MONOTONIC when the event arrived
+    kind: str = "text"
+    signature: bytes = b""
 
     @property
     def latency_ms(self) -> float | None:

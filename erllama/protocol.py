@@ -107,6 +107,7 @@ class MsgType(enum.StrEnum):
     QUEUE_DEPTH = "queue_depth"
     CALL = "call"  # an operation answered by the model's worker (tokenize, detokenize, ...)
     CACHED_PREFIX_LEN = "cached_prefix_len"  # answered by the cache store, no worker hop
+    VRAM_INFO = "vram_info"  # answered by the broker (pynvml); no_gpu without one
     PING = "ping"
     # broker -> client (TOKEN, DONE, ERROR also flow worker -> broker)
     OK = "ok"
@@ -198,6 +199,7 @@ SCHEMA: Final[dict[MsgType, dict[str, Field]]] = {
     MsgType.QUEUE_DEPTH: {"id": _STR, "model": _OPT_STR},
     MsgType.CALL: {"id": _STR, "model": _STR, "op": _STR, "args": _OPT_MAP},
     MsgType.PING: {"id": _STR},
+    MsgType.VRAM_INFO: {"id": _STR},
     MsgType.CACHED_PREFIX_LEN: {"id": _STR, "model": _STR, "tokens": Field((list,))},
     # worker -> broker
     MsgType.READY: {"model": _STR, "pid": _INT, "slots": _INT, "info": _MAP},
@@ -227,6 +229,7 @@ CLIENT_TYPES: Final = frozenset(
         MsgType.QUEUE_DEPTH,
         MsgType.CALL,
         MsgType.CACHED_PREFIX_LEN,
+        MsgType.VRAM_INFO,
         MsgType.PING,
     }
 )
@@ -298,7 +301,7 @@ def validate(
             continue
         value = msg[name]
         # bool is an int subclass; an int field never accepts True/False.
-        if not isinstance(value, spec.types) or (isinstance(value, bool) and bool not in spec.types):
+        if not isinstance(value, spec.types) or (isinstance(value, bool) and int in spec.types):
             raise ErllamaError(ErrorCode.PROTOCOL_ERROR, f"{t.value}: field {name!r} has the wrong type")
         if isinstance(value, str) and name in ("id", "model", "target") and len(value) > MAX_ID_CHARS:
             raise ErllamaError(ErrorCode.PROTOCOL_ERROR, f"{t.value}: field {name!r} is too long")

@@ -59,15 +59,10 @@ class Backend(Protocol):
         """A sampler for one request. ``history`` (the prompt) primes repetition penalties, not the
         grammar. Raises ``BackendError("invalid_grammar")`` for a grammar that does not parse."""
 
-    def greedy_sampler(self) -> Sampler:
-        """A plain greedy sampler (tool-call syntax is sampled with it)."""
-
-    def sample(self, sampler: Sampler, logits_index: int) -> int:
-        """Sample one token from the logits at ``logits_index`` of the last decode, and record it
-        in the sampler's history."""
-
-    def accept(self, sampler: Sampler, token: int) -> None:
-        """Record a token chosen by another sampler in this one's history (repetition penalties)."""
+    def sample(self, sampler: Sampler, logits_index: int, greedy: bool = False) -> int:
+        """Sample one token from the logits at ``logits_index`` of the last decode and record it in
+        the sampler's state. ``greedy`` takes the most likely token the request's grammar and
+        penalties allow (tool-call syntax), instead of the request's own sampling."""
 
     def argmax(self, logits_index: int) -> int:
         """The most likely token at ``logits_index`` of the last decode (speculative verify)."""

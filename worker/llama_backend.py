@@ -62,6 +62,38 @@ def _init_llama() -> None:
         _initialized = True
 
 
+def _chain(samplers: Sequence[Any]) -> Any:
+    chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+    for s in samplers:
+        L.llama_sampler_chain_add(chain, s)
+    return chain
+
+
+class RequestSampler:
+    """A request's sampler chain, and on demand a greedy chain for tool-call syntax that shares the
+    same grammar and penalty samplers, so both paths see every token and the grammar's state."""
+
+    def __init__(self, chain: Any, shared: list[Any]):
+        self.chain = chain
+        self.shared = shared
+        self.greedy: Any = None
+
+    def chain_for(self, greedy: bool) -> Any:
+        if not greedy:
+            return self.chain
+        if self.greedy is None:
+            self.greedy = _chain(self.shared + [L.llama_sampler_init_greedy()])
+        return self.greedy
+
+    def free(self) -> None:
+        if self.greedy is not None:
+            # The shared samplers belong to the main chain: take them out before freeing this one.
+            for _ in self.shared:
+                L.llama_sampler_chain_remove(self.greedy, 0)
+            L.llama_sampler_free(self.greedy)
+        L.llama_sampler_free(self.chain)
+
+
 def _load_error(what: str) -> str:
     return f"{what}: {' | '.join(_recent_errors) or 'no message from llama.cpp'}"
 
@@ -172,51 +204,43 @@ class LlamaBackend:
             raise BackendError("decode_failed", f"llama_decode returned {rc}")
         return out
 
-    def new_sampler(self, params: SamplingParams, history: Sequence[int]) -> Any:
-        chain = L.llama_sampler_chain_init(L.llama_sampler_chain_default_params())
+    def new_sampler(self, params: SamplingParams, history: Sequence[int]) -> RequestSampler:
+        shared: list[Any] = []  # constraints that also guard the greedy path: grammar, penalties
         if params.grammar is not None:
             _recent_errors.clear()
             grammar = L.llama_sampler_init_grammar(self.vocab, params.grammar.encode(), b"root")
             if not grammar:
-                L.llama_sampler_free(chain)
                 raise BackendError("invalid_grammar", " | ".join(_recent_errors) or "the grammar does not parse")
-            L.llama_sampler_chain_add(chain, grammar)
+            shared.append(grammar)
         if params.repetition_penalty != 1.0:
             penalties = L.llama_sampler_init_penalties(PENALTY_WINDOW_TOKENS, params.repetition_penalty, 0.0, 0.0)
-            # Primed with the prompt before joining the chain: the grammar must not see the prompt.
+            # Primed with the prompt before joining a chain: the grammar must not see the prompt.
             for tok in history[-PENALTY_WINDOW_TOKENS:]:
                 L.llama_sampler_accept(penalties, tok)
-            L.llama_sampler_chain_add(chain, penalties)
-        if params.temperature == 0.0:
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_greedy())
-            return chain
-        if params.top_k > 0:
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_k(params.top_k))
-        if params.top_p < 1.0:
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_top_p(params.top_p, 1))
-        if params.min_p > 0.0:
-            L.llama_sampler_chain_add(chain, L.llama_sampler_init_min_p(params.min_p, 1))
-        L.llama_sampler_chain_add(chain, L.llama_sampler_init_temp(params.temperature))
-        seed = L.LLAMA_DEFAULT_SEED if params.seed is None else params.seed
-        L.llama_sampler_chain_add(chain, L.llama_sampler_init_dist(seed))
-        return chain
+            shared.append(penalties)
+        stages = [L.llama_sampler_init_greedy()]
+        if params.temperature > 0.0:
+            stages = []
+            if params.top_k > 0:
+                stages.append(L.llama_sampler_init_top_k(params.top_k))
+            if params.top_p < 1.0:
+                stages.append(L.llama_sampler_init_top_p(params.top_p, 1))
+            if params.min_p > 0.0:
+                stages.append(L.llama_sampler_init_min_p(params.min_p, 1))
+            seed = L.LLAMA_DEFAULT_SEED if params.seed is None else params.seed
+            stages += [L.llama_sampler_init_temp(params.temperature), L.llama_sampler_init_dist(seed)]
+        return RequestSampler(_chain(shared + stages), shared)
 
-    def sample(self, sampler: Any, logits_index: int) -> int:
-        # llama_sampler_sample also accepts the token into the chain (penalty history).
-        return int(L.llama_sampler_sample(sampler, self.ctx, logits_index))
-
-    def greedy_sampler(self) -> Any:
-        return L.llama_sampler_init_greedy()
-
-    def accept(self, sampler: Any, token: int) -> None:
-        L.llama_sampler_accept(sampler, token)
+    def sample(self, sampler: RequestSampler, logits_index: int, greedy: bool = False) -> int:
+        # llama_sampler_sample also accepts the token into the chain (grammar state, penalty history).
+        return int(L.llama_sampler_sample(sampler.chain_for(greedy), self.ctx, logits_index))
 
     def argmax(self, logits_index: int) -> int:
         logits = L.llama_get_logits_ith(self.ctx, logits_index)
         return int(np.argmax(np.ctypeslib.as_array(logits, shape=(self.n_vocab,))))
 
-    def free_sampler(self, sampler: Any) -> None:
-        L.llama_sampler_free(sampler)
+    def free_sampler(self, sampler: RequestSampler) -> None:
+        sampler.free()
 
     # --- embeddings and adapters ---------------------------------------------------------------------------
 

@@ -30,7 +30,7 @@ from erllama.cachestore.config import default_endpoint as default_cachestore_end
 from erllama.worker.fingerprint import file_sha256, fingerprint
 from erllama.worker.heartbeat import Heartbeat
 from erllama.worker.kvcache import CachePolicy, KVCache
-from erllama.worker.markers import MarkerSpec
+from erllama.worker.markers import MarkerSpec, marker_spellings
 from erllama.worker.service import WorkerService, connect
 
 log = logging.getLogger("erllama.worker")
@@ -66,6 +66,21 @@ def runtime_name(options: LoadOptions) -> str:
     import llama_cpp
 
     return f"llama-cpp-python {llama_cpp.__version__}"
+
+
+def load_markers(backend: Backend, options: LoadOptions) -> MarkerSpec:
+    """Tokenize the span markers: the tokenizer's spelling and every other exact spelling in the vocab."""
+    texts = [t.encode() for m in (options.thinking_markers, options.tool_call_markers) if m for t in m.values()]
+    pieces: dict[bytes, list[int]] = {}
+    for tok in range(backend.n_vocab):
+        piece = backend.token_bytes(tok)
+        if piece and any(piece in t for t in texts):
+            pieces.setdefault(piece, []).append(tok)
+
+    def spell(text: str) -> list[tuple[int, ...]]:
+        return marker_spellings(text, backend.tokenize(text, False, True), pieces)
+
+    return MarkerSpec.from_text(spell, options.thinking_markers, options.tool_call_markers)
 
 
 def fail_load(sock: zmq.Socket, ctx: zmq.Context, err: ErllamaError, model_id: str) -> int:
@@ -123,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         markers = None
         if options.thinking_markers or options.tool_call_markers:
-            markers = MarkerSpec.from_text(lambda s: backend.tokenize(s, False, True), options.thinking_markers,
-                                           options.tool_call_markers)  # fmt: skip
+            markers = load_markers(backend, options)
     except ErllamaError as err:
         return fail_load(sock, ctx, err, args.id)
     model_identity = model_hash(path, options)

@@ -178,21 +178,21 @@ class MarkerSpec:
     @classmethod
     def from_text(
         cls,
-        tokenize: Callable[[str], Sequence[int]],
+        tokenize: Callable[[str], Sequence[int] | Sequence[Sequence[int]]],
         thinking_markers: dict[str, str] | None = None,
         tool_call_markers: dict[str, str] | None = None,
     ) -> MarkerSpec:
         """From erllama-style load options: ``{"start", "end"}`` and ``{"start", "end",
-        "payload_start"?, "payload_end"?}``. ``tokenize`` should be the backend's
-        ``tokenize(text, add_special=False, parse_special=True)``. Bad options are ``invalid_params``."""
+        "payload_start"?, "payload_end"?}``. ``tokenize`` maps a marker's text to its token ids, or
+        to a list of alternative spellings (see ``marker_spellings``). Bad options are ``invalid_params``."""
 
-        def toks(opts: dict[str, str], key: str, name: str) -> TokenSeq | None:
+        def toks(opts: dict[str, str], key: str, name: str) -> Any:
             text = opts.get(key)
             if text is None:
                 return None
             if not isinstance(text, str) or not text:
                 raise ErllamaError(ErrorCode.INVALID_PARAMS, f"{name}.{key}: expected a non-empty string")
-            ids = tuple(tokenize(text))
+            ids = tokenize(text)
             if not ids:
                 raise ErllamaError(ErrorCode.INVALID_PARAMS, f"{name}.{key}: {text!r} tokenizes to nothing")
             return ids
@@ -250,6 +250,36 @@ def _table(markers: dict[MarkerKind, tuple[TokenSeq, ...]], kinds: Sequence[Mark
     full = {seq: k for k in kinds for seq in markers.get(k, ())}
     prefixes = frozenset(seq[:n] for seq in full for n in range(1, len(seq)))
     return _Table(full, prefixes)
+
+
+MAX_SPELLINGS = 512
+
+
+def marker_spellings(
+    text: str, canonical: Sequence[int], pieces: dict[bytes, list[int]], limit: int = MAX_SPELLINGS
+) -> list[TokenSeq]:
+    """Every token sequence that spells ``text`` exactly, the canonical tokenization first.
+
+    A model need not emit a marker the way the tokenizer would write it: sampling (a grammar
+    above all) can pick ``<`` ``th`` ``ink`` ``>`` where the tokenizer says ``<`` ``think`` ``>``.
+    A marker is therefore matched as any whole token sequence whose pieces concatenate to its
+    bytes. ``pieces`` maps token bytes to the ids that have them; the shortest spellings are kept
+    when there are more than ``limit``.
+    """
+    data = text.encode()
+    # paths[i]: the spellings of data[:i]
+    paths: list[list[TokenSeq]] = [[] for _ in range(len(data) + 1)]
+    paths[0] = [()]
+    for i in range(len(data)):
+        if not paths[i]:
+            continue
+        for j in range(i + 1, len(data) + 1):
+            for tok in pieces.get(data[i:j], ()):
+                paths[j].extend(p + (tok,) for p in paths[i])
+        paths[i + 1 :] = [sorted(ps, key=len)[: limit * 4] for ps in paths[i + 1 :]]
+    out = [tuple(canonical)] if canonical else []
+    out += [p for p in sorted(paths[-1], key=len) if p != tuple(canonical)]
+    return out[:limit]
 
 
 def sign_thinking(key: bytes, thinking: bytes) -> bytes:

@@ -33,7 +33,6 @@ class Request:
     generated: list[int] = field(default_factory=list)
     pending_token: int | None = None  # sampled, to be decoded next tick
     sampler: Sampler | None = None
-    greedy: Sampler | None = None  # for tool-call syntax, made on first use
     out: RequestOutput = field(default_factory=lambda: RequestOutput(TextStream()))
     cancelled: bool = False
     # the cache

@@ -93,7 +93,7 @@ class Scheduler:
                 {"max_tokens": params.max_tokens, "n_ctx": limit},
             )
         try:
-            sampler = self.backend.new_sampler(params, tokens)
+            sampler = self.backend.new_sampler(params, tokens)  # a grammar is parsed here
         except BackendError as exc:
             raise ErllamaError(ErrorCode.INVALID_GRAMMAR, exc.message) from None
         if params.session_id is not None:
@@ -245,13 +245,7 @@ class Scheduler:
             self._finish(req, FinishReason.LENGTH)
             return
         assert req.sampler is not None
-        if req.out.greedy_next:
-            req.greedy = req.greedy or self.backend.greedy_sampler()
-            tok = self.backend.sample(req.greedy, logits_index)
-            if req.params.grammar is None:  # a grammar would reject a token it did not choose itself
-                self.backend.accept(req.sampler, tok)
-        else:
-            tok = self.backend.sample(req.sampler, logits_index)
+        tok = self.backend.sample(req.sampler, logits_index, greedy=req.out.greedy_next)
         if not req.first_token_s:
             req.first_token_s = time.monotonic()
         if self.backend.is_eog(tok):
@@ -342,10 +336,9 @@ class Scheduler:
     def _release(self, req: Request, kv_valid: bool = True) -> None:
         """Free what a request held. A session keeps its sequence, holding the committed tokens."""
         self.running.pop(req.rid, None)
-        for sampler in (req.sampler, req.greedy):
-            if sampler is not None:
-                self.backend.free_sampler(sampler)
-        req.sampler = req.greedy = None
+        if req.sampler is not None:
+            self.backend.free_sampler(req.sampler)
+            req.sampler = None
         sid = req.params.session_id
         if req.seq_id < 0:
             if sid is not None:

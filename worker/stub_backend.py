@@ -91,19 +91,13 @@ class StubBackend:
             seed = params.seed
         return StubSampler(greedy=params.temperature == 0.0, seed=seed)
 
-    def sample(self, sampler: StubSampler, logits_index: int) -> int:
+    def sample(self, sampler: StubSampler, logits_index: int, greedy: bool = False) -> int:
         history = self._logits[logits_index]
         h = hashlib.blake2b(struct.pack(f"<{len(history)}I", *history), digest_size=8)
-        if not sampler.greedy:
+        if not (sampler.greedy or greedy):
             h.update(struct.pack("<II", sampler.seed, sampler.draws))
         sampler.draws += 1
         return BYTE_BASE + ALPHABET[h.digest()[0] % len(ALPHABET)]
-
-    def greedy_sampler(self) -> StubSampler:
-        return StubSampler(greedy=True, seed=0)
-
-    def accept(self, sampler: StubSampler, token: int) -> None:
-        pass
 
     def argmax(self, logits_index: int) -> int:
         return self.sample(StubSampler(greedy=True, seed=0), logits_index)
