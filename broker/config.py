@@ -15,6 +15,12 @@ Example ``erllama.toml``::
     # enabled = false                 # serve without a KV cache
     # endpoint = "ipc:///path/cs.sock" # use a store someone else runs instead of spawning one
 
+    [pressure]                        # off by default: evict cache rows when memory runs short
+    enabled = true
+    source = "system"                 # system (RAM, psutil) or nvidia (VRAM, pynvml)
+    high_watermark = 0.90             # start evicting at 90% used ...
+    low_watermark = 0.80              # ... until about 80% is used
+
     [[models]]
     id = "smollm2-135m"
     # path omitted: the embedded default model
@@ -36,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from erllama.broker.pressure import PressureConfig
 from erllama.options import parse_load_options, validate_model_id
 from erllama.protocol import DEFAULT_MODEL_ID, ErllamaError, ErrorCode
 from erllama.transport import (
@@ -83,6 +90,7 @@ class BrokerConfig:
     log_level: str = "INFO"
     models: list[ModelSpec] = field(default_factory=list)
     cache: CacheStoreSettings = field(default_factory=CacheStoreSettings)
+    pressure: PressureConfig = field(default_factory=PressureConfig)
 
     @property
     def worker_endpoint(self) -> str:
@@ -145,7 +153,16 @@ def build_config(
         log_level=log_level or section.get("log_level", "INFO"),
         models=models,
         cache=cache,
+        pressure=_pressure(file_cfg.get("pressure", {})),
     )
+
+
+def _pressure(raw: dict[str, Any]) -> PressureConfig:
+    known = {f for f in PressureConfig.__dataclass_fields__}
+    unknown = set(raw) - known
+    if unknown:
+        raise ErllamaError(ErrorCode.INVALID_PARAMS, f"unknown [pressure] keys: {', '.join(sorted(unknown))}")
+    return PressureConfig(**raw).validate()
 
 
 def _cache_settings(raw: dict[str, Any]) -> CacheStoreSettings:

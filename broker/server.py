@@ -27,6 +27,8 @@ from erllama import protocol
 from erllama.broker.config import BrokerConfig
 from erllama.broker.queues import ModelQueue, QueueTotals, Request
 from erllama.broker.registry import ModelEntry, Waiter
+from erllama.broker.pressure import PressureWatcher
+from erllama.cachestore.client import CacheClient
 from erllama.resources import vram_info
 from erllama.broker.supervisor import (
     TERMINATE_GRACE_S,
@@ -73,6 +75,8 @@ class Broker:
         self.cachestore_restart_at_s = 0.0
         self.cache_sock: zmq.Socket | None = None  # our own questions to the store (cached_prefix_len)
         self.cache_queries: dict[int, tuple[Waiter, float]] = {}  # rid -> who asked, deadline
+        self.pressure: PressureWatcher | None = None
+        self._pressure_client: CacheClient | None = None  # used only from the watcher's thread
         self.totals = QueueTotals()
         self._rids = itertools.count(1)
         self.stopping = False
@@ -93,7 +97,8 @@ class Broker:
             MsgType.QUEUE_DEPTH: self._on_queue_depth,
             MsgType.CALL: self._on_call,
             MsgType.CACHED_PREFIX_LEN: self._on_cached_prefix_len,
-            MsgType.PING: lambda c, m: self._reply(c, m["id"], {"pid": os.getpid(), "models": len(self.models)}),
+            MsgType.PING: lambda c, m: self._reply(c, m["id"], {"pid": os.getpid(), "models": len(self.models),
+                                                                 "pressure": self.pressure.status() if self.pressure else None}),
             MsgType.VRAM_INFO: lambda c, m: self._reply(c, m["id"], vram_info()),
         }
 
@@ -116,6 +121,9 @@ class Broker:
             self.cache_sock = make_socket(self.ctx, zmq.DEALER, protocol.MAX_CACHE_CONTROL_BYTES)
             self.cache_sock.connect(self.cfg.cachestore_endpoint)
             self.poller.register(self.cache_sock, zmq.POLLIN)
+            if self.cfg.pressure.enabled:
+                self.pressure = PressureWatcher(self.cfg.pressure, self._evict_cache_bytes)
+                self.pressure.start()
         for spec in self.cfg.models:
             self._create(spec.model_id, spec.path, spec.options, waiter=None)
 
@@ -166,6 +174,8 @@ class Broker:
                 self._reap(entry.worker)
         for rid in list(self.requests):
             self._fail(rid, ErllamaError(ErrorCode.SHUTTING_DOWN, "the broker is shutting down"))
+        if self.pressure is not None:
+            self.pressure.stop()
         self._stop_cachestore()
         for sock in (self.front, self.back, self.cache_sock):
             if sock is not None:
@@ -332,6 +342,12 @@ class Broker:
         self.cachestore_restart.record_crash(time.monotonic())
         self.cachestore_restart_at_s = time.monotonic() + self.cachestore_restart.next_delay()
         log.error("the cache store died (%s); restarting it", {k: v for k, v in detail.items() if k != "stderr_tail"})
+
+    def _evict_cache_bytes(self, nbytes: int) -> int:
+        """The memory-pressure watcher's hand on the cache (called from its thread, with its own socket)."""
+        if self._pressure_client is None:
+            self._pressure_client = CacheClient(self.cfg.cachestore_endpoint)
+        return self._pressure_client.evict_bytes(nbytes)
 
     def _stop_cachestore(self) -> None:
         """Last, after the workers: their shutdown saves must reach it. SIGTERM lets it spill RAM rows."""
