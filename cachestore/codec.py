@@ -154,9 +154,18 @@ def encode_head(
     """Header, fingerprint, tokens and padding of a new row, with checksum 0 and no hits yet."""
     check_identity(fingerprint, token_bytes)
     fixed = _HEADER.pack(
-        MAGIC, FORMAT_VERSION, REASON_CODES[reason], len(fingerprint), len(token_bytes) // 4, 0,
-        payload_len, created_ns, 0, 0, created_ns,
-    )  # fmt: skip
+        MAGIC,
+        FORMAT_VERSION,
+        REASON_CODES[reason],
+        len(fingerprint),
+        len(token_bytes) // 4,
+        0,
+        payload_len,
+        created_ns,
+        0,
+        0,
+        created_ns,
+    )
     body = fixed + fingerprint + token_bytes
     return body + bytes(payload_offset(len(fingerprint), len(token_bytes) // 4) - len(body))
 
@@ -194,7 +203,9 @@ def parse_head(buf: bytes | memoryview | mmap.mmap) -> RowHeader:
         end = _head_length(view[:HEADER_BYTES])
         if len(view) < end:
             raise CorruptRow("row shorter than its head")
-        _, _, reason_code, fp_len, n_tokens, reserved, plen, created, crc, hits, used = _HEADER.unpack_from(view)
+        _, _, reason_code, fp_len, n_tokens, reserved, plen, created, crc, hits, used = _HEADER.unpack_from(
+            view
+        )
         reason = _REASONS_BY_CODE.get(reason_code)
         if reason is None or reserved != 0:
             raise CorruptRow("bad save reason or reserved field")
@@ -202,7 +213,9 @@ def parse_head(buf: bytes | memoryview | mmap.mmap) -> RowHeader:
         tokens_end = HEADER_BYTES + fp_len + 4 * n_tokens
         if any(view[tokens_end:end]):
             raise CorruptRow("non-zero padding")
-        return RowHeader(reason, fp, bytes(view[HEADER_BYTES + fp_len : tokens_end]), plen, created, crc, hits, used)
+        return RowHeader(
+            reason, fp, bytes(view[HEADER_BYTES + fp_len : tokens_end]), plen, created, crc, hits, used
+        )
     finally:
         view.release()
 

@@ -29,7 +29,9 @@ SHUTDOWN_SPILL_BUDGET_S: Final = 10.0  # SIGTERM: time allowed to copy RAM rows 
 
 def default_endpoint() -> str:
     """``$ERLLAMA_CACHESTORE``, else ``ipc://<runtime dir>/cachestore.sock``."""
-    return os.environ.get(CACHESTORE_ENDPOINT_ENV) or ipc_endpoint(default_runtime_dir(), CACHESTORE_SOCKET_NAME)
+    return os.environ.get(CACHESTORE_ENDPOINT_ENV) or ipc_endpoint(
+        default_runtime_dir(), CACHESTORE_SOCKET_NAME
+    )
 
 
 def default_disk_dir() -> Path:
@@ -73,3 +75,12 @@ class StoreConfig:
 def auto_shm_budget(fs_free_bytes: int, own_bytes: int) -> int:
     """The default shm budget: half of what the filesystem could give us (our own rows included)."""
     return min(DEFAULT_SHM_MAX_BYTES, (fs_free_bytes + own_bytes) // 2)
+
+
+def parse_size(text: str) -> int:
+    """Bytes, with an optional K/M/G/T suffix (powers of 1024): ``512M``, ``4G``, ``1.5GiB``."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)

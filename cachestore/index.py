@@ -43,6 +43,7 @@ class RowEntry:
     tier: CacheTier
     path: str  # what readers open: the file, or /proc/<daemon>/fd/<memfd> for the RAM tier
     fd: int = -1  # the memfd holding a RAM-tier row
+    ino: int = 0  # inode of the row's file or memfd
     verified: bool = False
     state: RowState = RowState.READY
     leases: int = 0
@@ -220,15 +221,17 @@ class Index:
             del self._trees[entry.fingerprint]
         return entry
 
-    def relocate(self, entry: RowEntry, tier: CacheTier, path: str, fd: int) -> None:
+    def relocate(self, entry: RowEntry, tier: CacheTier, path: str, fd: int, ino: int) -> None:
         del self.by_tier[entry.tier][entry.key]
-        entry.tier, entry.path, entry.fd = tier, path, fd
+        entry.tier, entry.path, entry.fd, entry.ino = tier, path, fd, ino
         self.by_tier[tier][entry.key] = entry
 
     def in_tier(self, tier: CacheTier) -> Iterator[RowEntry]:
         return iter(self.by_tier[tier].values())
 
-    def longest_prefix(self, fingerprint: bytes, token_bytes: bytes, min_len: int) -> tuple[RowEntry, int] | None:
+    def longest_prefix(
+        self, fingerprint: bytes, token_bytes: bytes, min_len: int
+    ) -> tuple[RowEntry, int] | None:
         tree = self._trees.get(fingerprint)
         if tree is None:
             return None

@@ -15,11 +15,17 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
-from erllama.cachestore.codec import encode_head, head_checksum, payload_offset, row_key_bytes, check_identity
+from erllama.cachestore.codec import (
+    RowHeader,
+    check_identity,
+    encode_head,
+    head_checksum,
+    payload_offset,
+    row_key_bytes,
+)
 from erllama.cachestore.index import RowEntry
 from erllama.cachestore.storage import Location, TempRow
 from erllama.cachestore.store import Replier, Store, as_error, entry_from_header
-from erllama.cachestore.codec import RowHeader
 from erllama.protocol import (
     MAX_CACHE_PAYLOAD_BYTES,
     CacheTier,
@@ -63,9 +69,15 @@ class Publisher:
         self.by_key: dict[bytes, Reservation] = {}
 
     def reserve(
-        self, reply: Replier, fingerprint: bytes, token_bytes: bytes, payload_len: int, reason: str, pid: int,
+        self,
+        reply: Replier,
+        fingerprint: bytes,
+        token_bytes: bytes,
+        payload_len: int,
+        reason: str,
+        pid: int,
         tier: str | None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         store = self.store
         check_identity(fingerprint, token_bytes)
         try:
@@ -93,11 +105,21 @@ class Publisher:
         where = store.tiers.place(size, store.index, preferred)
         if where is None:
             store.counters.saves_dropped += 1
-            raise ErllamaError(ErrorCode.OVER_BUDGET, f"no tier can take a row of {size} bytes", {"size": size})
+            raise ErllamaError(
+                ErrorCode.OVER_BUDGET, f"no tier can take a row of {size} bytes", {"size": size}
+            )
         res = Reservation(
-            next(store.ids), key, where, size, offset, payload_len, save_reason, reply.ident, pid,
+            next(store.ids),
+            key,
+            where,
+            size,
+            offset,
+            payload_len,
+            save_reason,
+            reply.ident,
+            pid,
             time.monotonic() + store.config.reservation_ttl_s,
-        )  # fmt: skip
+        )
         self.by_id[res.res_id] = res
         self.by_key[key] = res
         store.procs.register(pid)
@@ -120,10 +142,17 @@ class Publisher:
             res.state = ResState.OPEN
             res.deadline = time.monotonic() + store.config.reservation_ttl_s
             reply.ok(
-                status=ReserveStatus.RESERVED.value, key=key, res=res.res_id, tier=where.value,
-                path=res.temp.path, offset=offset, size=size, head_crc=head_checksum(head),
+                status=ReserveStatus.RESERVED.value,
+                key=key,
+                res=res.res_id,
+                tier=where.value,
+                path=res.temp.path,
+                ino=res.temp.ino,
+                offset=offset,
+                size=size,
+                head_crc=head_checksum(head),
                 ttl_s=store.config.reservation_ttl_s,
-            )  # fmt: skip
+            )
 
         store.submit(store.storage.create_temp, created, where, key, f"r{res.res_id}", size, head)
         store.relieve()
@@ -136,7 +165,9 @@ class Publisher:
         if res.ident != reply.ident:
             raise ErllamaError(ErrorCode.CONFLICT, "this reservation belongs to another client")
         if inline is not None and len(inline) != res.payload_len:
-            raise ErllamaError(ErrorCode.INVALID_PARAMS, f"inline payload is {len(inline)} bytes, not {res.payload_len}")
+            raise ErllamaError(
+                ErrorCode.INVALID_PARAMS, f"inline payload is {len(inline)} bytes, not {res.payload_len}"
+            )
         res.state = ResState.COMMITTING
         temp = res.temp
 
@@ -156,9 +187,13 @@ class Publisher:
             store.relieve()
 
         store.submit(
-            store.storage.publish, published, temp, res.key, expected_crc=crc,
+            store.storage.publish,
+            published,
+            temp,
+            res.key,
+            expected_crc=crc,
             inline=(res.payload_offset, inline) if inline is not None else None,
-        )  # fmt: skip
+        )
 
     def abort(self, reply: Replier, res_id: int) -> None:
         res = self.by_id.get(res_id)
@@ -180,7 +215,9 @@ class Publisher:
                 self._expire(res, "writer died")
 
     def drop_client(self, ident: bytes) -> None:
-        for res in [r for r in self.by_id.values() if r.ident == ident and r.state is not ResState.COMMITTING]:
+        for res in [
+            r for r in self.by_id.values() if r.ident == ident and r.state is not ResState.COMMITTING
+        ]:
             self._expire(res, "writer said bye")
 
     def holders(self) -> set[int]:

@@ -23,10 +23,15 @@ from typing import Any, Final
 import zmq
 
 from erllama.cachestore.codec import encode_usage
-from erllama.cachestore.config import SHUTDOWN_SPILL_BUDGET_S, SWEEP_INTERVAL_S, USAGE_FLUSH_INTERVAL_S, StoreConfig
+from erllama.cachestore.config import (
+    SHUTDOWN_SPILL_BUDGET_S,
+    SWEEP_INTERVAL_S,
+    USAGE_FLUSH_INTERVAL_S,
+    StoreConfig,
+)
 from erllama.cachestore.publish import Publisher
-from erllama.cachestore.store import Store
 from erllama.cachestore.storage import Storage
+from erllama.cachestore.store import Store
 from erllama.cachestore.tiers import TIER_ORDER, eviction_order
 from erllama.protocol import (
     CACHE_REQUEST_TYPES,
@@ -99,7 +104,9 @@ class CacheServer:
 
     # --- background work ---------------------------------------------------------------------------------
 
-    def submit(self, fn: Callable[..., Any], on_done: Callable[[Future[Any]], None], *args: Any, **kw: Any) -> None:
+    def submit(
+        self, fn: Callable[..., Any], on_done: Callable[[Future[Any]], None], *args: Any, **kw: Any
+    ) -> None:
         """Run ``fn`` on an I/O thread; ``on_done(future)`` then runs on the loop thread."""
         self._pending += 1
         fut = self._pool.submit(fn, *args, **kw)
@@ -135,28 +142,36 @@ class CacheServer:
     # --- messages ----------------------------------------------------------------------------------------
 
     def send(self, ident: bytes, ctrl: bytes, frame: Any = None) -> None:
-        assert self._sock is not None
+        if self._sock is None:  # shutting down: work finishing now has nobody to answer
+            return
         parts = [ident, ctrl] if frame is None else [ident, ctrl, frame]
         try:
-            self._sock.send_multipart(parts, copy=frame is None)
-        except zmq.ZMQError as exc:  # EHOSTUNREACH: the client went away; its leases die with it
-            log.debug("reply to a departed client dropped: %s", exc)
+            # Never block the loop on one client that stopped reading (its queue is full).
+            self._sock.send_multipart(parts, zmq.NOBLOCK, copy=frame is None)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: it went away (its leases die with it); EAGAIN: stuck
+            log.debug("reply dropped: %s", exc)
 
     def _on_message(self, frames: list[zmq.Frame]) -> None:
         ident = frames[0].bytes
         reply = _Reply(self, ident, None)
         try:
             if len(frames) not in (2, 3):
-                raise ErllamaError(ErrorCode.PROTOCOL_ERROR, "a request is one map and at most one payload frame")
+                raise ErllamaError(
+                    ErrorCode.PROTOCOL_ERROR, "a request is one map and at most one payload frame"
+                )
             if len(frames[1]) > MAX_CACHE_CONTROL_BYTES:
-                raise ErllamaError(ErrorCode.PROTOCOL_ERROR, f"control frame over {MAX_CACHE_CONTROL_BYTES} bytes")
+                raise ErllamaError(
+                    ErrorCode.PROTOCOL_ERROR, f"control frame over {MAX_CACHE_CONTROL_BYTES} bytes"
+                )
             msg = decode(frames[1].buffer)
             if isinstance(msg.get("rid"), int) and not isinstance(msg.get("rid"), bool):
                 reply.rid = msg["rid"]
             t = validate(msg, CACHE_REQUEST_TYPES, CACHE_SCHEMA)
             payload = frames[2].buffer if len(frames) == 3 else None
             if (payload is not None) != (t is CacheMsgType.COMMIT and bool(msg.get("inline"))):
-                raise ErllamaError(ErrorCode.PROTOCOL_ERROR, "a payload frame goes with an inline commit only")
+                raise ErllamaError(
+                    ErrorCode.PROTOCOL_ERROR, "a payload frame goes with an inline commit only"
+                )
             self._handlers[t](reply, msg, payload)
         except ErllamaError as err:
             if err.code == ErrorCode.PROTOCOL_ERROR:
@@ -185,10 +200,14 @@ class CacheServer:
     def stats(self) -> dict[str, Any]:
         snap = self.store.snapshot()
         snap.update(
-            pid=os.getpid(), endpoint=self.config.endpoint, uptime_s=round(time.monotonic() - self._started, 3),
-            reservations=len(self.publisher.by_id), min_prefix_tokens=self.config.min_prefix_tokens,
+            pid=os.getpid(),
+            endpoint=self.config.endpoint,
+            uptime_s=round(time.monotonic() - self._started, 3),
+            reservations=len(self.publisher.by_id),
+            min_prefix_tokens=self.config.min_prefix_tokens,
+            pending_io=self._pending,
             protocol=PROTOCOL_VERSION,
-        )  # fmt: skip
+        )
         return snap
 
     # --- life cycle --------------------------------------------------------------------------------------
@@ -216,8 +235,12 @@ class CacheServer:
         self._run_completions()
         self._sock = make_socket(self._ctx, zmq.ROUTER, MAX_CACHE_PAYLOAD_BYTES)
         self._sock.bind(self.config.endpoint)
-        log.info("cache store serving on %s (pid %d): %s", self.config.endpoint, os.getpid(),
-                 {t.value: self.store.tiers[t].snapshot() for t in TIER_ORDER})  # fmt: skip
+        log.info(
+            "cache store serving on %s (pid %d): %s",
+            self.config.endpoint,
+            os.getpid(),
+            {t.value: self.store.tiers[t].snapshot() for t in TIER_ORDER},
+        )
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from a signal handler)."""
@@ -277,6 +300,8 @@ class CacheServer:
         self.store.flush_usage(wait=True)
         self._pool.shutdown(wait=True)
         self._ctx.term()
+        if self.config.endpoint.startswith("ipc://"):  # we hold its lock: the socket file is ours
+            Path(self.config.endpoint[len("ipc://") :]).unlink(missing_ok=True)
         for lock in self._locks:
             lock.release()
         os.close(self._wake_r)
@@ -287,12 +312,17 @@ class CacheServer:
         for entry in reversed(eviction_order(store.index, CacheTier.RAM, time.time_ns())):  # hottest first
             if time.monotonic() >= deadline:
                 break
-            dest = next((t for t in (CacheTier.SHM, CacheTier.DISK) if store.tiers[t].free() >= entry.size), None)
+            # Disk first: it also survives a reboot, and the page cache keeps it fast after a restart.
+            dest = next(
+                (t for t in (CacheTier.DISK, CacheTier.SHM) if store.tiers[t].free() >= entry.size), None
+            )
             if dest is None:
                 continue
             try:
                 usage = encode_usage(entry.hits, entry.last_used_ns)
-                store.storage.copy_row(store.location(entry), dest, entry.key, entry.size, usage, "spill", verify=False)
+                store.storage.copy_row(
+                    store.location(entry), dest, entry.key, entry.size, usage, "spill", verify=False
+                )
             except (OSError, ErllamaError) as exc:
                 log.warning("could not keep RAM row %s: %s", entry.key.hex()[:16], exc)
                 continue

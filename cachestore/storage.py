@@ -47,6 +47,7 @@ class Location:
     tier: CacheTier
     path: str
     fd: int = -1
+    ino: int = 0  # the inode: a reader checks it opened this row, a delete that the path still is it
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,10 @@ class TempRow:
     tier: CacheTier
     path: str
     fd: int
+
+    @property
+    def ino(self) -> int:
+        return os.fstat(self.fd).st_ino
 
 
 def _memfd_path(fd: int) -> str:
@@ -130,9 +135,14 @@ class Storage:
                 pass
 
     def publish(
-        self, temp: TempRow, key: bytes, *, verify: bool = True, expected_crc: int | None = None,
+        self,
+        temp: TempRow,
+        key: bytes,
+        *,
+        verify: bool = True,
+        expected_crc: int | None = None,
         inline: tuple[int, memoryview] | None = None,
-    ) -> tuple[Location, RowHeader]:  # fmt: skip
+    ) -> tuple[Location, RowHeader]:
         """Verify the temp and make it the row ``key`` (atomically visible; durable on disk). ``inline`` =
         (payload offset, payload) writes a payload sent as a frame first. On any failure the temp is
         discarded and the error raised."""
@@ -152,17 +162,22 @@ class Storage:
                     raise CorruptRow("the writer still maps the row writable at commit") from None
             # A copy of a verified row made by the kernel is not re-checked: that would double its cost.
             use_mmap = temp.tier is not CacheTier.DISK
-            header = verify_fd(temp.fd, key, use_mmap=use_mmap, expected_crc=expected_crc) if verify else read_head(temp.fd)
+            header = (
+                verify_fd(temp.fd, key, use_mmap=use_mmap, expected_crc=expected_crc)
+                if verify
+                else read_head(temp.fd)
+            )
             if temp.tier is CacheTier.RAM:
-                return Location(temp.tier, temp.path, temp.fd), header
+                return Location(temp.tier, temp.path, temp.fd, temp.ino), header
             if temp.tier is CacheTier.DISK:
                 os.fsync(temp.fd)
             final = self.final_path(temp.tier, key)
+            ino = temp.ino
             os.replace(temp.path, final)
             if temp.tier is CacheTier.DISK:
                 self._fsync_dir(final.parent)
             os.close(temp.fd)
-            return Location(temp.tier, str(final)), header
+            return Location(temp.tier, str(final), ino=ino), header
         except BaseException:
             self.discard(temp)
             raise
@@ -199,6 +214,9 @@ class Storage:
             os.close(loc.fd)
             return
         try:
+            # The same key may have been stored again at this path since this delete was queued.
+            if loc.ino and os.stat(loc.path).st_ino != loc.ino:
+                return
             os.unlink(loc.path)
         except FileNotFoundError:
             pass
@@ -257,10 +275,10 @@ class Storage:
         st = os.statvfs(self.dirs[tier])
         return st.f_bavail * st.f_frsize
 
-    def scan(self, tier: CacheTier) -> tuple[list[tuple[RowHeader, str]], int]:
+    def scan(self, tier: CacheTier) -> tuple[list[tuple[RowHeader, Location]], int]:
         """Every valid row file of a tier (head, key and size checked; the payload checksum is checked
         on first load) and how many bad ones were deleted."""
-        found: list[tuple[RowHeader, str]] = []
+        found: list[tuple[RowHeader, Location]] = []
         bad = 0
         with os.scandir(self.dirs[tier]) as it:
             for de in it:
@@ -270,12 +288,12 @@ class Storage:
                     fd = os.open(de.path, os.O_RDONLY | os.O_CLOEXEC)
                     try:
                         header = read_head(fd)
-                        size = os.fstat(fd).st_size
+                        st = os.fstat(fd)
                     finally:
                         os.close(fd)
-                    if size != header.size or de.name != f"{header.key.hex()}{ROW_SUFFIX}":
+                    if st.st_size != header.size or de.name != f"{header.key.hex()}{ROW_SUFFIX}":
                         raise CorruptRow("size or name does not match the row's header")
-                    found.append((header, de.path))
+                    found.append((header, Location(tier, de.path, ino=st.st_ino)))
                 except (CorruptRow, OSError) as exc:
                     log.warning("deleting bad row file %s: %s", de.path, exc)
                     bad += 1

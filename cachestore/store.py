@@ -12,14 +12,12 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
-from typing import Any, Final, Protocol
-
-import psutil
+from typing import Any, Protocol
 
 from erllama.cachestore.codec import CorruptRow, RowHeader, encode_usage
 from erllama.cachestore.config import SHM_TIER_MIN_BYTES, StoreConfig, auto_shm_budget
 from erllama.cachestore.index import Index, RowEntry, RowState
+from erllama.cachestore.leases import Lease, ProcessWatch
 from erllama.cachestore.stats import Counters
 from erllama.cachestore.storage import Location, Storage, io_error
 from erllama.cachestore.tiers import TIER_ORDER, Tiers, TierState, eviction_order
@@ -40,76 +38,62 @@ class Replier(Protocol):
     def error(self, err: ErllamaError) -> None: ...
 
 
-@dataclass(slots=True)
-class Lease:
-    lease_id: int
-    key: bytes
-    ident: bytes
-    pid: int
-    expires_at: float  # time.monotonic()
-
-
-class ProcessWatch:
-    """Which client processes are alive. The start time recorded at first sight catches pid reuse."""
-
-    def __init__(self) -> None:
-        self._started: dict[int, float] = {}
-
-    def register(self, pid: int) -> None:
-        if pid not in self._started:
-            try:
-                self._started[pid] = psutil.Process(pid).create_time()
-            except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-                self._started[pid] = -1.0  # unknown (another pid namespace): trust TTLs only
-
-    def alive(self, pid: int) -> bool:
-        started = self._started.get(pid, -1.0)
-        if started < 0:
-            return True
-        try:
-            proc = psutil.Process(pid)
-            return proc.create_time() == started and proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-        except psutil.AccessDenied:
-            return True
-
-    def forget(self, keep: set[int]) -> None:
-        for pid in [p for p in self._started if p not in keep]:
-            del self._started[pid]
-
-
 def entry_from_header(header: RowHeader, loc: Location, *, verified: bool) -> RowEntry:
     return RowEntry(
-        key=header.key, fingerprint=header.fingerprint, token_bytes=header.token_bytes, size=header.size,
-        payload_offset=header.payload_offset, payload_len=header.payload_len, reason=header.reason,
-        created_ns=header.created_ns, hits=header.hits, last_used_ns=header.last_used_ns,
-        tier=loc.tier, path=loc.path, fd=loc.fd, verified=verified,
-    )  # fmt: skip
+        key=header.key,
+        fingerprint=header.fingerprint,
+        token_bytes=header.token_bytes,
+        size=header.size,
+        payload_offset=header.payload_offset,
+        payload_len=header.payload_len,
+        reason=header.reason,
+        created_ns=header.created_ns,
+        hits=header.hits,
+        last_used_ns=header.last_used_ns,
+        tier=loc.tier,
+        path=loc.path,
+        fd=loc.fd,
+        ino=loc.ino,
+        verified=verified,
+    )
 
 
 def row_fields(entry: RowEntry) -> dict[str, Any]:
     """How a row is described on the wire."""
     return {
-        "key": entry.key, "tier": entry.tier.value, "row_tokens": entry.n_tokens, "size": entry.size,
-        "payload_len": entry.payload_len, "hits": entry.hits, "reason": entry.reason.value,
-        "created_ns": entry.created_ns, "last_used_ns": entry.last_used_ns,
-    }  # fmt: skip
+        "key": entry.key,
+        "tier": entry.tier.value,
+        "row_tokens": entry.n_tokens,
+        "size": entry.size,
+        "payload_len": entry.payload_len,
+        "hits": entry.hits,
+        "reason": entry.reason.value,
+        "created_ns": entry.created_ns,
+        "last_used_ns": entry.last_used_ns,
+    }
 
 
 class Store:
-    def __init__(self, config: StoreConfig, storage: Storage, submit: Submit, ram_row_limit: int | None = None):
+    """The daemon's state: rows, tiers, leases and the rules that move rows between tiers."""
+
+    def __init__(
+        self, config: StoreConfig, storage: Storage, submit: Submit, ram_row_limit: int | None = None
+    ):
         self.config = config
         self.storage = storage
         self.submit = submit
         self.index = Index()
         self.counters = Counters()
         shm_on = CacheTier.SHM in storage.dirs
-        self.tiers = Tiers({
-            CacheTier.RAM: TierState(CacheTier.RAM, config.ram_bytes, config.ram_bytes > 0, ram_row_limit),
-            CacheTier.SHM: TierState(CacheTier.SHM, config.shm_bytes or 0, shm_on),
-            CacheTier.DISK: TierState(CacheTier.DISK, config.disk_bytes, config.disk_bytes > 0),
-        })  # fmt: skip
+        self.tiers = Tiers(
+            {
+                CacheTier.RAM: TierState(
+                    CacheTier.RAM, config.ram_bytes, config.ram_bytes > 0, ram_row_limit
+                ),
+                CacheTier.SHM: TierState(CacheTier.SHM, config.shm_bytes or 0, shm_on),
+                CacheTier.DISK: TierState(CacheTier.DISK, config.disk_bytes, config.disk_bytes > 0),
+            }
+        )
         self.leases: dict[int, Lease] = {}
         self.procs = ProcessWatch()
         self.ids = itertools.count(1)
@@ -135,30 +119,44 @@ class Store:
                 continue
             found, bad = self.storage.scan(tier)
             self.counters.corrupt_rows += bad
-            for header, path in found:
+            for header, loc in found:
                 if header.key in self.index:  # a move was cut short: keep the hotter copy
-                    self.submit(self.storage.delete, _ignore, Location(tier, path))
+                    self.submit(self.storage.delete, _ignore, loc)
                     continue
-                entry = entry_from_header(header, Location(tier, path), verified=False)
+                entry = entry_from_header(header, loc, verified=False)
                 self.index.add(entry)
                 self.tiers[tier].add_row(entry.size)
-            log.info("%s tier: %d rows, %d bytes restored, %d bad files deleted",
-                     tier.value, self.tiers[tier].rows, self.tiers[tier].rows_bytes, bad)  # fmt: skip
+            log.info(
+                "%s tier: %d rows, %d bytes restored, %d bad files deleted",
+                tier.value,
+                self.tiers[tier].rows,
+                self.tiers[tier].rows_bytes,
+                bad,
+            )
         shm = self.tiers[CacheTier.SHM]
-        if shm.enabled:
-            fs_free = self.storage.fs_free_bytes(CacheTier.SHM)
+        if CacheTier.SHM not in self.storage.dirs or self.config.shm_bytes == 0:
+            shm.enabled = False
+        elif shm.enabled:
+            fs_room = self.storage.fs_free_bytes(CacheTier.SHM) + shm.rows_bytes
             if self.config.shm_bytes is None:
-                shm.budget = auto_shm_budget(fs_free, shm.rows_bytes)
-            elif self.config.shm_bytes > fs_free + shm.rows_bytes:
-                shm.budget = fs_free + shm.rows_bytes
-                log.warning("shm budget clamped to %d bytes: that is all %s can hold",
-                            shm.budget, self.storage.dirs[CacheTier.SHM])  # fmt: skip
-            if shm.budget < SHM_TIER_MIN_BYTES:
+                shm.budget = auto_shm_budget(fs_room - shm.rows_bytes, shm.rows_bytes)
+                if shm.budget < SHM_TIER_MIN_BYTES:
+                    log.warning(
+                        "shm tier off: %s offers %d bytes (minimum %d); running on RAM + disk. "
+                        "In a container, "
+                        "raise --shm-size",
+                        self.storage.dirs[CacheTier.SHM],
+                        shm.budget,
+                        SHM_TIER_MIN_BYTES,
+                    )
+                    shm.enabled = False
+            elif self.config.shm_bytes > fs_room:
+                shm.budget = fs_room
                 log.warning(
-                    "shm tier off: %s offers only %d bytes (minimum %d); running on RAM + disk. In a container, "
-                    "raise --shm-size", self.storage.dirs[CacheTier.SHM], shm.budget, SHM_TIER_MIN_BYTES,
-                )  # fmt: skip
-                shm.enabled = False
+                    "shm budget clamped to %d bytes: that is all %s can hold",
+                    shm.budget,
+                    self.storage.dirs[CacheTier.SHM],
+                )
         self.relieve()
 
     # --- lookups -----------------------------------------------------------------------------------------
@@ -179,7 +177,14 @@ class Store:
             reply.ok(hit=None)
             return
         entry, common = found
-        reply.ok(hit={"key": entry.key, "row_tokens": entry.n_tokens, "common_len": common, "tier": entry.tier.value})
+        reply.ok(
+            hit={
+                "key": entry.key,
+                "row_tokens": entry.n_tokens,
+                "common_len": common,
+                "tier": entry.tier.value,
+            }
+        )
 
     def _count_lookup(self, hit: bool, *, exact: bool, t0: int) -> None:
         c = self.counters
@@ -194,17 +199,23 @@ class Store:
 
     # --- loads and leases --------------------------------------------------------------------------------
 
-    def load(self, reply: Replier, key: bytes, pid: int, inline: bool) -> None:
-        t0 = time.perf_counter_ns()
+    def load(self, reply: Replier, key: bytes, pid: int, inline: bool, t0: int | None = None) -> None:
+        """Lease the row and say where it is; a row not yet verified in this daemon's life is checked
+        first (the reply waits). ``t0``: when the request arrived, for ``load_ns``."""
+        t0 = time.perf_counter_ns() if t0 is None else t0
         entry = self.index.get(key)
         if entry is None:
             reply.error(ErllamaError(ErrorCode.NOT_FOUND, "no such row"))
             return
         if entry.state is RowState.VERIFYING or (entry.state is RowState.MOVING and not entry.verified):
-            self._waiters.setdefault(key, []).append(lambda ok: self._retry_load(reply, key, pid, inline, ok, t0))
+            self._waiters.setdefault(key, []).append(
+                lambda ok: self._retry_load(reply, key, pid, inline, ok, t0)
+            )
             return
         if not entry.verified:
-            self._waiters.setdefault(key, []).append(lambda ok: self._retry_load(reply, key, pid, inline, ok, t0))
+            self._waiters.setdefault(key, []).append(
+                lambda ok: self._retry_load(reply, key, pid, inline, ok, t0)
+            )
             self._verify(entry)
             return
         if not self.storage.present(self.location(entry), entry.size):
@@ -222,7 +233,13 @@ class Store:
         if entry.tier is not CacheTier.RAM:
             entry.usage_dirty = True
             entry.promote_pending = True
-        fields = {"lease": lease.lease_id, "path": entry.path, "offset": entry.payload_offset} | row_fields(entry)
+        fields = {
+            "lease": lease.lease_id,
+            "path": entry.path,
+            "ino": entry.ino,
+            "offset": entry.payload_offset,
+        }
+        fields |= row_fields(entry)
         self.counters.loads += 1
         self.counters.load_ns += time.perf_counter_ns() - t0
         if not inline:
@@ -242,7 +259,7 @@ class Store:
         if not ok:
             reply.error(ErllamaError(ErrorCode.CORRUPT, "row failed verification and was removed"))
             return
-        self.load(reply, key, pid, inline)
+        self.load(reply, key, pid, inline, t0)
 
     def release(self, reply: Replier, lease_id: int, bad: bool) -> None:
         lease = self.leases.get(lease_id)
@@ -265,12 +282,18 @@ class Store:
         if entry.leases == 0:
             if not entry.verified and entry.state is RowState.READY:
                 self._verify(entry)
-            elif entry.promote_pending and entry.state is RowState.READY:
-                entry.promote_pending = False
-                target = self.tiers.promotion_target(entry, self.index)
-                if target is not None:
-                    self._move(entry, target, promotion=True)
+            else:
+                self._maybe_promote(entry)
             self.relieve()
+
+    def _maybe_promote(self, entry: RowEntry) -> None:
+        """A row hit on a colder tier moves up once nobody reads it (a load during a move cancels the
+        move, so this is retried when the move ends)."""
+        if entry.promote_pending and entry.leases == 0 and entry.state is RowState.READY:
+            entry.promote_pending = False
+            target = self.tiers.promotion_target(entry, self.index)
+            if target is not None:
+                self._move(entry, target, promotion=True)
 
     def drop_client(self, ident: bytes) -> None:
         """A client said bye: end its leases now."""
@@ -285,8 +308,13 @@ class Store:
             if lease.pid not in alive:
                 alive[lease.pid] = self.procs.alive(lease.pid)
             if not alive[lease.pid] or now > lease.expires_at:
-                log.info("ending lease %d on %s: holder pid %d %s", lease.lease_id, lease.key.hex()[:16],
-                         lease.pid, "died" if not alive[lease.pid] else "overstayed")  # fmt: skip
+                log.info(
+                    "ending lease %d on %s: holder pid %d %s",
+                    lease.lease_id,
+                    lease.key.hex()[:16],
+                    lease.pid,
+                    "died" if not alive[lease.pid] else "overstayed",
+                )
                 self.counters.leases_reaped += 1
                 self._end_lease(lease.lease_id)
 
@@ -320,7 +348,7 @@ class Store:
 
     @staticmethod
     def location(entry: RowEntry) -> Location:
-        return Location(entry.tier, entry.path, entry.fd)
+        return Location(entry.tier, entry.path, entry.fd, entry.ino)
 
     def _remove(self, entry: RowEntry) -> None:
         self.index.remove(entry.key)
@@ -351,22 +379,26 @@ class Store:
             cancelled = entry.key in self._move_cancelled
             self._move_cancelled.discard(entry.key)
             exc = fut.exception()
+            indexed = self.index.get(entry.key) is entry
             if exc is not None:
                 if isinstance(exc, CorruptRow):
-                    self._drop_corrupt(entry, str(exc))
+                    if indexed:
+                        self._drop_corrupt(entry, str(exc))
                 else:
-                    log.warning("moving %s %s -> %s failed: %s", entry.key.hex()[:16], src.tier.value, dest.value, exc)
-                    if not promotion and entry.leases == 0:
+                    log.warning(
+                        "moving %s %s -> %s failed: %s", entry.key.hex()[:16], src.tier.value, dest.value, exc
+                    )
+                    if indexed and not promotion and entry.leases == 0:
                         self._evict(entry)  # it was leaving its tier anyway
                 self._wake(entry.key, not isinstance(exc, CorruptRow))
                 self.relieve()
                 return
             new, _ = fut.result()
-            if cancelled or self.index.get(entry.key) is not entry:
+            if cancelled or not indexed:
                 self.submit(self.storage.delete, _ignore, new)
             else:
                 self.tiers[src.tier].remove_row(size)
-                self.index.relocate(entry, dest, new.path, new.fd)
+                self.index.relocate(entry, dest, new.path, new.fd, new.ino)
                 self.tiers[dest].add_row(size)
                 entry.verified = True
                 entry.usage_dirty = dest is not CacheTier.RAM
@@ -376,6 +408,8 @@ class Store:
                 else:
                     self.counters.demotions += 1
             self._wake(entry.key, True)
+            if self.index.get(entry.key) is entry:
+                self._maybe_promote(entry)
             self.relieve()
 
         tag = f"m{next(self.ids)}"

@@ -83,9 +83,14 @@ class TierState:
 
     def snapshot(self) -> dict[str, int | bool | None]:
         return {
-            "enabled": self.enabled, "budget": self.budget, "rows": self.rows, "bytes": self.rows_bytes,
-            "reserved": self.reserved_bytes, "outgoing": self.outgoing_bytes, "row_limit": self.row_limit,
-        }  # fmt: skip
+            "enabled": self.enabled,
+            "budget": self.budget,
+            "rows": self.rows,
+            "bytes": self.rows_bytes,
+            "reserved": self.reserved_bytes,
+            "outgoing": self.outgoing_bytes,
+            "row_limit": self.row_limit,
+        }
 
 
 class Tiers:

@@ -1,0 +1,459 @@
+"""``CacheClient``: the synchronous library workers (and the broker, and the CLI) use to talk to
+``erllama-cachestore``. One client = one DEALER socket: use one per thread.
+
+Row bytes never cross the socket on the normal path. ``load`` maps the row file the daemon names
+(``mmap.ACCESS_COPY``: pages are shared with the page cache until written, and the buffer is writable,
+which ctypes ``from_buffer`` needs); ``save``/``begin_save`` map the temp the daemon created and write
+the payload straight into it. Only where the mapping is impossible (a daemon in another pid namespace)
+do bytes travel as one raw frame ("inline").
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import mmap
+import os
+import queue
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import zmq
+
+from erllama.cachestore.codec import (
+    CHECKSUM_OFFSET,
+    CorruptRow,
+    bytes_to_tokens,
+    check_row,
+    encode_checksum,
+    tokens_to_bytes,
+)
+from erllama.cachestore.config import default_endpoint
+from erllama.protocol import (
+    MAX_CACHE_PAYLOAD_BYTES,
+    CacheMsgType,
+    CacheTier,
+    ErllamaError,
+    ErrorCode,
+    ReserveStatus,
+    SaveOutcome,
+    SaveReason,
+    decode,
+    encode,
+)
+from erllama.transport import make_socket
+
+log = logging.getLogger(__name__)
+
+COMMIT_MIN_BYTES_PER_S: Final = 100 * 1024 * 1024  # a commit verifies (and on disk fsyncs) the row
+BYE_TIMEOUT_S: Final = 0.2
+_DROPPED_CODES: Final = frozenset(
+    {
+        ErrorCode.OVER_BUDGET,
+        ErrorCode.NO_SPACE,
+        ErrorCode.IO_ERROR,
+        ErrorCode.EXPIRED,
+        ErrorCode.CORRUPT,
+        ErrorCode.CONFLICT,
+        ErrorCode.SHUTTING_DOWN,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RowMeta:
+    key: bytes
+    tier: CacheTier
+    row_tokens: int
+    size: int
+    payload_len: int
+    hits: int
+    reason: SaveReason
+
+    @classmethod
+    def from_wire(cls, row: dict[str, Any]) -> RowMeta:
+        return cls(
+            row["key"],
+            CacheTier(row["tier"]),
+            row["row_tokens"],
+            row["size"],
+            row["payload_len"],
+            row["hits"],
+            SaveReason(row["reason"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixHit:
+    """The stored row sharing the most leading tokens with a query. ``common_len`` may be shorter than
+    ``row_tokens``: restore the row, then drop its KV cells from ``common_len`` on."""
+
+    key: bytes
+    row_tokens: int
+    common_len: int
+    tier: CacheTier
+
+
+_unmap_queue: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+_unmap_lock = threading.Lock()
+_unmapper: threading.Thread | None = None
+
+
+def _unmap_forever() -> None:
+    while True:
+        mm = _unmap_queue.get()
+        try:
+            mm.close()  # munmap runs without the GIL
+        except BufferError:
+            log.debug("row mapping still exported; left to the garbage collector")
+
+
+def _unmap_later(mm: mmap.mmap) -> None:
+    global _unmapper
+    with _unmap_lock:
+        if _unmapper is None or not _unmapper.is_alive():  # first use, or after a fork
+            _unmapper = threading.Thread(target=_unmap_forever, name="cachestore-unmap", daemon=True)
+            _unmapper.start()
+    _unmap_queue.put(mm)
+
+
+class LoadedRow:
+    """A leased row: ``tokens``, ``fingerprint``, ``payload`` (a writable buffer over the mapped row,
+    no copy). Use as a context manager; leaving it (or ``close()``) unmaps and ends the lease. Drop any
+    ctypes views of ``payload`` first."""
+
+    def __init__(self, client: CacheClient, key: bytes, lease: int, tier: CacheTier, buf: Any, owner: Any):
+        header = check_row(buf, key)  # head, size and key: cheap; the daemon verified the checksum
+        self.key, self.tier, self._client, self._lease, self._owner = key, tier, client, lease, owner
+        self.fingerprint = header.fingerprint
+        self.tokens: list[int] = bytes_to_tokens(header.token_bytes)
+        self.reason = header.reason
+        self._view = memoryview(buf)
+        self.payload: memoryview = self._view[header.payload_offset : header.size]
+
+    def close(self) -> None:
+        """End the lease and drop the mapping (unmapped on a background thread: tearing down the page
+        tables of a 100 MB mapping takes ~10 ms that the caller need not wait for)."""
+        if self._lease < 0:
+            return
+        lease, self._lease = self._lease, -1
+        try:
+            self.payload.release()
+            self._view.release()
+        except BufferError:  # the caller still holds a view: the mapping goes when that does
+            log.warning("a view of row %s outlives its lease; drop views before close()", self.key.hex()[:16])
+        else:
+            if isinstance(self._owner, mmap.mmap):
+                _unmap_later(self._owner)
+        self._client.release(lease)
+
+    def __enter__(self) -> LoadedRow:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class PendingRow:
+    """A reserved row being written: fill ``payload`` (a writable buffer of exactly the payload's size,
+    mapped over the daemon's temp), then ``commit()``. Leaving the context without a commit aborts."""
+
+    def __init__(self, client: CacheClient, reply: dict[str, Any], mm: mmap.mmap | None, payload_len: int):
+        self._client, self._res, self._mm = client, reply["res"], mm
+        self._head_crc, self.size, self.tier = reply["head_crc"], reply["size"], CacheTier(reply["tier"])
+        offset = reply["offset"]
+        self._buf: Any = mm if mm is not None else bytearray(payload_len)
+        self._view = memoryview(self._buf)
+        self.payload: memoryview = self._view[offset : offset + payload_len] if mm is not None else self._view
+        self._done = False
+
+    def _unmap(self) -> None:
+        """Drop our mapping of the temp. Raises ``BufferError`` while the caller still holds a view:
+        a writer must not be able to change a row after the store verified it."""
+        self.payload.release()
+        self._view.release()
+        if self._mm is not None:
+            self._mm.close()
+
+    def commit(self) -> SaveOutcome:
+        """Checksum the payload and publish the row. Raises ``ErllamaError(timeout)`` when the store does
+        not answer, ``ErllamaError(invalid_params)`` if a view of ``payload`` is still alive."""
+        if self._done:
+            raise ErllamaError(ErrorCode.INVALID_PARAMS, "this row was already committed or aborted")
+        self._done = True
+        crc = zlib.crc32(self.payload, self._head_crc)
+        if self._mm is not None:
+            self._mm[CHECKSUM_OFFSET : CHECKSUM_OFFSET + 4] = encode_checksum(crc)
+        inline = self._buf if self._mm is None else None
+        try:
+            self._unmap()
+        except BufferError:
+            self._send_abort()
+            raise ErllamaError(
+                ErrorCode.INVALID_PARAMS, "drop every view of payload before commit()"
+            ) from None
+        timeout_s = self._client.timeout_s + self.size / COMMIT_MIN_BYTES_PER_S
+        fields: dict[str, Any] = {"res": self._res, "crc": crc}
+        if inline is not None:
+            fields["inline"] = True
+        try:
+            self._client.request(CacheMsgType.COMMIT, inline, timeout_s, **fields)
+        except ErllamaError as err:
+            if err.code in _DROPPED_CODES:
+                log.warning("save dropped at commit: %s", err)
+                return SaveOutcome.DROPPED
+            raise
+        return SaveOutcome.STORED
+
+    def abort(self) -> None:
+        """Give the reservation back (leaving the context without a commit does this)."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._unmap()
+        except BufferError:
+            log.warning("a view of an aborted row's payload is still alive; its mapping outlives the abort")
+        self._send_abort()
+
+    def _send_abort(self) -> None:
+        try:
+            self._client.request(CacheMsgType.ABORT, res=self._res)
+        except ErllamaError as err:
+            log.debug("abort not acknowledged: %s", err)
+
+    def __enter__(self) -> PendingRow:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+
+def _remaining_ms(deadline: float) -> int:
+    return max(0, int((deadline - time.monotonic()) * 1000))
+
+
+class CacheClient:
+    """Synchronous client of the cache store. Expected outcomes are return values; transport failure or
+    a timeout raises ``ErllamaError(timeout)`` so the caller can drop (and count) what it was doing."""
+
+    def __init__(self, endpoint: str | None = None, timeout_s: float = 2.0):
+        self.endpoint = endpoint or default_endpoint()
+        self.timeout_s = timeout_s
+        self._pid = os.getpid()
+        self._rids = itertools.count(1)
+        self._sock = make_socket(zmq.Context.instance(), zmq.DEALER, MAX_CACHE_PAYLOAD_BYTES)
+        # Queue nothing for a store that is not there: a load sent to a dead store and delivered to its
+        # successor after we gave up would hold a lease nobody releases.
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)
+        self._sock.connect(self.endpoint)
+
+    def request(
+        self, t: CacheMsgType, frame: Any = None, timeout_s: float | None = None, **fields: Any
+    ) -> tuple[dict[str, Any], zmq.Frame | None]:
+        """One round trip; returns the ``c.ok`` map and its payload frame, raises ``ErllamaError``."""
+        rid = next(self._rids)
+        ctrl = encode(t, rid=rid, **fields)
+        deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
+        try:
+            if not self._sock.poll(_remaining_ms(deadline), zmq.POLLOUT):  # not connected (yet)
+                raise ErllamaError(ErrorCode.TIMEOUT, f"no cache store at {self.endpoint}")
+            if frame is None:
+                self._sock.send(ctrl, zmq.NOBLOCK)
+            else:
+                self._sock.send_multipart([ctrl, frame], zmq.NOBLOCK, copy=False)
+            while True:
+                if not self._sock.poll(_remaining_ms(deadline), zmq.POLLIN):
+                    raise ErllamaError(
+                        ErrorCode.TIMEOUT, f"cache store at {self.endpoint} did not answer {t.value}"
+                    )
+                parts = self._sock.recv_multipart(copy=False)
+                msg = decode(parts[0].buffer)
+                if msg.get("rid") == rid:
+                    break
+                self._late_reply(msg)
+        except zmq.ZMQError as exc:
+            raise ErllamaError(ErrorCode.TIMEOUT, f"cache store transport failed: {exc}") from None
+        if msg["t"] == CacheMsgType.ERROR:
+            raise ErllamaError(msg.get("code", ErrorCode.INTERNAL), msg.get("message", ""), msg.get("detail"))
+        return msg, (parts[1] if len(parts) > 1 else None)
+
+    def _late_reply(self, msg: dict[str, Any]) -> None:
+        """A reply to a request we gave up on (or a release): hand back what it granted."""
+        if msg.get("t") != CacheMsgType.OK:
+            return
+        if "lease" in msg:
+            self.release(msg["lease"])
+        elif msg.get("status") == ReserveStatus.RESERVED and "res" in msg:
+            self._sock.send(encode(CacheMsgType.ABORT, rid=next(self._rids), res=msg["res"]), zmq.NOBLOCK)
+
+    # --- lookups -----------------------------------------------------------------------------------------
+
+    def exact(self, key: bytes) -> RowMeta | None:
+        row = self.request(CacheMsgType.EXACT, key=key)[0]["row"]
+        return RowMeta.from_wire(row) if row is not None else None
+
+    def longest_prefix(
+        self, fingerprint: bytes, tokens: Sequence[int], min_len: int | None = None
+    ) -> PrefixHit | None:
+        fields: dict[str, Any] = {"fp": fingerprint, "tokens": tokens_to_bytes(tokens)}
+        if min_len is not None:
+            fields["min_len"] = min_len
+        hit = self.request(CacheMsgType.PREFIX, **fields)[0]["hit"]
+        if hit is None:
+            return None
+        return PrefixHit(hit["key"], hit["row_tokens"], hit["common_len"], CacheTier(hit["tier"]))
+
+    # --- reading -----------------------------------------------------------------------------------------
+
+    def load(self, key: bytes) -> LoadedRow | None:
+        """Lease and map the row ``key``; None if it is gone (evicted, or found corrupt and removed)."""
+        try:
+            msg, _ = self.request(CacheMsgType.LOAD, key=key, pid=self._pid)
+        except ErllamaError as err:
+            if err.code in (ErrorCode.NOT_FOUND, ErrorCode.CORRUPT):
+                return None
+            raise
+        tier = CacheTier(msg["tier"])
+        try:
+            fd = os.open(msg["path"], os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            log.info("cannot map %s (%s): loading inline", msg["path"], exc)
+            self.release(msg["lease"])
+            return self._load_inline(key)
+        try:
+            st = os.fstat(fd)
+            if st.st_size != msg["size"] or st.st_ino != msg["ino"]:
+                raise CorruptRow("the file at the row's path is not the row the store means")
+            mm = mmap.mmap(fd, msg["size"], access=mmap.ACCESS_COPY)
+        except (OSError, CorruptRow) as exc:
+            log.warning("row %s unusable: %s", key.hex()[:16], exc)
+            self.release(msg["lease"], bad=True)
+            return None
+        finally:
+            os.close(fd)
+        try:
+            return LoadedRow(self, key, msg["lease"], tier, mm, mm)
+        except CorruptRow as exc:
+            log.warning("row %s failed the reader's check: %s", key.hex()[:16], exc)
+            mm.close()
+            self.release(msg["lease"], bad=True)
+            return None
+
+    def _load_inline(self, key: bytes) -> LoadedRow | None:
+        try:
+            msg, frame = self.request(CacheMsgType.LOAD, key=key, pid=self._pid, inline=True)
+        except ErllamaError as err:
+            if err.code in (ErrorCode.NOT_FOUND, ErrorCode.CORRUPT):
+                return None
+            raise
+        assert frame is not None
+        try:
+            return LoadedRow(self, key, msg["lease"], CacheTier(msg["tier"]), frame.buffer, frame)
+        except CorruptRow:
+            self.release(msg["lease"], bad=True)
+            return None
+
+    def release(self, lease: int, bad: bool = False) -> None:
+        """End a lease (``LoadedRow.close`` does this). Fire and forget: the reply is skipped by the
+        next request, and a release that never arrives ends with our process or our ``close()``."""
+        try:
+            self._sock.send(
+                encode(CacheMsgType.RELEASE, rid=next(self._rids), lease=lease, bad=bad), zmq.NOBLOCK
+            )
+        except zmq.ZMQError as exc:
+            log.debug("lease %d release not sent: %s", lease, exc)
+
+    # --- writing -----------------------------------------------------------------------------------------
+
+    def begin_save(
+        self,
+        fingerprint: bytes,
+        tokens: Sequence[int],
+        payload_len: int,
+        reason: SaveReason | str,
+        tier: CacheTier | None = None,
+    ) -> PendingRow | SaveOutcome:
+        """Reserve a row: a ``PendingRow`` to fill and commit, or the outcome if there is nothing to write."""
+        fields: dict[str, Any] = {
+            "fp": fingerprint,
+            "tokens": tokens_to_bytes(tokens),
+            "payload_len": payload_len,
+            "reason": SaveReason(reason).value,
+            "pid": self._pid,
+        }
+        if tier is not None:
+            fields["tier"] = CacheTier(tier).value
+        try:
+            msg, _ = self.request(CacheMsgType.RESERVE, **fields)
+        except ErllamaError as err:
+            if err.code in _DROPPED_CODES:
+                log.info("save dropped at reserve: %s", err)
+                return SaveOutcome.DROPPED
+            raise
+        if msg["status"] != ReserveStatus.RESERVED:
+            return SaveOutcome(msg["status"])
+        try:
+            fd = os.open(msg["path"], os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            log.info("cannot map temp %s (%s): writing inline", msg["path"], exc)
+            return PendingRow(self, msg, None, payload_len)
+        try:
+            if os.fstat(fd).st_ino != msg["ino"]:  # a memfd number reused after the reservation expired
+                log.warning("temp %s is no longer ours: save dropped", msg["path"])
+                self.request(CacheMsgType.ABORT, res=msg["res"])
+                return SaveOutcome.DROPPED
+            # Populate: one bulk fault-in of the temp instead of a page fault per 4 KiB while writing.
+            mm = mmap.mmap(fd, msg["size"], flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+        finally:
+            os.close(fd)
+        return PendingRow(self, msg, mm, payload_len)
+
+    def save(
+        self,
+        fingerprint: bytes,
+        tokens: Sequence[int],
+        payload: bytes | bytearray | memoryview,
+        reason: SaveReason | str,
+        tier: CacheTier | None = None,
+    ) -> SaveOutcome:
+        """Store one row (reserve, write, commit). Never raises for an expected outcome."""
+        view = memoryview(payload).cast("B")
+        pending = self.begin_save(fingerprint, tokens, len(view), reason, tier)
+        if isinstance(pending, SaveOutcome):
+            return pending
+        with pending:
+            pending.payload[:] = view
+            return pending.commit()
+
+    # --- admin -------------------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        msg = self.request(CacheMsgType.STATS)[0]
+        return {k: v for k, v in msg.items() if k not in ("v", "t", "rid")}
+
+    def evict_bytes(self, nbytes: int, tiers: Sequence[CacheTier] = (CacheTier.RAM, CacheTier.SHM)) -> int:
+        """Free at least ``nbytes`` from ``tiers`` (rows move to a colder tier not listed, else go).
+        Returns the bytes scheduled to leave."""
+        msg = self.request(CacheMsgType.EVICT, bytes=nbytes, tiers=[CacheTier(t).value for t in tiers])[0]
+        return int(msg["bytes"])
+
+    def close(self) -> None:
+        """Say bye (the daemon ends our leases and reservations now) and close the socket."""
+        if self._sock.closed:
+            return
+        try:
+            self.request(CacheMsgType.BYE, timeout_s=BYE_TIMEOUT_S)
+        except ErllamaError:
+            pass
+        self._sock.close(linger=0)
+
+    def __enter__(self) -> CacheClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
