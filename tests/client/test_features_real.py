@@ -147,7 +147,7 @@ def test_a_tool_call_streams_its_exact_bytes_and_is_byte_deterministic_from_a_fi
     # The start marker is sampled like any text (the request's sampler may spell it with different
     # tokens); from there on, syntax tokens are greedy: one spelling of the start, one call.
     calls_by_start: dict[tuple[int, ...], set[str]] = {}
-    for seed in range(1, 7):
+    for seed in range(1, 5):
         stream = c.infer(MODEL, "Call the weather tool.", grammar=TOOL_GRAMMAR, temperature=0.8, seed=seed, max_tokens=60)
         events = list(stream)
         deltas = "".join(e.text for e in events if e.kind == "tool_call")
@@ -161,7 +161,7 @@ def test_a_tool_call_streams_its_exact_bytes_and_is_byte_deterministic_from_a_fi
         assert spelled == deltas
         calls_by_start.setdefault(start, set()).add(deltas)
     assert max(len(calls) for calls in calls_by_start.values()) == 1
-    assert sum(1 for _ in calls_by_start) < 6  # at least two runs shared a start spelling
+    assert len(calls_by_start) < 4  # at least two runs shared a start spelling
 
 
 # --- speculative decoding -------------------------------------------------------------------------------
