@@ -34,6 +34,7 @@ class ModelEntry:
     restart_at_s: float = 0.0
     restarts: int = 0
     last_error: dict[str, Any] | None = None
+    cache_stats: dict[str, int] | None = None  # the worker's cache counters, from its heartbeats
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -62,6 +63,7 @@ class ModelEntry:
             "phase": q.phase.value,
             "last_cache_hit": q.last_cache_hit,
             "tokens_generated": q.tokens_generated,
+            "cache": self.cache_stats,
             "restarts": self.restarts,
             "last_error": self.last_error,
             "loaded_at": self.loaded_at,

@@ -539,6 +539,8 @@ class Broker:
             pass
         if isinstance(msg.get("tokens_generated"), int):
             entry.queue.tokens_generated = msg["tokens_generated"]
+        if isinstance(msg.get("cache"), dict):
+            entry.cache_stats = msg["cache"]
 
     def _on_worker_error(self, entry: ModelEntry, msg: dict[str, Any]) -> None:
         err = ErllamaError(msg["code"], msg["message"], msg.get("detail") or {})

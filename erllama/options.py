@@ -132,7 +132,8 @@ def parse_sampling(params: dict[str, Any] | None) -> SamplingParams:
     if "min_p" in params:
         out["min_p"] = _float("min_p", params["min_p"], 0.0, 1.0)
     if "repetition_penalty" in params:
-        out["repetition_penalty"] = _float("repetition_penalty", params["repetition_penalty"], 0.0, 10.0)
+        # llama.cpp requires a penalty > 0 (1 = off)
+        out["repetition_penalty"] = _float("repetition_penalty", params["repetition_penalty"], 1e-3, 10.0)
     if params.get("seed") is not None:
         out["seed"] = _int("seed", params["seed"], 0, 2**32 - 2)  # 2**32-1 is llama.cpp's "random"
     if "stop" in params and params["stop"] is not None:
@@ -209,6 +210,7 @@ class LoadOptions:
     n_ubatch: int = 512
     n_threads: int = 0  # 0 = one per core
     n_seq_max: int = 4
+    kv_unified: bool = False  # one KV buffer for all sequences instead of one stream per sequence (README)
     n_gpu_layers: int = 0
     main_gpu: int = 0
     split_mode: str = "layer"
@@ -274,7 +276,7 @@ def parse_load_options(options: dict[str, Any] | None) -> LoadOptions:
     for key, (lo, hi) in ints.items():
         if key in options:
             o[key] = _int(key, options[key], lo, hi)
-    for key in ("use_mmap", "use_mlock", "use_extra_bufts", "cache"):
+    for key in ("use_mmap", "use_mlock", "use_extra_bufts", "cache", "kv_unified"):
         if key in options:
             o[key] = _bool(key, options[key])
     for key, choices in (

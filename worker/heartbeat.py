@@ -35,6 +35,7 @@ class WorkerStatus:
     running: int = 0
     waiting: int = 0
     tokens_generated: int = 0
+    cache: dict[str, int] | None = None  # the worker's cache counters (lookups, hits, saves, ...)
 
 
 class Heartbeat(threading.Thread):
@@ -74,6 +75,7 @@ class Heartbeat(threading.Thread):
         msg = protocol.encode(
             MsgType.HEARTBEAT, model=self.model_id, pid=os.getpid(), progress=s.progress, phase=s.phase.value,
             busy=bool(s.running or s.waiting), running=s.running, waiting=s.waiting, tokens_generated=s.tokens_generated,
+            cache=s.cache,
         )  # fmt: skip
         try:
             self._sock.send(msg, zmq.NOBLOCK)

@@ -124,7 +124,7 @@ class LlamaBackend:
         if not self.model:
             raise ErllamaError(ErrorCode.LOAD_FAILED, _load_error(f"llama.cpp could not load {path}"))
         cp = L.llama_context_default_params()
-        # Every sequence may grow to n_ctx tokens; the unified KV cache holds all of them.
+        # Every sequence may grow to n_ctx tokens: the cache holds n_ctx cells per sequence.
         cp.n_ctx = options.n_ctx * options.n_seq_max
         cp.n_batch = options.n_batch
         cp.n_ubatch = options.n_ubatch
@@ -133,7 +133,10 @@ class LlamaBackend:
         cp.flash_attn_type = FLASH_ATTN[options.flash_attn]
         cp.type_k = GGML_TYPES[options.type_k]
         cp.type_v = GGML_TYPES[options.type_v]
-        cp.kv_unified = True
+        # Split by default: with one unified buffer, a sequence's logits move (by up to ~0.9 measured
+        # here) as other sequences come and go; per-sequence streams keep every sequence's arithmetic
+        # independent of its neighbours, for the same memory.
+        cp.kv_unified = options.kv_unified
         cp.no_perf = True
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
@@ -213,7 +216,9 @@ class LlamaBackend:
                 raise BackendError("invalid_grammar", " | ".join(_recent_errors) or "the grammar does not parse")
             shared.append(grammar)
         if params.repetition_penalty != 1.0:
-            penalties = L.llama_sampler_init_penalties(PENALTY_WINDOW_TOKENS, params.repetition_penalty, 0.0, 0.0)
+            penalties = L.llama_sampler_init_penalties(
+                self.n_vocab, PENALTY_WINDOW_TOKENS, params.repetition_penalty, 0.0, 0.0
+            )
             # Primed with the prompt before joining a chain: the grammar must not see the prompt.
             for tok in history[-PENALTY_WINDOW_TOKENS:]:
                 L.llama_sampler_accept(penalties, tok)

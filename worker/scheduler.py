@@ -121,6 +121,12 @@ class Scheduler:
             req.cancelled = True
         self._finish_cancelled()
 
+    def fail_all(self, err: ErllamaError) -> None:
+        """End every request with ``err`` (after an internal error left their state unknown)."""
+        for req in list(self.running.values()) + list(self.waiting):
+            self._fail(req, err)
+        self.waiting.clear()
+
     def cancel(self, rid: int) -> None:
         """Mark a request cancelled; it ends with ``cancelled`` at the start of the next tick."""
         req = self.running.get(rid)

@@ -17,7 +17,7 @@ import zmq
 
 from erllama import protocol
 from erllama.options import LoadOptions, parse_sampling
-from erllama.protocol import HEARTBEAT_INTERVAL_S, ErllamaError, MsgType, SaveReason
+from erllama.protocol import HEARTBEAT_INTERVAL_S, ErllamaError, ErrorCode, MsgType, SaveReason
 from erllama.transport import make_socket
 from erllama.worker.backend import Backend
 from erllama.worker.heartbeat import Heartbeat, WorkerStatus
@@ -104,7 +104,11 @@ class WorkerService:
             # Published before the tick too: the broker must know we are busy while a decode runs.
             self._publish_status()
             if self.scheduler.has_work() and not self.stopping:
-                self.scheduler.tick()
+                try:
+                    self.scheduler.tick()
+                except Exception:  # a bug of ours: fail what is running, keep the process
+                    log.exception("tick failed; failing the running requests")
+                    self.scheduler.fail_all(ErllamaError(ErrorCode.INTERNAL, "internal error in the worker's scheduler"))
             self._publish_status()
             if self.heartbeat.broker_restarted.is_set():
                 self._register_again()
@@ -121,7 +125,8 @@ class WorkerService:
         """Hand the heartbeat thread a fresh snapshot; tell the broker at once when the phase changes."""
         s = self.scheduler
         phase = s.phase
-        status = WorkerStatus(s.progress, phase, len(s.running), len(s.waiting), s.tokens_generated)
+        cache = s.cache.stats() if s.cache is not None else None
+        status = WorkerStatus(s.progress, phase, len(s.running), len(s.waiting), s.tokens_generated, cache)
         self.heartbeat.status = status
         if phase is not self._reported_phase:
             self._reported_phase = phase
@@ -157,6 +162,14 @@ class WorkerService:
             self.bad_messages += 1
             log.warning("dropped a bad message from the broker: %s", err)
             return
+        try:
+            self._dispatch(t, msg)
+        except Exception:  # a bug of ours must cost one request, not the process
+            log.exception("handling %s failed", t.value)
+            if isinstance(msg.get("rid"), int) and t in (MsgType.RUN, MsgType.OP):
+                self.emitter.error(msg["rid"], ErllamaError(ErrorCode.INTERNAL, f"internal error handling {t.value}"))
+
+    def _dispatch(self, t: MsgType, msg: dict[str, Any]) -> None:
         if t is MsgType.RUN:
             self._run(msg)
         elif t is MsgType.CANCEL_RUN:
