@@ -36,6 +36,7 @@ model under the id ``smollm2-135m``.
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -54,6 +55,9 @@ from erllama.transport import (
     default_runtime_dir,
     ipc_endpoint,
 )
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +85,15 @@ CACHESTORE_FLAGS = {  # TOML key / broker flag -> erllama-cachestore flag
 }
 
 
+@dataclass(frozen=True, slots=True)
+class CurveSettings:
+    """CURVE for the tcp endpoint: the broker's key pair and the directory of allowed client keys
+    (both as written by ``erllama keys``, i.e. ``zmq.auth.create_certificates``)."""
+
+    server_key_file: Path
+    clients_dir: Path
+
+
 @dataclass(slots=True)
 class BrokerConfig:
     runtime_dir: Path
@@ -90,6 +103,7 @@ class BrokerConfig:
     log_level: str = "INFO"
     models: list[ModelSpec] = field(default_factory=list)
     cache: CacheStoreSettings = field(default_factory=CacheStoreSettings)
+    curve: CurveSettings | None = None
     pressure: PressureConfig = field(default_factory=PressureConfig)
 
     @property
@@ -124,6 +138,8 @@ def build_config(
     log_level: str | None,
     default_model: bool,
     cache_overrides: dict[str, Any] | None = None,
+    curve_key: str | None = None,
+    curve_clients: str | None = None,
 ) -> BrokerConfig:
     """Merge flags (strongest), environment, the TOML file and defaults (weakest)."""
     file_cfg: dict[str, Any] = {}
@@ -142,6 +158,17 @@ def build_config(
     if not models and default_model and not config_file:
         models = [ModelSpec(DEFAULT_MODEL_ID, None, parse_load_options({}).to_wire())]
     cache = _cache_settings(file_cfg.get("cachestore", {}) | {k: v for k, v in (cache_overrides or {}).items() if v is not None})
+    curve = None
+    curve_key = curve_key or section.get("curve_secret_key")
+    curve_clients = curve_clients or section.get("curve_clients")
+    if curve_key or curve_clients:
+        if not (curve_key and curve_clients and tcp_ep):
+            raise ErllamaError(ErrorCode.INVALID_PARAMS, "CURVE needs --tcp, --curve-secret-key and --curve-clients")
+        if not Path(curve_key).is_file() or not Path(curve_clients).is_dir():
+            raise ErllamaError(ErrorCode.INVALID_PARAMS, f"no key file {curve_key} or no directory {curve_clients}")
+        curve = CurveSettings(Path(curve_key), Path(curve_clients))
+    elif tcp_ep and not tcp_ep.startswith("tcp://127.") and not tcp_ep.startswith("tcp://localhost"):
+        log.warning("%s is reachable from other hosts without authentication; consider --curve-secret-key", tcp_ep)
     ids = [m.model_id for m in models]
     if len(set(ids)) != len(ids):
         raise ErllamaError(ErrorCode.INVALID_PARAMS, "duplicate model ids in the config file")
@@ -153,6 +180,7 @@ def build_config(
         log_level=log_level or section.get("log_level", "INFO"),
         models=models,
         cache=cache,
+        curve=curve,
         pressure=_pressure(file_cfg.get("pressure", {})),
     )
 

@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--endpoint", help="client endpoint, ipc:// or tcp:// (default: $ERLLAMA_BROKER, else ipc)")
     ap.add_argument("--tcp", help="an extra tcp:// endpoint for clients (loopback unless --allow-remote)")
     ap.add_argument("--allow-remote", action="store_true", help="allow tcp endpoints beyond loopback")
+    ap.add_argument("--curve-secret-key", help="the broker's CURVE key file (erllama keys): tcp clients must authenticate")
+    ap.add_argument("--curve-clients", help="directory of the client public keys allowed in over tcp")
     ap.add_argument("--runtime-dir", help="where ipc sockets and the lock live (default: $ERLLAMA_RUNTIME_DIR)")
     ap.add_argument("--no-default-model", action="store_true", help="start with no model loaded")
     ap.add_argument("--log-level", default=os.environ.get("ERLLAMA_LOG_LEVEL"))
@@ -45,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = build_config(
             args.config, args.endpoint, args.runtime_dir, args.tcp, args.allow_remote, args.log_level,
             default_model=not args.no_default_model, cache_overrides=cache_overrides,
+            curve_key=args.curve_secret_key, curve_clients=args.curve_clients,
         )  # fmt: skip
     except (ErllamaError, OSError, ValueError) as exc:
         setup_logging("INFO", "broker")

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
 
 from erllama import protocol
 from erllama.broker.config import BrokerConfig
@@ -84,7 +86,10 @@ class Broker:
         # that the broker was restarted and it must register again.
         self.instance = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.lock = InstanceLock(cfg.runtime_dir / BROKER_LOCK_NAME)
-        self.front: zmq.Socket | None = None
+        # Client sockets: ipc (and plain tcp) on one, CURVE-authenticated tcp on another. A client's
+        # key below is its socket's index byte followed by its routing id on that socket.
+        self.fronts: list[zmq.Socket] = []
+        self.auth: ThreadAuthenticator | None = None
         self.back: zmq.Socket | None = None
         self.poller = zmq.Poller()
         self._client_handlers: dict[MsgType, Callable[[bytes, dict[str, Any]], None]] = {
@@ -107,13 +112,20 @@ class Broker:
     def start(self) -> None:
         ensure_private_dir(self.cfg.runtime_dir)
         self.lock.acquire()
-        self.front = make_socket(self.ctx, zmq.ROUTER, protocol.MAX_CLIENT_FRAME_BYTES)
-        for ep in filter(None, (self.cfg.endpoint, self.cfg.tcp)):
-            self.front.bind(ep)
-            log.info("clients: %s", ep)
+        plain = make_socket(self.ctx, zmq.ROUTER, protocol.MAX_CLIENT_FRAME_BYTES)
+        plain.bind(self.cfg.endpoint)
+        log.info("clients: %s", self.cfg.endpoint)
+        self.fronts.append(plain)
+        if self.cfg.tcp:
+            if self.cfg.curve is not None:
+                self.fronts.append(self._curve_socket(self.cfg.tcp))
+            else:
+                plain.bind(self.cfg.tcp)
+            log.info("clients: %s%s", self.cfg.tcp, " (CURVE)" if self.cfg.curve else "")
         self.back = make_socket(self.ctx, zmq.ROUTER, protocol.MAX_WORKER_FRAME_BYTES)
         self.back.bind(self.cfg.worker_endpoint)
-        self.poller.register(self.front, zmq.POLLIN)
+        for sock in self.fronts:
+            self.poller.register(sock, zmq.POLLIN)
         self.poller.register(self.back, zmq.POLLIN)
         if self.cfg.cache.enabled and self.cfg.cache.external_endpoint is None:
             self._spawn_cachestore()
@@ -140,8 +152,9 @@ class Broker:
 
     def _poll_once(self, timeout_ms: int) -> None:
         for item, _ in self.poller.poll(timeout_ms):
-            if item is self.front:
-                self._drain(self.front, self._on_client_frames)
+            if item in self.fronts:
+                index = bytes([self.fronts.index(item)])
+                self._drain(item, lambda frames: self._on_client_frames([index + frames[0], *frames[1:]]))
             elif item is self.back:
                 self._drain(self.back, self._on_worker_frames)
             elif item is self.cache_sock:
@@ -177,9 +190,11 @@ class Broker:
         if self.pressure is not None:
             self.pressure.stop()
         self._stop_cachestore()
-        for sock in (self.front, self.back, self.cache_sock):
+        for sock in (*self.fronts, self.back, self.cache_sock):
             if sock is not None:
                 sock.close(linger=500)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
         for ep in (self.cfg.endpoint, self.cfg.worker_endpoint):
             if ep.startswith("ipc://"):
@@ -187,11 +202,27 @@ class Broker:
         self.lock.release()
         log.info("broker stopped")
 
+    def _curve_socket(self, endpoint: str) -> zmq.Socket:
+        """A ROUTER that speaks CURVE, with a ZAP allowlist: only clients whose public key is in the
+        configured directory get in (the server key alone would let anyone who has it connect)."""
+        assert self.cfg.curve is not None
+        self.auth = ThreadAuthenticator(self.ctx)
+        self.auth.start()
+        self.auth.configure_curve(domain="*", location=str(self.cfg.curve.clients_dir))
+        public, secret = zmq.auth.load_certificate(str(self.cfg.curve.server_key_file))
+        if secret is None:
+            raise ErllamaError(ErrorCode.INVALID_PARAMS, f"{self.cfg.curve.server_key_file} holds no secret key")
+        sock = make_socket(self.ctx, zmq.ROUTER, protocol.MAX_CLIENT_FRAME_BYTES)
+        sock.curve_server = True
+        sock.curve_publickey, sock.curve_secretkey = public, secret
+        sock.bind(endpoint)
+        return sock
+
     # --- sending -------------------------------------------------------------------------------------------
 
     def _send_client(self, client: bytes, payload: bytes) -> bool:
         try:
-            self.front.send_multipart([client, payload], zmq.NOBLOCK)  # type: ignore[union-attr]
+            self.fronts[client[0]].send_multipart([client[1:], payload], zmq.NOBLOCK)
             return True
         except zmq.Again:
             log.warning("client %s is not reading; dropping its message", client.hex())

@@ -95,10 +95,20 @@ class Client:
     """A connection to an erllama broker. ``endpoint`` defaults to ``$ERLLAMA_BROKER``, else the
     broker's default ipc socket in the runtime directory."""
 
-    def __init__(self, endpoint: str | None = None, *, timeout_s: float = ADMIN_TIMEOUT_S):
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        timeout_s: float = ADMIN_TIMEOUT_S,
+        curve_key: str | None = None,
+        curve_server_key: str | None = None,
+    ):
+        """``curve_key`` (this client's key file, with its secret) and ``curve_server_key`` (the broker's
+        public key file) authenticate to a broker whose tcp endpoint requires CURVE."""
         self.endpoint = endpoint or default_client_endpoint()
         self.timeout_s = timeout_s
-        self._conn = Connection(self.endpoint)
+        curve = (curve_key, curve_server_key) if curve_key and curve_server_key else None
+        self._conn = Connection(self.endpoint, curve)
 
     def close(self) -> None:
         self._conn.close()

@@ -17,6 +17,7 @@ import uuid
 from typing import Any
 
 import zmq
+import zmq.auth
 
 from erllama import protocol
 from erllama.protocol import ErllamaError, ErrorCode
@@ -28,10 +29,17 @@ log = logging.getLogger(__name__)
 class Connection:
     """A thread-safe request/stream multiplexer over one broker connection."""
 
-    def __init__(self, endpoint: str):
+    def __init__(self, endpoint: str, curve: tuple[str, str] | None = None):
         self.endpoint = endpoint
         self._ctx = zmq.Context()
         self._sock = make_socket(self._ctx, zmq.DEALER, protocol.MAX_CLIENT_FRAME_BYTES)
+        if curve is not None:  # (our key file with its secret, the broker's public key file)
+            public, secret = zmq.auth.load_certificate(curve[0])
+            server_public, _ = zmq.auth.load_certificate(curve[1])
+            if secret is None:
+                raise ErllamaError(ErrorCode.INVALID_PARAMS, f"{curve[0]} holds no secret key")
+            self._sock.curve_publickey, self._sock.curve_secretkey = public, secret
+            self._sock.curve_serverkey = server_public
         self._sock.connect(endpoint)
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()  # None stops the thread
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)

@@ -7,6 +7,7 @@
     erllama unload ID
     erllama info ID                  model_info as JSON
     erllama cache [...]              the cache store's counters (see ``erllama cache --help``)
+    erllama keys DIR [--name NAME]   a CURVE key pair for tcp: NAME.key (public), NAME.key_secret
 """
 
 from __future__ import annotations
@@ -141,6 +142,15 @@ def _wait_ready(c: Client, model_id: str) -> None:
         time.sleep(0.2)
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    import zmq.auth
+
+    Path(args.dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(args.dir, args.name)
+    _out(f"public key: {public}\nsecret key: {secret}  (keep it private)\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["cache"]:
@@ -169,12 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("info", help="model_info as JSON")
     p.add_argument("id")
     sub.add_parser("cache", help="the cache store's counters (erllama cache --help)")
+    p = sub.add_parser("keys", help="create a CURVE key pair for tcp clients or the broker")
+    p.add_argument("dir")
+    p.add_argument("--name", default="client")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     handlers = {"status": cmd_status, "complete": cmd_complete, "load": cmd_load, "unload": cmd_unload, "info": cmd_info}
     try:
         if args.cmd == "demo":
             return cmd_demo(args)
+        if args.cmd == "keys":
+            return cmd_keys(args)
         with Client(args.endpoint) as c:
             return handlers[args.cmd](c, args)
     except ErllamaError as err:
