@@ -31,6 +31,7 @@ from erllama.broker.queues import ModelQueue, QueueTotals, Request
 from erllama.broker.registry import ModelEntry, Waiter
 from erllama.broker.pressure import PressureWatcher
 from erllama.cachestore.client import CacheClient
+from erllama.cachestore.config import default_disk_dir, default_shm_dir
 from erllama.resources import vram_info
 from erllama.broker.supervisor import (
     TERMINATE_GRACE_S,
@@ -319,12 +320,21 @@ class Broker:
             raise ErllamaError(ErrorCode.ALREADY_LOADED, f"model {model_id!r} is already loaded", {"model": model_id})
         path = msg.get("path")
         if path is not None:
-            p = Path(path)
+            p = Path(path).resolve()
+            if any(p.is_relative_to(d) for d in self._private_dirs()):
+                raise ErllamaError(ErrorCode.INVALID_PARAMS, "model paths may not point into erllama's runtime or cache directories")
             if not p.is_file():
                 raise ErllamaError(ErrorCode.LOAD_FAILED, f"model file {path} does not exist", {"path": path})
-            path = str(p.resolve())
+            path = str(p)
         options = parse_load_options(msg.get("options")).to_wire()
         self._create(model_id, path, options, Waiter(client, msg["id"]))
+
+    def _private_dirs(self) -> list[Path]:
+        """Where erllama keeps sockets, locks and cache rows: never a model to load."""
+        flags = self.cfg.cache.flags
+        disk = Path(flags[flags.index("--disk-dir") + 1]) if "--disk-dir" in flags else default_disk_dir()
+        shm = Path(flags[flags.index("--shm-dir") + 1]) if "--shm-dir" in flags else default_shm_dir()
+        return [d.resolve() for d in (self.cfg.runtime_dir, disk, shm)]
 
     def _create(self, model_id: str, path: str | None, options: dict[str, Any], waiter: Waiter | None) -> None:
         entry = ModelEntry(model_id, path, options, ModelQueue(model_id, max_queue=options["max_queue"]))

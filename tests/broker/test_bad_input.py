@@ -147,3 +147,13 @@ def test_bad_load_options_are_invalid_params_before_any_process_starts(client: C
     with pytest.raises(ErllamaError) as exc:
         client.load_model("../../etc", None)
     assert exc.value.code == "invalid_params"
+
+
+def test_a_model_path_into_the_runtime_or_cache_directories_is_refused(broker: BrokerProcess, client: Client):
+    from tests.conftest import cache_dirs
+
+    disk, _ = cache_dirs(broker.runtime_dir)
+    for target in (broker.runtime_dir / "broker.lock", disk / ".." / "kv" / "some-row.kvr", broker.runtime_dir / "x" / ".." / "broker.sock"):
+        with pytest.raises(ErllamaError) as exc:
+            client.load_model("sneaky", str(target))
+        assert exc.value.code == "invalid_params"
