@@ -9,9 +9,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 
@@ -19,6 +21,7 @@ from erllama import Client, ErllamaError
 from erllama.protocol import DEFAULT_MODEL_ID
 from erllama.transport import CLIENT_SOCKET_NAME, ipc_endpoint
 
+T = TypeVar("T")
 BROKER_START_TIMEOUT_S = 30.0
 BROKER_STOP_TIMEOUT_S = 30.0
 REAL_MODEL_ID = DEFAULT_MODEL_ID
@@ -63,6 +66,18 @@ def short_tmpdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
+def wait_for(pred: Callable[[], T], timeout_s: float = 30.0, what: str = "condition") -> T:
+    """Poll until ``pred`` is truthy and return its value: a guard against hangs, never a timing assertion."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
 def cache_dirs(runtime_dir: Path) -> tuple[Path, Path]:
     """The disk and shm tier directories a test broker's cache store uses (removed with the broker)."""
     return runtime_dir / "kv", Path("/dev/shm") / f"erllama-test-{runtime_dir.name}"
@@ -85,6 +100,28 @@ def start_broker(runtime_dir: Path, *args: str, env: dict[str, str] | None = Non
                 if proc.poll() is not None or time.monotonic() > deadline:
                     bp.stop()
                     raise RuntimeError(f"broker did not start (exit {proc.returncode})") from None
+
+
+@contextmanager
+def serving(prefix: str, model_id: str, *broker_args: str, env: dict[str, str] | None = None,
+            **load_options: Any) -> Iterator[BrokerProcess]:  # fmt: skip
+    """A broker of its own serving the real default model as ``model_id``; removed on exit."""
+    rdir = short_tmpdir(prefix)
+    bp = start_broker(rdir, "--no-default-model", *broker_args, env=env)
+    try:
+        bp.client(timeout_s=120).load_model(model_id, None, **load_options)
+        yield bp
+    finally:
+        bp.stop()
+        remove_runtime(rdir)
+
+
+@pytest.fixture(scope="session")
+def reference() -> Any:
+    """llama-cpp-python's own Llama on the default model, loaded once for the session."""
+    from tests.reference import ReferenceModel
+
+    return ReferenceModel.load()
 
 
 @pytest.fixture

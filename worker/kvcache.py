@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 from erllama.cachestore.client import CacheClient, LoadedRow

@@ -3,7 +3,6 @@ operator-started workers register with the next broker, and clients reconnect by
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,8 +12,7 @@ import pytest
 
 from erllama import Client, ErllamaError
 from erllama.transport import WORKER_SOCKET_NAME, ipc_endpoint
-from tests.broker.test_queueing import wait_for
-from tests.conftest import remove_runtime, short_tmpdir, start_broker
+from tests.conftest import remove_runtime, short_tmpdir, start_broker, wait_for
 
 
 def test_broker_death_and_restart():

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from erllama import Client
-from tests.conftest import BrokerProcess, remove_runtime, short_tmpdir, start_broker
+from tests.conftest import BrokerProcess, remove_runtime, short_tmpdir, start_broker, wait_for
 
 
 def free_port() -> int:
@@ -61,8 +61,7 @@ def test_a_toml_config_loads_its_models_at_start(tmp_path):
     bp = start_broker(rdir, "--config", str(cfg))
     try:
         c = bp.client(timeout_s=30)
-        from tests.broker.test_queueing import wait_for
-
+        
         info = wait_for(lambda: (i := c.model_info("from-config"))["state"] == "ready" and i)
         assert info["slots"] == 2 and info["options"]["n_ctx"] == 256
     finally:

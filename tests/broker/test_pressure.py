@@ -236,8 +236,7 @@ def test_the_broker_s_watcher_evicts_cache_rows_under_real_memory_pressure(tmp_p
     machine exceeds, so the store is asked to free bytes and rows leave the RAM tier."""
     from erllama.cachestore.client import CacheClient
     from erllama.transport import CACHESTORE_SOCKET_NAME, ipc_endpoint
-    from tests.broker.test_queueing import wait_for
-    from tests.conftest import remove_runtime, short_tmpdir, start_broker
+    from tests.conftest import remove_runtime, short_tmpdir, start_broker, wait_for
 
     cfg = tmp_path / "erllama.toml"
     cfg.write_text("[pressure]\nenabled = true\nsource = \"system\"\nhigh_watermark = 0.001\nlow_watermark = 0.0\n"

@@ -6,23 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from erllama import Client, ErllamaError
-from tests.conftest import BrokerProcess
-
-
-def wait_for(pred, timeout_s: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+from tests.conftest import BrokerProcess, wait_for
 
 
 def test_a_worker_is_never_sent_more_requests_than_it_has_slots(client: Client):

@@ -9,9 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from erllama import Client, ErllamaError, TokenEvent
-from tests.broker.test_queueing import wait_for
-from tests.conftest import BrokerProcess, remove_runtime, short_tmpdir, start_broker
-from tests.reference import ReferenceModel, assert_same_greedy
+from tests.conftest import BrokerProcess, serving, wait_for
+from tests.reference import assert_same_greedy
 
 MODEL = "batch"
 PROMPTS = [
@@ -28,19 +27,8 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def bb() -> Iterator[BrokerProcess]:
-    rdir = short_tmpdir("erl-b-")
-    bp = start_broker(rdir, "--no-default-model")
-    try:
-        bp.client(timeout_s=120).load_model(MODEL, None, n_ctx=2048, n_seq_max=4, prefill_chunk_size=64)
+    with serving("erl-b-", MODEL, n_ctx=2048, n_seq_max=4, prefill_chunk_size=64) as bp:
         yield bp
-    finally:
-        bp.stop()
-        remove_runtime(rdir)
-
-
-@pytest.fixture(scope="module")
-def reference() -> ReferenceModel:
-    return ReferenceModel.load()
 
 
 @pytest.fixture

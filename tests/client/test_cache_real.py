@@ -10,8 +10,7 @@ import psutil
 import pytest
 
 from erllama import Client
-from tests.broker.test_queueing import wait_for
-from tests.conftest import BrokerProcess, remove_runtime, short_tmpdir, start_broker
+from tests.conftest import BrokerProcess, remove_runtime, serving, short_tmpdir, start_broker, wait_for
 from tests.reference import ReferenceModel, assert_same_greedy
 
 MODEL = "warm"
@@ -28,19 +27,8 @@ N_GEN = 16
 
 @pytest.fixture(scope="module")
 def warm_broker() -> Iterator[BrokerProcess]:
-    rdir = short_tmpdir("erl-w-")
-    bp = start_broker(rdir, "--no-default-model", "--cache-shm", "0")  # RAM + disk tiers
-    try:
-        bp.client(timeout_s=120).load_model(MODEL, None, **OPTIONS)
+    with serving("erl-w-", MODEL, "--cache-shm", "0", **OPTIONS) as bp:  # RAM + disk tiers
         yield bp
-    finally:
-        bp.stop()
-        remove_runtime(rdir)
-
-
-@pytest.fixture(scope="module")
-def reference() -> ReferenceModel:
-    return ReferenceModel.load()
 
 
 @pytest.fixture

@@ -13,8 +13,7 @@ import pytest
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from erllama import Client, ErllamaError
-from tests.broker.test_queueing import wait_for
-from tests.conftest import BrokerProcess, remove_runtime, short_tmpdir, start_broker
+from tests.conftest import BrokerProcess, serving, wait_for
 
 MODEL = "feat"
 THINK = {"start": "<think>", "end": "</think>"}
@@ -25,17 +24,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def fb() -> Iterator[BrokerProcess]:
-    rdir = short_tmpdir("erl-f-")
-    bp = start_broker(rdir, "--no-default-model", env={"ERLLAMA_THINKING_SIGNING_KEY": "test-key"})
-    try:
-        bp.client(timeout_s=120).load_model(
-            MODEL, None, n_ctx=2048, n_seq_max=3, thinking_markers=THINK, tool_call_markers=TOOLS,
-            cache_min_tokens=16, cold_align_tokens=16, cold_trim_tokens=4,
-        )  # fmt: skip
+    with serving("erl-f-", MODEL, env={"ERLLAMA_THINKING_SIGNING_KEY": "test-key"}, n_ctx=2048, n_seq_max=3,
+                 thinking_markers=THINK, tool_call_markers=TOOLS, cache_min_tokens=16, cold_align_tokens=16,
+                 cold_trim_tokens=4) as bp:  # fmt: skip
         yield bp
-    finally:
-        bp.stop()
-        remove_runtime(rdir)
 
 
 @pytest.fixture

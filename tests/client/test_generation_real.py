@@ -8,7 +8,7 @@ import pytest
 
 from erllama import Client, ErllamaError
 from tests.conftest import REAL_MODEL_ID, BrokerProcess
-from tests.reference import ReferenceModel, assert_same_greedy
+from tests.reference import assert_same_greedy
 
 PROMPTS = [
     "The capital of France is",
@@ -19,11 +19,6 @@ PROMPTS = [
     "The quick brown fox",
 ]
 N_TOKENS = 32
-
-
-@pytest.fixture(scope="module")
-def reference() -> ReferenceModel:
-    return ReferenceModel.load()
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)
