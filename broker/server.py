@@ -34,6 +34,7 @@ from erllama.cachestore.client import CacheClient
 from erllama.cachestore.config import default_disk_dir, default_shm_dir
 from erllama.resources import vram_info
 from erllama.broker.supervisor import (
+    RESTART_BACKOFF_MAX_S,
     TERMINATE_GRACE_S,
     ChildProcess,
     RestartPolicy,
@@ -721,6 +722,8 @@ class Broker:
         if (self.cachestore is None and self.cfg.cache.enabled and self.cfg.cache.external_endpoint is None
                 and not self.stopping and now >= self.cachestore_restart_at_s):  # fmt: skip
             self._spawn_cachestore()
+        elif self.cachestore is not None and now - self.cachestore.started_s > RESTART_BACKOFF_MAX_S:
+            self.cachestore_restart.reset()  # it has stayed up: the next crash restarts it quickly again
         for entry in list(self.models.values()):
             wp = entry.worker
             if entry.state is ModelState.RESTARTING and wp is None and entry.spawned and now >= entry.restart_at_s:
@@ -729,7 +732,7 @@ class Broker:
             elif wp is not None and wp.identity is None and now - wp.started_s > MODEL_LOAD_TIMEOUT_S:
                 entry.last_error = {"code": ErrorCode.TIMEOUT, "message": f"no ready within {MODEL_LOAD_TIMEOUT_S:.0f} s"}
                 wp.kill()
-            elif wp is not None and wp.identity is not None:
+            elif wp is not None and wp.identity is not None and wp.kill_reason is None:
                 if now - wp.last_seen_s > WORKER_SILENCE_TIMEOUT_S:
                     wp.kill_reason = f"silent for {now - wp.last_seen_s:.0f} s"
                 elif wp.busy and now - wp.progress_changed_s > entry.options.get("stall_timeout_s", WORKER_STALL_TIMEOUT_S):

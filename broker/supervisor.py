@@ -170,7 +170,8 @@ def spawn_worker(
 
 def spawn_cachestore(args: list[str]) -> ChildProcess:
     """Start the cache store with the broker's cache settings (``erllama-cachestore`` flags)."""
-    proc, pidfd, stderr_fd = _popen(console_command("erllama-cachestore", "erllama.cachestore.main") + args)
+    cmd = console_command("erllama-cachestore", "erllama.cachestore.main") + args + ["--parent-pid", str(os.getpid())]
+    proc, pidfd, stderr_fd = _popen(cmd)
     log.info("spawned the cache store: pid %d", proc.pid)
     return ChildProcess(name="cachestore", pid=proc.pid, proc=proc, pidfd=pidfd, stderr_fd=stderr_fd)
 

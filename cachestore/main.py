@@ -20,7 +20,7 @@ from erllama.cachestore.config import (
     parse_size,
 )
 from erllama.cachestore.server import CacheServer
-from erllama.logsetup import setup_logging
+from erllama.logsetup import die_with_parent, setup_logging
 from erllama.protocol import ErllamaError
 from erllama.transport import CACHESTORE_SOCKET_NAME, ipc_endpoint
 
@@ -94,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         help="shortest common prefix longest_prefix reports (default 1)",
     )
     ap.add_argument("--log-level", default=os.environ.get("ERLLAMA_LOG_LEVEL", "INFO"))
+    ap.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     setup_logging(args.log_level, "cachestore")
+    if args.parent_pid:
+        die_with_parent(args.parent_pid)  # SIGTERM: the normal shutdown spills RAM rows, releases the locks
     try:
         config = build_config(args)
         server = CacheServer(config, ram_row_limit=_ram_row_limit())

@@ -9,18 +9,16 @@ requests with ``worker_crashed`` and starts a new one.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
 import zmq
 
 from erllama import protocol
-from erllama.logsetup import setup_logging
+from erllama.logsetup import die_with_parent, setup_logging
 from erllama.models import check_gguf_header, default_model_path
 from erllama.options import LoadOptions, parse_load_options, validate_model_id
 from erllama.protocol import ErllamaError, ErrorCode
@@ -36,7 +34,6 @@ from erllama.worker.service import WorkerService, connect
 log = logging.getLogger("erllama.worker")
 
 EXIT_LOAD_FAILED = 3
-PR_SET_PDEATHSIG = 1
 
 
 def load_backend(model_path: Path | None, options: LoadOptions) -> tuple[Backend, Path | None]:
@@ -100,12 +97,6 @@ def policy_of(options: LoadOptions) -> CachePolicy:
     )
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """Ask the kernel for SIGTERM when the spawning broker dies, so no worker outlives it."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        sys.exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
