@@ -45,6 +45,7 @@ from erllama.broker.supervisor import (
 from erllama.options import parse_load_options, parse_sampling, validate_model_id, validate_prompt
 from erllama.protocol import (
     CLIENT_TYPES,
+    HEARTBEAT_INTERVAL_S,
     CacheMsgType,
     MODEL_LOAD_TIMEOUT_S,
     WORKER_SILENCE_TIMEOUT_S,
@@ -79,6 +80,8 @@ class Broker:
         self.cachestore_restart_at_s = 0.0
         self.cache_sock: zmq.Socket | None = None  # our own questions to the store (cached_prefix_len)
         self.cache_queries: dict[int, tuple[Waiter, float]] = {}  # rid -> who asked, deadline
+        self.cache_heard_s = time.monotonic()  # the store's last reply: a frozen store is killed
+        self.cache_pinged_s = 0.0
         self.pressure: PressureWatcher | None = None
         self._pressure_client: CacheClient | None = None  # used only from the watcher's thread
         self.totals = QueueTotals()
@@ -391,6 +394,25 @@ class Broker:
             self._pressure_client = CacheClient(self.cfg.cachestore_endpoint)
         return self._pressure_client.evict_bytes(nbytes)
 
+    def _watch_cachestore(self, now: float) -> None:
+        """Ask the store for its stats every heartbeat; one that stays silent (frozen, stuck) is
+        killed and restarted like a crashed one: its pidfd alone cannot tell."""
+        cs = self.cachestore
+        if cs is None or self.cache_sock is None:
+            self.cache_heard_s = now
+            return
+        if now - self.cache_pinged_s >= HEARTBEAT_INTERVAL_S:
+            self.cache_pinged_s = now
+            try:
+                self.cache_sock.send(protocol.encode(CacheMsgType.STATS, rid=0), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+        silent_s = now - max(self.cache_heard_s, cs.started_s)
+        if silent_s > WORKER_SILENCE_TIMEOUT_S and cs.kill_reason is None:
+            cs.kill_reason = f"silent for {silent_s:.0f} s"
+            log.error("the cache store has been silent for %.0f s; killing it", silent_s)
+            cs.kill()
+
     def _stop_cachestore(self) -> None:
         """Last, after the workers: their shutdown saves must reach it. SIGTERM lets it spill RAM rows."""
         cs = self.cachestore
@@ -454,6 +476,7 @@ class Broker:
         self.cache_queries[rid] = (Waiter(client, msg["id"]), time.monotonic() + CACHE_QUERY_TIMEOUT_S)
 
     def _on_cache_reply(self, frames: list[bytes]) -> None:
+        self.cache_heard_s = time.monotonic()
         try:
             msg = protocol.decode(frames[0])
         except ErllamaError:
@@ -724,6 +747,7 @@ class Broker:
             self._spawn_cachestore()
         elif self.cachestore is not None and now - self.cachestore.started_s > RESTART_BACKOFF_MAX_S:
             self.cachestore_restart.reset()  # it has stayed up: the next crash restarts it quickly again
+        self._watch_cachestore(now)
         for entry in list(self.models.values()):
             wp = entry.worker
             if entry.state is ModelState.RESTARTING and wp is None and entry.spawned and now >= entry.restart_at_s:

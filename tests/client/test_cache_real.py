@@ -147,3 +147,15 @@ def test_a_killed_cache_store_costs_only_cache_misses(warm_broker: BrokerProcess
     assert all(r.finish_reason == "length" for r in results)
     wait_for(lambda: any(is_cachestore(p) and p.pid != store.pid for p in psutil.Process(warm_broker.proc.pid).children()),
              60, "the store's restart")  # fmt: skip
+
+
+def test_a_frozen_cache_store_is_killed_and_restarted(warm_broker: BrokerProcess, c: Client):
+    store = next(p for p in psutil.Process(warm_broker.proc.pid).children() if is_cachestore(p))
+    os.kill(store.pid, signal.SIGSTOP)
+    try:
+        assert c.complete(MODEL, STORY + "While the store was frozen,", max_tokens=4).finish_reason == "length"
+        wait_for(lambda: any(is_cachestore(p) and p.pid != store.pid for p in psutil.Process(warm_broker.proc.pid).children()),
+                 60, "a new store")  # fmt: skip
+    finally:
+        if psutil.pid_exists(store.pid):
+            os.kill(store.pid, signal.SIGCONT)
