@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL_MS = 100
 CACHE_QUERY_TIMEOUT_S = 2.0
+MAX_TOKEN_ID = 2**31  # token ids travel to the cache store as u32; no vocabulary comes near this
 
 
 class Broker:
@@ -269,6 +270,9 @@ class Broker:
                 self.totals.bad_messages += 1
                 log.info("bad client message: %s", err.message)
             self._reply_error(client, client_id, err)
+        except Exception:  # a bug of ours must cost one request, never the broker
+            log.exception("handling a client message failed")
+            self._reply_error(client, client_id, ErllamaError(ErrorCode.INTERNAL, "internal error in the broker"))
 
     def _entry(self, model_id: str) -> ModelEntry:
         entry = self.models.get(model_id)
@@ -324,11 +328,15 @@ class Broker:
             raise ErllamaError(ErrorCode.ALREADY_LOADED, f"model {model_id!r} is already loaded", {"model": model_id})
         path = msg.get("path")
         if path is not None:
-            p = Path(path).resolve()
+            try:
+                p = Path(path).resolve()
+                is_file = p.is_file()
+            except (OSError, ValueError) as exc:  # too long, NUL bytes, a loop of links
+                raise ErllamaError(ErrorCode.INVALID_PARAMS, f"unusable model path: {type(exc).__name__}") from None
             if any(p.is_relative_to(d) for d in self._private_dirs()):
                 raise ErllamaError(ErrorCode.INVALID_PARAMS, "model paths may not point into erllama's runtime or cache directories")
-            if not p.is_file():
-                raise ErllamaError(ErrorCode.LOAD_FAILED, f"model file {path} does not exist", {"path": path})
+            if not is_file:
+                raise ErllamaError(ErrorCode.LOAD_FAILED, f"model file {path[:200]} does not exist", {"path": path[:200]})
             path = str(p)
         options = parse_load_options(msg.get("options")).to_wire()
         self._create(model_id, path, options, Waiter(client, msg["id"]))
@@ -461,13 +469,16 @@ class Broker:
         """How many leading tokens of ``tokens`` the cache holds for this model: asked of the store
         directly with the fingerprint the worker reported, without a worker hop."""
         entry = self._entry(msg["model"])
-        tokens = validate_prompt(msg["tokens"])
-        fp = entry.info.get("fingerprint")
+        tokens = validate_prompt(msg["tokens"], MAX_TOKEN_ID)
+        try:  # it came from a worker's ready message: trust nothing about it
+            fp = bytes.fromhex(entry.info.get("fingerprint") or "")
+        except (TypeError, ValueError):
+            fp = b""
         if self.cache_sock is None or not fp or not isinstance(tokens, list):
             self._reply(client, msg["id"], 0)
             return
         rid = next(self._rids)
-        query = protocol.encode(CacheMsgType.PREFIX, rid=rid, fp=bytes.fromhex(fp), tokens=struct.pack(f"<{len(tokens)}I", *tokens),
+        query = protocol.encode(CacheMsgType.PREFIX, rid=rid, fp=fp, tokens=struct.pack(f"<{len(tokens)}I", *tokens),
                                 min_len=1)  # fmt: skip
         try:
             self.cache_sock.send(query, zmq.NOBLOCK)
@@ -528,6 +539,13 @@ class Broker:
     # --- worker messages -----------------------------------------------------------------------------------
 
     def _on_worker_frames(self, frames: list[bytes]) -> None:
+        try:
+            self._on_worker_message(frames)
+        except Exception:  # a bug of ours, or a peer we did not foresee: never the broker's death
+            self.totals.bad_messages += 1
+            log.exception("handling a worker message failed")
+
+    def _on_worker_message(self, frames: list[bytes]) -> None:
         identity = frames[0]
         try:
             if len(frames) != 2:
@@ -548,7 +566,7 @@ class Broker:
         assert entry.worker is not None
         entry.worker.last_seen_s = time.monotonic()
         if t is MsgType.TOKEN:
-            req = self.requests.get(msg["rid"])
+            req = self._request_of(entry, msg["rid"])
             if req is not None:
                 req.tokens_sent += len(msg["token_ids"])
                 ok = self._send_client(
@@ -560,19 +578,20 @@ class Broker:
                 if not ok:
                     self._send_worker(entry, protocol.encode(MsgType.CANCEL_RUN, rid=req.rid))
         elif t is MsgType.SPAN_END:
-            req = self.requests.get(msg["rid"])
+            req = self._request_of(entry, msg["rid"])
             if req is not None:
                 self._send_client(req.client, protocol.encode(
                     MsgType.SPAN_END, id=req.client_id, kind=msg["kind"], data=msg["data"], signature=msg["signature"]))  # fmt: skip
         elif t is MsgType.DONE:
-            req = self.requests.get(msg["rid"])
+            req = self._request_of(entry, msg["rid"])
             if req is not None:
                 self._finish(req.rid, protocol.encode(MsgType.DONE, id=req.client_id, result=msg["result"]))
         elif t is MsgType.ERROR:
             self._on_worker_error(entry, msg)
         elif t is MsgType.OK:
-            call = self.calls.pop(msg["rid"], None)
-            if call is not None:
+            call = self.calls.get(msg["rid"])
+            if call is not None and call[1] == entry.model_id:
+                del self.calls[msg["rid"]]
                 self._reply(call[0].client, call[0].client_id, msg["result"])
         elif t is MsgType.ADMITTED:
             entry.queue.last_cache_hit = {"kind": msg["cache_hit_kind"], "prefix_len": msg["prefix_len"]}
@@ -607,19 +626,28 @@ class Broker:
         if isinstance(msg.get("cache"), dict):
             entry.cache_stats = msg["cache"]
 
+    def _request_of(self, entry: ModelEntry, rid: int) -> Request | None:
+        """The request ``rid`` if it belongs to this worker's model: a worker can never speak for
+        another model's requests."""
+        req = self.requests.get(rid)
+        return req if req is not None and req.model_id == entry.model_id else None
+
     def _on_worker_error(self, entry: ModelEntry, msg: dict[str, Any]) -> None:
-        err = ErllamaError(msg["code"], msg["message"], msg.get("detail") or {})
+        detail = msg.get("detail")
+        err = ErllamaError(msg["code"], msg["message"], detail if isinstance(detail, dict) else {})
         rid = msg["rid"]
-        if rid in self.requests:
+        if self._request_of(entry, rid) is not None:
             self._fail(rid, err)
-        elif rid in self.calls:
+        elif rid in self.calls and self.calls[rid][1] == entry.model_id:
             waiter, _ = self.calls.pop(rid)
             self._reply_error(waiter.client, waiter.client_id, err)
 
     def _on_unknown_worker(self, identity: bytes, t: MsgType, msg: dict[str, Any]) -> None:
         """A worker we have not heard from: one we spawned reporting in, or an operator's."""
         if t is MsgType.ERROR and msg["rid"] is None:
-            detail = msg.get("detail") or {}
+            detail = msg.get("detail")
+            if not isinstance(detail, dict):
+                return
             entry = self.models.get(str(detail.get("model")))
             if entry is not None and entry.worker is not None and entry.worker.pid == detail.get("pid"):
                 entry.last_error = {"code": msg["code"], "message": msg["message"]}

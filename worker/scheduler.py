@@ -222,6 +222,7 @@ class Scheduler:
         req.n_past = keep
         req.cache_hit_kind = kind if keep > 0 else CacheHitKind.COLD
         req.prefix_len = keep
+        req.last_save_at = keep  # what was restored is in the cache already: no continued save of it
 
     def _build_batch(self) -> tuple[list[BatchRow], list[Request]]:
         rows: list[BatchRow] = []

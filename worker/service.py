@@ -154,13 +154,17 @@ class WorkerService:
             self._handle(frame)
 
     def _handle(self, frame: bytes) -> None:
+        msg: dict[str, Any] = {}
         try:
             msg = protocol.decode(frame)
             t = protocol.validate(msg, protocol.BROKER_TO_WORKER_TYPES)
         except ErllamaError as err:
-            # The broker is our only peer and never sends garbage; count it and go on.
+            # The broker never sends garbage; count it, and answer it if it names a request.
             self.bad_messages += 1
-            log.warning("dropped a bad message from the broker: %s", err)
+            log.warning("bad message from the broker: %s", err)
+            rid = msg.get("rid")
+            if isinstance(rid, int) and not isinstance(rid, bool) and msg.get("t") in (MsgType.RUN, MsgType.OP):
+                self.emitter.error(rid, err)
             return
         try:
             self._dispatch(t, msg)
