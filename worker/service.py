@@ -182,7 +182,7 @@ class WorkerService:
             self._call(msg)
         elif t is MsgType.SHUTDOWN:
             self.stopping = True
-        elif t is MsgType.ERROR:
+        elif t is MsgType.ERROR and msg["rid"] is None:
             # The broker refused our registration (another worker serves this model id).
             log.error("the broker refused this worker: %s", msg["message"])
             self.refused = True
