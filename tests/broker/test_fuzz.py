@@ -56,7 +56,7 @@ from erllama.protocol import (
     WorkerOp,
 )
 from erllama.transport import WORKER_SOCKET_NAME, ipc_endpoint
-from tests.conftest import REAL_MODEL_ID, BrokerProcess, short_tmpdir, start_broker
+from tests.conftest import REAL_MODEL_ID, BrokerProcess, remove_runtime, short_tmpdir, start_broker
 
 FUZZ_MODEL: Final = "fz"
 # max_tokens defaults to 256: a valid request without it is context_overflow here, not a long stream.
@@ -566,7 +566,7 @@ class serving_broker:
                     child.wait(10)
             except psutil.Error:
                 pass
-        shutil.rmtree(self.rdir, ignore_errors=True)
+        remove_runtime(self.rdir)  # and its shm tier
 
 
 @pytest.fixture(scope="module")
@@ -1032,8 +1032,6 @@ def test_a_registered_worker_cannot_inject_tokens_or_results_into_another_models
             ctx.term()
 
 
-
-
 @pytest.mark.parametrize("queue_ms", ["abc", [1], {"a": 1}, None, float("nan"), 2**63 - 1])
 def test_a_run_with_a_strange_queue_ms_is_served_and_the_worker_lives(queue_ms: Any):
     with worker_under_test() as w:
@@ -1060,8 +1058,6 @@ def test_an_err_addressed_to_a_request_does_not_stop_the_worker():
         send_worker(w, [protocol.encode(MsgType.OP, rid=32, op=WorkerOp.TOKENIZE, args={"text": "x"})])
         assert drain_worker(w, [Sent([], "op", 32, "answer")])[-1]["t"] == MsgType.OK
         assert w.proc.poll() is None
-
-
 
 
 def test_oversized_frames_are_dropped_on_the_broker_worker_socket_and_on_a_worker_and_both_keep_serving():
@@ -1096,8 +1092,6 @@ def test_oversized_frames_are_dropped_on_the_broker_worker_socket_and_on_a_worke
             if w.router.poll(200) and w.router.recv_multipart()[0] == heartbeat_identity:
                 beats += 1
         assert w.proc.poll() is None
-
-
 
 
 # --- values that would make llama.cpp assert, on the real model ----------------------------------------------
@@ -1197,8 +1191,6 @@ def test_a_token_prompt_exactly_the_context_is_context_overflow_and_one_less_fil
         assert r.finish_reason in ("length", "stop"), r
         assert r.committed_tokens <= n_ctx and prompt_len + len(r.generated) <= n_ctx + 1, r
     assert real_client.model_info(small_ctx_model)["worker_pid"] == pid, "the worker was restarted"
-
-
 
 
 def test_unknown_types_and_wrong_field_types_to_the_real_model_are_typed_errors(real_broker: BrokerProcess, real_client: Client,

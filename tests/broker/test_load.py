@@ -11,7 +11,6 @@ blocking the suite.
 
 from __future__ import annotations
 
-import shutil
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ import zmq
 
 from erllama import Client
 from erllama.protocol import MsgType
-from tests.conftest import REAL_MODEL_ID, BrokerProcess, short_tmpdir, start_broker
+from tests.conftest import REAL_MODEL_ID, BrokerProcess, remove_runtime, short_tmpdir, start_broker
 
 LOAD_MODEL: Final = "load"  # serves the concurrent streams
 SOLO_MODEL: Final = "solo"  # one sequence: every run on it is a run alone
@@ -53,7 +52,7 @@ def load_broker() -> Iterator[BrokerProcess]:
         yield bp
     finally:
         bp.stop()
-        shutil.rmtree(rdir, ignore_errors=True)
+        remove_runtime(rdir)  # and its shm tier
 
 
 def prompt_of(i: int) -> str:

@@ -23,7 +23,7 @@ import pytest
 
 from erllama import Client, ErllamaError
 from erllama.models import default_model_path
-from tests.conftest import BrokerProcess, short_tmpdir, start_broker
+from tests.conftest import BrokerProcess, remove_runtime, short_tmpdir, start_broker
 from tests.gguf_corpus import VARIANTS, Expect, Variant, build_corpus, build_decode_abort_model
 
 BESIDE_MODEL_ID = "beside"
@@ -81,7 +81,7 @@ def corpus_broker() -> Iterator[BrokerProcess]:
         yield bp
     finally:
         bp.stop()
-        shutil.rmtree(rdir, ignore_errors=True)
+        remove_runtime(rdir)  # and its shm tier
 
 
 def assert_beside_model_serves(c: Client, pid: int | None = None) -> int:
@@ -149,7 +149,7 @@ def crash_broker() -> Iterator[BrokerProcess]:
     finally:
         bp.stop()
         kill_leftovers(rdir)
-        shutil.rmtree(rdir, ignore_errors=True)
+        remove_runtime(rdir)  # and its shm tier
 
 
 def kill_leftovers(rdir: Path) -> None:
