@@ -226,7 +226,8 @@ class Broker:
 
     # --- sending -------------------------------------------------------------------------------------------
 
-    def _send_client(self, client: bytes, payload: bytes) -> bool:
+    def _send_client(self, client: bytes, payload: bytes, client_id: str | None) -> bool:
+        payload = protocol.within_frame_limit(payload, protocol.MAX_CLIENT_FRAME_BYTES, "id", client_id)
         try:
             self.fronts[client[0]].send_multipart([client[1:], payload], zmq.NOBLOCK)
             return True
@@ -238,10 +239,10 @@ class Broker:
         return False
 
     def _reply(self, client: bytes, client_id: str, result: Any) -> None:
-        self._send_client(client, protocol.encode(MsgType.OK, id=client_id, result=result))
+        self._send_client(client, protocol.encode(MsgType.OK, id=client_id, result=result), client_id)
 
     def _reply_error(self, client: bytes, client_id: str | None, err: ErllamaError) -> None:
-        self._send_client(client, protocol.error_reply("id", client_id, err))
+        self._send_client(client, protocol.error_reply("id", client_id, err), client_id)
 
     def _send_worker(self, entry: ModelEntry, payload: bytes) -> bool:
         if entry.worker is None or entry.worker.identity is None:
@@ -525,7 +526,7 @@ class Broker:
             self.totals.failed += 1
         else:
             self.totals.completed += 1
-        self._send_client(req.client, payload)
+        self._send_client(req.client, payload, req.client_id)
         entry = self.models.get(req.model_id)
         if entry is not None:
             entry.queue.remove(rid)
@@ -573,7 +574,7 @@ class Broker:
                     req.client, protocol.encode(
                         MsgType.TOKEN, id=req.client_id, text=msg["text"], token_ids=msg["token_ids"],
                         kind=msg.get("kind", "text"), ts_ns=msg.get("ts_ns"),
-                    ),
+                    ), req.client_id,
                 )  # fmt: skip
                 if not ok:
                     self._send_worker(entry, protocol.encode(MsgType.CANCEL_RUN, rid=req.rid))
@@ -581,7 +582,8 @@ class Broker:
             req = self._request_of(entry, msg["rid"])
             if req is not None:
                 self._send_client(req.client, protocol.encode(
-                    MsgType.SPAN_END, id=req.client_id, kind=msg["kind"], data=msg["data"], signature=msg["signature"]))  # fmt: skip
+                    MsgType.SPAN_END, id=req.client_id, kind=msg["kind"], data=msg["data"], signature=msg["signature"]),
+                    req.client_id)  # fmt: skip
         elif t is MsgType.DONE:
             req = self._request_of(entry, msg["rid"])
             if req is not None:

@@ -313,6 +313,22 @@ def error_reply(rid_field: str, rid: Any, err: ErllamaError) -> bytes:
     return encode(MsgType.ERROR, **{rid_field: rid}, code=err.code, message=err.message, detail=err.detail)
 
 
+def within_frame_limit(payload: bytes, limit: int, rid_field: str, rid: Any) -> bytes:
+    """``payload``, or a typed error for the same request if the receiver would refuse a frame that large.
+
+    A frame over the receiving socket's ZMQ_MAXMSGSIZE makes libzmq drop the whole connection, and
+    the receiver never learns why: an oversized reply must be replaced before it is sent.
+    """
+    if len(payload) <= limit:
+        return payload
+    err = ErllamaError(
+        ErrorCode.INVALID_PARAMS,
+        f"the reply is {len(payload)} bytes, over the {limit}-byte frame limit; ask for less at a time",
+        {"reply_bytes": len(payload), "limit_bytes": limit},
+    )
+    return error_reply(rid_field, rid, err)
+
+
 # --- cache store messages -------------------------------------------------------------------------------
 # Requests to erllama-cachestore (from workers, the broker and the ``erllama cache`` CLI). Each carries
 # ``rid`` (the client's request id) and gets exactly one reply with the same ``rid``: ``c.ok`` or ``err``.

@@ -185,8 +185,12 @@ class LlamaBackend:
     def decode(self, rows: Sequence[BatchRow]) -> list[int]:
         b = self.batch
         k = 0
-        out: list[int] = []
-        for row in rows:
+        out = [-1] * len(rows)
+        # With per-sequence KV streams llama.cpp splits a batch into one ubatch (one graph compute)
+        # per run of ascending, consecutive sequence ids: rows in seq_id order keep 8 streams in one
+        # compute (measured here: 154 tok/s in order, ~95 shuffled or reversed).
+        for r in sorted(range(len(rows)), key=lambda i: rows[i].seq_id):
+            row = rows[r]
             n = len(row.tokens)
             if k + n > self.n_batch:
                 raise BackendError("batch_overflow", f"{k + n} tokens exceed n_batch {self.n_batch}")
@@ -199,7 +203,8 @@ class LlamaBackend:
             k += n
             for i in range(k - min(row.n_logits, n), k):
                 b.logits[i] = 1
-            out.append(k - 1 if row.n_logits else -1)
+            if row.n_logits:
+                out[r] = k - 1
         b.n_tokens = k
         rc = L.llama_decode(self.ctx, b)
         if rc != 0:

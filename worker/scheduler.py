@@ -72,6 +72,9 @@ class Scheduler:
     def submit(self, rid: int, prompt: str | list[int], params: SamplingParams, queue_ms: float = 0.0) -> None:
         """Accept a request or raise ``invalid_params`` / ``context_overflow`` / ``invalid_grammar``
         / ``sticky_busy`` before anything is decoded."""
+        if rid in self.running or any(r.rid == rid for r in self.waiting):
+            # Events are addressed by rid: a second request under a live one's id would mix both streams.
+            raise ErllamaError(ErrorCode.PROTOCOL_ERROR, f"request id {rid} is already in use in this worker")
         prompt = validate_prompt(prompt, self.backend.n_vocab)
         tokens = self.backend.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         verify_from = -1

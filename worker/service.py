@@ -50,10 +50,14 @@ class SocketEmitter:
         self.sock.send(protocol.encode(MsgType.SPAN_END, rid=rid, kind=kind, data=data, signature=signature))
 
     def done(self, rid: int, result: dict[str, Any]) -> None:
-        self.sock.send(protocol.encode(MsgType.DONE, rid=rid, result=result))
+        self.reply(rid, protocol.encode(MsgType.DONE, rid=rid, result=result))
 
     def error(self, rid: int | None, err: ErllamaError) -> None:
         self.sock.send(protocol.error_reply("rid", rid, err))
+
+    def reply(self, rid: int, payload: bytes) -> None:
+        """A request's terminal message; one the broker's socket would refuse becomes a typed error."""
+        self.sock.send(protocol.within_frame_limit(payload, protocol.MAX_WORKER_FRAME_BYTES, "rid", rid))
 
 
 class WorkerService:
@@ -203,7 +207,7 @@ class WorkerService:
         except ErllamaError as err:
             self.emitter.error(rid, err)
             return
-        self.sock.send(protocol.encode(MsgType.OK, rid=rid, result=result))
+        self.emitter.reply(rid, protocol.encode(MsgType.OK, rid=rid, result=result))
 
 
 def connect(ctx: zmq.Context, endpoint: str, model_id: str) -> zmq.Socket:

@@ -10,6 +10,7 @@ session is saved to the cache and unpinned (erllama deadlocks in that spot).
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,9 @@ class SequencePool:
     """Which sequences are free, which are running a request, which are pinned by idle sessions."""
 
     def __init__(self, n_seq_max: int, release_kv: Callable[[int], None], save_before_unpin: Callable[[Session], None]):
-        self.free: list[int] = list(range(n_seq_max - 1, -1, -1))
+        # A heap: the lowest free id first keeps running sequences dense (0, 1, 2, ...), and llama.cpp
+        # decodes consecutive per-sequence KV streams in one compute, gapped ones in several.
+        self.free: list[int] = list(range(n_seq_max))
         self.pinned: dict[str, Session] = {}  # idle sessions holding a sequence
         self.active: dict[str, int] = {}  # session id -> the request using it now
         self._ending: set[str] = set()  # end_session arrived while the session was active
@@ -88,7 +91,7 @@ class SequencePool:
             self._save_before_unpin(victim)
             del self.pinned[victim.session_id]
             self._release(victim.seq_id)
-        return self.free.pop()
+        return heapq.heappop(self.free)
 
     def give_back(self, seq_id: int) -> None:
         self._release(seq_id)
@@ -100,4 +103,4 @@ class SequencePool:
 
     def _release(self, seq_id: int) -> None:
         self._release_kv(seq_id)
-        self.free.append(seq_id)
+        heapq.heappush(self.free, seq_id)

@@ -200,3 +200,27 @@ def test_end_session_frees_the_pinned_sequence():
     assert s.pool.free == []
     assert s.end_session("x") is True and s.pool.free == [0]
     assert s.end_session("x") is False
+
+
+def test_freed_sequences_are_reused_lowest_id_first_so_running_ones_stay_consecutive():
+    """llama.cpp decodes consecutive per-sequence KV streams in one compute and gapped ones in
+    several: whatever order requests finish in, the next ones get the lowest free ids."""
+    s, _, _ = make(n_seq_max=4)
+    for rid, n in ((1, 8), (2, 2), (3, 6), (4, 4)):
+        s.submit(rid, f"prompt {rid}", SamplingParams(max_tokens=n))
+    run_all(s)
+    for rid in (5, 6):
+        s.submit(rid, f"prompt {rid}", SamplingParams(max_tokens=4))
+    s.tick()
+    assert sorted(r.seq_id for r in s.running.values()) == [0, 1]
+
+
+def test_a_second_request_under_a_running_request_id_is_refused_and_the_first_completes():
+    s, rec, _ = make()
+    s.submit(1, "the first", SamplingParams(max_tokens=5))
+    s.tick()
+    with pytest.raises(ErllamaError) as exc:
+        s.submit(1, "the second", SamplingParams(max_tokens=2))
+    assert exc.value.code == "protocol_error"
+    run_all(s)
+    assert len(rec.results[1]["generated"]) == 5
