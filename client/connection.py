@@ -100,6 +100,8 @@ class Connection:
         os.eventfd_write(self._wake, 1)
         self._thread.join(timeout=5)
         os.close(self._wake)
+        # No reply can arrive any more: whoever waits on a stream or a call learns it now, not at its timeout.
+        self._fail_all(ErrorCode.CLIENT_CLOSED, "the client was closed while the request was in flight")
 
     # --- the I/O thread ------------------------------------------------------------------------------------
 

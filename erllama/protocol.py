@@ -67,6 +67,7 @@ class ErrorCode(enum.StrEnum):
     NO_TEMPLATE = "no_template"  # the model has no chat template
     TEMPLATE_FAILED = "template_failed"  # another request is using the same session_id
     BROKER_LOST = "broker_lost"  # the connection to the broker dropped while the request was in flight
+    CLIENT_CLOSED = "client_closed"  # Client.close() ran while the request was in flight
     MODEL_FAILED = "model_failed"
     NOT_SUPPORTED = "not_supported"
     NO_GPU = "no_gpu"

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -136,3 +137,17 @@ def test_a_frozen_worker_is_declared_dead_and_restarted(client: Client):
             os.kill(pid, signal.SIGCONT)
         except ProcessLookupError:
             pass
+
+
+def test_closing_a_client_fails_its_streams_in_flight_with_client_closed(broker: BrokerProcess):
+    c = Client(broker.endpoint, timeout_s=30.0)
+    c.load_model("slow", backend="stub", n_ctx=256, n_seq_max=1, stub_decode_ms=20)
+    stream = c.infer("slow", "a long one", max_tokens=200, timeout_s=600.0)
+    next(iter(stream))  # it runs
+    outcome: list[BaseException] = []
+    reader = threading.Thread(target=lambda: outcome.append(pytest.raises(ErllamaError, stream.collect).value))
+    reader.start()
+    c.close()
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "the reader still waits for a reply that cannot come"
+    assert outcome[0].code == "client_closed"  # type: ignore[attr-defined]
