@@ -86,7 +86,7 @@ class Backend(Protocol):
     def seq_truncate(self, seq_id: int, n_keep: int) -> None:
         """Keep the first ``n_keep`` positions of a sequence, drop the rest."""
 
-    def seq_state(self, seq_id: int) -> bytes:
+    def seq_state(self, seq_id: int) -> bytes | bytearray:
         """The sequence's KV state (``llama_state_seq_get_data``)."""
 
     def seq_restore(self, seq_id: int, state: bytes | memoryview) -> None:

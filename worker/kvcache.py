@@ -46,6 +46,17 @@ class CachePolicy:
         b = (n_prompt - self.cold_trim_tokens) // self.cold_align_tokens * self.cold_align_tokens
         return b if b >= self.min_tokens else 0
 
+    def cold_save_at(self, n_prompt: int, n_cached: int) -> int:
+        """Where prefill pauses for a cold save of a prompt whose first ``n_cached`` tokens came from
+        the cache (0: none). A prompt restored but for a few tokens is not saved again there: the
+        finish save, or the first continued save, follows within ``continued_interval_tokens`` and
+        covers more, and every save of a long context copies tens of MB on the decode thread (in a
+        multi-turn chat that second save per turn cost ~10% of the worker's main thread)."""
+        b = self.cold_boundary(n_prompt)
+        if b <= n_cached or (n_cached > 0 and b - n_cached < self.continued_interval_tokens):
+            return 0
+        return b
+
 
 @dataclass(slots=True)
 class Found:
@@ -75,7 +86,7 @@ class CacheCounters:
 @dataclass(slots=True)
 class _Save:
     tokens: list[int]
-    payload: bytes
+    payload: bytes | bytearray
     reason: SaveReason
 
 
@@ -155,7 +166,7 @@ class KVCache:
         """Whether a save now would be kept: lets the scheduler skip copying KV that would be dropped."""
         return time.monotonic() >= self._down_until and self._pending_bytes + nbytes_hint <= MAX_PENDING_SAVE_BYTES
 
-    def save(self, tokens: list[int], payload: bytes, reason: SaveReason) -> str | None:
+    def save(self, tokens: list[int], payload: bytes | bytearray, reason: SaveReason) -> str | None:
         """Queue a row for the saver thread. Returns its key (hex), or None if it was dropped."""
         with self._cond:
             if not self.accepting(len(payload)):

@@ -207,8 +207,7 @@ class Scheduler:
             req.seq_id = seq
             self._restore_from_cache(req)
         if self.cache is not None and not req.is_verify:
-            boundary = self.cache.policy.cold_boundary(len(req.prompt))
-            req.cold_save_at = boundary if boundary > req.n_past else 0
+            req.cold_save_at = self.cache.policy.cold_save_at(len(req.prompt), req.n_past)
         req.adapter_epoch = self.adapter_epoch
         req.state = ReqState.PREFILLING
         self.running[req.rid] = req
