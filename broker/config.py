@@ -56,7 +56,6 @@ from erllama.transport import (
     ipc_endpoint,
 )
 
-
 log = logging.getLogger(__name__)
 
 

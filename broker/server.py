@@ -18,8 +18,9 @@ import struct
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import zmq
 import zmq.auth
@@ -27,12 +28,9 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from erllama import protocol
 from erllama.broker.config import BrokerConfig
+from erllama.broker.pressure import PressureWatcher
 from erllama.broker.queues import ModelQueue, QueueTotals, Request
 from erllama.broker.registry import ModelEntry, Waiter
-from erllama.broker.pressure import PressureWatcher
-from erllama.cachestore.client import CacheClient
-from erllama.cachestore.config import default_disk_dir, default_shm_dir
-from erllama.resources import vram_info
 from erllama.broker.supervisor import (
     RESTART_BACKOFF_MAX_S,
     TERMINATE_GRACE_S,
@@ -42,21 +40,24 @@ from erllama.broker.supervisor import (
     spawn_cachestore,
     spawn_worker,
 )
+from erllama.cachestore.client import CacheClient
+from erllama.cachestore.config import default_disk_dir, default_shm_dir
 from erllama.options import parse_load_options, parse_sampling, validate_model_id, validate_prompt
 from erllama.protocol import (
     CLIENT_TYPES,
     HEARTBEAT_INTERVAL_S,
-    CacheMsgType,
     MODEL_LOAD_TIMEOUT_S,
     WORKER_SILENCE_TIMEOUT_S,
     WORKER_STALL_TIMEOUT_S,
     WORKER_TYPES,
+    CacheMsgType,
     ErllamaError,
     ErrorCode,
     ModelState,
     MsgType,
     Phase,
 )
+from erllama.resources import vram_info
 from erllama.transport import BROKER_LOCK_NAME, InstanceLock, ensure_private_dir, make_socket
 
 log = logging.getLogger(__name__)

@@ -59,7 +59,7 @@ class RowEntry:
 class _Node:
     """A radix-tree node; ``label`` is the u32-LE token ids on the edge from its parent."""
 
-    __slots__ = ("label", "children", "parent", "row", "n_rows", "depth")
+    __slots__ = ("children", "depth", "label", "n_rows", "parent", "row")
 
     def __init__(self, label: bytes, parent: _Node | None, depth: int):
         self.label = label

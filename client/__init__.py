@@ -3,4 +3,4 @@
 from erllama.client.client import Client, InferStream
 from erllama.client.results import CompletionResult, Stats, TokenEvent
 
-__all__ = ["Client", "InferStream", "CompletionResult", "Stats", "TokenEvent"]
+__all__ = ["Client", "CompletionResult", "InferStream", "Stats", "TokenEvent"]

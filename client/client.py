@@ -16,12 +16,20 @@ from __future__ import annotations
 
 import operator
 import queue
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from erllama import protocol
 from erllama.client.connection import Connection
 from erllama.client.results import CompletionResult, Stats, TokenEvent
-from erllama.protocol import DEFAULT_REQUEST_TIMEOUT_S, MODEL_LOAD_TIMEOUT_S, ErllamaError, ErrorCode, MsgType, WorkerOp
+from erllama.protocol import (
+    DEFAULT_REQUEST_TIMEOUT_S,
+    MODEL_LOAD_TIMEOUT_S,
+    ErllamaError,
+    ErrorCode,
+    MsgType,
+    WorkerOp,
+)
 from erllama.transport import default_client_endpoint
 
 ADMIN_TIMEOUT_S = 30.0
@@ -65,7 +73,7 @@ class InferStream:
     def __enter__(self) -> InferStream:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.result is None:
             self.cancel()
 
@@ -116,7 +124,7 @@ class Client:
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # --- models --------------------------------------------------------------------------------------------
@@ -273,4 +281,4 @@ class Client:
         return bool(result and result.get("cancelled"))
 
 
-__all__ = ["Client", "InferStream", "CompletionResult", "Stats", "TokenEvent", "ErllamaError", "ErrorCode"]
+__all__ = ["Client", "CompletionResult", "ErllamaError", "ErrorCode", "InferStream", "Stats", "TokenEvent"]

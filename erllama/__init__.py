@@ -9,6 +9,6 @@ from erllama.protocol import ErllamaError, ErrorCode
 
 __version__ = "0.1.0"
 
-from erllama.client import Client, CompletionResult, InferStream, Stats, TokenEvent  # noqa: E402
+from erllama.client import Client, CompletionResult, InferStream, Stats, TokenEvent
 
 __all__ = ["Client", "CompletionResult", "ErllamaError", "ErrorCode", "InferStream", "Stats", "TokenEvent", "__version__"]

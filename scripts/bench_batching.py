@@ -76,12 +76,12 @@ from pathlib import Path
 from typing import Any, Final
 
 import llama_cpp as L
-from erllama.worker.llama_backend import FLASH_ATTN, GGML_TYPES
 
 from erllama import Client, ErllamaError
 from erllama.models import default_model_path
 from erllama.options import LoadOptions, parse_load_options
 from erllama.transport import CLIENT_SOCKET_NAME, ipc_endpoint
+from erllama.worker.llama_backend import FLASH_ATTN, GGML_TYPES
 
 log = logging.getLogger("bench_batching")
 

@@ -225,7 +225,7 @@ def bench_index(n_rows: int, queries: int) -> tuple[float, float]:
 
 def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) + " |"  # noqa: E731
+    line = lambda r: "| " + " | ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)) + " |"
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 

@@ -57,9 +57,9 @@ from pathlib import Path
 from typing import Any, Final
 
 import psutil
-from erllama.cachestore.client import CacheClient
 
 from erllama import Client, ErllamaError
+from erllama.cachestore.client import CacheClient
 from erllama.transport import CACHESTORE_SOCKET_NAME, CLIENT_SOCKET_NAME, ipc_endpoint
 
 log = logging.getLogger("bench_warm")

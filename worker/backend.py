@@ -11,8 +11,9 @@ for every row that asked for logits, until the next ``decode`` overwrites them.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 from erllama.options import SamplingParams
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final, Sequence
+from typing import Any, Final
 
 import llama_cpp as L
 import numpy as np

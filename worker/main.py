@@ -18,13 +18,13 @@ from pathlib import Path
 import zmq
 
 from erllama import protocol
+from erllama.cachestore.config import default_endpoint as default_cachestore_endpoint
 from erllama.logsetup import die_with_parent, setup_logging
 from erllama.models import check_gguf_header, default_model_path
 from erllama.options import LoadOptions, parse_load_options, validate_model_id
 from erllama.protocol import ErllamaError, ErrorCode
 from erllama.transport import WORKER_SOCKET_NAME, default_runtime_dir, ipc_endpoint
 from erllama.worker.backend import Backend
-from erllama.cachestore.config import default_endpoint as default_cachestore_endpoint
 from erllama.worker.fingerprint import file_sha256, fingerprint
 from erllama.worker.heartbeat import Heartbeat
 from erllama.worker.kvcache import CachePolicy, KVCache

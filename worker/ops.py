@@ -8,9 +8,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from erllama.options import validate_prompt
 from erllama.protocol import ErllamaError, ErrorCode, SaveReason, WorkerOp

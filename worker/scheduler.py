@@ -26,7 +26,7 @@ from erllama.worker.kvcache import KVCache
 from erllama.worker.markers import MarkerSpec, SpanAutomaton
 from erllama.worker.output import TEXT, THINKING_END, TOOL_CALL_END, RequestOutput
 from erllama.worker.request import ReqState, Request
-from erllama.worker.sessions import Session, SequencePool
+from erllama.worker.sessions import SequencePool, Session
 from erllama.worker.textstream import TextStream
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import hashlib
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Sequence
+from typing import Any, Final
 
 from erllama.options import SamplingParams
 from erllama.worker.backend import BackendError, BatchRow

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 
 import pytest
 
-from erllama.protocol import ErllamaError
-from erllama.resources import vram_info
 from erllama.broker.pressure import (
     PressureConfig,
     PressureWatcher,
@@ -18,6 +16,8 @@ from erllama.broker.pressure import (
     nvidia_source,
     system_source,
 )
+from erllama.protocol import ErllamaError
+from erllama.resources import vram_info
 
 GIB = 1024**3
 THREAD_WAIT_S = 30.0  # a liveness bound for the background thread, never a timing assertion
@@ -251,7 +251,7 @@ def test_the_broker_s_watcher_evicts_cache_rows_under_real_memory_pressure(tmp_p
         status = wait_for(lambda: (p := c.ping()["pressure"])["evicted_total_b"] > 0 and p, 30, "an eviction")
         assert status["counts"]["evicted"] >= 1 and status["last_ratio"] > 0.001
         with CacheClient(ipc_endpoint(rdir, CACHESTORE_SOCKET_NAME)) as store:
-            moved = lambda: (n := store.stats()["counters"])["demotions"] + n["evictions"]  # noqa: E731
+            moved = lambda: (n := store.stats()["counters"])["demotions"] + n["evictions"]
             assert wait_for(moved, 30, "rows to leave the RAM tier") > 0  # moves run on the store's I/O threads
     finally:
         bp.stop()
