@@ -81,7 +81,7 @@ from erllama import Client, ErllamaError
 from erllama.models import default_model_path
 from erllama.options import LoadOptions, parse_load_options
 from erllama.transport import CLIENT_SOCKET_NAME, ipc_endpoint
-from erllama.worker.llama_backend import FLASH_ATTN, GGML_TYPES
+from erllama.worker.llama_backend import context_params
 
 log = logging.getLogger("bench_batching")
 
@@ -168,19 +168,7 @@ class DirectLoop:
         self.model = L.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
-        cp = L.llama_context_default_params()
-        # What erllama.worker.llama_backend.LlamaBackend sets for the same load options.
-        cp.n_ctx = opts.n_ctx * opts.n_seq_max
-        cp.n_batch = opts.n_batch
-        cp.n_ubatch = opts.n_ubatch
-        cp.n_seq_max = opts.n_seq_max
-        cp.n_threads = cp.n_threads_batch = opts.threads
-        cp.flash_attn_type = FLASH_ATTN[opts.flash_attn]
-        cp.type_k = GGML_TYPES[opts.type_k]
-        cp.type_v = GGML_TYPES[opts.type_v]
-        cp.kv_unified = opts.kv_unified
-        cp.no_perf = True
-        self.ctx = L.llama_init_from_model(self.model, cp)
+        self.ctx = L.llama_init_from_model(self.model, context_params(opts))  # the worker's settings
         if not self.ctx:
             L.llama_model_free(self.model)
             raise RuntimeError("llama.cpp could not create a context")

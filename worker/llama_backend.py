@@ -95,6 +95,27 @@ class RequestSampler:
         L.llama_sampler_free(self.chain)
 
 
+def context_params(options: LoadOptions) -> Any:
+    """The ``llama_context_params`` of a model loaded with ``options`` (also used by
+    ``scripts/bench_batching.py``, so its direct loop decodes with exactly the worker's settings)."""
+    cp = L.llama_context_default_params()
+    # Every sequence may grow to n_ctx tokens: the cache holds n_ctx cells per sequence.
+    cp.n_ctx = options.n_ctx * options.n_seq_max
+    cp.n_batch = options.n_batch
+    cp.n_ubatch = options.n_ubatch
+    cp.n_seq_max = options.n_seq_max
+    cp.n_threads = cp.n_threads_batch = options.threads
+    cp.flash_attn_type = FLASH_ATTN[options.flash_attn]
+    cp.type_k = GGML_TYPES[options.type_k]
+    cp.type_v = GGML_TYPES[options.type_v]
+    # Split by default: with one unified buffer, a sequence's logits move (by up to ~0.9 measured
+    # here) as other sequences come and go; per-sequence streams keep every sequence's arithmetic
+    # independent of its neighbours, for the same memory.
+    cp.kv_unified = options.kv_unified
+    cp.no_perf = True
+    return cp
+
+
 def _load_error(what: str) -> str:
     return f"{what}: {' | '.join(_recent_errors) or 'no message from llama.cpp'}"
 
@@ -124,22 +145,7 @@ class LlamaBackend:
         self.model = L.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise ErllamaError(ErrorCode.LOAD_FAILED, _load_error(f"llama.cpp could not load {path}"))
-        cp = L.llama_context_default_params()
-        # Every sequence may grow to n_ctx tokens: the cache holds n_ctx cells per sequence.
-        cp.n_ctx = options.n_ctx * options.n_seq_max
-        cp.n_batch = options.n_batch
-        cp.n_ubatch = options.n_ubatch
-        cp.n_seq_max = options.n_seq_max
-        cp.n_threads = cp.n_threads_batch = options.threads
-        cp.flash_attn_type = FLASH_ATTN[options.flash_attn]
-        cp.type_k = GGML_TYPES[options.type_k]
-        cp.type_v = GGML_TYPES[options.type_v]
-        # Split by default: with one unified buffer, a sequence's logits move (by up to ~0.9 measured
-        # here) as other sequences come and go; per-sequence streams keep every sequence's arithmetic
-        # independent of its neighbours, for the same memory.
-        cp.kv_unified = options.kv_unified
-        cp.no_perf = True
-        self.ctx = L.llama_init_from_model(self.model, cp)
+        self.ctx = L.llama_init_from_model(self.model, context_params(options))
         if not self.ctx:
             L.llama_model_free(self.model)
             raise ErllamaError(ErrorCode.LOAD_FAILED, _load_error("llama.cpp could not create a context"))

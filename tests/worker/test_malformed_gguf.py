@@ -13,34 +13,20 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import psutil
 import pytest
 
 from erllama import Client, ErllamaError
 from erllama.models import default_model_path
-from tests.conftest import BrokerProcess, remove_runtime, short_tmpdir, start_broker
+from tests.conftest import BrokerProcess, remove_runtime, short_tmpdir, start_broker, wait_for
 from tests.gguf_corpus import VARIANTS, Expect, Variant, build_corpus, build_decode_abort_model
 
 BESIDE_MODEL_ID = "beside"
 WAIT_S = 120.0
-T = TypeVar("T")
-
-
-def wait_for(pred: Callable[[], T], what: str, timeout_s: float = WAIT_S) -> T:
-    """Poll until ``pred`` is truthy (a liveness guard against hangs, not a timing assertion)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def cpu_has_amx() -> bool:
@@ -170,6 +156,7 @@ def kill_leftovers(rdir: Path) -> None:
 def _wait_back_ready(c: Client, model_id: str, dead_pids: set[int]) -> dict[str, Any]:
     return wait_for(
         lambda: (i := c.model_info(model_id))["state"] == "ready" and i["worker_pid"] not in dead_pids and i,
+        WAIT_S,
         f"{model_id} restarted and ready",
     )
 
