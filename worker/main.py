@@ -46,6 +46,11 @@ def load_backend(model_path: Path | None, options: LoadOptions) -> tuple[Backend
     if not path.is_file():
         raise ErllamaError(ErrorCode.LOAD_FAILED, f"model file {path} does not exist")
     check_gguf_header(path)
+    # When llama.cpp aborts, ggml attaches gdb to print a backtrace. Two decode threads aborting at
+    # once race two gdb attaches, and the loser can hang the process until the broker's stall timeout
+    # (seen here: 120 s instead of an immediate SIGABRT). A worker must die at once; the abort
+    # message itself still reaches stderr.
+    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
     from erllama.worker.llama_backend import LlamaBackend  # imported late: it loads libllama
 
     return LlamaBackend(path, options), path
