@@ -26,6 +26,16 @@ from erllama.transport import make_socket
 log = logging.getLogger(__name__)
 
 
+def heartbeat_message(model_id: str, s: WorkerStatus) -> bytes:
+    """One status snapshot as a heartbeat: the thread's periodic one and the worker loop's on a
+    phase change carry the same fields, so the broker's counters always come from one snapshot."""
+    return protocol.encode(
+        MsgType.HEARTBEAT, model=model_id, pid=os.getpid(), progress=s.progress, phase=s.phase.value,
+        busy=bool(s.running or s.waiting), running=s.running, waiting=s.waiting, tokens_generated=s.tokens_generated,
+        cache=s.cache,
+    )  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class WorkerStatus:
     """A snapshot the scheduler thread publishes after each tick; read whole by this thread."""
@@ -71,12 +81,7 @@ class Heartbeat(threading.Thread):
             self._sock.close(linger=0)
 
     def _send(self) -> None:
-        s = self.status
-        msg = protocol.encode(
-            MsgType.HEARTBEAT, model=self.model_id, pid=os.getpid(), progress=s.progress, phase=s.phase.value,
-            busy=bool(s.running or s.waiting), running=s.running, waiting=s.waiting, tokens_generated=s.tokens_generated,
-            cache=s.cache,
-        )  # fmt: skip
+        msg = heartbeat_message(self.model_id, self.status)
         try:
             self._sock.send(msg, zmq.NOBLOCK)
         except zmq.Again:

@@ -21,7 +21,7 @@ from erllama.options import LoadOptions, parse_sampling
 from erllama.protocol import HEARTBEAT_INTERVAL_S, ErllamaError, ErrorCode, MsgType, SaveReason
 from erllama.transport import make_socket
 from erllama.worker.backend import Backend
-from erllama.worker.heartbeat import Heartbeat, WorkerStatus
+from erllama.worker.heartbeat import Heartbeat, WorkerStatus, heartbeat_message
 from erllama.worker.kvcache import KVCache
 from erllama.worker.markers import MarkerSpec
 from erllama.worker.ops import WorkerOps
@@ -135,13 +135,7 @@ class WorkerService:
         self.heartbeat.status = status
         if phase is not self._reported_phase:
             self._reported_phase = phase
-            self.sock.send(
-                protocol.encode(
-                    MsgType.HEARTBEAT, model=self.model_id, pid=os.getpid(), progress=status.progress,
-                    phase=phase.value, busy=bool(status.running or status.waiting), running=status.running,
-                    waiting=status.waiting, tokens_generated=status.tokens_generated,
-                )  # fmt: skip
-            )
+            self.sock.send(heartbeat_message(self.model_id, status))
 
     def _register_again(self) -> None:
         """A new broker does not know our requests (their clients were the old broker's) and reuses
