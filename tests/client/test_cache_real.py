@@ -102,6 +102,34 @@ def test_a_second_turn_that_resends_the_conversation_reads_the_first_turn_from_t
     assert r2.cache_delta["read"] >= len(c.tokenize(MODEL, turn1, parse_special=True))
 
 
+def saves_after(c: Client, tokens_generated: int) -> int:
+    """The worker's queued saves as of a heartbeat sent after ``tokens_generated`` tokens: a request's
+    last token and its finish save happen in one tick, so that heartbeat counts every save of it."""
+    info = wait_for(lambda: (i := c.model_info(MODEL))["tokens_generated"] >= tokens_generated and i["cache"] and i, 30,
+                    "a heartbeat after the request")  # fmt: skip
+    return info["cache"]["saves_queued"]
+
+
+def test_a_prompt_restored_but_for_a_few_tokens_is_saved_once_and_a_cold_one_twice(c: Client):
+    prompt = c.tokenize(MODEL, "Saved how often? " + STORY * 2)
+    info = c.model_info(MODEL)
+    before = saves_after(c, info["tokens_generated"])
+    cold = c.complete(MODEL, prompt, max_tokens=4)
+    after_cold = saves_after(c, info["tokens_generated"] + len(cold.generated))
+    assert cold.cache_hit_kind == "cold" and after_cold - before == 2  # cold boundary, then finish
+    cached(c, cold.context_tokens, len(cold.context_tokens))
+    # New tokens past the restored prefix: more than the cold boundary's trim and alignment, fewer
+    # than continued_interval_tokens (64).
+    turn2 = cold.context_tokens + c.tokenize(MODEL, " The keeper's daughter asked him why the ships never stopped "
+                                             "at the island, and he told her about the reef.", add_special=False)  # fmt: skip
+    warm = c.complete(MODEL, turn2, max_tokens=4)
+    assert warm.cache_hit_kind in ("exact", "partial") and warm.cache_delta["read"] >= len(prompt)
+    boundary = (len(turn2) - OPTIONS["cold_trim_tokens"]) // OPTIONS["cold_align_tokens"] * OPTIONS["cold_align_tokens"]
+    assert warm.cache_delta["read"] < boundary < warm.cache_delta["read"] + OPTIONS["continued_interval_tokens"]
+    done = info["tokens_generated"] + len(cold.generated) + len(warm.generated)
+    assert saves_after(c, done) - after_cold == 1  # only the finish save
+
+
 def test_prefill_only_primes_the_cache_and_cached_prefix_len_reports_it(c: Client):
     prompt = c.tokenize(MODEL, STORY + "A storm was coming and")
     assert c.cached_prefix_len(MODEL, prompt) < len(prompt)

@@ -79,6 +79,23 @@ def test_cancel_mid_stream_ends_cancelled_and_the_worker_serves_the_next(real_cl
     assert r.finish_reason == "length"
 
 
+def test_closing_a_client_fails_its_stream_in_flight_with_client_closed_and_the_model_serves_on(
+    real_broker: BrokerProcess, real_client: Client
+):
+    c = Client(real_broker.endpoint, timeout_s=60.0)
+    stream = c.infer(REAL_MODEL_ID, "1, 2, 3, 4, 5, 6,", max_tokens=400, timeout_s=600.0)  # it keeps counting
+    next(iter(stream))
+    outcome: list[ErllamaError] = []
+    reader = threading.Thread(target=lambda: outcome.append(pytest.raises(ErllamaError, stream.collect).value))
+    reader.start()
+    c.close()
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "the reader still waits for a reply that cannot come"
+    assert outcome[0].code == "client_closed"
+    # The broker cancels the orphaned request when it cannot deliver to the closed client.
+    assert real_client.complete(REAL_MODEL_ID, "The capital of France is", max_tokens=3).finish_reason == "length"
+
+
 def test_two_clients_stream_from_two_models_at_once(real_broker: BrokerProcess):
     loader = real_broker.client(timeout_s=60)
     loader.load_model("second", None, n_ctx=1024, n_seq_max=1)
