@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from erllama import Client, ErllamaError
+from erllama import Client, ErllamaError, InferStream
 from erllama.protocol import DEFAULT_MODEL_ID
 from erllama.transport import CLIENT_SOCKET_NAME, ipc_endpoint
 
@@ -59,6 +60,18 @@ def remove_runtime(runtime_dir: Path) -> None:
     """Delete a test broker's runtime dir and its shm tier."""
     shutil.rmtree(cache_dirs(runtime_dir)[1], ignore_errors=True)
     shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def error_when_closed_mid_stream(c: Client, stream: InferStream) -> ErllamaError:
+    """Close ``c`` while another thread waits on its running ``stream``; the error that thread gets."""
+    next(iter(stream))  # it runs
+    outcome: list[ErllamaError] = []
+    reader = threading.Thread(target=lambda: outcome.append(pytest.raises(ErllamaError, stream.collect).value))
+    reader.start()
+    c.close()
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "the reader still waits for a reply that cannot come"
+    return outcome[0]
 
 
 def short_tmpdir(prefix: str) -> Path:

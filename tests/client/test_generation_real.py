@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from erllama import Client, ErllamaError
-from tests.conftest import REAL_MODEL_ID, BrokerProcess
+from tests.conftest import REAL_MODEL_ID, BrokerProcess, error_when_closed_mid_stream
 from tests.reference import assert_same_greedy
 
 PROMPTS = [
@@ -84,14 +84,7 @@ def test_closing_a_client_fails_its_stream_in_flight_with_client_closed_and_the_
 ):
     c = Client(real_broker.endpoint, timeout_s=60.0)
     stream = c.infer(REAL_MODEL_ID, "1, 2, 3, 4, 5, 6,", max_tokens=400, timeout_s=600.0)  # it keeps counting
-    next(iter(stream))
-    outcome: list[ErllamaError] = []
-    reader = threading.Thread(target=lambda: outcome.append(pytest.raises(ErllamaError, stream.collect).value))
-    reader.start()
-    c.close()
-    reader.join(timeout=30)
-    assert not reader.is_alive(), "the reader still waits for a reply that cannot come"
-    assert outcome[0].code == "client_closed"
+    assert error_when_closed_mid_stream(c, stream).code == "client_closed"
     # The broker cancels the orphaned request when it cannot deliver to the closed client.
     assert real_client.complete(REAL_MODEL_ID, "The capital of France is", max_tokens=3).finish_reason == "length"
 
