@@ -54,6 +54,12 @@ from /proc, and is repeated (up to ``--attempts``) when they used more; after ``
 stops waiting and repeating. The output says how many pairs ran clean.
 
     python scripts/bench_batching.py [--streams 1,2,4,8] [--tokens 128] [--rounds 3] [--n-ctx 1024] [--kv-unified] [--cache]
+                                     [--llama-batched-bench PATH]
+
+With ``--llama-batched-bench PATH`` (built by ``python scripts/llama_batched_bench.py build``), each
+round also runs llama.cpp's own batched benchmark on the same model and context settings, and the
+output adds its decode speed per level and its scaling: what llama.cpp itself reaches on this
+machine during the same minutes.
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import llama_cpp as L
+from llama_batched_bench import run_once as run_llama_batched_bench
 
 from erllama import Client, ErllamaError
 from erllama.models import default_model_path
@@ -455,6 +462,18 @@ def print_table(levels: Sequence[int], ours: dict[int, list[RoundResult]], direc
     print(f"end to end (all tokens / first request sent -> last token), ours / direct tok/s: {burst}")
 
 
+def print_reference(levels: Sequence[int], reference: Sequence[dict[int, float]]) -> None:
+    """llama.cpp's own tool on the same model and context settings, in the same rounds: the most
+    batching can give on this machine right now."""
+    speeds = "  ".join(f"{n}: {med([r[n] for r in reference]):.1f}" for n in levels)
+    print(f"llama-batched-bench decode S_TG tok/s (median of {len(reference)} runs, one per round): {speeds}")
+    lo, hi = min(levels), max(levels)
+    if lo != hi:
+        print(f"llama-batched-bench scaling {hi} / {lo}: "
+              f"{med([r[hi] for r in reference]) / med([r[lo] for r in reference]):.2f}x "
+              f"(per run: {', '.join(f'{r[hi] / r[lo]:.2f}' for r in reference)})")  # fmt: skip
+
+
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
     """`timeout` or a kill still runs the clean-up in ``main``; a second SIGTERM must not cut it short
     (it is bounded: the broker gets BROKER_STOP_TIMEOUT_S, then SIGKILL)."""
@@ -488,6 +507,12 @@ def main() -> int:
     )
     ap.add_argument(
         "--cache", action="store_true", help="run ours with the KV cache (a cache store in the temp dir)"
+    )
+    ap.add_argument(
+        "--llama-batched-bench",
+        type=Path,
+        metavar="PATH",
+        help="also run llama.cpp's llama-batched-bench once per round (scripts/llama_batched_bench.py build)",
     )
     args = ap.parse_args()
     logging.basicConfig(
@@ -525,6 +550,7 @@ def main() -> int:
         theirs: dict[int, list[RoundResult]] = {n: [] for n in levels}
         same: dict[int, tuple[int, int]] = {n: (0, 0) for n in levels}
         clean: dict[int, int] = {n: 0 for n in levels}
+        reference: list[dict[int, float]] = []  # llama-batched-bench's S_TG per level, one dict per round
         budget_end_s = time.monotonic() + args.budget_s
         for r in range(args.rounds):
             for n in levels:
@@ -556,7 +582,14 @@ def main() -> int:
                          "direct %.1f tok/s (end to end %.1f, TTFT %.0f ms)", r + 1, n, o.tokens_per_s,
                          o.burst_tokens_per_s, o.ttft_mean_ms, d.tokens_per_s, d.burst_tokens_per_s,
                          d.ttft_mean_ms)  # fmt: skip
+            if args.llama_batched_bench:
+                wait_for_quiet(FOREIGN_CPU_LIMIT, budget_end_s)
+                npp = round(statistics.median(len(p) for p in prompts[: max(levels)]))
+                reference.append(run_llama_batched_bench(args.llama_batched_bench, opts, levels, npp, args.tokens))
+                log.info("round %d, llama-batched-bench S_TG: %s", r + 1, reference[-1])
         print_table(levels, ours, theirs, same, args)
+        if reference:
+            print_reference(levels, reference)
         print(f"pairs run while other processes used < {100 * FOREIGN_CPU_LIMIT:.0f}% of the CPUs: "
               + ", ".join(f"{n} streams {clean[n]}/{args.rounds}" for n in levels))  # fmt: skip
         print(f"1-minute load average on {os.cpu_count()} CPUs: {load_before:.2f} before, "

@@ -8,16 +8,13 @@ check); ``-m slow`` runs five minutes with the real model too. The script bounds
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Final
 
 import pytest
 
-SCRIPT: Final = Path(__file__).resolve().parents[1] / "scripts" / "chaos.py"
-MODULE_NAME: Final = "erllama_scripts_chaos"
+from tests.conftest import load_script
+
 SHORT_MINUTES: Final = 0.5
 SHORT_CLIENTS: Final = 4
 LONG_MINUTES: Final = 5.0
@@ -26,13 +23,7 @@ LONG_CLIENTS: Final = 6
 
 @pytest.fixture(scope="module")
 def chaos() -> ModuleType:
-    """The script as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(MODULE_NAME, SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[MODULE_NAME] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_script("chaos")
 
 
 def check(report) -> None:

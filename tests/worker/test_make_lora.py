@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import importlib.util
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +13,8 @@ import pytest
 from gguf import GGUFReader
 
 from erllama.models import default_model_path
+from tests.conftest import load_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_lora.py"
 PROMPT = b"The capital of France is"
 N_CTX_TOKENS = 128
 GREEDY_STEPS = 4
@@ -24,15 +22,7 @@ SAME_LOGITS_ATOL = 1e-4  # scale 0 adds exact zeros; allow only float noise
 CHANGED_LOGITS_MIN = 0.05  # a rank-8 random adapter on every layer moves logits far more than this
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("make_lora", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["make_lora"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-make_lora = load_script()
+make_lora = load_script("make_lora")
 
 
 @pytest.fixture(scope="module")
