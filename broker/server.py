@@ -161,7 +161,7 @@ class Broker:
         for item, _ in self.poller.poll(timeout_ms):
             if item in self.fronts:
                 index = bytes([self.fronts.index(item)])
-                self._drain(item, lambda frames: self._on_client_frames([index + frames[0], *frames[1:]]))
+                self._drain(item, lambda frames, i=index: self._on_client_frames([i + frames[0], *frames[1:]]))
             elif item is self.back:
                 self._drain(self.back, self._on_worker_frames)
             elif item is self.cache_sock:
