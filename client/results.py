@@ -35,8 +35,8 @@ class CompletionResult:
     finish_reason: str  # stop | length | cancelled
     stop_sequence: str | None
     finish_key: str | None
-    cache_hit_kind: str | None  # exact | partial | sticky | cold
-    cache_delta: dict[str, int] = field(default_factory=dict)  # read: tokens restored; created: tokens saved
+    cache_hit_kind: str | None  # exact | partial | sticky | shared (from a running request) | cold
+    cache_delta: dict[str, int] = field(default_factory=dict)  # read: tokens restored or shared; created: saved
     cache_tier: str | None = None  # where a restored row came from: ram, shm or disk
     thinking: list[str] = field(default_factory=list)  # each closed thinking block
     tool_calls: list[str] = field(default_factory=list)  # each tool call's exact text

@@ -223,6 +223,7 @@ class LoadOptions:
     use_extra_bufts: bool = False
     max_queue: int = DEFAULT_MAX_QUEUE
     prefill_chunk_size: int = 256
+    share_prefix: bool = True  # a request starting like a running one copies its KV (worker/sharing.py)
     stub_decode_ms: int = 0  # the stub backend sleeps this long per decode, standing in for compute
     stall_timeout_s: int = int(WORKER_STALL_TIMEOUT_S)  # a busy worker without decode progress this long is killed
     # KV cache policy (see worker/kvcache.py): rows shorter than cache_min_tokens are neither saved nor
@@ -276,7 +277,7 @@ def parse_load_options(options: dict[str, Any] | None) -> LoadOptions:
     for key, (lo, hi) in ints.items():
         if key in options:
             o[key] = _int(key, options[key], lo, hi)
-    for key in ("use_mmap", "use_mlock", "use_extra_bufts", "cache", "kv_unified"):
+    for key in ("use_mmap", "use_mlock", "use_extra_bufts", "cache", "kv_unified", "share_prefix"):
         if key in options:
             o[key] = _bool(key, options[key])
     for key, choices in (

@@ -168,6 +168,7 @@ class CacheHitKind(enum.StrEnum):
     EXACT = "exact"
     PARTIAL = "partial"
     STICKY = "sticky"
+    SHARED = "shared"  # copied from a request running in the same worker with the same prompt start
     COLD = "cold"
 
 

@@ -11,8 +11,10 @@ Three tables, each against a real ``erllama-broker`` (default model) on private 
   ``cache_tier`` (where the restored row came from) and a mismatch is flagged ``!``.
   Goal at 2,048 tokens: RAM and shm hits <= 1/100 of cold, disk after restart <= 1/30.
 - ``shared``: 8 agents, a 2,000-token common prefix plus their own 100-token suffix, issued at once
-  (8 threads) to a model with 4 sequences: with the cache off, with the prefix never seen before
-  (``cold prefix``), and with the prefix primed by an earlier ``prefill_only`` (``primed``).
+  (8 threads) to a model with 4 sequences: with the cache off and prefix sharing between running
+  requests off (``share_prefix=false``: every agent prefills everything), with the cache off and
+  sharing on (``sharing only``), with the cache on and the prefix never seen before (``cold
+  prefix``), and with the prefix primed by an earlier ``prefill_only`` (``primed``).
 - ``multiturn``: 12 conversations x 6 turns. Each round issues turn t of every conversation at once
   (12 requests for 4 sequences, no ``session_id``: rows must come from the cache store), each turn
   resending the whole conversation (previous prompt + generated tokens, as token ids: exact, where a
@@ -495,12 +497,13 @@ def shared(the_lab: Lab, sz: Sizes) -> None:
                         for i in range(sz.sh_agents)]  # fmt: skip
 
     runs: dict[str, list[Sample]] = {}
-    broker = the_lab.start("sh-off", "--no-cache")
-    load(broker, **options)
-    _, prompts = agents(Corpus(broker.client), "off")
-    log.info("shared prefix, cache off: %d agents at once", sz.sh_agents)
-    runs["cache off"] = run_together(broker.client, prompts, sz.sh_max_tokens)
-    the_lab.stop(broker)
+    for name, share_prefix in (("cache off", False), ("sharing only", True)):
+        broker = the_lab.start(f"sh-off-{int(share_prefix)}", "--no-cache")
+        load(broker, **options, share_prefix=share_prefix)
+        _, prompts = agents(Corpus(broker.client), name.split()[0])
+        log.info("shared prefix, %s: %d agents at once", name, sz.sh_agents)
+        runs[name] = run_together(broker.client, prompts, sz.sh_max_tokens)
+        the_lab.stop(broker)
 
     broker = the_lab.start("sh-on")
     load(broker, **options)
@@ -522,7 +525,8 @@ def shared(the_lab: Lab, sz: Sizes) -> None:
         f"{sz.sh_suffix}-token own suffix, max_tokens={sz.sh_max_tokens}, n_seq_max={sz.sh_seqs}."
     )
     print(
-        "TTFT ms (client: sent -> first token, includes queueing for a sequence); read = tokens from cache."
+        "TTFT ms (client: sent -> first token, includes queueing for a sequence); read = tokens from the cache "
+        "or copied from a running agent."
     )
     names = list(runs)
     head = f"{'agent':>5}" + "".join(f"{name + ' ms':>16}{'read':>6}" for name in names)
@@ -538,7 +542,7 @@ def shared(the_lab: Lab, sz: Sizes) -> None:
         ss = runs[k]
         share = sum(s.read for s in ss) / sum(s.prompt_tokens for s in ss)
         m = mean([s.ttft_ms for s in ss])
-        print(f"  {k:<12} prompt tokens from cache {share:6.1%}   mean TTFT vs cache off {frac(m / base):>6}"
+        print(f"  {k:<12} prompt tokens not prefilled {share:6.1%}   mean TTFT vs cache off {frac(m / base):>6}"
               f"   hit kinds {sorted({s.kind for s in ss})}")  # fmt: skip
 
 

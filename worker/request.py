@@ -37,12 +37,15 @@ class Request:
     cancelled: bool = False
     # the cache
     cache_hit_kind: CacheHitKind = CacheHitKind.COLD
-    prefix_len: int = 0  # prompt tokens whose KV came from the cache or the session
+    prefix_len: int = 0  # prompt tokens whose KV came from the cache, the session or a donor
     cache_tier: str | None = None  # the tier a restored row came from (ram, shm, disk)
     cold_save_at: int = 0  # prefill pauses here to save the prompt's aligned prefix (0: no cold save)
     last_save_at: int = 0  # n_past at the last save, for the continued-save interval
     cache_created: int = 0  # tokens this request added to the cache
     adapter_epoch: int = 0  # the adapter set its KV was computed under; no saves once it changes
+    # a running request whose prompt starts like ours (worker/sharing.py): we wait, then copy its KV
+    donor_rid: int | None = None
+    share_len: int = 0  # prompt tokens to take from the donor once it has prefilled them
     finish_key: str | None = None
     # speculative verify: the prompt is prefix + candidates; argmax at every candidate position
     verify_from: int = -1  # first position whose logits are needed (len(prefix) - 1); -1: not a verify

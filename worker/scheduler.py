@@ -8,8 +8,10 @@ is decoded (committed to the KV cache) by the next tick, so the last token of a 
 request is never in the cache; ``context_tokens`` reports exactly what is.
 
 At admission a request gets a sequence and as much of its prompt as is already known: its
-sticky session's KV, else the longest cached prefix from the cache store. Saves copy KV out
-and hand it to the store's saver thread, so they never wait on the store.
+sticky session's KV, else the longest cached prefix from the cache store, or, when a running
+request's prompt starts the same way for longer, that request's KV once it has prefilled the
+shared part (``worker/sharing.py``). Saves copy KV out and hand it to the store's saver thread,
+so they never wait on the store.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from erllama.worker.markers import MarkerSpec, SpanAutomaton
 from erllama.worker.output import TEXT, THINKING_END, TOOL_CALL_END, RequestOutput
 from erllama.worker.request import ReqState, Request
 from erllama.worker.sessions import SequencePool, Session
+from erllama.worker.sharing import SHARE_MIN_TOKENS, find_donor
 from erllama.worker.textstream import TextStream
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ class Scheduler:
         cache: KVCache | None = None,
         markers: MarkerSpec | None = None,
         signing_key: bytes = b"",
+        share_prefix: bool = True,
     ):
         self.backend = backend
         self.emit = emit
@@ -60,6 +64,7 @@ class Scheduler:
         self.markers = markers
         self.signing_key = signing_key
         self.prefill_chunk_size = prefill_chunk_size
+        self.share_prefix = share_prefix
         self.pool = SequencePool(backend.n_seq_max, backend.seq_clear, self._save_idle_session)
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # rid -> request, in admission order
@@ -183,6 +188,7 @@ class Scheduler:
                     self._finish(req, FinishReason.STOP)
             elif idx >= 0:
                 self._sample(req, idx)
+        self._take_shares()
 
     def _finish_cancelled(self) -> None:
         for req in [r for r in self.waiting if r.cancelled]:
@@ -194,6 +200,7 @@ class Scheduler:
     def _admit(self, req: Request) -> bool:
         """Give a request a sequence and decide how much of its prompt is already there. False if
         no sequence is free (it waits for the next tick)."""
+        req.adapter_epoch = self.adapter_epoch
         session = self.pool.unpin(req.params.session_id) if req.params.session_id else None
         if session is not None and req.prompt[: len(session.tokens)] == session.tokens:
             req.seq_id = session.seq_id
@@ -206,13 +213,52 @@ class Scheduler:
                 return False
             req.seq_id = seq
             self._restore_from_cache(req)
-        if self.cache is not None and not req.is_verify:
-            req.cold_save_at = self.cache.policy.cold_save_at(len(req.prompt), req.n_past)
-        req.adapter_epoch = self.adapter_epoch
+            donor = find_donor(req, self.running.values(), self.adapter_epoch) if self.share_prefix else None
+            if donor is not None:
+                req.donor_rid, req.share_len = donor[0].rid, donor[1]
         req.state = ReqState.PREFILLING
         self.running[req.rid] = req
-        self.emit.admitted(req.rid, req.cache_hit_kind.value, req.prefix_len)
+        if req.donor_rid is None:
+            self._start_prefill(req)
+        elif self.running[req.donor_rid].n_past >= req.share_len:
+            self._take_share(req, self.running[req.donor_rid])
         return True
+
+    def _start_prefill(self, req: Request) -> None:
+        """Its prompt's known prefix is in place: plan the cold save and say what was found."""
+        if self.cache is not None and not req.is_verify:
+            req.cold_save_at = self.cache.policy.cold_save_at(len(req.prompt), req.n_past)
+        self.emit.admitted(req.rid, req.cache_hit_kind.value, req.prefix_len)
+
+    def _take_shares(self) -> None:
+        """Requests waiting for a donor: copy its KV once it has prefilled the shared part (a donor
+        that ends first hands over in ``_release``); stop waiting if the adapter set changed."""
+        for req in list(self.running.values()):
+            if req.donor_rid is None:
+                continue
+            donor = self.running.get(req.donor_rid)
+            if donor is None or donor.adapter_epoch != req.adapter_epoch:
+                req.donor_rid = None
+                self._start_prefill(req)
+            elif donor.n_past >= req.share_len:
+                self._take_share(req, donor)
+
+    def _take_share(self, req: Request, donor: Request) -> None:
+        """Copy the donor's KV into ``req``'s sequence and keep the shared prompt prefix of it."""
+        req.donor_rid = None
+        try:
+            state = self.backend.seq_state(donor.seq_id)
+            self.backend.seq_clear(req.seq_id)
+            self.backend.seq_restore(req.seq_id, state)
+        except BackendError as exc:
+            log.warning("copying sequence %d to %d failed, prefilling on its own: %s", donor.seq_id, req.seq_id, exc)
+            self.backend.seq_clear(req.seq_id)
+            req.n_past = req.prefix_len = req.last_save_at = 0
+            req.cache_hit_kind, req.cache_tier = CacheHitKind.COLD, None
+        else:
+            self._keep(req, req.share_len, CacheHitKind.SHARED)
+            req.cache_tier = None
+        self._start_prefill(req)
 
     def _keep(self, req: Request, cached: int, kind: CacheHitKind) -> None:
         """The sequence holds the first ``cached`` prompt tokens. Keep at most all but the last prompt
@@ -238,7 +284,7 @@ class Scheduler:
         for req in self.running.values():
             if budget <= 0:
                 break
-            if req.state is not ReqState.PREFILLING:
+            if req.state is not ReqState.PREFILLING or req.donor_rid is not None:
                 continue
             stop_at = req.cold_save_at if req.cold_save_at > req.n_past else len(req.prompt)
             take = min(stop_at - req.n_past, self.prefill_chunk_size, budget)
@@ -343,8 +389,16 @@ class Scheduler:
     # --- requests out --------------------------------------------------------------------------------------
 
     def _release(self, req: Request, kv_valid: bool = True) -> None:
-        """Free what a request held. A session keeps its sequence, holding the committed tokens."""
+        """Free what a request held. A session keeps its sequence, holding the committed tokens.
+        Requests waiting for it as a donor take what it prefilled first, or stop waiting."""
         self.running.pop(req.rid, None)
+        for waiter in [r for r in self.running.values() if r.donor_rid == req.rid]:
+            if kv_valid and req.seq_id >= 0 and req.n_past - waiter.n_past >= SHARE_MIN_TOKENS:
+                waiter.share_len = min(waiter.share_len, req.n_past)  # all it has if it stopped early
+                self._take_share(waiter, req)
+            else:
+                waiter.donor_rid = None
+                self._start_prefill(waiter)
         if req.sampler is not None:
             self.backend.free_sampler(req.sampler)
             req.sampler = None

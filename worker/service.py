@@ -84,7 +84,8 @@ class WorkerService:
         self.info = info
         self.emitter = SocketEmitter(sock)
         signing_key = os.environ.get(THINKING_KEY_ENV, "").encode()
-        self.scheduler = Scheduler(backend, self.emitter, options.prefill_chunk_size, cache, markers, signing_key)
+        self.scheduler = Scheduler(backend, self.emitter, options.prefill_chunk_size, cache, markers, signing_key,
+                                   share_prefix=options.share_prefix)  # fmt: skip
         self.ops = WorkerOps(backend, self.scheduler, cache, refingerprint)
         self.stopping = False
         self.refused = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import uuid
 import threading
 from collections.abc import Iterator
 
@@ -155,3 +156,19 @@ def test_idle_sessions_pinning_every_sequence_do_not_block_new_requests(bb: Brok
         assert c.complete("pinned", "Another one.", max_tokens=4, session_id="c").finish_reason == "length"
     finally:
         c.unload_model("pinned")
+
+
+def test_a_prompt_starting_like_a_running_one_copies_its_kv_and_both_equal_their_solo_runs(
+    bb: BrokerProcess, c: Client, reference
+):
+    start = f"Logbook {uuid.uuid4().hex[:8]}. " + "The keeper climbed the stairs, trimmed the wick and wound the clock. " * 20
+    first = c.infer(MODEL, start + "What did the keeper do first?", max_tokens=12)
+    second = c.infer(MODEL, start + "Why was the clock important?", max_tokens=12)
+    events = [list(first), list(second)]
+    assert first.result is not None and second.result is not None
+    assert second.result.cache_hit_kind == "shared"
+    assert second.result.cache_delta["read"] >= len(reference.tokenize(start)) - 2  # the start, up to a merged token
+    for stream, evs in zip((first, second), events):
+        prompt_tokens = stream.result.context_tokens[: stream.result.stats.prompt_tokens]
+        ref, logits = reference.greedy(prompt_tokens, 12)
+        assert_same_greedy([t for e in evs for t in e.token_ids], ref, logits)

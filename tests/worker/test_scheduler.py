@@ -224,3 +224,96 @@ def test_a_second_request_under_a_running_request_id_is_refused_and_the_first_co
     assert exc.value.code == "protocol_error"
     run_all(s)
     assert len(rec.results[1]["generated"]) == 5
+
+
+# --- prompts that start like a running request's (worker/sharing.py) ------------------------------------------
+
+SHARED_START = "You are a careful assistant. Answer in one short sentence, and cite the source. " * 2  # 163 tokens
+
+
+def counting_decodes(be: StubBackend) -> list[tuple[int, int]]:
+    """Record (seq_id, tokens) of every decode row from now on."""
+    rows: list[tuple[int, int]] = []
+    real = be.decode
+
+    def decode(batch):
+        rows.extend((r.seq_id, len(r.tokens)) for r in batch)
+        return real(batch)
+
+    be.decode = decode  # type: ignore[method-assign]
+    return rows
+
+
+def test_a_request_starting_like_a_running_one_copies_its_kv_and_prefills_only_its_own_suffix():
+    s, rec, be = make(n_seq_max=4, n_batch=64, chunk=16)
+    rows = counting_decodes(be)
+    first, second = SHARED_START + "What is the tallest mountain?", SHARED_START + "Why is the sky blue?"
+    s.submit(1, first, SamplingParams(max_tokens=6))
+    s.tick()  # the first is prefilling when the second arrives
+    s.submit(2, second, SamplingParams(max_tokens=6))
+    run_all(s)
+    a, b = be.tokenize(first), be.tokenize(second)
+    shared = next(i for i in range(len(a)) if a[i] != b[i])  # the start plus "Wh"
+    assert rec.results[2]["cache_hit_kind"] == "shared"
+    assert rec.results[2]["cache_delta"]["read"] == shared
+    assert rec.results[1]["generated"] == alone(first, 6)
+    assert rec.results[2]["generated"] == alone(second, 6)
+    prefilled_by_second = sum(n for seq, n in rows if seq == 1)  # the second request runs in sequence 1
+    assert prefilled_by_second == len(be.tokenize(second)) - shared + 5  # its suffix, then 5 decoded tokens
+
+
+def test_a_waiting_request_takes_no_batch_rows_until_its_donor_has_prefilled_the_shared_part():
+    s, rec, be = make(n_seq_max=4, n_batch=64, chunk=16)
+    rows = counting_decodes(be)
+    s.submit(1, SHARED_START + "first question", SamplingParams(max_tokens=4))
+    s.submit(2, SHARED_START + "second question", SamplingParams(max_tokens=4))
+    s.tick()
+    donor_ticks = 0
+    while s.running[2].donor_rid is not None:
+        assert all(seq != 1 for seq, _ in rows)
+        s.tick()
+        donor_ticks += 1
+    assert donor_ticks >= len(be.tokenize(SHARED_START)) // 16 - 1  # it waited for the donor's chunks
+    assert ("admitted", 2) in rec.log  # announced once it knew what it holds
+    run_all(s)
+    assert rec.results[2]["cache_hit_kind"] == "shared"
+
+
+def test_a_cancelled_donor_hands_over_what_it_prefilled_or_lets_the_waiter_prefill_alone():
+    # chunk 16: after k ticks the donor holds 16 k tokens; 64 or more are worth copying
+    for cancel_after_ticks, kind, read in ((1, "cold", 0), (6, "shared", 96)):
+        s, rec, _ = make(n_seq_max=4, n_batch=64, chunk=16)
+        first, second = SHARED_START + "first question", SHARED_START + "second question"
+        s.submit(1, first, SamplingParams(max_tokens=50))
+        s.submit(2, second, SamplingParams(max_tokens=6))
+        for _ in range(cancel_after_ticks):
+            s.tick()
+        assert s.running[2].donor_rid == 1
+        s.cancel(1)
+        run_all(s)
+        assert rec.results[1]["finish_reason"] == "cancelled"
+        assert rec.results[2]["generated"] == alone(second, 6)
+        assert not rec.errors
+        assert (rec.results[2]["cache_hit_kind"], rec.results[2]["cache_delta"]["read"]) == (kind, read)
+
+
+def test_with_share_prefix_off_a_request_never_waits_for_another():
+    be = StubBackend(n_ctx=256, n_seq_max=4, n_batch=64)
+    rec = Recorder()
+    s = Scheduler(be, rec, 16, share_prefix=False)
+    s.submit(1, SHARED_START + "first question", SamplingParams(max_tokens=4))
+    s.submit(2, SHARED_START + "second question", SamplingParams(max_tokens=4))
+    s.tick()
+    assert s.running[2].donor_rid is None
+    run_all(s)
+    assert rec.results[2]["cache_hit_kind"] == "cold"
+
+
+def test_a_short_common_start_does_not_make_a_request_wait():
+    s, rec, _ = make(n_seq_max=4, n_batch=64, chunk=16)
+    s.submit(1, "Hello there, tell me about volcanoes and how they form.", SamplingParams(max_tokens=4))
+    s.submit(2, "Hello there, tell me about rivers.", SamplingParams(max_tokens=4))
+    s.tick()
+    assert s.running[2].donor_rid is None
+    run_all(s)
+    assert rec.results[2]["cache_hit_kind"] == "cold"
