@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-import uuid
 import threading
+import uuid
 from collections.abc import Iterator
 
 import pytest
