@@ -1243,7 +1243,9 @@ def test_a_broker_that_dies_leaves_no_worker_or_cache_store_behind():
 
 
 def test_a_run_whose_rid_is_already_running_is_refused_and_the_first_still_completes():
-    with worker_under_test() as w:
+    # 20 ms per decode keeps the first request running (30 tokens: >= 0.6 s) when the second arrives;
+    # without it the stub can finish the first before the worker reads the second, which is then no duplicate.
+    with worker_under_test({"stub_decode_ms": 20}) as w:
         first = protocol.encode(MsgType.RUN, rid=41, prompt="the first", params={"max_tokens": 30})
         second = protocol.encode(MsgType.RUN, rid=41, prompt="the second", params={"max_tokens": 3})
         send_worker(w, [first])
