@@ -551,6 +551,7 @@ def main() -> int:
         same: dict[int, tuple[int, int]] = {n: (0, 0) for n in levels}
         clean: dict[int, int] = {n: 0 for n in levels}
         reference: list[dict[int, float]] = []  # llama-batched-bench's S_TG per level, one dict per round
+        reference_npp = round(statistics.median(len(p) for p in prompts[: max(levels)]))  # its prompt length
         budget_end_s = time.monotonic() + args.budget_s
         for r in range(args.rounds):
             for n in levels:
@@ -584,8 +585,8 @@ def main() -> int:
                          d.ttft_mean_ms)  # fmt: skip
             if args.llama_batched_bench:
                 wait_for_quiet(FOREIGN_CPU_LIMIT, budget_end_s)
-                npp = round(statistics.median(len(p) for p in prompts[: max(levels)]))
-                reference.append(run_llama_batched_bench(args.llama_batched_bench, opts, levels, npp, args.tokens))
+                reference.append(run_llama_batched_bench(args.llama_batched_bench, opts, levels, reference_npp,
+                                                         args.tokens))  # fmt: skip
                 log.info("round %d, llama-batched-bench S_TG: %s", r + 1, reference[-1])
         print_table(levels, ours, theirs, same, args)
         if reference:

@@ -163,6 +163,7 @@ class Scheduler:
         self._finish_cancelled()
         while self.waiting and self._admit(self.waiting[0]):
             self.waiting.popleft()
+        self._take_shares()
         rows, reqs = self._build_batch()
         if not rows:
             return
@@ -188,7 +189,6 @@ class Scheduler:
                     self._finish(req, FinishReason.STOP)
             elif idx >= 0:
                 self._sample(req, idx)
-        self._take_shares()
 
     def _finish_cancelled(self) -> None:
         for req in [r for r in self.waiting if r.cancelled]:
@@ -220,8 +220,6 @@ class Scheduler:
         self.running[req.rid] = req
         if req.donor_rid is None:
             self._start_prefill(req)
-        elif self.running[req.donor_rid].n_past >= req.share_len:
-            self._take_share(req, self.running[req.donor_rid])
         return True
 
     def _start_prefill(self, req: Request) -> None:
@@ -231,17 +229,22 @@ class Scheduler:
         self.emit.admitted(req.rid, req.cache_hit_kind.value, req.prefix_len)
 
     def _take_shares(self) -> None:
-        """Requests waiting for a donor: copy its KV once it has prefilled the shared part (a donor
-        that ends first hands over in ``_release``); stop waiting if the adapter set changed."""
+        """Before each batch, requests waiting for a donor copy its KV once it has prefilled the shared
+        part (a donor that ends first hands over in ``_release``); they stop waiting if the adapter set
+        changed."""
         for req in list(self.running.values()):
             if req.donor_rid is None:
                 continue
             donor = self.running.get(req.donor_rid)
             if donor is None or donor.adapter_epoch != req.adapter_epoch:
-                req.donor_rid = None
-                self._start_prefill(req)
+                self._stop_waiting(req)
             elif donor.n_past >= req.share_len:
                 self._take_share(req, donor)
+
+    def _stop_waiting(self, req: Request) -> None:
+        """No donor to copy from after all: prefill the prompt from what the request holds."""
+        req.donor_rid = None
+        self._start_prefill(req)
 
     def _take_share(self, req: Request, donor: Request) -> None:
         """Copy the donor's KV into ``req``'s sequence and keep the shared prompt prefix of it."""
@@ -253,11 +256,10 @@ class Scheduler:
         except BackendError as exc:
             log.warning("copying sequence %d to %d failed, prefilling on its own: %s", donor.seq_id, req.seq_id, exc)
             self.backend.seq_clear(req.seq_id)
-            req.n_past = req.prefix_len = req.last_save_at = 0
-            req.cache_hit_kind, req.cache_tier = CacheHitKind.COLD, None
+            self._keep(req, 0, CacheHitKind.COLD)
         else:
             self._keep(req, req.share_len, CacheHitKind.SHARED)
-            req.cache_tier = None
+        req.cache_tier = None  # whatever a restore brought is replaced by the copy (or cleared)
         self._start_prefill(req)
 
     def _keep(self, req: Request, cached: int, kind: CacheHitKind) -> None:
@@ -397,8 +399,7 @@ class Scheduler:
                 waiter.share_len = min(waiter.share_len, req.n_past)  # all it has if it stopped early
                 self._take_share(waiter, req)
             else:
-                waiter.donor_rid = None
-                self._start_prefill(waiter)
+                self._stop_waiting(waiter)
         if req.sampler is not None:
             self.backend.free_sampler(req.sampler)
             req.sampler = None
