@@ -31,7 +31,18 @@ COUNTER_GROUPS = (
             "expired_reservations",
         ),
     ),
-    ("movement", ("promotions", "demotions", "evictions", "corrupt_rows", "leases_reaped", "bad_messages")),
+    (
+        "movement",
+        (
+            "promotions",
+            "demotions",
+            "evictions",
+            "recycled_files",
+            "corrupt_rows",
+            "leases_reaped",
+            "bad_messages",
+        ),
+    ),
 )
 
 

@@ -2,9 +2,8 @@
 ``erllama-cachestore``. One client = one DEALER socket: use one per thread.
 
 Row bytes never cross the socket on the normal path. ``load`` maps the row file the daemon names
-(``mmap.ACCESS_COPY``: pages are shared with the page cache until written, and the buffer is writable,
-which ctypes ``from_buffer`` needs); ``save``/``begin_save`` map the temp the daemon created and write
-the payload straight into it. Only where the mapping is impossible (a daemon in another pid namespace)
+(read-only, and kept for the next load of the same row: see ``mapping``); ``save``/``begin_save`` map
+the temp the daemon created and write the payload straight into it. Only where the mapping is impossible (a daemon in another pid namespace)
 do bytes travel as one raw frame ("inline").
 """
 
@@ -15,8 +14,6 @@ import itertools
 import logging
 import mmap
 import os
-import queue
-import threading
 import time
 import zlib
 from collections.abc import Sequence
@@ -34,6 +31,7 @@ from erllama.cachestore.codec import (
     tokens_to_bytes,
 )
 from erllama.cachestore.config import default_endpoint
+from erllama.cachestore.mapping import MAPPINGS, RowMapping, make_read_only
 from erllama.protocol import (
     MAX_CACHE_PAYLOAD_BYTES,
     CacheMsgType,
@@ -51,6 +49,11 @@ from erllama.transport import make_socket
 log = logging.getLogger(__name__)
 
 COMMIT_MIN_BYTES_PER_S: Final = 100 * 1024 * 1024  # a commit verifies (and on disk fsyncs) the row
+# Lookups and loads are on a request's path to its first token and the store answers them from memory
+# in tens of microseconds; what a round trip costs is mostly waking threads. Polling for the reply
+# without sleeping first halves it (ipc ping-pong on the 2-core test machine: 0.24 -> 0.13 ms), for at
+# most this much CPU per call.
+REPLY_SPIN_S: Final = 0.0005
 BYE_TIMEOUT_S: Final = 0.2
 _DROPPED_CODES: Final = frozenset(
     {
@@ -99,57 +102,54 @@ class PrefixHit:
     tier: CacheTier
 
 
-_unmap_queue: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
-_unmap_lock = threading.Lock()
-_unmapper: threading.Thread | None = None
-
-
-def _unmap_forever() -> None:
-    while True:
-        mm = _unmap_queue.get()
-        try:
-            mm.close()  # munmap runs without the GIL
-        except BufferError:
-            log.debug("row mapping still exported; left to the garbage collector")
-
-
-def _unmap_later(mm: mmap.mmap) -> None:
-    global _unmapper
-    with _unmap_lock:
-        if _unmapper is None or not _unmapper.is_alive():  # first use, or after a fork
-            _unmapper = threading.Thread(target=_unmap_forever, name="cachestore-unmap", daemon=True)
-            _unmapper.start()
-    _unmap_queue.put(mm)
-
-
 class LoadedRow:
-    """A leased row: ``tokens``, ``fingerprint``, ``payload`` (a writable buffer over the mapped row,
-    no copy). Use as a context manager; leaving it (or ``close()``) unmaps and ends the lease. Drop any
-    ctypes views of ``payload`` first."""
+    """A leased row: ``tokens``, ``fingerprint``, ``payload`` (a read-only view of the row's bytes where
+    the store keeps them, no copy) and ``payload_array`` (the same bytes as a ctypes array, for C callees
+    such as ``llama_state_seq_set_data``; the memory is read-only). Use as a context manager; leaving it
+    (or ``close()``) ends the lease and invalidates ``payload``: drop views made from it, and do not use
+    ``payload_array``, after that."""
 
-    def __init__(self, client: CacheClient, key: bytes, lease: int, tier: CacheTier, buf: Any, owner: Any):
-        header = check_row(buf, key)  # head, size and key: cheap; the daemon verified the checksum
-        self.key, self.tier, self._client, self._lease, self._owner = key, tier, client, lease, owner
+    def __init__(
+        self,
+        client: CacheClient,
+        key: bytes,
+        lease: int,
+        tier: CacheTier,
+        size: int,
+        mapping: RowMapping | None = None,
+        inline: bytearray | None = None,
+    ):
+        whole = mapping.view(0, size) if mapping is not None else memoryview(inline).toreadonly()
+        try:
+            header = check_row(whole, key)  # head, size and key: cheap; the daemon verified the checksum
+        except CorruptRow:
+            whole.release()
+            raise
+        self.key, self.tier, self._client, self._lease, self._mapping = key, tier, client, lease, mapping
         self.fingerprint = header.fingerprint
         self.tokens: list[int] = bytes_to_tokens(header.token_bytes)
         self.reason = header.reason
-        self._view = memoryview(buf)
-        self.payload: memoryview = self._view[header.payload_offset : header.size]
+        self._whole = whole
+        self.payload: memoryview = whole[header.payload_offset : header.size]
+        n = header.payload_len
+        self.payload_array: ctypes.Array[ctypes.c_uint8] = (
+            mapping.array(header.payload_offset, n)
+            if mapping is not None
+            else (ctypes.c_uint8 * n).from_buffer(inline, header.payload_offset)  # type: ignore[arg-type]
+        )
 
     def close(self) -> None:
-        """End the lease and drop the mapping (unmapped on a background thread: tearing down the page
-        tables of a 100 MB mapping takes ~10 ms that the caller need not wait for)."""
+        """End the lease. The mapping stays cached for the next load of this row (see ``mapping``)."""
         if self._lease < 0:
             return
         lease, self._lease = self._lease, -1
         try:
             self.payload.release()
-            self._view.release()
-        except BufferError:  # the caller still holds a view: the mapping goes when that does
+            self._whole.release()
+        except BufferError:  # a view made from payload: the mapping lives on until it goes
             log.warning("a view of row %s outlives its lease; drop views before close()", self.key.hex()[:16])
-        else:
-            if isinstance(self._owner, mmap.mmap):
-                _unmap_later(self._owner)
+        if self._mapping is not None:
+            MAPPINGS.release(self._mapping)
         self._client.release(lease)
 
     def __enter__(self) -> LoadedRow:
@@ -161,24 +161,44 @@ class LoadedRow:
 
 class PendingRow:
     """A reserved row being written: fill ``payload`` (a writable buffer of exactly the payload's size,
-    mapped over the daemon's temp), then ``commit()``. Leaving the context without a commit aborts."""
+    mapped over the daemon's temp), then ``commit()``. Leaving the context without a commit aborts.
 
-    def __init__(self, client: CacheClient, reply: dict[str, Any], mm: mmap.mmap | None, payload_len: int):
-        self._client, self._res, self._mm = client, reply["res"], mm
+    Once the row is stored the mapping is not dropped: it is made read-only and kept for this process's
+    next load of the row (``mapping``), since the worker that saves a row is usually the one that loads
+    it back, and its pages are all mapped already."""
+
+    def __init__(
+        self, client: CacheClient, reply: dict[str, Any], mm: mmap.mmap | None, fd: int, payload_len: int
+    ):
+        self._client, self._res, self._mm, self._fd = client, reply["res"], mm, fd
         self._head_crc, self.size, self.tier = reply["head_crc"], reply["size"], CacheTier(reply["tier"])
+        self._ino = reply["ino"]
         offset = reply["offset"]
         self._buf: Any = mm if mm is not None else bytearray(payload_len)
         self._view = memoryview(self._buf)
         self.payload: memoryview = self._view[offset : offset + payload_len] if mm is not None else self._view
         self._done = False
 
-    def _unmap(self) -> None:
-        """Drop our mapping of the temp. Raises ``BufferError`` while the caller still holds a view:
-        a writer must not be able to change a row after the store verified it."""
+    def _drop_views(self) -> None:
+        """Raises ``BufferError`` while the caller still holds a view of ``payload``."""
         self.payload.release()
         self._view.release()
         if self._mm is not None:
-            self._mm.close()
+            # A ctypes array made from payload (``from_buffer``) holds an export of the mapping itself,
+            # not of our views. Resizing to the same size changes nothing, and mmap refuses it with
+            # BufferError while any export is alive.
+            self._mm.resize(len(self._mm))
+
+    def _unmap(self) -> None:
+        """Drop our mapping of the temp (left to the garbage collector if the caller still views it)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                log.warning("a view of an unstored row's payload is still alive; its mapping outlives it")
 
     def commit(self) -> SaveOutcome:
         """Checksum the payload and publish the row. Raises ``ErllamaError(timeout)`` when the store does
@@ -191,12 +211,16 @@ class PendingRow:
             self._mm[CHECKSUM_OFFSET : CHECKSUM_OFFSET + 4] = encode_checksum(crc)
         inline = self._buf if self._mm is None else None
         try:
-            self._unmap()
+            self._drop_views()
         except BufferError:
             self._send_abort()
+            self._unmap()
             raise ErllamaError(
                 ErrorCode.INVALID_PARAMS, "drop every view of payload before commit()"
             ) from None
+        if self._mm is not None:
+            # The writer must not be able to change a row after the store verified it.
+            make_read_only(self._mm)
         timeout_s = self._client.timeout_s + self.size / COMMIT_MIN_BYTES_PER_S
         fields: dict[str, Any] = {"res": self._res, "crc": crc}
         if inline is not None:
@@ -204,10 +228,14 @@ class PendingRow:
         try:
             self._client.request(CacheMsgType.COMMIT, inline, timeout_s, **fields)
         except ErllamaError as err:
+            self._unmap()
             if err.code in _DROPPED_CODES:
                 log.warning("save dropped at commit: %s", err)
                 return SaveOutcome.DROPPED
             raise
+        if self._mm is not None:
+            MAPPINGS.adopt(self.tier, self._ino, self._fd, self._mm)
+            self._fd, self._mm = -1, None
         return SaveOutcome.STORED
 
     def abort(self) -> None:
@@ -216,9 +244,10 @@ class PendingRow:
             return
         self._done = True
         try:
-            self._unmap()
+            self._drop_views()
         except BufferError:
-            log.warning("a view of an aborted row's payload is still alive; its mapping outlives the abort")
+            pass  # _unmap leaves such a mapping to the garbage collector
+        self._unmap()
         self._send_abort()
 
     def _send_abort(self) -> None:
@@ -270,9 +299,15 @@ class CacheClient:
         self._sock.connect(self.endpoint)
 
     def request(
-        self, t: CacheMsgType, frame: Any = None, timeout_s: float | None = None, **fields: Any
+        self,
+        t: CacheMsgType,
+        frame: Any = None,
+        timeout_s: float | None = None,
+        spin_s: float = 0.0,
+        **fields: Any,
     ) -> tuple[dict[str, Any], zmq.Frame | None]:
-        """One round trip; returns the ``c.ok`` map and its payload frame, raises ``ErllamaError``."""
+        """One round trip; returns the ``c.ok`` map and its payload frame, raises ``ErllamaError``.
+        ``spin_s``: poll for the reply without sleeping this long first (see ``REPLY_SPIN_S``)."""
         rid = next(self._rids)
         ctrl = encode(t, rid=rid, **fields)
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
@@ -283,12 +318,18 @@ class CacheClient:
                 self._sock.send(ctrl, zmq.NOBLOCK)
             else:
                 self._sock.send_multipart([ctrl, frame], zmq.NOBLOCK, copy=False)
+            spin_until = time.perf_counter() + spin_s
             while True:
-                if not self._sock.poll(_remaining_ms(deadline), zmq.POLLIN):
-                    raise ErllamaError(
-                        ErrorCode.TIMEOUT, f"cache store at {self.endpoint} did not answer {t.value}"
-                    )
-                parts = self._sock.recv_multipart(copy=False)
+                try:
+                    parts = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    if time.perf_counter() < spin_until:
+                        continue
+                    if not self._sock.poll(_remaining_ms(deadline), zmq.POLLIN):
+                        raise ErllamaError(
+                            ErrorCode.TIMEOUT, f"cache store at {self.endpoint} did not answer {t.value}"
+                        ) from None
+                    continue
                 msg = decode(parts[0].buffer)
                 if msg.get("rid") == rid:
                     break
@@ -311,7 +352,7 @@ class CacheClient:
     # --- lookups -----------------------------------------------------------------------------------------
 
     def exact(self, key: bytes) -> RowMeta | None:
-        row = self.request(CacheMsgType.EXACT, key=key)[0]["row"]
+        row = self.request(CacheMsgType.EXACT, spin_s=REPLY_SPIN_S, key=key)[0]["row"]
         return RowMeta.from_wire(row) if row is not None else None
 
     def longest_prefix(
@@ -320,7 +361,7 @@ class CacheClient:
         fields: dict[str, Any] = {"fp": fingerprint, "tokens": tokens_to_bytes(tokens)}
         if min_len is not None:
             fields["min_len"] = min_len
-        hit = self.request(CacheMsgType.PREFIX, **fields)[0]["hit"]
+        hit = self.request(CacheMsgType.PREFIX, spin_s=REPLY_SPIN_S, **fields)[0]["hit"]
         if hit is None:
             return None
         return PrefixHit(hit["key"], hit["row_tokens"], hit["common_len"], CacheTier(hit["tier"]))
@@ -330,34 +371,27 @@ class CacheClient:
     def load(self, key: bytes) -> LoadedRow | None:
         """Lease and map the row ``key``; None if it is gone (evicted, or found corrupt and removed)."""
         try:
-            msg, _ = self.request(CacheMsgType.LOAD, key=key, pid=self._pid)
+            msg, _ = self.request(CacheMsgType.LOAD, spin_s=REPLY_SPIN_S, key=key, pid=self._pid)
         except ErllamaError as err:
             if err.code in (ErrorCode.NOT_FOUND, ErrorCode.CORRUPT):
                 return None
             raise
-        tier = CacheTier(msg["tier"])
+        tier, size = CacheTier(msg["tier"]), msg["size"]
         try:
-            fd = os.open(msg["path"], os.O_RDONLY | os.O_CLOEXEC)
+            mapping = MAPPINGS.acquire(tier, msg["path"], msg["ino"], size)
+        except CorruptRow as exc:
+            log.warning("row %s unusable: %s", key.hex()[:16], exc)
+            self.release(msg["lease"], bad=True)
+            return None
         except OSError as exc:
             log.info("cannot map %s (%s): loading inline", msg["path"], exc)
             self.release(msg["lease"])
             return self._load_inline(key)
         try:
-            st = os.fstat(fd)
-            if st.st_size != msg["size"] or st.st_ino != msg["ino"]:
-                raise CorruptRow("the file at the row's path is not the row the store means")
-            mm = mmap.mmap(fd, msg["size"], access=mmap.ACCESS_COPY)
-        except (OSError, CorruptRow) as exc:
-            log.warning("row %s unusable: %s", key.hex()[:16], exc)
-            self.release(msg["lease"], bad=True)
-            return None
-        finally:
-            os.close(fd)
-        try:
-            return LoadedRow(self, key, msg["lease"], tier, mm, mm)
+            return LoadedRow(self, key, msg["lease"], tier, size, mapping=mapping)
         except CorruptRow as exc:
             log.warning("row %s failed the reader's check: %s", key.hex()[:16], exc)
-            mm.close()
+            MAPPINGS.release(mapping)
             self.release(msg["lease"], bad=True)
             return None
 
@@ -370,7 +404,7 @@ class CacheClient:
             raise
         assert frame is not None
         try:
-            return LoadedRow(self, key, msg["lease"], CacheTier(msg["tier"]), frame.buffer, frame)
+            return LoadedRow(self, key, msg["lease"], CacheTier(msg["tier"]), msg["size"], inline=bytearray(frame.buffer))
         except CorruptRow:
             self.release(msg["lease"], bad=True)
             return None
@@ -418,17 +452,19 @@ class CacheClient:
             fd = os.open(msg["path"], os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
             log.info("cannot map temp %s (%s): writing inline", msg["path"], exc)
-            return PendingRow(self, msg, None, payload_len)
+            return PendingRow(self, msg, None, -1, payload_len)
         try:
             if os.fstat(fd).st_ino != msg["ino"]:  # a memfd number reused after the reservation expired
                 log.warning("temp %s is no longer ours: save dropped", msg["path"])
+                os.close(fd)
                 self.request(CacheMsgType.ABORT, res=msg["res"])
                 return SaveOutcome.DROPPED
             # Populate: one bulk fault-in of the temp instead of a page fault per 4 KiB while writing.
             mm = mmap.mmap(fd, msg["size"], flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
-        finally:
+        except BaseException:
             os.close(fd)
-        return PendingRow(self, msg, mm, payload_len)
+            raise
+        return PendingRow(self, msg, mm, fd, payload_len)
 
     def save(
         self,

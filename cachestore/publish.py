@@ -25,7 +25,7 @@ from erllama.cachestore.codec import (
 )
 from erllama.cachestore.index import RowEntry
 from erllama.cachestore.storage import Location, TempRow
-from erllama.cachestore.store import Replier, Store, as_error, entry_from_header
+from erllama.cachestore.store import RECYCLED_TIERS, Replier, Store, as_error, entry_from_header
 from erllama.protocol import (
     MAX_CACHE_PAYLOAD_BYTES,
     CacheTier,
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 
 class ResState(enum.StrEnum):
+    WAITING = "waiting"  # for the inode of a row that is leaving the tier to make room
     CREATING = "creating"  # the temp is being allocated
     OPEN = "open"  # the writer is filling it
     COMMITTING = "committing"  # verification and publication under way
@@ -123,6 +124,7 @@ class Publisher:
         self.by_id[res.res_id] = res
         self.by_key[key] = res
         store.procs.register(pid)
+        must_make_room = where in RECYCLED_TIERS and store.tiers[where].free() < size
         store.tiers[where].reserved_bytes += size
         head = encode_head(fingerprint, token_bytes, payload_len, save_reason, time.time_ns())
 
@@ -140,6 +142,7 @@ class Publisher:
                 return
             res.temp = fut.result()
             res.state = ResState.OPEN
+            store.counters.recycled_files += res.temp.reused
             res.deadline = time.monotonic() + store.config.reservation_ttl_s
             reply.ok(
                 status=ReserveStatus.RESERVED.value,
@@ -154,8 +157,21 @@ class Publisher:
                 ttl_s=store.config.reservation_ttl_s,
             )
 
-        store.submit(store.storage.create_temp, created, where, key, f"r{res.res_id}", size, head)
-        store.relieve()
+        def create(reuse: Location | None) -> None:
+            if self.by_id.get(res.res_id) is not res:  # it ended while it waited (``_forget``)
+                reply.error(ErllamaError(ErrorCode.EXPIRED, "reservation ended while it waited for room"))
+                return
+            res.state = ResState.CREATING
+            tag = f"r{res.res_id}"
+            store.submit(store.storage.create_temp, created, where, key, tag, size, head, reuse)
+
+        if must_make_room:
+            # The row that leaves to make room hands its file over: see ``store.RECYCLED_TIERS``.
+            res.state = ResState.WAITING
+            store.wait_for_inode(where, res.res_id, create)
+        else:
+            create(None)
+            store.relieve()
 
     def commit(self, reply: Replier, res_id: int, crc: int, inline: memoryview | None) -> None:
         store = self.store
@@ -211,7 +227,7 @@ class Publisher:
                 continue
             if now > res.deadline:
                 self._expire(res, "writer stalled past the reservation TTL")
-            elif res.state is ResState.OPEN and not self.store.procs.alive(res.pid):
+            elif res.state in (ResState.WAITING, ResState.OPEN) and not self.store.procs.alive(res.pid):
                 self._expire(res, "writer died")
 
     def drop_client(self, ident: bytes) -> None:
@@ -235,9 +251,12 @@ class Publisher:
             self.store.submit(self.store.storage.discard, _quiet, res.temp)
 
     def _forget(self, res: Reservation) -> None:
+        waiter = self.store.stop_waiting_for_inode(res.tier, res.res_id)
         if self.by_id.pop(res.res_id, None) is not None:
             del self.by_key[res.key]
             self.store.tiers[res.tier].reserved_bytes -= res.size
+        if waiter is not None:
+            waiter(None)  # answers the writer: expired
 
     def abort_all(self) -> None:
         for res in list(self.by_id.values()):

@@ -30,6 +30,7 @@ class Counters:
     promotions: int = 0
     demotions: int = 0
     evictions: int = 0
+    recycled_files: int = 0  # new rows written into the file of a row that had just left the tier
     corrupt_rows: int = 0
     leases_reaped: int = 0  # leases ended because their holder died, said bye or overstayed
     bad_messages: int = 0

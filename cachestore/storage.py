@@ -5,14 +5,20 @@ loop that answers lookups; the loop owns the index and calls these with explicit
 Publication is crash-safe: a row is written to a temp (``<tier dir>/tmp/``), verified, fsynced when
 the tier is the disk, then renamed to ``<tier dir>/<hex key>.kvr`` (atomic) and the directory fsynced.
 A reader can only ever open a complete, verified row; a crash leaves at most a temp, deleted at start.
-A RAM-tier row is a memfd sealed against writes, growth and shrinking once committed: nobody can change
-it afterwards and a reader's mapping can never SIGBUS.
+A RAM-tier row is a memfd. Readers keep their mappings of rows between loads (``mapping``), so:
+
+- Deleting a row truncates it to zero first, on every tier: a reader's idle mapping of a deleted file
+  must not hold its memory or disk space. (A row still leased when it is removed, one found corrupt
+  while read, is unlinked without truncation.)
+- A RAM or shm row leaving its tier can instead become the temp of the next row written there
+  (``recycle``): the pages stay allocated and every reader that mapped the old row reads the new one
+  through the page tables it already has, with no page faults. RAM rows are therefore not sealed:
+  the daemon must be able to reuse them. Writers unmap their temp before commit (``PendingRow``).
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import os
 import shutil
@@ -57,6 +63,7 @@ class TempRow:
     tier: CacheTier
     path: str
     fd: int
+    reused: bool = False  # the file of a row that left the tier (``recycle``)
 
     @property
     def ino(self) -> int:
@@ -94,17 +101,14 @@ class Storage:
 
     def _new_temp(self, tier: CacheTier, key: bytes, tag: str, size: int) -> TempRow:
         if tier is CacheTier.RAM:
-            fd = os.memfd_create(f"erllama-row-{key.hex()[:16]}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            fd = os.memfd_create("erllama-row", os.MFD_CLOEXEC)
             try:
                 os.ftruncate(fd, size)
-                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
             except OSError:
                 os.close(fd)
                 raise
             return TempRow(tier, _memfd_path(fd), fd)
-        tmp = self.dirs[tier] / TMP_DIR_NAME
-        tmp.mkdir(mode=0o700, parents=True, exist_ok=True)  # someone may have removed it under us
-        path = tmp / f"{key.hex()}.{tag}.tmp"
+        path = self._temp_path(tier, key, tag)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             # Allocate up front: on tmpfs a writer's store through a mapping past capacity is SIGBUS,
@@ -116,9 +120,19 @@ class Storage:
             raise
         return TempRow(tier, str(path), fd)
 
-    def create_temp(self, tier: CacheTier, key: bytes, tag: str, size: int, head: bytes) -> TempRow:
-        """A zero-filled temp of ``size`` bytes with the row's head written (checksum still 0)."""
-        temp = self._new_temp(tier, key, tag, size)
+    def _temp_path(self, tier: CacheTier, key: bytes, tag: str) -> Path:
+        tmp = self.dirs[tier] / TMP_DIR_NAME
+        tmp.mkdir(mode=0o700, parents=True, exist_ok=True)  # someone may have removed it under us
+        return tmp / f"{key.hex()}.{tag}.tmp"
+
+    def create_temp(
+        self, tier: CacheTier, key: bytes, tag: str, size: int, head: bytes, reuse: Location | None = None
+    ) -> TempRow:
+        """A temp of ``size`` bytes with the row's head written (checksum still 0): ``reuse``, the
+        location of a row that just left ``tier``, if given and still there, else a new file."""
+        temp = self._recycle(reuse, key, tag, size) if reuse is not None else None
+        if temp is None:
+            temp = self._new_temp(tier, key, tag, size)
         try:
             os.pwrite(temp.fd, head, 0)
         except OSError:
@@ -126,7 +140,41 @@ class Storage:
             raise
         return temp
 
+    def _recycle(self, loc: Location, key: bytes, tag: str, size: int) -> TempRow | None:
+        """Turn an unindexed row's inode into a temp (its bytes past the head are stale until the
+        writer overwrites them; the checksum at commit covers all of them). None if it is gone."""
+        if loc.tier is CacheTier.RAM:
+            temp = TempRow(loc.tier, loc.path, loc.fd, reused=True)
+        else:
+            try:
+                fd = os.open(loc.path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError as exc:
+                log.info("could not reuse %s (%s): writing a new temp", loc.path, exc)
+                return None
+            try:
+                if os.fstat(fd).st_ino != loc.ino:  # the key was stored again at this path meanwhile
+                    os.close(fd)
+                    return None
+                path = str(self._temp_path(loc.tier, key, tag))
+                os.rename(loc.path, path)
+            except OSError as exc:
+                os.close(fd)
+                log.info("could not reuse %s (%s): writing a new temp", loc.path, exc)
+                return None
+            temp = TempRow(loc.tier, path, fd, reused=True)
+        fd = temp.fd
+        try:
+            os.ftruncate(fd, size)
+            if loc.tier is not CacheTier.RAM:
+                os.posix_fallocate(fd, 0, size)  # as for a new temp: ENOSPC now rather than SIGBUS later
+        except OSError:
+            self.discard(temp)
+            raise
+        return temp
+
     def discard(self, temp: TempRow) -> None:
+        """Delete a temp. Not truncated: a writer whose reservation ended may still map it, and must
+        not die of SIGBUS (readers' idle mappings of a reused one let go within ``IDLE_UNMAP_S``)."""
         os.close(temp.fd)
         if temp.tier is not CacheTier.RAM:
             try:
@@ -153,13 +201,6 @@ class Storage:
                     raise ErllamaError(ErrorCode.IO_ERROR, "short write of an inline payload")
                 if expected_crc is not None:
                     os.pwrite(temp.fd, encode_checksum(expected_crc), CHECKSUM_OFFSET)
-            if temp.tier is CacheTier.RAM:
-                try:
-                    fcntl.fcntl(temp.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
-                except OSError as exc:
-                    if exc.errno != errno.EBUSY:
-                        raise
-                    raise CorruptRow("the writer still maps the row writable at commit") from None
             # A copy of a verified row made by the kernel is not re-checked: that would double its cost.
             use_mmap = temp.tier is not CacheTier.DISK
             header = (
@@ -208,18 +249,32 @@ class Storage:
             raise
         return self.publish(temp, key, verify=verify)
 
-    def delete(self, loc: Location) -> None:
-        """Remove a row's bytes. Readers that mapped it keep their mapping (POSIX unlink semantics)."""
+    def delete(self, loc: Location, truncate: bool = True) -> None:
+        """Remove a row's bytes: truncated to zero (freeing them even where a reader still maps the
+        file), then closed (RAM) or unlinked. ``truncate=False`` for a row someone still leases (one
+        found corrupt while read): its reader keeps a valid mapping until it lets go."""
         if loc.tier is CacheTier.RAM:
-            os.close(loc.fd)
+            try:
+                if truncate:
+                    os.ftruncate(loc.fd, 0)
+            finally:
+                os.close(loc.fd)
+            return
+        try:
+            fd = os.open(loc.path, os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
             return
         try:
             # The same key may have been stored again at this path since this delete was queued.
-            if loc.ino and os.stat(loc.path).st_ino != loc.ino:
+            if loc.ino and os.fstat(fd).st_ino != loc.ino:
                 return
+            if truncate:
+                os.ftruncate(fd, 0)
             os.unlink(loc.path)
         except FileNotFoundError:
             pass
+        finally:
+            os.close(fd)
 
     def verify(self, loc: Location, key: bytes) -> RowHeader:
         """The full check of a stored row (first load after a restart, a reader's complaint)."""

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from erllama.cachestore.codec import CorruptRow, RowHeader, encode_usage
 from erllama.cachestore.config import SHM_TIER_MIN_BYTES, StoreConfig, auto_shm_budget
@@ -26,6 +26,13 @@ from erllama.protocol import CacheTier, ErllamaError, ErrorCode
 log = logging.getLogger(__name__)
 
 Submit = Callable[..., None]  # submit(fn, on_done, *args): run fn(*args) off the loop, then on_done(future)
+InodeTaker = Callable[[Location | None], None]  # gets a freed row's location, or None: make a new file
+
+# Tiers whose freed row files are handed to the next row written there. Readers keep their mappings
+# (``mapping``): a new row in a reused RAM or tmpfs inode is read through page tables they already
+# have, while a new file costs a page fault per 64 KiB on first read. Disk files need no such help:
+# the page cache maps them in large folios.
+RECYCLED_TIERS: Final = (CacheTier.RAM, CacheTier.SHM)
 
 
 class Replier(Protocol):
@@ -99,6 +106,8 @@ class Store:
         self.ids = itertools.count(1)
         self._waiters: dict[bytes, list[Callable[[bool], None]]] = {}
         self._move_cancelled: set[bytes] = set()
+        # Reservations waiting for the inode of a row leaving their tier (see ``wait_for_inode``).
+        self._inode_waiters: dict[CacheTier, dict[int, InodeTaker]] = {t: {} for t in RECYCLED_TIERS}
 
     # --- start -------------------------------------------------------------------------------------------
 
@@ -353,7 +362,37 @@ class Store:
     def _remove(self, entry: RowEntry) -> None:
         self.index.remove(entry.key)
         self.tiers[entry.tier].remove_row(entry.size)
-        self.submit(self.storage.delete, _ignore, self.location(entry))
+        if entry.leases:  # found corrupt while read: its reader keeps a valid mapping until it lets go
+            self.submit(self.storage.delete, _ignore, self.location(entry), False)
+        else:
+            self._free(self.location(entry))
+
+    def _free(self, loc: Location) -> None:
+        """An unindexed, unleased row's bytes: to the first reservation waiting in its tier, else deleted."""
+        waiters = self._inode_waiters.get(loc.tier)
+        if waiters:
+            res_id = next(iter(waiters))
+            waiters.pop(res_id)(loc)
+        else:
+            self.submit(self.storage.delete, _ignore, loc)
+
+    def wait_for_inode(self, tier: CacheTier, res_id: int, take: InodeTaker) -> None:
+        """A reservation that needs room made in ``tier``: make it (``relieve``); ``take`` gets the
+        location of the next row to leave the tier, or None once no move out of it is left to free one."""
+        self._inode_waiters[tier][res_id] = take
+        self.relieve()
+        self._settle_inode_waiters(tier)
+
+    def stop_waiting_for_inode(self, tier: CacheTier, res_id: int) -> InodeTaker | None:
+        return self._inode_waiters.get(tier, {}).pop(res_id, None)
+
+    def _settle_inode_waiters(self, tier: CacheTier) -> None:
+        """Waiters that no move under way will serve write new files (the tier may be briefly over
+        budget then, as it is whenever a write and the move making room for it overlap)."""
+        waiters = self._inode_waiters.get(tier)
+        while waiters and self.tiers[tier].outgoing_bytes <= 0:
+            res_id = next(iter(waiters))
+            waiters.pop(res_id)(None)
 
     def add_row(self, entry: RowEntry) -> None:
         self.index.add(entry)
@@ -392,17 +431,18 @@ class Store:
                         self._evict(entry)  # it was leaving its tier anyway
                 self._wake(entry.key, not isinstance(exc, CorruptRow))
                 self.relieve()
+                self._settle_inode_waiters(src.tier)
                 return
             new, _ = fut.result()
             if cancelled or not indexed:
-                self.submit(self.storage.delete, _ignore, new)
+                self._free(new)
             else:
                 self.tiers[src.tier].remove_row(size)
                 self.index.relocate(entry, dest, new.path, new.fd, new.ino)
                 self.tiers[dest].add_row(size)
                 entry.verified = True
                 entry.usage_dirty = dest is not CacheTier.RAM
-                self.submit(self.storage.delete, _ignore, src)
+                self._free(src)
                 if promotion:
                     self.counters.promotions += 1
                 else:
@@ -411,6 +451,7 @@ class Store:
             if self.index.get(entry.key) is entry:
                 self._maybe_promote(entry)
             self.relieve()
+            self._settle_inode_waiters(src.tier)
 
         tag = f"m{next(self.ids)}"
         self.submit(self.storage.copy_row, done, src, dest, entry.key, size, usage, tag, verify=verify)

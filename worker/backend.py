@@ -11,6 +11,7 @@ for every row that asked for logits, until the next ``decode`` overwrites them.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -90,8 +91,9 @@ class Backend(Protocol):
     def seq_state(self, seq_id: int) -> bytes | bytearray:
         """The sequence's KV state (``llama_state_seq_get_data``)."""
 
-    def seq_restore(self, seq_id: int, state: bytes | memoryview) -> None:
-        """Load a KV state into an (empty) sequence. Raises ``BackendError`` if it does not fit."""
+    def seq_restore(self, seq_id: int, state: bytes | bytearray | ctypes.Array[ctypes.c_uint8]) -> None:
+        """Load a KV state (bytes, a ``seq_state`` copy, or a ctypes array over a cached row) into an
+        (empty) sequence. Raises ``BackendError`` if it does not fit."""
 
     def info(self) -> dict[str, Any]:
         """Static facts about the model for ``model_info`` (architecture, sizes, template, ...)."""

@@ -326,12 +326,14 @@ class LlamaBackend:
         del buf[n:]  # the size is an upper bound
         return buf
 
-    def seq_restore(self, seq_id: int, state: bytes | memoryview) -> None:
+    def seq_restore(self, seq_id: int, state: bytes | bytearray | ctypes.Array[ctypes.c_uint8]) -> None:
         size = len(state)
         if isinstance(state, bytes):
             src = ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))  # no copy
-        else:
+        elif isinstance(state, bytearray):  # a state copied from another sequence (prefix sharing)
             src = (ctypes.c_uint8 * size).from_buffer(state)
+        else:  # a cached row's bytes where the store keeps them (``LoadedRow.payload_array``)
+            src = ctypes.cast(state, ctypes.POINTER(ctypes.c_uint8))
         if L.llama_state_seq_set_data(self.ctx, src, size, seq_id) == 0:
             self.seq_clear(seq_id)
             raise BackendError("restore_failed", f"llama.cpp rejected a {size}-byte state for sequence {seq_id}")

@@ -337,7 +337,7 @@ class Scheduler:
         if found is None:
             return
         try:
-            self.backend.seq_restore(req.seq_id, found.row.payload)
+            self.backend.seq_restore(req.seq_id, found.row.payload_array)
         except BackendError as exc:
             log.warning("restoring a cached row failed, prefilling cold: %s", exc)
             self.cache.counters.restore_failures += 1

@@ -11,6 +11,7 @@ stream got mixed up with another's is visible at once.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import struct
 import time
@@ -133,7 +134,7 @@ class StubBackend:
         kv = self._kv[seq_id]
         return STATE_MAGIC + struct.pack(f"<I{len(kv)}I", len(kv), *kv)
 
-    def seq_restore(self, seq_id: int, state: bytes | memoryview) -> None:
+    def seq_restore(self, seq_id: int, state: bytes | bytearray | ctypes.Array[ctypes.c_uint8]) -> None:
         state = bytes(state)
         if not state.startswith(STATE_MAGIC):
             raise BackendError("bad_state", "not a stub KV state")

@@ -28,7 +28,8 @@ def test_saved_row_loads_bit_exact_from_each_tier(daemon: Daemon, tier: CacheTie
     with c.load(key) as row:
         assert row.tokens == tokens and row.fingerprint == FP
         assert row.payload == payload
-        assert not row.payload.readonly  # ctypes from_buffer needs a writable buffer
+        assert row.payload.readonly  # the mapping is PROT_READ: a stray write fails here, not silently
+        assert bytes(row.payload_array) == payload  # what C callees such as seq_restore are given
     hit = c.longest_prefix(FP, tokens[:120] + [7])
     assert hit is not None and (hit.key, hit.common_len, hit.row_tokens) == (key, 120, 300)
     assert c.longest_prefix(b"other-model", tokens) is None
