@@ -52,7 +52,7 @@ class _PyBuffer(ctypes.Structure):
 
     _fields_ = [
         ("buf", ctypes.c_void_p),
-        ("obj", ctypes.py_object),
+        ("obj", ctypes.c_void_p),  # a reference PyBuffer_Release drops; never read here
         ("len", ctypes.c_ssize_t),
         ("itemsize", ctypes.c_ssize_t),
         ("readonly", ctypes.c_int),
