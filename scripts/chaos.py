@@ -4,6 +4,7 @@ SIGKILLed or SIGSTOPped. Every request must end completed or failed with a typed
 lost or hung, and no completed request may have been served a wrong (corrupt) cached KV row.
 
     .venv/bin/python scripts/chaos.py --minutes 10 [--seed 1] [--clients 6] [--real-model] [--broker-log FILE]
+        [--cache-ram SIZE]
 
 It starts its own ``erllama-broker`` (private runtime dir under /tmp, disk tier under it, shm tier
 under /dev/shm; all removed at the end, and every process it started is gone, even after Ctrl-C)
@@ -264,6 +265,7 @@ class Tally:
     store_back_s: list[float] = field(default_factory=list)  # cache store SIGKILL -> its successor runs
     rows_audited: int = 0
     corrupt_stored: int = 0  # rows in the store whose KV is not their tokens' (audit)
+    store_counters: dict[int, dict[str, int]] = field(default_factory=dict)  # store pid -> its last counters
 
     def add(self, what: str, n: int = 1) -> None:
         with self.lock:
@@ -358,6 +360,10 @@ class ChaosReport:
             ", ".join(f"{k} {v}" for k, v in sorted(t.hit_kinds.items())) or "-",
         )
         row("  restored rows by tier", ", ".join(f"{k} {v}" for k, v in sorted(t.tiers.items())) or "-")
+        moved = Counter[str]()
+        for counters in t.store_counters.values():
+            moved.update({k: counters[k] for k in ("demotions", "promotions", "evictions", "recycled_files")})
+        row("cache store movement (all its lives)", ", ".join(f"{k} {v}" for k, v in moved.items()) or "-")
         row("cache rows audited in the store", t.rows_audited)
         row("  corrupt rows found there (must be 0)", t.corrupt_stored)
         row("chaos actions", self.chaos_actions)
@@ -406,6 +412,7 @@ class PrivateBroker:
     proc: subprocess.Popen[bytes] | None = None
     log_file: TextIO | None = None
     descendants: dict[int, float] = field(default_factory=dict)  # pid -> create_time
+    extra_args: tuple[str, ...] = ()
 
     @classmethod
     def create(cls) -> PrivateBroker:
@@ -424,7 +431,8 @@ class PrivateBroker:
     def start(self) -> None:
         launcher = BROKER_LAUNCHER.format(pdeathsig=PR_SET_PDEATHSIG, parent=os.getpid())
         cmd = [sys.executable, "-c", launcher, "--no-default-model", "--runtime-dir", str(self.runtime_dir),
-               "--cache-dir", str(self.runtime_dir / "kv"), "--shm-dir", str(self.shm_dir), "--log-level", "INFO"]  # fmt: skip
+               "--cache-dir", str(self.runtime_dir / "kv"), "--shm-dir", str(self.shm_dir), "--log-level", "INFO",
+               *self.extra_args]  # fmt: skip
         self.log_file = open(self.log_path, "w")  # noqa: SIM115 - closed in close()
         # Its own session: a Ctrl-C in the terminal reaches this script only, which stops the broker itself.
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log_file, stderr=subprocess.STDOUT,
@@ -852,6 +860,13 @@ class RowAuditor(threading.Thread):
             self.audit(cc, limit)
 
     def audit(self, cc: CacheClient, limit: int) -> None:
+        try:
+            stats = cc.stats()
+        except ErllamaError as err:
+            log.debug("audit skipped: %s", err)
+            return
+        with self.tally.lock:
+            self.tally.store_counters[stats["pid"]] = stats["counters"]
         for _ in range(limit):
             with self.lock:
                 if not self.recent:
@@ -1113,6 +1128,7 @@ class ChaosConfig:
     clients: int = 6
     real_model: bool = False
     broker_log: Path | None = None  # keep the broker's log here (always kept, to a /tmp file, on failure)
+    cache_ram: str | None = None  # the store's RAM budget (--cache-ram); small: rows move, full tiers reuse files
 
 
 def _real_reference(c: Client) -> tuple[list[list[int]], list[tuple[int, ...]]]:
@@ -1195,6 +1211,8 @@ def run_chaos(cfg: ChaosConfig) -> ChaosReport:
     if cfg.real_model:
         models[REAL_MODEL] = (None, dict(REAL_OPTIONS))
     broker = PrivateBroker.create()
+    if cfg.cache_ram is not None:
+        broker.extra_args = ("--cache-ram", cfg.cache_ram)
     load_stop, chaos_stop, audit_stop = threading.Event(), threading.Event(), threading.Event()
     auditor: RowAuditor | None = None
     threads: list[StubLoad | RealLoad] = []
@@ -1282,6 +1300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--real-model", action="store_true", help="also load the embedded default model as 'real'"
     )
     ap.add_argument("--broker-log", type=Path, help="keep the broker's log (with its workers' stderr) here")
+    ap.add_argument(
+        "--cache-ram", help="the cache store's RAM budget, e.g. 32M: rows then move between tiers all the time"
+    )
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -1292,7 +1313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored (a & job)
-    cfg = ChaosConfig(args.minutes, args.seed, args.clients, args.real_model, args.broker_log)
+    cfg = ChaosConfig(args.minutes, args.seed, args.clients, args.real_model, args.broker_log, args.cache_ram)
     report = run_chaos(cfg)
     print(report.table(), flush=True)
     if report.interrupted:
