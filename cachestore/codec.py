@@ -241,7 +241,8 @@ def file_checksum(fd: int, size: int, *, use_mmap: bool) -> int:
     """The row checksum of an open row file of ``size`` bytes.
 
     ``use_mmap`` is faster (no copy into a buffer) but a mapping raises SIGBUS if the file shrinks
-    or the device fails under it; callers pass it only for sealed memfds and tmpfs files.
+    or the device fails under it; callers pass it only for memfds and tmpfs files, which the daemon
+    never shrinks while it reads them.
     """
     if size < HEADER_BYTES:
         raise CorruptRow("row shorter than its header")

@@ -1,4 +1,4 @@
-"""Where row bytes live: sealed memfds (RAM tier), files under /dev/shm (shm) and in the cache
+"""Where row bytes live: memfds (RAM tier), files under /dev/shm (shm) and in the cache
 directory (disk). Everything here is blocking I/O and runs on the daemon's I/O threads, never on the
 loop that answers lookups; the loop owns the index and calls these with explicit locations.
 
