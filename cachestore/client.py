@@ -3,8 +3,8 @@
 
 Row bytes never cross the socket on the normal path. ``load`` maps the row file the daemon names
 (read-only, and kept for the next load of the same row: see ``mapping``); ``save``/``begin_save`` map
-the temp the daemon created and write the payload straight into it. Only where the mapping is impossible (a daemon in another pid namespace)
-do bytes travel as one raw frame ("inline").
+the temp the daemon created and write the payload straight into it. Only where the mapping is
+impossible (a daemon in another pid namespace) do bytes travel as one raw frame ("inline").
 """
 
 from __future__ import annotations
@@ -404,7 +404,8 @@ class CacheClient:
             raise
         assert frame is not None
         try:
-            return LoadedRow(self, key, msg["lease"], CacheTier(msg["tier"]), msg["size"], inline=bytearray(frame.buffer))
+            tier = CacheTier(msg["tier"])
+            return LoadedRow(self, key, msg["lease"], tier, msg["size"], inline=bytearray(frame.buffer))
         except CorruptRow:
             self.release(msg["lease"], bad=True)
             return None

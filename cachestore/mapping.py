@@ -95,9 +95,12 @@ class RowMapping:
     fd: int
     mm: mmap.mmap
     address: int
-    length: int
     users: int = 0
     last_used: float = 0.0
+
+    @property
+    def length(self) -> int:
+        return len(self.mm)
 
     def view(self, offset: int, length: int) -> memoryview:
         """A read-only view of ``length`` bytes at ``offset``. While any view (or a slice of one) is
@@ -154,14 +157,14 @@ class MappingCache:
         except BaseException:
             os.close(fd)
             raise
-        m = RowMapping(tier, ino, fd, mm, _address_of(mm), size, users=1, last_used=time.monotonic())
+        m = RowMapping(tier, ino, fd, mm, _address_of(mm), users=1, last_used=time.monotonic())
         with self._lock:
             self._insert(m)
         return m
 
     def adopt(self, tier: CacheTier, ino: int, fd: int, mm: mmap.mmap) -> None:
         """Keep a writer's (read-only by now) mapping of the row it just stored, with the fd it opened."""
-        m = RowMapping(tier, ino, fd, mm, _address_of(mm), len(mm), last_used=time.monotonic())
+        m = RowMapping(tier, ino, fd, mm, _address_of(mm), last_used=time.monotonic())
         with self._lock:
             self._after_fork()
             self._insert(m)

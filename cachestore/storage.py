@@ -13,7 +13,8 @@ A RAM-tier row is a memfd. Readers keep their mappings of rows between loads (``
 - A RAM or shm row leaving its tier can instead become the temp of the next row written there
   (``recycle``): the pages stay allocated and every reader that mapped the old row reads the new one
   through the page tables it already has, with no page faults. RAM rows are therefore not sealed:
-  the daemon must be able to reuse them. Writers unmap their temp before commit (``PendingRow``).
+  the daemon must be able to reuse them. A writer turns its mapping of the temp read-only before it
+  commits (``PendingRow``), so it cannot change a row after verification either.
 """
 
 from __future__ import annotations
@@ -147,15 +148,14 @@ class Storage:
             temp = TempRow(loc.tier, loc.path, loc.fd, reused=True)
         else:
             try:
-                fd = os.open(loc.path, os.O_RDWR | os.O_CLOEXEC)
+                fd = self._open_row(loc, os.O_RDWR)
             except OSError as exc:
                 log.info("could not reuse %s (%s): writing a new temp", loc.path, exc)
                 return None
+            if fd is None:
+                return None
+            path = str(self._temp_path(loc.tier, key, tag))
             try:
-                if os.fstat(fd).st_ino != loc.ino:  # the key was stored again at this path meanwhile
-                    os.close(fd)
-                    return None
-                path = str(self._temp_path(loc.tier, key, tag))
                 os.rename(loc.path, path)
             except OSError as exc:
                 os.close(fd)
@@ -260,14 +260,10 @@ class Storage:
             finally:
                 os.close(loc.fd)
             return
-        try:
-            fd = os.open(loc.path, os.O_WRONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+        fd = self._open_row(loc, os.O_WRONLY)
+        if fd is None:
             return
         try:
-            # The same key may have been stored again at this path since this delete was queued.
-            if loc.ino and os.fstat(fd).st_ino != loc.ino:
-                return
             if truncate:
                 os.ftruncate(fd, 0)
             os.unlink(loc.path)
@@ -275,6 +271,20 @@ class Storage:
             pass
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _open_row(loc: Location, flags: int) -> int | None:
+        """The shm or disk file at ``loc.path`` opened with ``flags``, or None if it is gone or is no
+        longer this row: the same key may have been stored again at that path since ``loc`` left the
+        index. Other errors raise."""
+        try:
+            fd = os.open(loc.path, flags | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        if loc.ino and os.fstat(fd).st_ino != loc.ino:
+            os.close(fd)
+            return None
+        return fd
 
     def verify(self, loc: Location, key: bytes) -> RowHeader:
         """The full check of a stored row (first load after a restart, a reader's complaint)."""
