@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from erllama import Client
+from erllama.cachestore.client import CacheClient
 from tests.conftest import BrokerProcess, remove_runtime, serving, short_tmpdir, start_broker, wait_for
 from tests.reference import ReferenceModel, assert_same_greedy
 
@@ -191,3 +192,28 @@ def test_a_frozen_cache_store_is_killed_and_restarted(warm_broker: BrokerProcess
     finally:
         if psutil.pid_exists(store.pid):
             os.kill(store.pid, signal.SIGCONT)
+
+
+def test_rows_written_into_reused_files_restore_exactly(reference):
+    """A RAM tier of about three rows: each new row takes the file of the row that leaves for disk,
+    and the worker reads it back through the mapping it already has. Every prompt still restores
+    exactly (from RAM or disk) and generates what its cold run did."""
+    openings = ("At dawn the harbour was quiet.", "Nobody remembered the storm.", "Gulls circled the rock.")
+    with serving("erl-w-", MODEL, "--cache-shm", "0", "--cache-ram", "8M", **OPTIONS) as bp:
+        c = Client(bp.endpoint, timeout_s=120)
+        store = CacheClient(f"ipc://{bp.runtime_dir}/cachestore.sock", timeout_s=10)
+        try:
+            prompts = [c.tokenize(MODEL, opening + " " + STORY + "The ship was") for opening in openings]
+            colds = []
+            for prompt in prompts:
+                colds.append(c.complete(MODEL, prompt, max_tokens=N_GEN))
+                cached(c, prompt, len(prompt))
+            counters = store.stats()["counters"]
+            assert counters["recycled_files"] > 0 and counters["demotions"] > 0, counters
+            for prompt, cold in zip(prompts, colds, strict=True):
+                warm = c.complete(MODEL, prompt, max_tokens=N_GEN)
+                assert warm.cache_hit_kind == "exact" and warm.cache_tier in ("ram", "disk")
+                check_against_reference(reference, prompt, cold.generated, warm.generated)
+        finally:
+            store.close()
+            c.close()
