@@ -68,5 +68,7 @@ class ModelEntry:
             "last_error": self.last_error,
             "loaded_at": self.loaded_at,
             "backend": self.info.get("backend"),
+            "memory": self.info.get("memory"),  # transformer | swa | recurrent | hybrid (README, The KV cache)
+            "exact": self.info.get("exact"),  # warm greedy output bit-identical to cold
             "model": {k: v for k, v in self.info.items() if k not in ("options", "path", "n_ctx")},
         }

@@ -53,6 +53,7 @@ from erllama.protocol import (
     CacheMsgType,
     ErllamaError,
     ErrorCode,
+    MemoryKind,
     ModelState,
     MsgType,
     Phase,
@@ -480,8 +481,10 @@ class Broker:
             self._reply(client, msg["id"], 0)
             return
         rid = next(self._rids)
+        # A recurrent, hybrid or sliding-window model can use only rows that are a prefix of the prompt.
+        limits = {} if entry.info.get("memory", MemoryKind.TRANSFORMER) == MemoryKind.TRANSFORMER else {"max_overhang": 0}
         query = protocol.encode(CacheMsgType.PREFIX, rid=rid, fp=fp, tokens=struct.pack(f"<{len(tokens)}I", *tokens),
-                                min_len=1)  # fmt: skip
+                                min_len=1, **limits)  # fmt: skip
         try:
             self.cache_sock.send(query, zmq.NOBLOCK)
         except zmq.Again:

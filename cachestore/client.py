@@ -48,6 +48,8 @@ from erllama.transport import make_socket
 
 log = logging.getLogger(__name__)
 
+Buffer = bytes | bytearray | memoryview
+
 COMMIT_MIN_BYTES_PER_S: Final = 100 * 1024 * 1024  # a commit verifies (and on disk fsyncs) the row
 # Lookups and loads are on a request's path to its first token and the store answers them from memory
 # in tens of microseconds; what a round trip costs is mostly waking threads. Polling for the reply
@@ -138,8 +140,9 @@ class LoadedRow:
             else (ctypes.c_uint8 * n).from_buffer(inline, header.payload_offset)  # type: ignore[arg-type]
         )
 
-    def close(self) -> None:
-        """End the lease. The mapping stays cached for the next load of this row (see ``mapping``)."""
+    def close(self, bad: bool = False) -> None:
+        """End the lease. The mapping stays cached for the next load of this row (see ``mapping``).
+        ``bad``: the row proved unusable (its bytes did not restore), and the store drops it."""
         if self._lease < 0:
             return
         lease, self._lease = self._lease, -1
@@ -150,7 +153,7 @@ class LoadedRow:
             log.warning("a view of row %s outlives its lease; drop views before close()", self.key.hex()[:16])
         if self._mapping is not None:
             MAPPINGS.release(self._mapping)
-        self._client.release(lease)
+        self._client.release(lease, bad=bad)
 
     def __enter__(self) -> LoadedRow:
         return self
@@ -356,11 +359,20 @@ class CacheClient:
         return RowMeta.from_wire(row) if row is not None else None
 
     def longest_prefix(
-        self, fingerprint: bytes, tokens: Sequence[int], min_len: int | None = None
+        self,
+        fingerprint: bytes,
+        tokens: Sequence[int],
+        min_len: int | None = None,
+        max_len: int | None = None,
+        max_overhang: int | None = None,
     ) -> PrefixHit | None:
+        """The stored row sharing the most leading tokens with ``tokens`` among the usable ones: at most
+        ``max_len`` tokens long, extending at most ``max_overhang`` tokens past the shared part (0: a
+        prefix of ``tokens``). None if fewer than ``min_len`` tokens are shared."""
         fields: dict[str, Any] = {"fp": fingerprint, "tokens": tokens_to_bytes(tokens)}
-        if min_len is not None:
-            fields["min_len"] = min_len
+        for name, value in (("min_len", min_len), ("max_len", max_len), ("max_overhang", max_overhang)):
+            if value is not None:
+                fields[name] = value
         hit = self.request(CacheMsgType.PREFIX, spin_s=REPLY_SPIN_S, **fields)[0]["hit"]
         if hit is None:
             return None
@@ -471,17 +483,22 @@ class CacheClient:
         self,
         fingerprint: bytes,
         tokens: Sequence[int],
-        payload: bytes | bytearray | memoryview,
+        payload: Buffer | Sequence[Buffer],
         reason: SaveReason | str,
         tier: CacheTier | None = None,
     ) -> SaveOutcome:
-        """Store one row (reserve, write, commit). Never raises for an expected outcome."""
-        view = memoryview(payload).cast("B")
-        pending = self.begin_save(fingerprint, tokens, len(view), reason, tier)
+        """Store one row (reserve, write, commit). ``payload`` may come in parts, written one after the
+        other (the caller need not join them first). Never raises for an expected outcome."""
+        parts = [payload] if isinstance(payload, (bytes, bytearray, memoryview)) else list(payload)
+        views = [memoryview(p).cast("B") for p in parts]
+        pending = self.begin_save(fingerprint, tokens, sum(len(v) for v in views), reason, tier)
         if isinstance(pending, SaveOutcome):
             return pending
         with pending:
-            _copy_releasing_gil(pending.payload, view)
+            offset = 0
+            for view in views:
+                _copy_releasing_gil(pending.payload[offset : offset + len(view)], view)
+                offset += len(view)
             return pending.commit()
 
     # --- admin -------------------------------------------------------------------------------------------

@@ -149,13 +149,24 @@ class PrefixTree:
                 break
             node = parent
 
-    def longest_prefix(self, tokens: bytes) -> tuple[RowEntry, int] | None:
+    def longest_prefix(
+        self, tokens: bytes, max_len: int | None = None, max_overhang: int | None = None
+    ) -> tuple[RowEntry, int] | None:
         """The row sharing the most leading tokens with ``tokens`` and that count.
 
         Among the rows sharing that many, one that ends exactly there (no truncation needed) wins,
-        else the shortest one found below the match point.
+        else the shortest one found below the match point. With limits, a row is usable only if it
+        has at most ``max_len`` tokens and extends at most ``max_overhang`` tokens past what it shares
+        with the query (0: it is a prefix of the query); when the best match is not usable, the deepest
+        usable row on the query's path answers (rows branching off the path earlier are not searched).
         """
+
+        def usable(row: RowEntry, common: int) -> bool:
+            n = row.n_tokens
+            return (max_len is None or n <= max_len) and (max_overhang is None or n - common <= max_overhang)
+
         node, pos = self.root, 0
+        on_path: tuple[RowEntry, int] | None = None  # the deepest usable row that is a prefix of the query
         while pos < len(tokens):
             child = node.children.get(tokens[pos : pos + TOKEN_BYTES])
             if child is None:
@@ -163,11 +174,18 @@ class PrefixTree:
             k = _shared_tokens(tokens, pos, child.label)
             pos += k * TOKEN_BYTES
             if k * TOKEN_BYTES < len(child.label):
-                return _nearest_row(child), pos // TOKEN_BYTES
+                below = _nearest_row(child)
+                return (below, pos // TOKEN_BYTES) if usable(below, pos // TOKEN_BYTES) else on_path
             node = child
+            if node.row is not None and usable(node.row, node.depth):
+                on_path = (node.row, node.depth)
         if pos == 0:
             return None
-        return (node.row if node.row is not None else _nearest_row(node)), pos // TOKEN_BYTES
+        if node.row is None:
+            below = _nearest_row(node)  # the shortest row below: if it is not usable, no row below is
+            if usable(below, pos // TOKEN_BYTES):
+                return below, pos // TOKEN_BYTES
+        return on_path
 
 
 def _nearest_row(start: _Node) -> RowEntry:
@@ -230,12 +248,18 @@ class Index:
         return iter(self.by_tier[tier].values())
 
     def longest_prefix(
-        self, fingerprint: bytes, token_bytes: bytes, min_len: int
+        self,
+        fingerprint: bytes,
+        token_bytes: bytes,
+        min_len: int,
+        max_len: int | None = None,
+        max_overhang: int | None = None,
     ) -> tuple[RowEntry, int] | None:
+        """See ``PrefixTree.longest_prefix``; None unless at least ``min_len`` tokens are shared."""
         tree = self._trees.get(fingerprint)
         if tree is None:
             return None
-        found = tree.longest_prefix(token_bytes)
+        found = tree.longest_prefix(token_bytes, max_len, max_overhang)
         if found is None or found[1] < max(1, min_len):
             return None
         return found

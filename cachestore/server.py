@@ -89,7 +89,9 @@ class CacheServer:
         self._started = time.monotonic()
         self._handlers: dict[CacheMsgType, Callable[[_Reply, dict[str, Any], memoryview | None], None]] = {
             CacheMsgType.EXACT: lambda r, m, _: self.store.exact(r, m["key"]),
-            CacheMsgType.PREFIX: lambda r, m, _: self.store.prefix(r, m["fp"], m["tokens"], m.get("min_len")),
+            CacheMsgType.PREFIX: lambda r, m, _: self.store.prefix(
+                r, m["fp"], m["tokens"], m.get("min_len"), m.get("max_len"), m.get("max_overhang")
+            ),
             CacheMsgType.LOAD: lambda r, m, _: self.store.load(r, m["key"], m["pid"], bool(m.get("inline"))),
             CacheMsgType.RELEASE: lambda r, m, _: self.store.release(r, m["lease"], bool(m.get("bad"))),
             CacheMsgType.RESERVE: lambda r, m, _: self.publisher.reserve(

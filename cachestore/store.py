@@ -176,11 +176,24 @@ class Store:
         self._count_lookup(entry is not None, exact=True, t0=t0)
         reply.ok(row=row_fields(entry) if entry is not None else None)
 
-    def prefix(self, reply: Replier, fingerprint: bytes, token_bytes: bytes, min_len: int | None) -> None:
+    def prefix(
+        self,
+        reply: Replier,
+        fingerprint: bytes,
+        token_bytes: bytes,
+        min_len: int | None,
+        max_len: int | None = None,
+        max_overhang: int | None = None,
+    ) -> None:
+        """The longest usable row for a query (see ``PrefixTree.longest_prefix`` for the limits)."""
         t0 = time.perf_counter_ns()
         if len(token_bytes) % 4:
             raise ErllamaError(ErrorCode.INVALID_PARAMS, "tokens must be u32 little-endian")
-        found = self.index.longest_prefix(fingerprint, token_bytes, min_len or self.config.min_prefix_tokens)
+        if (max_len is not None and max_len < 0) or (max_overhang is not None and max_overhang < 0):
+            raise ErllamaError(ErrorCode.INVALID_PARAMS, "max_len and max_overhang must not be negative")
+        found = self.index.longest_prefix(
+            fingerprint, token_bytes, min_len or self.config.min_prefix_tokens, max_len, max_overhang
+        )
         self._count_lookup(found is not None, exact=False, t0=t0)
         if found is None:
             reply.ok(hit=None)

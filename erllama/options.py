@@ -31,6 +31,7 @@ KV_TYPES: Final = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 SPLIT_MODES: Final = ("none", "layer", "row")
 FLASH_ATTN_MODES: Final = ("auto", "on", "off")
 BACKENDS: Final = ("llama", "stub")
+STUB_MEMORY_KINDS: Final = ("transformer", "swa", "recurrent", "hybrid")
 MAX_SEQUENCES: Final = 64
 MAX_TENSOR_SPLIT: Final = 16
 MODEL_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -217,7 +218,11 @@ class LoadOptions:
     tensor_split: tuple[float, ...] = ()
     use_mmap: bool = True
     use_mlock: bool = False
-    flash_attn: str = "auto"
+    # Off by default: with flash attention on, llama.cpp's CPU kernels give a token logits that depend on
+    # the size of the micro-batch it is decoded in, so a warm request (restored, then re-decoded in other
+    # chunks) could differ from the same request cold. Off, every token's logits are bit-identical however
+    # it is batched (README, *The KV cache*).
+    flash_attn: str = "off"
     type_k: str = "f16"
     type_v: str = "f16"
     use_extra_bufts: bool = False
@@ -225,6 +230,7 @@ class LoadOptions:
     prefill_chunk_size: int = 256
     share_prefix: bool = True  # a request starting like a running one copies its KV (worker/sharing.py)
     stub_decode_ms: int = 0  # the stub backend sleeps this long per decode, standing in for compute
+    stub_memory: str = "transformer"  # the memory kind the stub backend imitates (worker/stub_backend.py)
     stall_timeout_s: int = int(WORKER_STALL_TIMEOUT_S)  # a busy worker without decode progress this long is killed
     # KV cache policy (see worker/kvcache.py): rows shorter than cache_min_tokens are neither saved nor
     # restored; a cold prompt is saved at floor((len - cold_trim_tokens) / cold_align_tokens) * align;
@@ -284,6 +290,7 @@ def parse_load_options(options: dict[str, Any] | None) -> LoadOptions:
         ("backend", BACKENDS),
         ("split_mode", SPLIT_MODES),
         ("flash_attn", FLASH_ATTN_MODES),
+        ("stub_memory", STUB_MEMORY_KINDS),
         ("type_k", KV_TYPES),
         ("type_v", KV_TYPES),
     ):
@@ -310,6 +317,6 @@ def parse_load_options(options: dict[str, Any] | None) -> LoadOptions:
     if opts.n_seq_max * 16 > opts.n_ctx:
         raise _bad("n_seq_max", f"n_ctx {opts.n_ctx} leaves fewer than 16 cells per sequence")
     if opts.type_v != "f16" and opts.type_v != "f32" and opts.flash_attn == "off":
-        raise _bad("type_v", "a quantized V cache needs flash_attn (auto or on)")
+        raise _bad("type_v", "a quantized V cache needs flash_attn (auto or on): set flash_attn too")
     return opts
 

@@ -71,6 +71,7 @@ class ErrorCode(enum.StrEnum):
     MODEL_FAILED = "model_failed"
     NOT_SUPPORTED = "not_supported"
     NO_GPU = "no_gpu"
+    UNSUPPORTED_MODEL = "unsupported_model"  # a model kind erllama cannot serve exactly (encoder-decoder)
     INTERNAL = "internal"
     # cache store
     NOT_FOUND = "not_found"
@@ -162,6 +163,15 @@ class FinishReason(enum.StrEnum):
     STOP = "stop"
     LENGTH = "length"
     CANCELLED = "cancelled"
+
+
+class MemoryKind(enum.StrEnum):
+    """What a model keeps per sequence, which decides which cached rows restore exactly (README, *The KV cache*)."""
+
+    TRANSFORMER = "transformer"  # attention KV for every position: any prefix of a row restores exactly
+    SWA = "swa"  # sliding-window layers keep only the last n_swa positions: a row restores only near its end
+    RECURRENT = "recurrent"  # one state per sequence (Mamba, RWKV): a row restores only whole
+    HYBRID = "hybrid"  # attention and recurrent layers: a row restores only whole
 
 
 class CacheHitKind(enum.StrEnum):
@@ -391,7 +401,16 @@ _OPT_INT = Field((int,), required=False)
 
 CACHE_SCHEMA: Final[dict[CacheMsgType, dict[str, Field]]] = {
     CacheMsgType.EXACT: {"rid": _INT, "key": _BIN},
-    CacheMsgType.PREFIX: {"rid": _INT, "fp": _BIN, "tokens": _BIN, "min_len": _OPT_INT},
+    # max_len: skip rows longer than this; max_overhang: skip rows extending more than this many tokens past
+    # their common prefix with the query (0: only rows that are a prefix of it). Absent: no limit.
+    CacheMsgType.PREFIX: {
+        "rid": _INT,
+        "fp": _BIN,
+        "tokens": _BIN,
+        "min_len": _OPT_INT,
+        "max_len": _OPT_INT,
+        "max_overhang": _OPT_INT,
+    },
     CacheMsgType.LOAD: {"rid": _INT, "key": _BIN, "pid": _INT, "inline": _OPT_BOOL},
     CacheMsgType.RELEASE: {"rid": _INT, "lease": _INT, "bad": _OPT_BOOL},
     CacheMsgType.RESERVE: {

@@ -134,12 +134,13 @@ def start_broker(runtime_dir: Path, *args: str, env: dict[str, str] | None = Non
 
 @contextmanager
 def serving(prefix: str, model_id: str, *broker_args: str, env: dict[str, str] | None = None,
-            **load_options: Any) -> Iterator[BrokerProcess]:  # fmt: skip
-    """A broker of its own serving the real default model as ``model_id``; removed on exit."""
+            model_path: Path | None = None, **load_options: Any) -> Iterator[BrokerProcess]:  # fmt: skip
+    """A broker of its own serving ``model_path`` (default: the real default model) as ``model_id``;
+    removed on exit."""
     rdir = short_tmpdir(prefix)
     bp = start_broker(rdir, "--no-default-model", *broker_args, env=env)
     try:
-        bp.client(timeout_s=120).load_model(model_id, None, **load_options)
+        bp.client(timeout_s=120).load_model(model_id, str(model_path) if model_path else None, **load_options)
         yield bp
     finally:
         bp.stop()

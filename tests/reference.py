@@ -1,10 +1,11 @@
 """An independent reference: greedy decoding of the same model file with llama-cpp-python's
 high-level ``Llama`` class, in the test process.
 
-llama.cpp's arithmetic is not bit-identical across batch shapes (a sequence decoded alone or
-beside others, or in a different KV layout), so two correct implementations can pick
-different tokens where the top two logits nearly tie. ``assert_same_greedy`` accepts a
-difference only at such a near tie, shown from the reference's own logits.
+With flash attention off (erllama's default) llama.cpp's CPU arithmetic gives a token the same
+logits however it is batched (alone, beside other sequences, in any chunk, after a restore), so the
+worker's greedy tokens must equal the reference's exactly: ``assert_identical``. With flash
+attention on they may not (a token's logits depend on the micro-batch it is decoded in), and
+``assert_same_greedy`` accepts a difference only at a near tie, shown from the reference's own logits.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import llama_cpp
 import llama_cpp.llama_cpp as llama_lowlevel
@@ -38,16 +40,17 @@ class ReferenceModel:
     llm: llama_cpp.Llama
 
     @classmethod
-    def load(cls, n_ctx: int = 2048) -> ReferenceModel:
+    def load(cls, n_ctx: int = 2048, path: Path | None = None, flash_attn: bool = False) -> ReferenceModel:
+        """``path`` defaults to the embedded model; ``flash_attn`` matches the worker's load option."""
         llama_lowlevel.llama_model_default_params = _params_without_extra_bufts
         try:
             llm = llama_cpp.Llama(
-                model_path=str(default_model_path()),
+                model_path=str(path or default_model_path()),
                 n_ctx=n_ctx,
                 n_batch=512,
                 n_threads=os.cpu_count(),
                 n_threads_batch=os.cpu_count(),
-                flash_attn=True,  # the worker's default ("auto") enables it on CPU
+                flash_attn=flash_attn,
                 logits_all=True,
                 verbose=False,
             )
@@ -74,6 +77,13 @@ class ReferenceModel:
             out.append(tok)
             self.llm.eval([tok])
         return out, logits
+
+
+def assert_identical(ours: Sequence[int], ref: Sequence[int], what: str = "") -> None:
+    """Assert ``ours`` equals the reference token for token (flash attention off: no tolerance)."""
+    for i, (a, b) in enumerate(zip(ours, ref, strict=False)):
+        assert a == b, f"{what}: token {i}: ours {a} != reference {b} (ours {list(ours)}, reference {list(ref)})"
+    assert len(ours) == len(ref), f"{what}: lengths differ: ours {len(ours)}, reference {len(ref)}"
 
 
 def top_two_gap(row: np.ndarray) -> float:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from erllama.options import SamplingParams
+from erllama.protocol import MemoryKind
 
 
 @dataclass(slots=True)
@@ -33,12 +34,18 @@ class Sampler(Protocol):
     """Opaque per-request sampler state (a llama_sampler chain for the real backend)."""
 
 
+# Where a token is sampled from: the logits index of a row of the last decode, or the logits a cached
+# row carries for its last token (``worker/kvrow.py``).
+Logits = int | bytes
+
+
 class Backend(Protocol):
     n_ctx: int  # KV cells shared by all sequences
     n_ctx_seq: int  # the most tokens one sequence may hold
     n_vocab: int
     n_seq_max: int
     n_batch: int  # the most tokens one decode may carry
+    memory: MemoryKind  # what a sequence's KV state holds: decides which rows restore exactly
 
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
         """Text to token ids; ``add_special`` adds BOS where the model wants one."""
@@ -61,10 +68,13 @@ class Backend(Protocol):
         """A sampler for one request. ``history`` (the prompt) primes repetition penalties, not the
         grammar. Raises ``BackendError("invalid_grammar")`` for a grammar that does not parse."""
 
-    def sample(self, sampler: Sampler, logits_index: int, greedy: bool = False) -> int:
-        """Sample one token from the logits at ``logits_index`` of the last decode and record it in
-        the sampler's state. ``greedy`` takes the most likely token the request's grammar and
+    def sample(self, sampler: Sampler, logits: Logits, greedy: bool = False) -> int:
+        """Sample one token from ``logits`` (an index into the last decode, or stored logits) and record
+        it in the sampler's state. ``greedy`` takes the most likely token the request's grammar and
         penalties allow (tool-call syntax), instead of the request's own sampling."""
+
+    def logits_blob(self, logits_index: int) -> bytes:
+        """A copy of the logits at ``logits_index`` of the last decode, to store with a row."""
 
     def argmax(self, logits_index: int) -> int:
         """The most likely token at ``logits_index`` of the last decode (speculative verify)."""
@@ -85,8 +95,14 @@ class Backend(Protocol):
     def seq_clear(self, seq_id: int) -> None:
         """Drop every KV cell of a sequence."""
 
-    def seq_truncate(self, seq_id: int, n_keep: int) -> None:
-        """Keep the first ``n_keep`` positions of a sequence, drop the rest."""
+    def seq_keep(self, seq_id: int, n_held: int, n_keep: int) -> bool:
+        """Cut a sequence holding ``n_held`` positions down to its first ``n_keep``. True if it then holds
+        exactly the KV a prefill of those positions makes; False if the memory cannot be cut there (a
+        recurrent state, or a sliding window that would lack the positions before ``n_keep``), and then
+        the sequence must be cleared by the caller."""
+
+    def seq_state_size(self, seq_id: int) -> int:
+        """An upper bound of ``seq_state``'s size, computed without copying anything."""
 
     def seq_state(self, seq_id: int) -> bytes | bytearray:
         """The sequence's KV state (``llama_state_seq_get_data``)."""
@@ -94,6 +110,10 @@ class Backend(Protocol):
     def seq_restore(self, seq_id: int, state: bytes | bytearray | ctypes.Array[ctypes.c_uint8]) -> None:
         """Load a KV state (bytes, a ``seq_state`` copy, or a ctypes array over a cached row) into an
         (empty) sequence. Raises ``BackendError`` if it does not fit."""
+
+    def state_layout(self) -> dict[str, Any]:
+        """What fixes the bytes and the layout of a saved sequence state, for the model fingerprint
+        (``worker/fingerprint.py``): never the context size or anything else a state does not depend on."""
 
     def info(self) -> dict[str, Any]:
         """Static facts about the model for ``model_info`` (architecture, sizes, template, ...)."""

@@ -1,10 +1,12 @@
 """The model fingerprint: the identity a cache row is filed under.
 
-It must change whenever the KV bytes of the same tokens would: a different model file, KV
-cache types, flash attention (llama.cpp stores V transposed without it), the llama.cpp build
-that lays out the state, and the loaded LoRA adapters with their scales. Two different
-models therefore never share a row. Hashing a 100 MB model file takes a noticeable fraction
-of a second, so the content hash is remembered per (path, size, mtime).
+It must change whenever the KV bytes of the same tokens, or the layout of a saved state, would: a
+different model file, the loaded LoRA adapters with their scales, and what the backend reports as
+its state layout (``Backend.state_layout``: KV cache types, flash attention, which stores V
+transposed when off, the number of KV streams, which a restore checks, sliding-window fullness, and
+the llama.cpp build itself, by the content of its libraries). Nothing else goes in: a context size
+or a batch size does not change a state's bytes, so rows stay shared across them. Hashing a 100 MB
+file takes a noticeable fraction of a second, so content hashes are remembered per (path, size, mtime).
 """
 
 from __future__ import annotations
@@ -14,16 +16,14 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
-
-from erllama.options import LoadOptions
 
 log = logging.getLogger(__name__)
 
 HASH_CHUNK_BYTES: Final = 8 * 1024 * 1024
-FINGERPRINT_VERSION: Final = b"erllama-fp-1"
+FINGERPRINT_VERSION: Final = b"erllama-fp-2"  # 2: payloads are kvrow envelopes (state + next-token logits)
 
 
 def hash_cache_path() -> Path:
@@ -65,19 +65,24 @@ def file_sha256(model: Path, cache_file: Path | None = None) -> str:
     return digest
 
 
+def files_sha256(paths: Sequence[Path]) -> str:
+    """One hash over several files' content hashes (a library and the libraries it loads)."""
+    h = hashlib.sha256()
+    for path in sorted({p.resolve() for p in paths}):
+        h.update(f"{path.name}:{file_sha256(path)};".encode())
+    return h.hexdigest()
+
+
 def fingerprint(
-    model_identity: str, options: LoadOptions, runtime: str, adapters: Sequence[tuple[str, float]] = ()
+    model_identity: str, layout: Mapping[str, Any], adapters: Sequence[tuple[str, float]] = ()
 ) -> bytes:
     """32 bytes naming the KV layout of this model as loaded. ``model_identity`` is the file's
-    content hash (or the stub's name), ``runtime`` the llama.cpp build, ``adapters`` the
+    content hash (or the stub's name), ``layout`` the backend's ``state_layout()``, ``adapters`` the
     (adapter content hash, scale) pairs in effect."""
     h = hashlib.sha256(FINGERPRINT_VERSION)
     parts = {
         "model": model_identity,
-        "runtime": runtime,
-        "type_k": options.type_k,
-        "type_v": options.type_v,
-        "flash_attn": options.flash_attn,
+        "layout": dict(layout),
         "adapters": [[a, round(float(s), 6)] for a, s in sorted(adapters)],
     }
     h.update(json.dumps(parts, sort_keys=True).encode())

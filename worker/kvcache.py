@@ -11,6 +11,7 @@ store is left alone for a while.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -21,13 +22,15 @@ from typing import Any, Final
 from erllama.cachestore.client import CacheClient, LoadedRow
 from erllama.cachestore.codec import row_key
 from erllama.protocol import CacheHitKind, ErllamaError, SaveOutcome, SaveReason
+from erllama.worker.kvrow import BadRow, RowParts
 
 log = logging.getLogger(__name__)
 
 LOOKUP_TIMEOUT_S: Final = 0.5
 SAVE_TIMEOUT_S: Final = 10.0
 STORE_BACKOFF_S: Final = 5.0  # after a timeout, how long the store is not asked again
-MAX_PENDING_SAVE_BYTES: Final = 512 * 1024 * 1024  # KV copies waiting for the saver thread
+MAX_PENDING_SAVE_BYTES: Final = 512 * 1024 * 1024  # KV copies waiting for the saver thread, beyond the first
+BUDGETS_REFRESH_S: Final = 30.0  # how often the saver asks the store for its tier budgets
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,13 +61,42 @@ class CachePolicy:
         return b
 
 
+@dataclass(frozen=True, slots=True)
+class RowLimits:
+    """Which stored rows a request can use (see ``Placement.limits``): at most ``max_len`` tokens,
+    extending at most ``max_overhang`` tokens past the prompt (None: any), and, when ``needs_logits``, a
+    row as long as the prompt only if it carries its next-token logits."""
+
+    max_len: int
+    max_overhang: int | None
+    needs_logits: bool
+
+
 @dataclass(slots=True)
 class Found:
-    """A row to restore: its first ``common`` tokens equal the prompt's."""
+    """A leased row to restore: its first ``common`` tokens equal the prompt's. ``state`` points into the
+    row's memory: restore it before ``close()``."""
 
     row: LoadedRow
+    parts: RowParts
     common: int
     kind: CacheHitKind
+    from_parent: bool
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.row.tokens)
+
+    @property
+    def state(self) -> ctypes.Array[ctypes.c_uint8]:
+        return self.parts.state_array(self.row.payload_array)
+
+    @property
+    def logits(self) -> bytes | None:
+        return self.parts.logits(self.row.payload)
+
+    def close(self, bad: bool = False) -> None:
+        self.row.close(bad)
 
 
 @dataclass(slots=True)
@@ -80,13 +112,16 @@ class CacheCounters:
     saves_stored: int = 0
     saves_already_present: int = 0
     saves_dropped: int = 0
+    saves_too_large: int = 0  # larger than any tier of the store: never copied
     restored_tokens: int = 0
 
 
 @dataclass(slots=True)
 class _Save:
+    fingerprint: bytes  # taken when the save was queued: the adapter set may change before it is written
     tokens: list[int]
-    payload: bytes | bytearray
+    parts: tuple[bytes | bytearray, ...]
+    nbytes: int
     reason: SaveReason
 
 
@@ -102,6 +137,7 @@ class KVCache:
         self._down_until = 0.0
         self._queue: deque[_Save] = deque()
         self._pending_bytes = 0
+        self._max_row_bytes: int | None = None  # the store's largest tier budget, once known
         self._cond = threading.Condition()
         self._closing = False
         self._saver = threading.Thread(target=self._save_loop, name="erllama-cache-saver", daemon=True)
@@ -112,48 +148,77 @@ class KVCache:
     def key_hex(self, tokens: list[int]) -> str:
         return row_key(self.fingerprint, tokens).hex()
 
-    def find(self, prompt: list[int], parent_key: str | None) -> Found | None:
-        """The longest cached prefix of ``prompt``, leased and mapped; the caller restores it and
-        closes the row. ``parent_key`` (an earlier ``finish_key``) is tried first; when it is gone
-        or does not prefix the prompt the longest-prefix lookup follows, never straight to cold."""
+    def find(self, prompt: list[int], parent_key: str | None, limits: RowLimits) -> Found | None:
+        """The longest usable cached prefix of ``prompt``, leased and mapped; the caller restores it and
+        closes the row. ``parent_key`` (an earlier ``finish_key``) is tried first; when it is gone or
+        unusable the longest-prefix lookup follows, never straight to cold. Hits are counted by
+        ``count_hit`` once the row is in place: a row that does not restore is no hit."""
         if time.monotonic() < self._down_until:
             return None
         self.counters.lookups += 1
         try:
             if parent_key is not None:
-                found = self._from_parent(prompt, bytes.fromhex(parent_key))
+                found = self._from_parent(prompt, bytes.fromhex(parent_key), limits)
                 if found is not None:
-                    self.counters.hits_parent += 1
                     return found
-            hit = self._lookups.longest_prefix(self.fingerprint, prompt, self.policy.min_tokens)
-            row = self._lookups.load(hit.key) if hit is not None else None
+            found = self._longest(prompt, limits.max_len, limits)
+            if found is not None and found.n_tokens == len(prompt) and limits.needs_logits and found.logits is None:
+                found.close()  # the whole prompt, but no logits to sample from: one token shorter will do
+                found = self._longest(prompt, len(prompt) - 1, limits)
         except ErllamaError as err:
             self._store_trouble(err)
             return None
-        if hit is None or row is None:
+        if found is None:
             self.counters.misses += 1
+        return found
+
+    def _longest(self, prompt: list[int], max_len: int, limits: RowLimits) -> Found | None:
+        hit = self._lookups.longest_prefix(
+            self.fingerprint, prompt, self.policy.min_tokens, min(max_len, limits.max_len), limits.max_overhang
+        )
+        row = self._lookups.load(hit.key) if hit is not None else None
+        if hit is None or row is None:
             return None
         if row.tokens[: hit.common_len] != prompt[: hit.common_len] or row.fingerprint != self.fingerprint:
             log.error("the store answered a row that does not match the prompt; ignoring it")
             row.close()
-            self.counters.misses += 1
             return None
         kind = CacheHitKind.EXACT if hit.common_len >= len(prompt) else CacheHitKind.PARTIAL
-        if kind is CacheHitKind.EXACT:
-            self.counters.hits_exact += 1
-        else:
-            self.counters.hits_partial += 1
-        return Found(row, hit.common_len, kind)
+        return self._open(row, hit.common_len, kind, from_parent=False)
 
-    def _from_parent(self, prompt: list[int], key: bytes) -> Found | None:
+    def _from_parent(self, prompt: list[int], key: bytes, limits: RowLimits) -> Found | None:
         row = self._lookups.load(key)
         if row is None:
             return None
         n = len(row.tokens)
-        if row.fingerprint != self.fingerprint or n > len(prompt) or prompt[:n] != row.tokens:
+        if row.fingerprint != self.fingerprint or n > min(len(prompt), limits.max_len) or prompt[:n] != row.tokens:
             row.close()
             return None
-        return Found(row, n, CacheHitKind.EXACT if n == len(prompt) else CacheHitKind.PARTIAL)
+        found = self._open(row, n, CacheHitKind.EXACT if n == len(prompt) else CacheHitKind.PARTIAL, from_parent=True)
+        if found is not None and n == len(prompt) and limits.needs_logits and found.logits is None:
+            found.close()
+            return None
+        return found
+
+    def _open(self, row: LoadedRow, common: int, kind: CacheHitKind, from_parent: bool) -> Found | None:
+        try:
+            parts = RowParts.parse(row.payload)
+        except BadRow as exc:
+            log.warning("row %s is not a row this worker can read (%s); dropping it", row.key.hex()[:16], exc)
+            row.close(bad=True)
+            return None
+        return Found(row, parts, common, kind, from_parent)
+
+    def count_hit(self, found: Found, restored_tokens: int) -> None:
+        """A row was restored and kept: count it (and the tokens it spared)."""
+        c = self.counters
+        if found.from_parent:
+            c.hits_parent += 1
+        elif found.kind is CacheHitKind.EXACT:
+            c.hits_exact += 1
+        else:
+            c.hits_partial += 1
+        c.restored_tokens += restored_tokens
 
     def _store_trouble(self, err: ErllamaError) -> None:
         self.counters.lookup_errors += 1
@@ -162,40 +227,55 @@ class KVCache:
 
     # --- saves ---------------------------------------------------------------------------------------------
 
-    def accepting(self, nbytes_hint: int = 0) -> bool:
-        """Whether a save now would be kept: lets the scheduler skip copying KV that would be dropped."""
-        return time.monotonic() >= self._down_until and self._pending_bytes + nbytes_hint <= MAX_PENDING_SAVE_BYTES
+    def accepting(self, nbytes: int) -> bool:
+        """Whether a save of ``nbytes`` now would be kept: the scheduler asks before it copies any KV. A
+        row larger than every tier of the store is never copied (and counted); otherwise one row may
+        always wait for the saver, more only within ``MAX_PENDING_SAVE_BYTES``."""
+        if self._max_row_bytes is not None and nbytes > self._max_row_bytes:
+            self.counters.saves_too_large += 1
+            return False
+        if time.monotonic() < self._down_until:
+            return False
+        return self._pending_bytes == 0 or self._pending_bytes + nbytes <= MAX_PENDING_SAVE_BYTES
 
-    def save(self, tokens: list[int], payload: bytes | bytearray, reason: SaveReason) -> str | None:
-        """Queue a row for the saver thread. Returns its key (hex), or None if it was dropped."""
+    def save(self, tokens: list[int], parts: tuple[bytes | bytearray, ...], reason: SaveReason) -> str | None:
+        """Queue a row (its payload in ``parts``) for the saver thread under the fingerprint in effect
+        now. Returns its key (hex), or None if it was dropped."""
+        nbytes = sum(len(p) for p in parts)
         with self._cond:
-            if not self.accepting(len(payload)):
+            if not self.accepting(nbytes):
                 self.counters.saves_dropped += 1
                 return None
-            self._queue.append(_Save(tokens, payload, reason))
-            self._pending_bytes += len(payload)
+            self._queue.append(_Save(self.fingerprint, tokens, parts, nbytes, reason))
+            self._pending_bytes += nbytes
             self.counters.saves_queued += 1
             self._cond.notify()
         return self.key_hex(tokens)
 
     def _save_loop(self) -> None:
         client = CacheClient(self.endpoint, timeout_s=SAVE_TIMEOUT_S)
+        budgets_at = 0.0
         try:
             while True:
+                if time.monotonic() - budgets_at >= BUDGETS_REFRESH_S:
+                    budgets_at = time.monotonic()
+                    self._refresh_budgets(client)
                 with self._cond:
-                    while not self._queue and not self._closing:
-                        self._cond.wait()
+                    if not self._queue and not self._closing:
+                        self._cond.wait(BUDGETS_REFRESH_S)
                     if not self._queue:
-                        return
+                        if self._closing:
+                            return
+                        continue
                     item = self._queue.popleft()
                 try:
-                    outcome = client.save(self.fingerprint, item.tokens, item.payload, item.reason)
+                    outcome = client.save(item.fingerprint, item.tokens, item.parts, item.reason)
                 except ErllamaError as err:
                     outcome = SaveOutcome.DROPPED
                     self._down_until = time.monotonic() + STORE_BACKOFF_S
                     log.warning("save dropped: %s", err)
                 with self._cond:
-                    self._pending_bytes -= len(item.payload)
+                    self._pending_bytes -= item.nbytes
                     if outcome is SaveOutcome.STORED:
                         self.counters.saves_stored += 1
                     elif outcome is SaveOutcome.ALREADY_PRESENT:
@@ -204,6 +284,16 @@ class KVCache:
                         self.counters.saves_dropped += 1
         finally:
             client.close()
+
+    def _refresh_budgets(self, client: CacheClient) -> None:
+        """The largest row the store could keep: its largest enabled tier (asked on the saver's thread,
+        so a slow store never delays a decode)."""
+        try:
+            tiers = client.stats().get("tiers", {})
+        except ErllamaError:
+            return
+        budgets = [t.get("budget", 0) for t in tiers.values() if isinstance(t, dict) and t.get("enabled")]
+        self._max_row_bytes = max(budgets, default=0)
 
     def flush(self, timeout_s: float = SAVE_TIMEOUT_S) -> bool:
         """Wait until every queued save has been handed over (used at shutdown and by tests)."""

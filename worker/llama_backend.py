@@ -18,8 +18,9 @@ import llama_cpp as L
 import numpy as np
 
 from erllama.options import LoadOptions, SamplingParams
-from erllama.protocol import ErllamaError, ErrorCode
-from erllama.worker.backend import BackendError, BatchRow
+from erllama.protocol import ErllamaError, ErrorCode, MemoryKind
+from erllama.worker.backend import BackendError, BatchRow, Logits
+from erllama.worker.fingerprint import files_sha256
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ SPLIT_MODES: Final = {"none": L.LLAMA_SPLIT_MODE_NONE, "layer": L.LLAMA_SPLIT_MO
 PENALTY_WINDOW_TOKENS: Final = 64
 PIECE_BUFFER_BYTES: Final = 256
 _GGML_LEVELS: Final = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level
+# llama_token_data as numpy sees it: a candidates array for sampling from stored logits.
+_TOKEN_DATA: Final = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
 
 # --- llama.cpp's log, routed into ours ----------------------------------------------------------------------
 
@@ -116,6 +119,29 @@ def context_params(options: LoadOptions) -> Any:
     return cp
 
 
+def memory_kind(model: Any) -> MemoryKind:
+    """What the model keeps per sequence. Raises ``unsupported_model`` for kinds whose decoding is not
+    a causal prompt-then-generate loop (encoder-decoder models need ``llama_encode`` first and abort
+    without it; diffusion models do not decode left to right)."""
+    if L.llama_model_has_encoder(model):
+        raise ErllamaError(
+            ErrorCode.UNSUPPORTED_MODEL, "encoder-decoder models (T5 and the like) are not supported", {"memory": "encoder"}
+        )
+    if L.llama_model_is_diffusion(model):
+        raise ErllamaError(ErrorCode.UNSUPPORTED_MODEL, "diffusion models are not supported", {"memory": "diffusion"})
+    if L.llama_model_is_hybrid(model):
+        return MemoryKind.HYBRID
+    if L.llama_model_is_recurrent(model):
+        return MemoryKind.RECURRENT
+    return MemoryKind.SWA if L.llama_model_n_swa(model) > 0 else MemoryKind.TRANSFORMER
+
+
+def llama_build_sha256() -> str:
+    """The llama.cpp build's identity: the content of the libraries llama-cpp-python loads. Two builds
+    of one release may lay out a state differently (compile options, a patched source)."""
+    return files_sha256(list((Path(L.__file__).parent / "lib").glob("lib*.so*")))
+
+
 def _load_error(what: str) -> str:
     return f"{what}: {' | '.join(_recent_errors) or 'no message from llama.cpp'}"
 
@@ -145,6 +171,12 @@ class LlamaBackend:
         self.model = L.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise ErllamaError(ErrorCode.LOAD_FAILED, _load_error(f"llama.cpp could not load {path}"))
+        try:
+            self.memory = memory_kind(self.model)
+        except ErllamaError:
+            L.llama_model_free(self.model)
+            raise
+        self.n_swa = int(L.llama_model_n_swa(self.model))
         self.ctx = L.llama_init_from_model(self.model, context_params(options))
         if not self.ctx:
             L.llama_model_free(self.model)
@@ -160,6 +192,7 @@ class LlamaBackend:
         self._pieces: dict[int, bytes] = {}
         self._embed_ctx: Any = None  # created on the first embed()
         self._piece_buf = ctypes.create_string_buffer(PIECE_BUFFER_BYTES)
+        self._candidates = np.zeros(self.n_vocab, dtype=_TOKEN_DATA)  # reused for stored logits
 
     # --- text ----------------------------------------------------------------------------------------------
 
@@ -248,9 +281,27 @@ class LlamaBackend:
             stages += [L.llama_sampler_init_temp(params.temperature), L.llama_sampler_init_dist(seed)]
         return RequestSampler(_chain(shared + stages), shared)
 
-    def sample(self, sampler: RequestSampler, logits_index: int, greedy: bool = False) -> int:
-        # llama_sampler_sample also accepts the token into the chain (grammar state, penalty history).
-        return int(L.llama_sampler_sample(sampler.chain_for(greedy), self.ctx, logits_index))
+    def sample(self, sampler: RequestSampler, logits: Logits, greedy: bool = False) -> int:
+        chain = sampler.chain_for(greedy)
+        if isinstance(logits, int):
+            # llama_sampler_sample also accepts the token into the chain (grammar state, penalty history).
+            return int(L.llama_sampler_sample(chain, self.ctx, logits))
+        # Stored logits: the same steps llama_sampler_sample takes (candidates in vocabulary order, apply
+        # the chain, accept), so a token sampled here is the one a fresh decode would have given.
+        cand = self._candidates
+        cand["id"] = np.arange(self.n_vocab, dtype=np.int32)
+        cand["logit"] = np.frombuffer(logits, dtype=np.float32, count=self.n_vocab)
+        cand["p"] = 0.0
+        arr = L.llama_token_data_array(
+            data=cand.ctypes.data_as(ctypes.POINTER(L.llama_token_data)), size=self.n_vocab, selected=-1, sorted=False
+        )
+        L.llama_sampler_apply(chain, ctypes.byref(arr))
+        token = int(arr.data[arr.selected].id)
+        L.llama_sampler_accept(chain, token)
+        return token
+
+    def logits_blob(self, logits_index: int) -> bytes:
+        return ctypes.string_at(L.llama_get_logits_ith(self.ctx, logits_index), self.n_vocab * 4)
 
     def argmax(self, logits_index: int) -> int:
         logits = L.llama_get_logits_ith(self.ctx, logits_index)
@@ -314,9 +365,23 @@ class LlamaBackend:
     def seq_clear(self, seq_id: int) -> None:
         L.llama_memory_seq_rm(self.mem, seq_id, -1, -1)
 
-    def seq_truncate(self, seq_id: int, n_keep: int) -> None:
+    def seq_keep(self, seq_id: int, n_held: int, n_keep: int) -> bool:
+        if n_keep >= n_held:
+            return True
+        if self.memory in (MemoryKind.RECURRENT, MemoryKind.HYBRID):
+            return False  # one state per sequence: it cannot go back to an earlier position
         if not L.llama_memory_seq_rm(self.mem, seq_id, n_keep, -1):
-            raise BackendError("truncate_failed", f"cannot truncate sequence {seq_id} to {n_keep}")
+            return False
+        if self.memory is MemoryKind.SWA and n_keep > 0:
+            # A state holds the sliding-window layers' cells of only its last ~n_swa positions, and
+            # llama_memory_seq_rm succeeds anyway. The next position needs the n_swa before it: the same
+            # threshold llama-server applies before it reuses a slot's cache.
+            pos_min = L.llama_memory_seq_pos_min(self.mem, seq_id)
+            return 0 <= pos_min <= max(0, n_keep - self.n_swa)
+        return True
+
+    def seq_state_size(self, seq_id: int) -> int:
+        return int(L.llama_state_seq_get_size(self.ctx, seq_id))
 
     def seq_state(self, seq_id: int) -> bytearray:
         # Returned as is: a bytes() copy of a 40 MB state would cost ~10 ms on the decode thread.
@@ -340,6 +405,19 @@ class LlamaBackend:
 
     # --- facts and teardown --------------------------------------------------------------------------------
 
+    def state_layout(self) -> dict[str, Any]:
+        o = self.options
+        # "auto" enables flash attention wherever the device supports it, which the CPU always does.
+        flash_on = o.flash_attn == "on" or (o.flash_attn == "auto" and o.n_gpu_layers == 0)
+        return {
+            "llama.cpp": llama_build_sha256(),
+            "type_k": o.type_k,
+            "type_v": o.type_v,
+            "flash_attn": "on" if flash_on else o.flash_attn,
+            "kv_streams": 1 if o.kv_unified else o.n_seq_max,  # a restore refuses a state of another count
+            "swa_full": bool(context_params(o).swa_full),
+        }
+
     def info(self) -> dict[str, Any]:
         desc = ctypes.create_string_buffer(256)
         L.llama_model_desc(self.model, desc, 256)
@@ -353,6 +431,8 @@ class LlamaBackend:
             "n_layer": int(L.llama_model_n_layer(self.model)),
             "n_vocab": self.n_vocab,
             "chat_template": template.decode(errors="replace") if template else None,
+            "memory": self.memory.value,
+            "n_swa": self.n_swa,
             "bos_token_id": int(L.llama_vocab_bos(self.vocab)),
             "eos_token_id": int(L.llama_vocab_eos(self.vocab)),
             "gpu_offload": bool(L.llama_supports_gpu_offload()),

@@ -22,7 +22,7 @@ from erllama.cachestore.config import default_endpoint as default_cachestore_end
 from erllama.logsetup import die_with_parent, setup_logging
 from erllama.models import check_gguf_header, default_model_path
 from erllama.options import LoadOptions, parse_load_options, validate_model_id
-from erllama.protocol import ErllamaError, ErrorCode
+from erllama.protocol import ErllamaError, ErrorCode, MemoryKind
 from erllama.transport import WORKER_SOCKET_NAME, default_runtime_dir, ipc_endpoint
 from erllama.worker.backend import Backend
 from erllama.worker.fingerprint import file_sha256, fingerprint
@@ -41,7 +41,8 @@ def load_backend(model_path: Path | None, options: LoadOptions) -> tuple[Backend
     if options.backend == "stub":
         from erllama.worker.stub_backend import StubBackend
 
-        return StubBackend(options.n_ctx, options.n_seq_max, options.n_batch, options.stub_decode_ms), model_path
+        memory = MemoryKind(options.stub_memory)
+        return StubBackend(options.n_ctx, options.n_seq_max, options.n_batch, options.stub_decode_ms, memory), model_path
     path = model_path or default_model_path()
     if not path.is_file():
         raise ErllamaError(ErrorCode.LOAD_FAILED, f"model file {path} does not exist")
@@ -59,15 +60,6 @@ def load_backend(model_path: Path | None, options: LoadOptions) -> tuple[Backend
 def model_hash(path: Path | None, options: LoadOptions) -> str:
     """What identifies the weights: the file's content hash (the stub has no file)."""
     return "stub-backend" if options.backend == "stub" or path is None else file_sha256(path)
-
-
-def runtime_name(options: LoadOptions) -> str:
-    """The code that lays out KV state: a different llama.cpp build may lay it out differently."""
-    if options.backend == "stub":
-        return "stub"
-    import llama_cpp
-
-    return f"llama-cpp-python {llama_cpp.__version__}"
 
 
 def load_markers(backend: Backend, options: LoadOptions) -> MarkerSpec:
@@ -139,8 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         return fail_load(sock, ctx, err, args.id)
     model_identity = model_hash(path, options)
 
+    layout = backend.state_layout()
+
     def refingerprint(adapters: list[tuple[str, float]]) -> bytes:
-        return fingerprint(model_identity, options, runtime_name(options), adapters)
+        return fingerprint(model_identity, layout, adapters)
 
     cache = None
     if options.cache and not args.no_cache:
@@ -150,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
         "options": options.to_wire(),
         "n_ctx": backend.n_ctx_seq,
         "fingerprint": cache.fingerprint.hex() if cache else None,
+        # Whether warm greedy output is bit-identical to cold (worker/placement.py, README): flash
+        # attention makes a token's logits depend on the micro-batch it is decoded in.
+        "exact": layout.get("flash_attn") != "on",
     }
     heartbeat = Heartbeat(ctx, endpoint, args.id)
     heartbeat.start()

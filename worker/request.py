@@ -32,6 +32,8 @@ class Request:
     n_past: int = 0  # tokens of this request in its sequence's KV
     generated: list[int] = field(default_factory=list)
     pending_token: int | None = None  # sampled, to be decoded next tick
+    stored_logits: bytes | None = None  # a whole prompt restored with its logits: sample from them first
+    logits_index: int = -1  # this request's logits in the last decode (-1: none), valid until the next one
     sampler: Sampler | None = None
     out: RequestOutput = field(default_factory=lambda: RequestOutput(TextStream()))
     cancelled: bool = False
@@ -64,10 +66,12 @@ class Request:
         return self.verify_from >= 0
 
     def logits_wanted(self, end: int) -> int:
-        """How many trailing tokens of a prefill chunk ending at ``end`` need logits."""
+        """How many trailing tokens of a prefill chunk ending at ``end`` need logits: one (to sample
+        from at the prompt's end, and to store with a row saved at the chunk's end), or for a verify
+        every candidate position's."""
         if self.is_verify:
             return max(0, end - max(self.n_past, self.verify_from))
-        return 1 if end == len(self.prompt) else 0
+        return 1
 
     def verify_outcome(self, is_eog: Any) -> dict[str, Any]:
         """Candidates accepted while the model's own argmax agrees; then the model's next token."""

@@ -8,10 +8,12 @@ is decoded (committed to the KV cache) by the next tick, so the last token of a 
 request is never in the cache; ``context_tokens`` reports exactly what is.
 
 At admission a request gets a sequence and as much of its prompt as is already known: its
-sticky session's KV, else the longest cached prefix from the cache store, or, when a running
-request's prompt starts the same way for longer, that request's KV once it has prefilled the
-shared part (``worker/sharing.py``). Saves copy KV out and hand it to the store's saver thread,
-so they never wait on the store.
+sticky session's KV, else the longest usable cached prefix from the cache store, or, when a
+running request's prompt starts the same way for longer, that request's KV once it has prefilled
+the shared part (``worker/sharing.py``). ``worker/placement.py`` decides what of each is kept so
+that it is exactly what a cold prefill makes. A whole prompt restored with its stored logits
+samples its first token before anything is decoded. Saves copy KV (and the last token's logits)
+out and hand them to the store's saver thread, so they never wait on the store.
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ from typing import Any, Protocol
 
 from erllama.options import SamplingParams, validate_prompt
 from erllama.protocol import CacheHitKind, ErllamaError, ErrorCode, FinishReason, Phase, SaveReason
-from erllama.worker.backend import Backend, BackendError, BatchRow
+from erllama.worker.backend import Backend, BackendError, BatchRow, Logits
 from erllama.worker.kvcache import KVCache
+from erllama.worker.kvrow import HEAD_BYTES, pack_head
 from erllama.worker.markers import MarkerSpec, SpanAutomaton
 from erllama.worker.output import TEXT, THINKING_END, TOOL_CALL_END, RequestOutput
+from erllama.worker.placement import Placement
 from erllama.worker.request import ReqState, Request
 from erllama.worker.sessions import SequencePool, Session
-from erllama.worker.sharing import SHARE_MIN_TOKENS, find_donor
+from erllama.worker.sharing import SHARE_MIN_TOKENS, common_prefix_len, find_donor
 from erllama.worker.textstream import TextStream
 
 log = logging.getLogger(__name__)
@@ -65,6 +69,7 @@ class Scheduler:
         self.signing_key = signing_key
         self.prefill_chunk_size = prefill_chunk_size
         self.share_prefix = share_prefix
+        self.placement = Placement(backend, cache)
         self.pool = SequencePool(backend.n_seq_max, backend.seq_clear, self._save_idle_session)
         self.waiting: deque[Request] = deque()
         self.running: dict[int, Request] = {}  # rid -> request, in admission order
@@ -164,9 +169,15 @@ class Scheduler:
         while self.waiting and self._admit(self.waiting[0]):
             self.waiting.popleft()
         self._take_shares()
+        for req in [r for r in self.running.values() if r.stored_logits is not None]:
+            self._start_generating(req)
+            logits, req.stored_logits = req.stored_logits, None
+            self._sample(req, logits)
         rows, reqs = self._build_batch()
         if not rows:
             return
+        for req in self.running.values():  # the last decode's logits are about to be overwritten
+            req.logits_index = -1
         try:
             indices = self.backend.decode(rows)
         except BackendError as exc:
@@ -175,20 +186,24 @@ class Scheduler:
                 self._fail(req, ErllamaError(ErrorCode.INTERNAL, f"llama_decode failed: {exc.message}"))
             return
         self.progress += 1
-        for row, req, idx in zip(rows, reqs, indices):
+        for row, req, idx in zip(rows, reqs, indices, strict=True):
             req.n_past += len(row.tokens)
+            req.logits_index = idx
             if req.n_past == req.cold_save_at:
                 self._save_request(req, SaveReason.COLD)
                 req.cold_save_at = 0
             if req.state is ReqState.PREFILLING and req.n_past == len(req.prompt):
-                req.state = ReqState.GENERATING
-                req.prefill_done_s = time.monotonic()
+                self._start_generating(req)
             if req.is_verify:
                 req.verify_argmax += [self.backend.argmax(i) for i in range(idx - row.n_logits + 1, idx + 1)]
                 if req.state is ReqState.GENERATING:
                     self._finish(req, FinishReason.STOP)
-            elif idx >= 0:
+            elif req.state is ReqState.GENERATING:
                 self._sample(req, idx)
+
+    def _start_generating(self, req: Request) -> None:
+        req.state = ReqState.GENERATING
+        req.prefill_done_s = time.monotonic()
 
     def _finish_cancelled(self) -> None:
         for req in [r for r in self.waiting if r.cancelled]:
@@ -202,18 +217,24 @@ class Scheduler:
         no sequence is free (it waits for the next tick)."""
         req.adapter_epoch = self.adapter_epoch
         session = self.pool.unpin(req.params.session_id) if req.params.session_id else None
-        if session is not None and req.prompt[: len(session.tokens)] == session.tokens:
+        if session is not None:
+            # Its sequence holds the session's tokens: kept when the prompt continues them; a prompt that
+            # diverges inside them is looked up like any other, in the same sequence.
             req.seq_id = session.seq_id
-            self._keep(req, len(session.tokens), CacheHitKind.STICKY)
+            held = len(session.tokens)
+            extends = common_prefix_len(req.prompt, session.tokens, held) == held
+            placed = extends and self.placement.place(req, held, held, CacheHitKind.STICKY, session.logits)
+            if not extends:
+                self.backend.seq_clear(req.seq_id)
         else:
-            if session is not None:  # the prompt diverged from what the session holds
-                self.pool.give_back(session.seq_id)
             seq = self.pool.take()
             if seq is None:
                 return False
-            req.seq_id = seq
-            self._restore_from_cache(req)
-            donor = find_donor(req, self.running.values(), self.adapter_epoch) if self.share_prefix else None
+            req.seq_id, placed = seq, False
+        if not placed:
+            self.placement.restore_from_cache(req)
+            donor = find_donor(req, self.running.values(), self.adapter_epoch, self.placement.cuttable) \
+                if self.share_prefix else None  # fmt: skip
             if donor is not None:
                 req.donor_rid, req.share_len = donor[0].rid, donor[1]
         req.state = ReqState.PREFILLING
@@ -249,30 +270,17 @@ class Scheduler:
     def _take_share(self, req: Request, donor: Request) -> None:
         """Copy the donor's KV into ``req``'s sequence and keep the shared prompt prefix of it."""
         req.donor_rid = None
+        self.backend.seq_clear(req.seq_id)
         try:
-            state = self.backend.seq_state(donor.seq_id)
-            self.backend.seq_clear(req.seq_id)
-            self.backend.seq_restore(req.seq_id, state)
+            self.backend.seq_restore(req.seq_id, self.backend.seq_state(donor.seq_id))
         except BackendError as exc:
-            log.warning("copying sequence %d to %d failed, prefilling on its own: %s", donor.seq_id, req.seq_id, exc)
-            self.backend.seq_clear(req.seq_id)
-            self._keep(req, 0, CacheHitKind.COLD)
+            log.warning("rid=%d: copying sequence %d to %d failed, prefilling on its own: %s",
+                        req.rid, donor.seq_id, req.seq_id, exc)  # fmt: skip
+            self.placement.place(req, 0, 0, CacheHitKind.COLD)
         else:
-            self._keep(req, req.share_len, CacheHitKind.SHARED)
+            self.placement.place(req, donor.n_past, req.share_len, CacheHitKind.SHARED, self._logits_of(donor))
         req.cache_tier = None  # whatever a restore brought is replaced by the copy (or cleared)
         self._start_prefill(req)
-
-    def _keep(self, req: Request, cached: int, kind: CacheHitKind) -> None:
-        """The sequence holds the first ``cached`` prompt tokens. Keep at most all but the last prompt
-        token: its logits are not in the KV state, so it is decoded again to sample from fresh ones
-        (a verify keeps less: it needs the logits of every candidate position)."""
-        limit = req.verify_from if req.is_verify else len(req.prompt) - 1
-        keep = min(cached, limit)
-        self.backend.seq_truncate(req.seq_id, keep)
-        req.n_past = keep
-        req.cache_hit_kind = kind if keep > 0 else CacheHitKind.COLD
-        req.prefix_len = keep
-        req.last_save_at = keep  # what was restored is in the cache already: no continued save of it
 
     def _build_batch(self) -> tuple[list[BatchRow], list[Request]]:
         rows: list[BatchRow] = []
@@ -288,7 +296,10 @@ class Scheduler:
                 break
             if req.state is not ReqState.PREFILLING or req.donor_rid is not None:
                 continue
-            stop_at = req.cold_save_at if req.cold_save_at > req.n_past else len(req.prompt)
+            # A chunk ends where a save or a waiting request's copy needs this sequence to stand, so
+            # that what is saved or copied ends exactly there (a recurrent state cannot be cut later).
+            stops = [r.share_len for r in self.running.values() if r.donor_rid == req.rid]
+            stop_at = min([len(req.prompt)] + [p for p in (req.cold_save_at, *stops) if p > req.n_past])
             take = min(stop_at - req.n_past, self.prefill_chunk_size, budget)
             end = req.n_past + take
             rows.append(BatchRow(req.seq_id, req.prompt[req.n_past : end], req.n_past, req.logits_wanted(end)))
@@ -296,13 +307,13 @@ class Scheduler:
             budget -= take
         return rows, reqs
 
-    def _sample(self, req: Request, logits_index: int) -> None:
-        """Sample the request's next token from this tick's logits and stream it."""
+    def _sample(self, req: Request, logits: Logits) -> None:
+        """Sample the request's next token from this tick's logits (or its row's stored ones) and stream it."""
         if req.params.max_tokens == 0:
             self._finish(req, FinishReason.LENGTH)
             return
         assert req.sampler is not None
-        tok = self.backend.sample(req.sampler, logits_index, greedy=req.out.greedy_next)
+        tok = self.backend.sample(req.sampler, logits, greedy=req.out.greedy_next)
         if not req.first_token_s:
             req.first_token_s = time.monotonic()
         if self.backend.is_eog(tok):
@@ -329,41 +340,28 @@ class Scheduler:
 
     # --- the cache -----------------------------------------------------------------------------------------
 
-    def _restore_from_cache(self, req: Request) -> None:
-        """Restore the longest cached prefix of the prompt into the request's (empty) sequence."""
-        if self.cache is None:
-            return
-        found = self.cache.find(req.prompt, req.params.parent_key)
-        if found is None:
-            return
-        try:
-            self.backend.seq_restore(req.seq_id, found.row.payload_array)
-        except BackendError as exc:
-            log.warning("restoring a cached row failed, prefilling cold: %s", exc)
-            self.cache.counters.restore_failures += 1
-            self.backend.seq_clear(req.seq_id)
-            return
-        finally:
-            found.row.close()
-        self._keep(req, found.common, found.kind)
-        req.cache_tier = found.row.tier.value
-        self.cache.counters.restored_tokens += req.n_past
+    def _logits_of(self, req: Request) -> bytes | None:
+        """The logits of ``req``'s last committed token, if the last decode computed them."""
+        return self.backend.logits_blob(req.logits_index) if req.logits_index >= 0 else None
 
-    def _save(self, seq_id: int, tokens: list[int], reason: SaveReason) -> str | None:
-        """Copy a sequence's KV out and queue it for the store; the key (hex), or None if dropped."""
+    def _save(self, seq_id: int, tokens: list[int], reason: SaveReason, logits: bytes | None) -> str | None:
+        """Copy a sequence's KV out and queue it, with ``logits``, for the store; the key (hex), or None
+        if dropped. The size is checked before anything is copied."""
         if self.cache is None or len(tokens) < self.cache.policy.min_tokens:
             return None
-        if not self.cache.accepting():
+        logits = logits or b""
+        if not self.cache.accepting(HEAD_BYTES + self.backend.seq_state_size(seq_id) + len(logits)):
             self.cache.counters.saves_dropped += 1
             return None
-        return self.cache.save(tokens, self.backend.seq_state(seq_id), reason)
+        state = self.backend.seq_state(seq_id)
+        return self.cache.save(tokens, (pack_head(len(state), len(logits)), state, logits), reason)
 
     def _save_request(self, req: Request, reason: SaveReason) -> str | None:
         # A verify's candidates are guesses, and KV made partly under another adapter set has no
         # fingerprint that describes it: neither is ever saved.
         if req.is_verify or req.adapter_epoch != self.adapter_epoch:
             return None
-        key = self._save(req.seq_id, req.committed, reason)
+        key = self._save(req.seq_id, req.committed, reason, self._logits_of(req))
         if key is not None:
             req.last_save_at = req.n_past
             req.cache_created = max(req.cache_created, req.n_past - req.prefix_len)
@@ -375,12 +373,12 @@ class Scheduler:
         for req in self.running.values():
             saved += self._save_request(req, reason) is not None
         for session in self.pool.pinned.values():
-            saved += self._save(session.seq_id, session.tokens, reason) is not None
+            saved += self._save(session.seq_id, session.tokens, reason, session.logits) is not None
         return saved
 
     def _save_idle_session(self, session: Session) -> None:
         """An idle session loses its sequence to a new request; its KV goes to the cache first."""
-        self._save(session.seq_id, session.tokens, SaveReason.EVICT)
+        self._save(session.seq_id, session.tokens, SaveReason.EVICT, session.logits)
 
     def adapters_changed(self) -> None:
         """The LoRA set changed: idle sessions' KV no longer matches it, and running requests stop saving."""
@@ -409,7 +407,7 @@ class Scheduler:
                 self.pool.abandon(sid)
             return
         kv_valid = kv_valid and not req.is_verify and req.adapter_epoch == self.adapter_epoch
-        if sid is None or not kv_valid or not self.pool.finish(sid, req.seq_id, req.committed):
+        if sid is None or not kv_valid or not self.pool.finish(sid, req.seq_id, req.committed, self._logits_of(req)):
             if sid is not None and not kv_valid:
                 self.pool.abandon(sid)
             self.pool.give_back(req.seq_id)

@@ -131,7 +131,7 @@ class WorkerService:
         """Hand the heartbeat thread a fresh snapshot; tell the broker at once when the phase changes."""
         s = self.scheduler
         phase = s.phase
-        cache = s.cache.stats() if s.cache is not None else None
+        cache = (s.cache.stats() if s.cache is not None else {}) | {"restores_refused": s.placement.refused}
         status = WorkerStatus(s.progress, phase, len(s.running), len(s.waiting), s.tokens_generated, cache)
         self.heartbeat.status = status
         if phase is not self._reported_phase:

@@ -25,6 +25,7 @@ class Session:
     session_id: str
     seq_id: int
     tokens: list[int] = field(default_factory=list)
+    logits: bytes | None = None  # the next-token logits after ``tokens``, if known: a resend of them samples at once
     last_used_s: float = field(default_factory=time.monotonic)
 
 
@@ -54,14 +55,14 @@ class SequencePool:
         """Take a claimed session's pinned sequence for its request (None if it holds none)."""
         return self.pinned.pop(session_id, None)
 
-    def finish(self, session_id: str, seq_id: int, tokens: list[int]) -> bool:
+    def finish(self, session_id: str, seq_id: int, tokens: list[int], logits: bytes | None = None) -> bool:
         """A session's request ended on ``seq_id``. Returns True if the sequence stays pinned (the
         caller must not clear it), False if the session was ended meanwhile."""
         self.active.pop(session_id, None)
         if session_id in self._ending:
             self._ending.discard(session_id)
             return False
-        self.pinned[session_id] = Session(session_id, seq_id, tokens)
+        self.pinned[session_id] = Session(session_id, seq_id, tokens, logits)
         return True
 
     def abandon(self, session_id: str) -> None:

@@ -40,13 +40,18 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     return lo
 
 
-def find_donor(req: Request, running: Iterable[Request], epoch: int) -> tuple[Request, int] | None:
+def find_donor(
+    req: Request, running: Iterable[Request], epoch: int, cuttable: bool = True
+) -> tuple[Request, int] | None:
     """The running request whose prompt shares the most with ``req``'s, and how many tokens ``req``
     would take from it; None unless that beats what ``req`` already holds by ``SHARE_MIN_TOKENS``.
 
     A donor must hold KV made under the current adapter set and be a plain request (not a verify,
     whose candidates are guesses, nor one itself waiting for a donor). ``req`` keeps its last prompt
-    token to decode (its logits are not in any KV state)."""
+    token to decode (its logits are not in any KV state). Where the memory cannot be cut
+    (``cuttable`` False: recurrent, hybrid, sliding window), a donor must not have prefilled past the
+    shared part yet: it then pauses there (the scheduler ends its chunk at the share point) and is
+    copied whole."""
     if req.is_verify or req.adapter_epoch != epoch:
         return None
     limit = len(req.prompt) - 1
@@ -57,6 +62,8 @@ def find_donor(req: Request, running: Iterable[Request], epoch: int) -> tuple[Re
         if donor.adapter_epoch != epoch or donor.seq_id < 0:
             continue
         n = common_prefix_len(req.prompt, donor.prompt, limit)
+        if not cuttable and donor.n_past > n:
+            continue
         if n - req.n_past >= SHARE_MIN_TOKENS and (best is None or n > best[1]):
             best = (donor, n)
     return best

@@ -102,3 +102,36 @@ def test_removing_every_row_leaves_an_empty_index() -> None:
     for e in rows:
         index.remove(e.key)
     assert len(index) == 0 and index.longest_prefix(FP, tokens_to_bytes((1, 2)), 1) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.lists(token_seqs, min_size=1, max_size=40),
+    queries=st.lists(token_seqs, min_size=1, max_size=20),
+    max_len=st.one_of(st.none(), st.integers(1, 8)),
+    max_overhang=st.one_of(st.none(), st.integers(0, 3)),
+)
+def test_limited_lookups_answer_only_usable_rows_and_never_miss_a_usable_prefix_row(
+    rows, queries, max_len, max_overhang
+) -> None:
+    """A limited lookup never answers a row longer than ``max_len`` or extending more than
+    ``max_overhang`` past its common prefix, and shares at least as much as the longest stored row that
+    is a prefix of the query and fits ``max_len``; with ``max_overhang=0`` it is exactly that row."""
+    index = Index()
+    stored = {tokens: entry(tokens) for tokens in set(rows)}
+    for e in stored.values():
+        index.add(e)
+    for q in queries:
+        prefix_rows = [t for t in stored if t == q[: len(t)] and (max_len is None or len(t) <= max_len)]
+        floor = max((len(t) for t in prefix_rows), default=0)
+        found = index.longest_prefix(FP, tokens_to_bytes(q), 1, max_len, max_overhang)
+        if found is None:
+            assert floor == 0
+            continue
+        row, common = found
+        t = tokens_of(row)
+        assert common == lcp(t, q) >= floor
+        assert max_len is None or len(t) <= max_len
+        assert max_overhang is None or len(t) - common <= max_overhang
+        if max_overhang == 0:
+            assert len(t) == common == floor
