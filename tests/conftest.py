@@ -155,6 +155,16 @@ def reference() -> Any:
     return ReferenceModel.load()
 
 
+@pytest.fixture(scope="session")
+def memory_model() -> Callable[[str], Path]:
+    """``memory_model(kind)``: the path of a tiny random-weight model of a llama.cpp memory kind
+    (``llama``, ``swa``, ``recurrent``, ``hybrid``, ``encdec``; see ``tests/memory_models.py``), built
+    once per machine into ``~/.cache/erllama/test-models/``."""
+    from tests.memory_models import memory_model_path
+
+    return memory_model_path
+
+
 @pytest.fixture
 def broker() -> Iterator[BrokerProcess]:
     """A fresh broker with no model loaded."""
