@@ -33,6 +33,12 @@ FLASH_ATTN_MODES: Final = ("auto", "on", "off")
 BACKENDS: Final = ("llama", "stub")
 STUB_MEMORY_KINDS: Final = ("transformer", "swa", "recurrent", "hybrid")
 MAX_SEQUENCES: Final = 64
+# With flash attention on, llama.cpp's CPU kernel computes a micro-batch of up to 48 query tokens one row
+# at a time, and larger ones in tiles that round differently (measured: n_ubatch 48 bit-identical to
+# token-by-token decoding, 64 off by 0.43). Exact mode keeps micro-batches in the first regime.
+EXACT_MAX_UBATCH_TOKENS: Final = 48
+EXACT_UBATCH_TOKENS: Final = 32
+FAST_UBATCH_TOKENS: Final = 512
 MAX_TENSOR_SPLIT: Final = 16
 MODEL_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 ROW_KEY_PATTERN: Final = re.compile(r"^[0-9a-f]{64}$")
@@ -208,7 +214,7 @@ class LoadOptions:
     backend: str = "llama"
     n_ctx: int = 4096
     n_batch: int = 512
-    n_ubatch: int = 512
+    n_ubatch: int | None = None  # None: 32 in exact mode, else 512 (see ``ubatch``)
     n_threads: int = 0  # 0 = one per core
     n_seq_max: int = 4
     kv_unified: bool = False  # one KV buffer for all sequences instead of one stream per sequence (README)
@@ -218,11 +224,13 @@ class LoadOptions:
     tensor_split: tuple[float, ...] = ()
     use_mmap: bool = True
     use_mlock: bool = False
-    # Off by default: with flash attention on, llama.cpp's CPU kernels give a token logits that depend on
-    # the size of the micro-batch it is decoded in, so a warm request (restored, then re-decoded in other
-    # chunks) could differ from the same request cold. Off, every token's logits are bit-identical however
-    # it is batched (README, *The KV cache*).
-    flash_attn: str = "off"
+    # exact: a token's logits do not depend on how it is batched (alone, in a prefill chunk, beside other
+    # sequences, after a restore), so warm output is bit-identical to cold. llama.cpp's CPU kernels give
+    # that only with flash attention on and micro-batches of at most EXACT_MAX_UBATCH_TOKENS (without
+    # flash attention, one-token and larger micro-batches take different matmul kernels). exact=False
+    # allows any flash_attn and n_ubatch (README, *The KV cache*: what it costs).
+    exact: bool = True
+    flash_attn: str = "auto"
     type_k: str = "f16"
     type_v: str = "f16"
     use_extra_bufts: bool = False
@@ -248,7 +256,15 @@ class LoadOptions:
     def to_wire(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["tensor_split"] = list(self.tensor_split)
+        d["n_ubatch"] = self.ubatch  # resolved: model_info shows what is in effect
         return d
+
+    @property
+    def ubatch(self) -> int:
+        """The micro-batch size in effect."""
+        if self.n_ubatch is not None:
+            return self.n_ubatch
+        return min(self.n_batch, EXACT_UBATCH_TOKENS if self.exact else FAST_UBATCH_TOKENS)
 
     @property
     def threads(self) -> int:
@@ -283,7 +299,7 @@ def parse_load_options(options: dict[str, Any] | None) -> LoadOptions:
     for key, (lo, hi) in ints.items():
         if key in options:
             o[key] = _int(key, options[key], lo, hi)
-    for key in ("use_mmap", "use_mlock", "use_extra_bufts", "cache", "kv_unified", "share_prefix"):
+    for key in ("use_mmap", "use_mlock", "use_extra_bufts", "cache", "kv_unified", "share_prefix", "exact"):
         if key in options:
             o[key] = _bool(key, options[key])
     for key, choices in (
@@ -310,8 +326,13 @@ def parse_load_options(options: dict[str, Any] | None) -> LoadOptions:
                 raise _bad(key, f"markers are strings of 1-{MAX_MARKER_CHARS} characters")
             o[key] = dict(m)
     opts = LoadOptions(**o)
-    if opts.n_ubatch > opts.n_batch:
-        raise _bad("n_ubatch", f"{opts.n_ubatch} exceeds n_batch {opts.n_batch}")
+    if opts.ubatch > opts.n_batch:
+        raise _bad("n_ubatch", f"{opts.ubatch} exceeds n_batch {opts.n_batch}")
+    if opts.exact and opts.flash_attn == "off":
+        raise _bad("flash_attn", "exact mode needs flash attention (auto or on); set exact=false to turn it off")
+    if opts.exact and opts.ubatch > EXACT_MAX_UBATCH_TOKENS:
+        raise _bad("n_ubatch", f"exact mode needs micro-batches of at most {EXACT_MAX_UBATCH_TOKENS} tokens; "
+                               "set exact=false for larger ones")  # fmt: skip
     if opts.n_seq_max > opts.n_batch:
         raise _bad("n_seq_max", "every running sequence needs a row of the batch: n_seq_max must be <= n_batch")
     if opts.n_seq_max * 16 > opts.n_ctx:

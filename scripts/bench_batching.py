@@ -539,7 +539,7 @@ def main() -> int:
         log.info("model loaded in the worker; loading it in this process")
         direct = DirectLoop(default_model_path(), opts)
         log.info("both contexts: n_ctx %d x %d sequences, n_batch %d, n_ubatch %d, %d threads, flash_attn %s, "
-                 "kv_unified %s", opts.n_ctx, opts.n_seq_max, opts.n_batch, opts.n_ubatch, opts.threads,
+                 "kv_unified %s", opts.n_ctx, opts.n_seq_max, opts.n_batch, opts.ubatch, opts.threads,
                  opts.flash_attn, opts.kv_unified)  # fmt: skip
         prompts = [direct.tokenize(counting_prompt(i)) for i in range(max(levels))]
         log.info("prompts of %s tokens", [len(p) for p in prompts])

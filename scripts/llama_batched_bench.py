@@ -102,7 +102,7 @@ def run_once(
     The context matches the worker's: ``n_ctx`` cells per sequence for ``n_seq_max`` sequences, the
     same batch sizes, thread count, flash attention, KV layout and weight repacking."""
     cmd = [str(binary), "-m", str(default_model_path()), "-c", str(opts.n_ctx * opts.n_seq_max),
-           "-b", str(opts.n_batch), "-ub", str(opts.n_ubatch), "-t", str(opts.threads),
+           "-b", str(opts.n_batch), "-ub", str(opts.ubatch), "-t", str(opts.threads),
            "-fa", opts.flash_attn, "-npp", str(prompt_tokens), "-ntg", str(gen_tokens),
            "-npl", ",".join(map(str, npl)), "--repack" if opts.use_extra_bufts else "--no-repack",
            "--kv-unified" if opts.kv_unified else "--no-kv-unified"]  # fmt: skip

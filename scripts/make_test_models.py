@@ -76,7 +76,7 @@ SHORTCONV_L_CACHE: Final = 3
 MAMBA_D_INNER: Final = 2 * N_EMBD  # llama.cpp supports only an expansion factor of 2
 MAMBA_D_STATE: Final = 16
 MAMBA_D_CONV: Final = 4
-MAMBA_DT_RANK: Final = 4
+MAMBA_DT_RANK: Final = 32  # a Q8_0 matrix's rows are whole 32-value blocks
 T5_RELATIVE_BUCKETS: Final = 32
 T5_LAYERS: Final = 2
 # The residual stream starts at about unit RMS (Gemma scales its embeddings up by sqrt(n_embd) itself).
@@ -126,18 +126,22 @@ class _Weights:
         self.writer.add_tensor(name, np.ascontiguousarray(value, dtype=dtype))
 
     def matrix(self, name: str, n_in: int, n_out: int, gain: float = 1.0) -> None:
-        """A linear map whose output has about ``gain`` times the RMS of its input."""
-        self.add(name, self.rng.standard_normal((n_out, n_in)) * (gain / math.sqrt(n_in)))
+        """A linear map whose output has about ``gain`` times the RMS of its input, stored Q8_0 as the
+        weights of a released GGUF are (quantized): llama.cpp's CPU multiplies F32 and F16 weights with
+        another kernel (llamafile's tinyBLAS) when a micro-batch has two tokens or more than when it has
+        one, so float test weights would make a token's logits depend on how it is batched."""
+        value = self.rng.standard_normal((n_out, n_in)) * (gain / math.sqrt(n_in))
+        packed = gguf.quants.quantize(value.astype(np.float32), gguf.GGMLQuantizationType.Q8_0)
+        self.writer.add_tensor(name, packed, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
 
     def norm(self, name: str, n: int, scale: float = 1.0) -> None:
         """Norm weights near ``scale`` (not all equal, so no channel is special)."""
         self.add(name, scale * (1.0 + 0.1 * self.rng.standard_normal(n)))
 
     def embeddings(self, n_vocab: int, embedding_std: float) -> None:
-        """The token embedding and the output matrix, the two largest tensors (n_vocab x n_embd): f16."""
+        """The token embedding (f16: it is looked up, not multiplied) and the output matrix."""
         self.add("token_embd.weight", self.rng.standard_normal((n_vocab, N_EMBD)) * embedding_std, np.float16)
-        self.add("output.weight", self.rng.standard_normal((n_vocab, N_EMBD)) * (OUTPUT_GAIN / math.sqrt(N_EMBD)),
-                 np.float16)
+        self.matrix("output.weight", N_EMBD, n_vocab, OUTPUT_GAIN)
 
     def attention(self, prefix: str, n_head_kv: int = N_HEAD_KV, qk: float = QK_GAIN) -> None:
         self.matrix(f"{prefix}attn_q.weight", N_EMBD, N_HEAD * HEAD_DIM, qk)

@@ -1,11 +1,12 @@
 """An independent reference: greedy decoding of the same model file with llama-cpp-python's
 high-level ``Llama`` class, in the test process.
 
-With flash attention off (erllama's default) llama.cpp's CPU arithmetic gives a token the same
-logits however it is batched (alone, beside other sequences, in any chunk, after a restore), so the
-worker's greedy tokens must equal the reference's exactly: ``assert_identical``. With flash
-attention on they may not (a token's logits depend on the micro-batch it is decoded in), and
-``assert_same_greedy`` accepts a difference only at a near tie, shown from the reference's own logits.
+In exact mode (erllama's default: flash attention on, micro-batches of at most 48 tokens) llama.cpp's
+CPU arithmetic gives a token the same logits however it is batched (alone, beside other sequences,
+in any chunk, after a restore), so the worker's greedy tokens must equal the reference's exactly:
+``assert_identical``. Outside it they may not (a token's logits depend on the micro-batch it is
+decoded in), and ``assert_same_greedy`` accepts a difference only at a near tie, shown from the
+reference's own logits.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import llama_cpp.llama_cpp as llama_lowlevel
 import numpy as np
 
 from erllama.models import default_model_path
+from erllama.options import EXACT_UBATCH_TOKENS
 
 NEAR_TIE_LOGIT_GAP = 1e-3
 
@@ -40,17 +42,19 @@ class ReferenceModel:
     llm: llama_cpp.Llama
 
     @classmethod
-    def load(cls, n_ctx: int = 2048, path: Path | None = None, flash_attn: bool = False) -> ReferenceModel:
-        """``path`` defaults to the embedded model; ``flash_attn`` matches the worker's load option."""
+    def load(cls, n_ctx: int = 2048, path: Path | None = None, exact: bool = True) -> ReferenceModel:
+        """``path`` defaults to the embedded model; ``exact`` decodes with the kernels of the worker's
+        exact mode (flash attention, micro-batches of ``EXACT_UBATCH_TOKENS``), else llama.cpp's defaults."""
         llama_lowlevel.llama_model_default_params = _params_without_extra_bufts
         try:
             llm = llama_cpp.Llama(
                 model_path=str(path or default_model_path()),
                 n_ctx=n_ctx,
                 n_batch=512,
+                n_ubatch=EXACT_UBATCH_TOKENS if exact else 512,
                 n_threads=os.cpu_count(),
                 n_threads_batch=os.cpu_count(),
-                flash_attn=flash_attn,
+                flash_attn=True,
                 logits_all=True,
                 verbose=False,
             )

@@ -105,10 +105,11 @@ def context_params(options: LoadOptions) -> Any:
     # Every sequence may grow to n_ctx tokens: the cache holds n_ctx cells per sequence.
     cp.n_ctx = options.n_ctx * options.n_seq_max
     cp.n_batch = options.n_batch
-    cp.n_ubatch = options.n_ubatch
+    cp.n_ubatch = options.ubatch
     cp.n_seq_max = options.n_seq_max
     cp.n_threads = cp.n_threads_batch = options.threads
-    cp.flash_attn_type = FLASH_ATTN[options.flash_attn]
+    # Exact mode needs the flash-attention kernel whatever "auto" would pick (options.py).
+    cp.flash_attn_type = FLASH_ATTN["on" if options.exact else options.flash_attn]
     cp.type_k = GGML_TYPES[options.type_k]
     cp.type_v = GGML_TYPES[options.type_v]
     # Split by default: with one unified buffer, a sequence's logits move (by up to ~0.9 measured
@@ -408,9 +409,12 @@ class LlamaBackend:
     def state_layout(self) -> dict[str, Any]:
         o = self.options
         # "auto" enables flash attention wherever the device supports it, which the CPU always does.
-        flash_on = o.flash_attn == "on" or (o.flash_attn == "auto" and o.n_gpu_layers == 0)
+        flash_on = o.exact or o.flash_attn == "on" or (o.flash_attn == "auto" and o.n_gpu_layers == 0)
         return {
             "llama.cpp": llama_build_sha256(),
+            # Exact and fast kernels compute the same token's KV with different rounding: an exact worker
+            # must never restore a row a fast one wrote.
+            "kernels": "exact" if o.exact else "fast",
             "type_k": o.type_k,
             "type_v": o.type_v,
             "flash_attn": "on" if flash_on else o.flash_attn,

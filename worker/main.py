@@ -144,9 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         "options": options.to_wire(),
         "n_ctx": backend.n_ctx_seq,
         "fingerprint": cache.fingerprint.hex() if cache else None,
-        # Whether warm greedy output is bit-identical to cold (worker/placement.py, README): flash
-        # attention makes a token's logits depend on the micro-batch it is decoded in.
-        "exact": layout.get("flash_attn") != "on",
+        # Whether warm greedy output is bit-identical to cold (options.py ``exact``, README).
+        "exact": options.exact,
     }
     heartbeat = Heartbeat(ctx, endpoint, args.id)
     heartbeat.start()
