@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from erllama.broker.queues import ModelQueue
-from erllama.broker.supervisor import RestartPolicy, WorkerProcess
+from erllama.broker.processes import RestartPolicy, WorkerProcess
 from erllama.protocol import ModelState
 
 

@@ -79,7 +79,7 @@ from typing import Any, Final, TextIO
 import psutil
 
 from erllama import Client, ErllamaError
-from erllama.broker.supervisor import CRASH_WINDOW_S, MAX_CRASHES_IN_WINDOW, RESTART_BACKOFF_MAX_S
+from erllama.broker.processes import CRASH_WINDOW_S, MAX_CRASHES_IN_WINDOW, RESTART_BACKOFF_MAX_S
 from erllama.cachestore.client import CacheClient
 from erllama.cachestore.codec import row_key
 from erllama.client.results import CompletionResult

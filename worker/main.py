@@ -90,7 +90,7 @@ def fail_load(sock: zmq.Socket, ctx: zmq.Context, err: ErllamaError, model_id: s
     err.detail |= {"model": model_id, "pid": os.getpid()}
     log.error("load failed: %s", err)
     sock.setsockopt(zmq.LINGER, 2000)  # make sure the broker hears why
-    sock.send(protocol.error_reply("rid", None, err))
+    sock.send(protocol.encode(protocol.error_of(err, None)))
     sock.close()
     ctx.term()
     return EXIT_LOAD_FAILED

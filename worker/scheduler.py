@@ -22,7 +22,7 @@ from collections import deque
 from typing import Any, Protocol
 
 from erllama.options import SamplingParams, validate_prompt
-from erllama.protocol import CacheHitKind, ErllamaError, ErrorCode, FinishReason, Phase, SaveReason
+from erllama.protocol import CacheHitKind, CompletionResult, ErllamaError, ErrorCode, FinishReason, Phase, SaveReason
 from erllama.worker.backend import Backend, BackendError, BatchRow
 from erllama.worker.kvcache import KVCache
 from erllama.worker.markers import MarkerSpec, SpanAutomaton
@@ -38,10 +38,10 @@ log = logging.getLogger(__name__)
 class Emitter(Protocol):
     """Where the scheduler sends what happens to a request (the worker's socket loop)."""
 
-    def admitted(self, rid: int, cache_hit_kind: str, prefix_len: int) -> None: ...
+    def admitted(self, rid: int, cache_hit_kind: CacheHitKind, prefix_len: int) -> None: ...
     def token(self, rid: int, text: str, token_ids: list[int], kind: str = TEXT) -> None: ...
     def span_end(self, rid: int, kind: str, data: str, signature: bytes) -> None: ...
-    def done(self, rid: int, result: dict[str, Any]) -> None: ...
+    def done(self, rid: int, result: CompletionResult) -> None: ...
     def error(self, rid: int, err: ErllamaError) -> None: ...
 
 
@@ -226,7 +226,7 @@ class Scheduler:
         """Its prompt's known prefix is in place: plan the cold save and say what was found."""
         if self.cache is not None and not req.is_verify:
             req.cold_save_at = self.cache.policy.cold_save_at(len(req.prompt), req.n_past)
-        self.emit.admitted(req.rid, req.cache_hit_kind.value, req.prefix_len)
+        self.emit.admitted(req.rid, req.cache_hit_kind, req.prefix_len)
 
     def _take_shares(self) -> None:
         """Before each batch, requests waiting for a donor copy its KV once it has prefilled the shared
@@ -419,9 +419,8 @@ class Scheduler:
         self._stream(req, req.out.finish())
         if req.seq_id >= 0:
             req.finish_key = self._save_request(req, SaveReason.FINISH)
-        result = req.result(reason)
-        if req.is_verify and reason is not FinishReason.CANCELLED:
-            result["verify"] = req.verify_outcome(self.backend.is_eog)
+        verify = req.verify_outcome(self.backend.is_eog) if req.is_verify and reason is not FinishReason.CANCELLED else None
+        result = req.result(reason, verify)
         self._release(req)
         self.emit.done(req.rid, result)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import pytest
 
 from erllama import ErllamaError
@@ -33,7 +34,7 @@ class Recorder:
         self.log.append((kind, rid))
 
     def done(self, rid, result):
-        self.results[rid] = result
+        self.results[rid] = msgspec.to_builtins(result)  # the tests read the result as the client's map
         self.log.append(("done", rid))
 
     def error(self, rid, err):

@@ -1,4 +1,4 @@
-"""Spawning and watching child processes: the workers and the cache store.
+"""Child processes the broker watches (the workers and the cache store): spawning, stderr, exit details.
 
 The broker is the parent of the workers it spawns, so it learns of a death from the kernel
 (a pidfd becomes readable) rather than from a missed heartbeat: a ``GGML_ASSERT`` abort is
