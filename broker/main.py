@@ -12,7 +12,7 @@ import os
 import sys
 
 from erllama.broker.config import build_config
-from erllama.broker.server import Broker
+from erllama.broker.broker import Broker
 from erllama.logsetup import setup_logging
 from erllama.protocol import ErllamaError
 

@@ -28,6 +28,7 @@ class ModelEntry:
     spawned: bool = True  # False for a worker an operator started; the broker cannot respawn it
     worker: WorkerProcess | None = None
     info: dict[str, Any] = field(default_factory=dict)  # what the worker reported in ``ready``
+    fingerprint: str | None = None  # the model's cache fingerprint (hex), from ``ready``
     load_waiters: list[Waiter] = field(default_factory=list)
     unload_waiters: list[Waiter] = field(default_factory=list)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
