@@ -18,8 +18,9 @@ import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
+import msgspec
 import zmq
 
 from erllama.cachestore.codec import (
@@ -34,14 +35,38 @@ from erllama.cachestore.config import default_endpoint
 from erllama.cachestore.mapping import MAPPINGS, RowMapping, make_read_only
 from erllama.protocol import (
     MAX_CACHE_PAYLOAD_BYTES,
-    CacheMsgType,
+    Ack,
+    CacheAbort,
+    CacheBye,
+    CacheCommit,
+    CacheEvict,
+    CacheExact,
+    CacheLoad,
+    CachePrefix,
+    CacheRelease,
+    CacheReply,
+    CacheReserve,
+    CacheStats,
     CacheTier,
+    CommitReply,
+    Decoder,
     ErllamaError,
     ErrorCode,
+    EvictReply,
+    ExactReply,
+    LateReply,
+    LoadReply,
+    Message,
+    PrefixReply,
+    ReserveReply,
     ReserveStatus,
+    RowInfo,
     SaveOutcome,
     SaveReason,
-    decode,
+    StatsReply,
+    WireError,
+    as_exception,
+    cache_reply_decoder,
     encode,
 )
 from erllama.transport import make_socket
@@ -79,16 +104,8 @@ class RowMeta:
     reason: SaveReason
 
     @classmethod
-    def from_wire(cls, row: dict[str, Any]) -> RowMeta:
-        return cls(
-            row["key"],
-            CacheTier(row["tier"]),
-            row["row_tokens"],
-            row["size"],
-            row["payload_len"],
-            row["hits"],
-            SaveReason(row["reason"]),
-        )
+    def from_wire(cls, row: RowInfo) -> RowMeta:
+        return cls(row.key, row.tier, row.row_tokens, row.size, row.payload_len, row.hits, SaveReason(row.reason))
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,13 +184,12 @@ class PendingRow:
     next load of the row (``mapping``), since the worker that saves a row is usually the one that loads
     it back, and its pages are all mapped already."""
 
-    def __init__(
-        self, client: CacheClient, reply: dict[str, Any], mm: mmap.mmap | None, fd: int, payload_len: int
-    ):
-        self._client, self._res, self._mm, self._fd = client, reply["res"], mm, fd
-        self._head_crc, self.size, self.tier = reply["head_crc"], reply["size"], CacheTier(reply["tier"])
-        self._ino = reply["ino"]
-        offset = reply["offset"]
+    def __init__(self, client: CacheClient, reply: ReserveReply, mm: mmap.mmap | None, fd: int, payload_len: int):
+        assert reply.res is not None and reply.tier is not None and reply.ino is not None
+        self._client, self._res, self._mm, self._fd = client, reply.res, mm, fd
+        self._head_crc, self.size, self.tier = reply.head_crc, reply.size, reply.tier
+        self._ino = reply.ino
+        offset = reply.offset
         self._buf: Any = mm if mm is not None else bytearray(payload_len)
         self._view = memoryview(self._buf)
         self.payload: memoryview = self._view[offset : offset + payload_len] if mm is not None else self._view
@@ -222,11 +238,9 @@ class PendingRow:
             # The writer must not be able to change a row after the store verified it.
             make_read_only(self._mm)
         timeout_s = self._client.timeout_s + self.size / COMMIT_MIN_BYTES_PER_S
-        fields: dict[str, Any] = {"res": self._res, "crc": crc}
-        if inline is not None:
-            fields["inline"] = True
+        commit = CacheCommit(rid=0, res=self._res, crc=crc, inline=inline is not None)
         try:
-            self._client.request(CacheMsgType.COMMIT, inline, timeout_s, **fields)
+            self._client.request(commit, CommitReply, inline, timeout_s)
         except ErllamaError as err:
             self._unmap()
             if err.code in _DROPPED_CODES:
@@ -252,7 +266,7 @@ class PendingRow:
 
     def _send_abort(self) -> None:
         try:
-            self._client.request(CacheMsgType.ABORT, res=self._res)
+            self._client.request(CacheAbort(rid=0, res=self._res), Ack)
         except ErllamaError as err:
             log.debug("abort not acknowledged: %s", err)
 
@@ -279,6 +293,15 @@ def _copy_releasing_gil(dst: memoryview, src: memoryview) -> None:
         del target, source  # the exports must end before the temp is unmapped at commit
 
 
+R = TypeVar("R", bound=CacheReply)
+
+
+class _ReplyHead(msgspec.Struct):
+    """Just enough of a reply to tell whether it answers the request we wait for."""
+
+    rid: int | None = None
+
+
 def _remaining_ms(deadline: float) -> int:
     return max(0, int((deadline - time.monotonic()) * 1000))
 
@@ -297,19 +320,26 @@ class CacheClient:
         # successor after we gave up would hold a lease nobody releases.
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
         self._sock.connect(self.endpoint)
+        self._head = msgspec.msgpack.Decoder(_ReplyHead)
+        self._late = cache_reply_decoder(LateReply)
+        self._decoders: dict[type[CacheReply], Decoder[Any]] = {}
 
     def request(
         self,
-        t: CacheMsgType,
+        msg: Message,
+        reply: type[R],
         frame: Any = None,
         timeout_s: float | None = None,
         spin_s: float = 0.0,
-        **fields: Any,
-    ) -> tuple[dict[str, Any], zmq.Frame | None]:
-        """One round trip; returns the ``c.ok`` map and its payload frame, raises ``ErllamaError``.
-        ``spin_s``: poll for the reply without sleeping this long first (see ``REPLY_SPIN_S``)."""
+    ) -> tuple[R, zmq.Frame | None]:
+        """One round trip: ``msg`` (its ``rid`` is replaced by ours) for its ``reply`` and payload frame;
+        raises ``ErllamaError``. ``spin_s``: poll for the reply without sleeping this long first (see
+        ``REPLY_SPIN_S``)."""
         rid = next(self._rids)
-        ctrl = encode(t, rid=rid, **fields)
+        ctrl = encode(msgspec.structs.replace(msg, rid=rid))
+        decoder = self._decoders.get(reply)
+        if decoder is None:
+            decoder = self._decoders[reply] = cache_reply_decoder(reply)
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         try:
             if not self._sock.poll(_remaining_ms(deadline), zmq.POLLOUT):  # not connected (yet)
@@ -327,96 +357,98 @@ class CacheClient:
                         continue
                     if not self._sock.poll(_remaining_ms(deadline), zmq.POLLIN):
                         raise ErllamaError(
-                            ErrorCode.TIMEOUT, f"cache store at {self.endpoint} did not answer {t.value}"
+                            ErrorCode.TIMEOUT, f"cache store at {self.endpoint} did not answer {type(msg).__name__}"
                         ) from None
                     continue
-                msg = decode(parts[0].buffer)
-                if msg.get("rid") == rid:
+                head = self._head.decode(parts[0].buffer)
+                if head.rid == rid:
                     break
-                self._late_reply(msg)
+                self._late_reply(parts[0].buffer)
+            answer = decoder.decode(parts[0].buffer)
         except zmq.ZMQError as exc:
             raise ErllamaError(ErrorCode.TIMEOUT, f"cache store transport failed: {exc}") from None
-        if msg["t"] == CacheMsgType.ERROR:
-            raise ErllamaError(msg.get("code", ErrorCode.INTERNAL), msg.get("message", ""), msg.get("detail"))
-        return msg, (parts[1] if len(parts) > 1 else None)
+        except (WireError, msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise ErllamaError(ErrorCode.PROTOCOL_ERROR, f"unusable reply from the cache store: {exc}") from None
+        if not isinstance(answer, reply):
+            raise as_exception(answer)
+        return answer, (parts[1] if len(parts) > 1 else None)
 
-    def _late_reply(self, msg: dict[str, Any]) -> None:
+    def _late_reply(self, frame: memoryview) -> None:
         """A reply to a request we gave up on (or a release): hand back what it granted."""
-        if msg.get("t") != CacheMsgType.OK:
+        try:
+            msg = self._late.decode(frame)
+        except WireError:
             return
-        if "lease" in msg:
-            self.release(msg["lease"])
-        elif msg.get("status") == ReserveStatus.RESERVED and "res" in msg:
-            self._sock.send(encode(CacheMsgType.ABORT, rid=next(self._rids), res=msg["res"]), zmq.NOBLOCK)
+        if not isinstance(msg, LateReply):
+            return
+        if msg.lease is not None:
+            self.release(msg.lease)
+        elif msg.status == ReserveStatus.RESERVED and msg.res is not None:
+            self._sock.send(encode(CacheAbort(rid=next(self._rids), res=msg.res)), zmq.NOBLOCK)
 
     # --- lookups -----------------------------------------------------------------------------------------
 
     def exact(self, key: bytes) -> RowMeta | None:
-        row = self.request(CacheMsgType.EXACT, spin_s=REPLY_SPIN_S, key=key)[0]["row"]
+        row = self.request(CacheExact(rid=0, key=key), ExactReply, spin_s=REPLY_SPIN_S)[0].row
         return RowMeta.from_wire(row) if row is not None else None
 
     def longest_prefix(
         self, fingerprint: bytes, tokens: Sequence[int], min_len: int | None = None
     ) -> PrefixHit | None:
-        fields: dict[str, Any] = {"fp": fingerprint, "tokens": tokens_to_bytes(tokens)}
-        if min_len is not None:
-            fields["min_len"] = min_len
-        hit = self.request(CacheMsgType.PREFIX, spin_s=REPLY_SPIN_S, **fields)[0]["hit"]
+        query = CachePrefix(rid=0, fp=fingerprint, tokens=tokens_to_bytes(tokens), min_len=min_len)
+        hit = self.request(query, PrefixReply, spin_s=REPLY_SPIN_S)[0].hit
         if hit is None:
             return None
-        return PrefixHit(hit["key"], hit["row_tokens"], hit["common_len"], CacheTier(hit["tier"]))
+        return PrefixHit(hit.key, hit.row_tokens, hit.common_len, hit.tier)
 
     # --- reading -----------------------------------------------------------------------------------------
 
     def load(self, key: bytes) -> LoadedRow | None:
         """Lease and map the row ``key``; None if it is gone (evicted, or found corrupt and removed)."""
         try:
-            msg, _ = self.request(CacheMsgType.LOAD, spin_s=REPLY_SPIN_S, key=key, pid=self._pid)
+            msg, _ = self.request(CacheLoad(rid=0, key=key, pid=self._pid), LoadReply, spin_s=REPLY_SPIN_S)
         except ErllamaError as err:
             if err.code in (ErrorCode.NOT_FOUND, ErrorCode.CORRUPT):
                 return None
             raise
-        tier, size = CacheTier(msg["tier"]), msg["size"]
+        tier, size = msg.row.tier, msg.row.size
         try:
-            mapping = MAPPINGS.acquire(tier, msg["path"], msg["ino"], size)
+            mapping = MAPPINGS.acquire(tier, msg.path, msg.ino, size)
         except CorruptRow as exc:
             log.warning("row %s unusable: %s", key.hex()[:16], exc)
-            self.release(msg["lease"], bad=True)
+            self.release(msg.lease, bad=True)
             return None
         except OSError as exc:
-            log.info("cannot map %s (%s): loading inline", msg["path"], exc)
-            self.release(msg["lease"])
+            log.info("cannot map %s (%s): loading inline", msg.path, exc)
+            self.release(msg.lease)
             return self._load_inline(key)
         try:
-            return LoadedRow(self, key, msg["lease"], tier, size, mapping=mapping)
+            return LoadedRow(self, key, msg.lease, tier, size, mapping=mapping)
         except CorruptRow as exc:
             log.warning("row %s failed the reader's check: %s", key.hex()[:16], exc)
             MAPPINGS.release(mapping)
-            self.release(msg["lease"], bad=True)
+            self.release(msg.lease, bad=True)
             return None
 
     def _load_inline(self, key: bytes) -> LoadedRow | None:
         try:
-            msg, frame = self.request(CacheMsgType.LOAD, key=key, pid=self._pid, inline=True)
+            msg, frame = self.request(CacheLoad(rid=0, key=key, pid=self._pid, inline=True), LoadReply)
         except ErllamaError as err:
             if err.code in (ErrorCode.NOT_FOUND, ErrorCode.CORRUPT):
                 return None
             raise
         assert frame is not None
         try:
-            tier = CacheTier(msg["tier"])
-            return LoadedRow(self, key, msg["lease"], tier, msg["size"], inline=bytearray(frame.buffer))
+            return LoadedRow(self, key, msg.lease, msg.row.tier, msg.row.size, inline=bytearray(frame.buffer))
         except CorruptRow:
-            self.release(msg["lease"], bad=True)
+            self.release(msg.lease, bad=True)
             return None
 
     def release(self, lease: int, bad: bool = False) -> None:
         """End a lease (``LoadedRow.close`` does this). Fire and forget: the reply is skipped by the
         next request, and a release that never arrives ends with our process or our ``close()``."""
         try:
-            self._sock.send(
-                encode(CacheMsgType.RELEASE, rid=next(self._rids), lease=lease, bad=bad), zmq.NOBLOCK
-            )
+            self._sock.send(encode(CacheRelease(rid=next(self._rids), lease=lease, bad=bad)), zmq.NOBLOCK)
         except zmq.ZMQError as exc:
             log.debug("lease %d release not sent: %s", lease, exc)
 
@@ -431,37 +463,37 @@ class CacheClient:
         tier: CacheTier | None = None,
     ) -> PendingRow | SaveOutcome:
         """Reserve a row: a ``PendingRow`` to fill and commit, or the outcome if there is nothing to write."""
-        fields: dict[str, Any] = {
-            "fp": fingerprint,
-            "tokens": tokens_to_bytes(tokens),
-            "payload_len": payload_len,
-            "reason": SaveReason(reason).value,
-            "pid": self._pid,
-        }
-        if tier is not None:
-            fields["tier"] = CacheTier(tier).value
+        reserve = CacheReserve(
+            rid=0,
+            fp=fingerprint,
+            tokens=tokens_to_bytes(tokens),
+            payload_len=payload_len,
+            reason=SaveReason(reason).value,
+            pid=self._pid,
+            tier=CacheTier(tier).value if tier is not None else None,
+        )
         try:
-            msg, _ = self.request(CacheMsgType.RESERVE, **fields)
+            msg, _ = self.request(reserve, ReserveReply)
         except ErllamaError as err:
             if err.code in _DROPPED_CODES:
                 log.info("save dropped at reserve: %s", err)
                 return SaveOutcome.DROPPED
             raise
-        if msg["status"] != ReserveStatus.RESERVED:
-            return SaveOutcome(msg["status"])
+        if msg.status != ReserveStatus.RESERVED or msg.path is None or msg.res is None:
+            return SaveOutcome(msg.status)
         try:
-            fd = os.open(msg["path"], os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(msg.path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
-            log.info("cannot map temp %s (%s): writing inline", msg["path"], exc)
+            log.info("cannot map temp %s (%s): writing inline", msg.path, exc)
             return PendingRow(self, msg, None, -1, payload_len)
         try:
-            if os.fstat(fd).st_ino != msg["ino"]:  # a memfd number reused after the reservation expired
-                log.warning("temp %s is no longer ours: save dropped", msg["path"])
+            if os.fstat(fd).st_ino != msg.ino:  # a memfd number reused after the reservation expired
+                log.warning("temp %s is no longer ours: save dropped", msg.path)
                 os.close(fd)
-                self.request(CacheMsgType.ABORT, res=msg["res"])
+                self.request(CacheAbort(rid=0, res=msg.res), Ack)
                 return SaveOutcome.DROPPED
             # Populate: one bulk fault-in of the temp instead of a page fault per 4 KiB while writing.
-            mm = mmap.mmap(fd, msg["size"], flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
+            mm = mmap.mmap(fd, msg.size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         except BaseException:
             os.close(fd)
             raise
@@ -487,21 +519,20 @@ class CacheClient:
     # --- admin -------------------------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        msg = self.request(CacheMsgType.STATS)[0]
-        return {k: v for k, v in msg.items() if k not in ("v", "t", "rid")}
+        return self.request(CacheStats(rid=0), StatsReply)[0].stats
 
     def evict_bytes(self, nbytes: int, tiers: Sequence[CacheTier] = (CacheTier.RAM, CacheTier.SHM)) -> int:
         """Free at least ``nbytes`` from ``tiers`` (rows move to a colder tier not listed, else go).
         Returns the bytes scheduled to leave."""
-        msg = self.request(CacheMsgType.EVICT, bytes=nbytes, tiers=[CacheTier(t).value for t in tiers])[0]
-        return int(msg["bytes"])
+        evict = CacheEvict(rid=0, nbytes=nbytes, tiers=[CacheTier(t).value for t in tiers])
+        return self.request(evict, EvictReply)[0].nbytes
 
     def close(self) -> None:
         """Say bye (the daemon ends our leases and reservations now) and close the socket."""
         if self._sock.closed:
             return
         try:
-            self.request(CacheMsgType.BYE, timeout_s=BYE_TIMEOUT_S)
+            self.request(CacheBye(rid=0), Ack, timeout_s=BYE_TIMEOUT_S)
         except ErllamaError:
             pass
         self._sock.close(linger=0)

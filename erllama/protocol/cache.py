@@ -19,14 +19,14 @@ from erllama.protocol.messages import Message
 # --- requests -------------------------------------------------------------------------------------------
 
 
-class CacheExact(Message, tag=CacheMsgType.EXACT.value):
+class CacheExact(Message, frozen=True, tag=CacheMsgType.EXACT.value):
     """key -> the row's metadata, or null."""
 
     rid: int
     key: bytes
 
 
-class CachePrefix(Message, tag=CacheMsgType.PREFIX.value):
+class CachePrefix(Message, frozen=True, tag=CacheMsgType.PREFIX.value):
     """fingerprint, tokens -> the stored row sharing the longest token prefix, or null."""
 
     rid: int
@@ -35,7 +35,7 @@ class CachePrefix(Message, tag=CacheMsgType.PREFIX.value):
     min_len: int | None = None
 
 
-class CacheLoad(Message, tag=CacheMsgType.LOAD.value):
+class CacheLoad(Message, frozen=True, tag=CacheMsgType.LOAD.value):
     """key -> a lease and where to map the row (inline: the row follows as a raw frame)."""
 
     rid: int
@@ -44,13 +44,13 @@ class CacheLoad(Message, tag=CacheMsgType.LOAD.value):
     inline: bool = False
 
 
-class CacheRelease(Message, tag=CacheMsgType.RELEASE.value):
+class CacheRelease(Message, frozen=True, tag=CacheMsgType.RELEASE.value):
     rid: int
     lease: int
     bad: bool = False  # the reader found the row corrupt: verify it again
 
 
-class CacheReserve(Message, tag=CacheMsgType.RESERVE.value):
+class CacheReserve(Message, frozen=True, tag=CacheMsgType.RESERVE.value):
     """Announce a row: get a temp to fill, or already_present / conflict. ``reason`` and ``tier`` are
     checked by the store (an unknown one is invalid_params)."""
 
@@ -63,7 +63,7 @@ class CacheReserve(Message, tag=CacheMsgType.RESERVE.value):
     tier: str | None = None
 
 
-class CacheCommit(Message, tag=CacheMsgType.COMMIT.value):
+class CacheCommit(Message, frozen=True, tag=CacheMsgType.COMMIT.value):
     """The temp is written (inline: the payload follows as a raw frame); verify and publish it."""
 
     rid: int
@@ -72,16 +72,16 @@ class CacheCommit(Message, tag=CacheMsgType.COMMIT.value):
     inline: bool = False
 
 
-class CacheAbort(Message, tag=CacheMsgType.ABORT.value):
+class CacheAbort(Message, frozen=True, tag=CacheMsgType.ABORT.value):
     rid: int
     res: int
 
 
-class CacheStats(Message, tag=CacheMsgType.STATS.value):
+class CacheStats(Message, frozen=True, tag=CacheMsgType.STATS.value):
     rid: int
 
 
-class CacheEvict(Message, tag=CacheMsgType.EVICT.value):
+class CacheEvict(Message, frozen=True, tag=CacheMsgType.EVICT.value):
     """Free ``nbytes`` (``bytes`` on the wire) from ``tiers`` (memory-pressure watcher, CLI)."""
 
     rid: int
@@ -89,7 +89,7 @@ class CacheEvict(Message, tag=CacheMsgType.EVICT.value):
     tiers: list[str] = msgspec.field(default_factory=lambda: [CacheTier.RAM.value, CacheTier.SHM.value])
 
 
-class CacheBye(Message, tag=CacheMsgType.BYE.value):
+class CacheBye(Message, frozen=True, tag=CacheMsgType.BYE.value):
     """The client is closing: end its leases and reservations now."""
 
     rid: int
@@ -100,7 +100,7 @@ CacheRequest = CacheExact | CachePrefix | CacheLoad | CacheRelease | CacheReserv
 # --- replies --------------------------------------------------------------------------------------------
 
 
-class CacheReply(Message, tag=CacheMsgType.OK.value, kw_only=True):
+class CacheReply(Message, frozen=True, tag=CacheMsgType.OK.value, kw_only=True):
     """Base of the ``c.ok`` replies; the server sets ``rid`` when it sends one."""
 
     rid: int | None = None
@@ -127,15 +127,15 @@ class PrefixHitInfo(msgspec.Struct, frozen=True):
     tier: CacheTier
 
 
-class ExactReply(CacheReply):
+class ExactReply(CacheReply, frozen=True):
     row: RowInfo | None = None
 
 
-class PrefixReply(CacheReply):
+class PrefixReply(CacheReply, frozen=True):
     hit: PrefixHitInfo | None = None
 
 
-class LoadReply(CacheReply):
+class LoadReply(CacheReply, frozen=True):
     lease: int
     path: str
     ino: int
@@ -143,7 +143,7 @@ class LoadReply(CacheReply):
     row: RowInfo
 
 
-class ReserveReply(CacheReply):
+class ReserveReply(CacheReply, frozen=True):
     """``status`` reserved: fill the temp at ``path`` (``ino``) from ``offset``, then commit ``res``."""
 
     status: str
@@ -158,26 +158,26 @@ class ReserveReply(CacheReply):
     ttl_s: float = 0.0
 
 
-class CommitReply(CacheReply):
+class CommitReply(CacheReply, frozen=True):
     status: str
     key: bytes
     tier: CacheTier
 
 
-class EvictReply(CacheReply):
+class EvictReply(CacheReply, frozen=True):
     rows: int
     nbytes: int = msgspec.field(name="bytes")
 
 
-class StatsReply(CacheReply):
+class StatsReply(CacheReply, frozen=True):
     stats: dict[str, Any]
 
 
-class Ack(CacheReply):
+class Ack(CacheReply, frozen=True):
     """release, abort, bye."""
 
 
-class LateReply(CacheReply):
+class LateReply(CacheReply, frozen=True):
     """A reply to a request its sender gave up on: what it granted, to hand back."""
 
     lease: int | None = None

@@ -93,45 +93,45 @@ class CompletionResult(msgspec.Struct, frozen=True):
 # --- client -> broker -----------------------------------------------------------------------------------
 
 
-class Infer(Message, tag=MsgType.INFER.value):
+class Infer(Message, frozen=True, tag=MsgType.INFER.value):
     id: Id
     model: Id
     prompt: str | list[Any]  # checked by the broker (options.validate_prompt): invalid_params, not protocol
     params: dict[str, Any] = {}  # parsed into SamplingParams by the broker: invalid_params names the key
 
 
-class Cancel(Message, tag=MsgType.CANCEL.value):
+class Cancel(Message, frozen=True, tag=MsgType.CANCEL.value):
     id: Id
     target: Id
 
 
-class LoadModel(Message, tag=MsgType.LOAD_MODEL.value):
+class LoadModel(Message, frozen=True, tag=MsgType.LOAD_MODEL.value):
     id: Id
     model: Id
     path: str | None = None
     options: dict[str, Any] = {}
 
 
-class UnloadModel(Message, tag=MsgType.UNLOAD_MODEL.value):
+class UnloadModel(Message, frozen=True, tag=MsgType.UNLOAD_MODEL.value):
     id: Id
     model: Id
 
 
-class ListModels(Message, tag=MsgType.LIST_MODELS.value):
+class ListModels(Message, frozen=True, tag=MsgType.LIST_MODELS.value):
     id: Id
 
 
-class ModelInfo(Message, tag=MsgType.MODEL_INFO.value):
+class ModelInfo(Message, frozen=True, tag=MsgType.MODEL_INFO.value):
     id: Id
     model: Id
 
 
-class QueueDepth(Message, tag=MsgType.QUEUE_DEPTH.value):
+class QueueDepth(Message, frozen=True, tag=MsgType.QUEUE_DEPTH.value):
     id: Id
     model: Id | None = None
 
 
-class Call(Message, tag=MsgType.CALL.value):
+class Call(Message, frozen=True, tag=MsgType.CALL.value):
     """An operation answered by the model's worker (tokenize, detokenize, ...)."""
 
     id: Id
@@ -140,31 +140,31 @@ class Call(Message, tag=MsgType.CALL.value):
     args: dict[str, Any] = {}
 
 
-class CachedPrefixLen(Message, tag=MsgType.CACHED_PREFIX_LEN.value):
+class CachedPrefixLen(Message, frozen=True, tag=MsgType.CACHED_PREFIX_LEN.value):
     id: Id
     model: Id
     tokens: list[Any]
 
 
-class VramInfo(Message, tag=MsgType.VRAM_INFO.value):
+class VramInfo(Message, frozen=True, tag=MsgType.VRAM_INFO.value):
     id: Id
 
 
-class Ping(Message, tag=MsgType.PING.value):
+class Ping(Message, frozen=True, tag=MsgType.PING.value):
     id: Id
 
 
 # --- broker -> client -----------------------------------------------------------------------------------
 
 
-class Reply(Message, tag=MsgType.OK.value):
+class Reply(Message, frozen=True, tag=MsgType.OK.value):
     """The answer to a client's request (``result`` depends on the request)."""
 
     id: str | None
     result: Any = None
 
 
-class StreamToken(Message, tag=MsgType.TOKEN.value):
+class StreamToken(Message, frozen=True, tag=MsgType.TOKEN.value):
     """One streamed step of an ``infer``; ``ts_ns`` is the worker's CLOCK_MONOTONIC when it sent it."""
 
     id: str
@@ -174,19 +174,19 @@ class StreamToken(Message, tag=MsgType.TOKEN.value):
     ts_ns: int | None = None
 
 
-class StreamSpanEnd(Message, tag=MsgType.SPAN_END.value):
+class StreamSpanEnd(Message, frozen=True, tag=MsgType.SPAN_END.value):
     id: str
     kind: str
     data: str
     signature: bytes
 
 
-class StreamDone(Message, tag=MsgType.DONE.value):
+class StreamDone(Message, frozen=True, tag=MsgType.DONE.value):
     id: str
     result: CompletionResult
 
 
-class ErrorReply(Message, tag=MsgType.ERROR.value):
+class ErrorReply(Message, frozen=True, tag=MsgType.ERROR.value):
     """A typed failure addressed to a client's request (``id`` None when it had no usable id)."""
 
     id: str | None
@@ -208,14 +208,14 @@ class WorkerInfo(msgspec.Struct, frozen=True):
     backend: str | None = None
 
 
-class Ready(Message, tag=MsgType.READY.value):
+class Ready(Message, frozen=True, tag=MsgType.READY.value):
     model: str
     pid: int
     slots: int
     info: dict[str, Any]
 
 
-class Heartbeat(Message, tag=MsgType.HEARTBEAT.value):
+class Heartbeat(Message, frozen=True, tag=MsgType.HEARTBEAT.value):
     """From the worker's heartbeat thread (and its main socket on a phase change): one status snapshot."""
 
     model: str
@@ -229,13 +229,13 @@ class Heartbeat(Message, tag=MsgType.HEARTBEAT.value):
     cache: dict[str, int] | None = None  # the worker's cache counters
 
 
-class Admitted(Message, tag=MsgType.ADMITTED.value):
+class Admitted(Message, frozen=True, tag=MsgType.ADMITTED.value):
     rid: int
     cache_hit_kind: CacheHitKind
     prefix_len: int
 
 
-class Token(Message, tag=MsgType.TOKEN.value):
+class Token(Message, frozen=True, tag=MsgType.TOKEN.value):
     rid: int
     text: str
     token_ids: list[int]
@@ -243,7 +243,7 @@ class Token(Message, tag=MsgType.TOKEN.value):
     ts_ns: int | None = None
 
 
-class SpanEnd(Message, tag=MsgType.SPAN_END.value):
+class SpanEnd(Message, frozen=True, tag=MsgType.SPAN_END.value):
     """The end of a thinking block (with its signature) or of a tool call (its bytes)."""
 
     rid: int
@@ -252,12 +252,12 @@ class SpanEnd(Message, tag=MsgType.SPAN_END.value):
     signature: bytes
 
 
-class Done(Message, tag=MsgType.DONE.value):
+class Done(Message, frozen=True, tag=MsgType.DONE.value):
     rid: int
     result: CompletionResult
 
 
-class Error(Message, tag=MsgType.ERROR.value):
+class Error(Message, frozen=True, tag=MsgType.ERROR.value):
     """A typed failure between broker, worker and cache store, addressed by ``rid`` (None: about the
     sender itself, such as a failed load or a refused registration)."""
 
@@ -267,7 +267,7 @@ class Error(Message, tag=MsgType.ERROR.value):
     detail: dict[str, Any] = {}
 
 
-class OpResult(Message, tag=MsgType.OK.value):
+class OpResult(Message, frozen=True, tag=MsgType.OK.value):
     rid: int
     result: Any
 
@@ -275,18 +275,18 @@ class OpResult(Message, tag=MsgType.OK.value):
 # --- broker -> worker -----------------------------------------------------------------------------------
 
 
-class Run(Message, tag=MsgType.RUN.value):
+class Run(Message, frozen=True, tag=MsgType.RUN.value):
     rid: int
     prompt: str | list[int]
     params: SamplingParams
     queue_ms: float = 0.0
 
 
-class CancelRun(Message, tag=MsgType.CANCEL_RUN.value):
+class CancelRun(Message, frozen=True, tag=MsgType.CANCEL_RUN.value):
     rid: int
 
 
-class Op(Message, tag=MsgType.OP.value):
+class Op(Message, frozen=True, tag=MsgType.OP.value):
     """A client's ``call``, addressed by the broker's rid."""
 
     rid: int
@@ -294,11 +294,11 @@ class Op(Message, tag=MsgType.OP.value):
     args: dict[str, Any] = {}
 
 
-class Shutdown(Message, tag=MsgType.SHUTDOWN.value):
+class Shutdown(Message, frozen=True, tag=MsgType.SHUTDOWN.value):
     pass
 
 
-class BrokerHeartbeat(Message, tag=MsgType.BROKER_HEARTBEAT.value):
+class BrokerHeartbeat(Message, frozen=True, tag=MsgType.BROKER_HEARTBEAT.value):
     """The answer to each heartbeat: the broker's instance id (a new one means it restarted)."""
 
     instance: str
