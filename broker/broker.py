@@ -10,6 +10,7 @@ liveness timers) and ``CacheQueries``. ``Broker`` owns the loop and wires the pa
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -145,8 +146,7 @@ class Broker:
     def _poll_once(self, timeout_ms: int) -> None:
         for item, _ in self.poller.poll(timeout_ms):
             if item in self.front.sockets:
-                index = self.front.sockets.index(item)
-                self._drain(item, lambda frames, i=index: self.front.on_frames(i, frames))
+                self._drain(item, functools.partial(self.front.on_frames, self.front.sockets.index(item)))
             elif item is self.workers.sock:
                 self._drain(self.workers.sock, self.workers.on_frames)
             elif self.cache is not None and item is self.cache.sock:

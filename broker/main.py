@@ -11,8 +11,8 @@ import logging
 import os
 import sys
 
-from erllama.broker.config import build_config
 from erllama.broker.broker import Broker
+from erllama.broker.config import build_config
 from erllama.logsetup import setup_logging
 from erllama.protocol import ErllamaError
 

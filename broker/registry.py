@@ -6,8 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from erllama.broker.queues import ModelQueue
 from erllama.broker.processes import RestartPolicy, WorkerProcess
+from erllama.broker.queues import ModelQueue
 from erllama.protocol import ModelState
 
 

@@ -25,8 +25,8 @@ from erllama.protocol import (
     Admitted,
     BrokerHeartbeat,
     Done,
-    Error,
     ErllamaError,
+    Error,
     ErrorCode,
     Heartbeat,
     Message,
@@ -39,7 +39,6 @@ from erllama.protocol import (
     StreamSpanEnd,
     StreamToken,
     Token,
-    WireError,
     WorkerInfo,
     WorkerMessage,
     WorkerOp,
@@ -217,12 +216,11 @@ class WorkerSide:
             self._register(identity, msg)
 
     def _register(self, identity: bytes, msg: Ready) -> None:
-        try:  # it comes from a worker: trust nothing about the map beyond its own checks
+        try:  # it comes from a worker: what the broker uses of it must have the types it expects
             info = msgspec.convert(msg.info, WorkerInfo)
         except msgspec.ValidationError as exc:
-            self.totals.bad_messages += 1
-            log.warning("worker of %s sent an unusable ready: %s", msg.model, exc)
-            return
+            log.warning("worker of %s reported unusable info (%s); registering it without", msg.model, exc)
+            info = WorkerInfo()
         model_id, pid = msg.model, msg.pid
         entry = self.models.get(model_id)
         if entry is None:

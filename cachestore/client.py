@@ -18,7 +18,7 @@ import time
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Self, TypeVar
 
 import msgspec
 import zmq
@@ -136,7 +136,11 @@ class LoadedRow:
         mapping: RowMapping | None = None,
         inline: bytearray | None = None,
     ):
-        whole = mapping.view(0, size) if mapping is not None else memoryview(inline).toreadonly()
+        if mapping is not None:
+            whole = mapping.view(0, size)
+        else:
+            assert inline is not None, "a row is read from a mapping or from an inline copy"
+            whole = memoryview(inline).toreadonly()
         try:
             header = check_row(whole, key)  # head, size and key: cheap; the daemon verified the checksum
         except CorruptRow:
@@ -169,7 +173,7 @@ class LoadedRow:
             MAPPINGS.release(self._mapping)
         self._client.release(lease)
 
-    def __enter__(self) -> LoadedRow:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -270,7 +274,7 @@ class PendingRow:
         except ErllamaError as err:
             log.debug("abort not acknowledged: %s", err)
 
-    def __enter__(self) -> PendingRow:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -537,7 +541,7 @@ class CacheClient:
             pass
         self._sock.close(linger=0)
 
-    def __enter__(self) -> CacheClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

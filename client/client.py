@@ -17,7 +17,7 @@ from __future__ import annotations
 import operator
 import queue
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Self
 
 from erllama.client.connection import Arrival, Connection
 from erllama.client.results import CompletionResult, Stats, TokenEvent
@@ -77,7 +77,7 @@ class InferStream:
                 self._texts.append(step.text)
             yield step
 
-    def __enter__(self) -> InferStream:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -128,7 +128,7 @@ class Client:
     def close(self) -> None:
         self._conn.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -25,7 +25,7 @@ import functools
 import json
 import logging
 from datetime import datetime
-from typing import Any, ClassVar, Final
+from typing import Any, Final
 
 import jinja2
 import jinja2.ext
@@ -57,7 +57,7 @@ TOOLS_HEADER: Final = "Available tools:"
 class _IgnoreGenerationTags(jinja2.ext.Extension):
     """Pass-through for Hugging Face's ``{% generation %}`` tag (as llama-cpp-python does)."""
 
-    tags: ClassVar[set[str]] = {"generation"}
+    tags = {"generation"}  # noqa: RUF012 - jinja2 declares it so, and reads it from the class
 
     def parse(self, parser: Parser) -> list[jinja2.nodes.Node]:
         parser.stream.skip(1)

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import zmq
 
 from erllama import protocol
-from erllama.protocol import BROKER_SILENCE_TIMEOUT_S, HEARTBEAT_INTERVAL_S, Heartbeat as HeartbeatMsg, Phase, WireError, encode
+from erllama.protocol import BROKER_SILENCE_TIMEOUT_S, HEARTBEAT_INTERVAL_S, Phase, WireError, encode
+from erllama.protocol import Heartbeat as HeartbeatMsg
 from erllama.transport import make_socket
 
 log = logging.getLogger(__name__)

@@ -328,6 +328,7 @@ class LlamaBackend:
 
     def seq_restore(self, seq_id: int, state: bytes | bytearray | ctypes.Array[ctypes.c_uint8]) -> None:
         size = len(state)
+        src: Any  # a pointer to the state's first byte, however it is held
         if isinstance(state, bytes):
             src = ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))  # no copy
         elif isinstance(state, bytearray):  # a state copied from another sequence (prefix sharing)

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -36,7 +37,7 @@ log = logging.getLogger("erllama.worker")
 EXIT_LOAD_FAILED = 3
 
 
-def load_backend(model_path: Path | None, options: LoadOptions) -> tuple[Backend, Path | None]:
+def load_backend(model_path: Path | None, options: LoadOptions) -> tuple[Backend[Any], Path | None]:
     """Build the backend the options ask for. Raises ``ErllamaError`` with a load error code."""
     if options.backend == "stub":
         from erllama.worker.stub_backend import StubBackend
@@ -70,7 +71,7 @@ def runtime_name(options: LoadOptions) -> str:
     return f"llama-cpp-python {llama_cpp.__version__}"
 
 
-def load_markers(backend: Backend, options: LoadOptions) -> MarkerSpec:
+def load_markers(backend: Backend[Any], options: LoadOptions) -> MarkerSpec:
     """Tokenize the span markers: the tokenizer's spelling and every other exact spelling in the vocab."""
     texts = [t.encode() for m in (options.thinking_markers, options.tool_call_markers) if m for t in m.values()]
     pieces: dict[bytes, list[int]] = {}

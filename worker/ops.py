@@ -46,7 +46,7 @@ def _arg(args: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
 
 
 class WorkerOps:
-    def __init__(self, backend: Backend, scheduler: Scheduler, cache: KVCache | None,
+    def __init__(self, backend: Backend[Any], scheduler: Scheduler, cache: KVCache | None,
                  refingerprint: Callable[[list[tuple[str, float]]], bytes]):  # fmt: skip
         self.backend = backend
         self.scheduler = scheduler

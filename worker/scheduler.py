@@ -22,7 +22,15 @@ from collections import deque
 from typing import Any, Protocol
 
 from erllama.options import SamplingParams, validate_prompt
-from erllama.protocol import CacheHitKind, CompletionResult, ErllamaError, ErrorCode, FinishReason, Phase, SaveReason
+from erllama.protocol import (
+    CacheHitKind,
+    CompletionResult,
+    ErllamaError,
+    ErrorCode,
+    FinishReason,
+    Phase,
+    SaveReason,
+)
 from erllama.worker.backend import Backend, BackendError, BatchRow
 from erllama.worker.kvcache import KVCache
 from erllama.worker.markers import MarkerSpec, SpanAutomaton
@@ -50,7 +58,7 @@ class Scheduler:
 
     def __init__(
         self,
-        backend: Backend,
+        backend: Backend[Any],
         emit: Emitter,
         prefill_chunk_size: int,
         cache: KVCache | None = None,

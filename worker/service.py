@@ -25,8 +25,8 @@ from erllama.protocol import (
     CancelRun,
     CompletionResult,
     Done,
-    Error,
     ErllamaError,
+    Error,
     ErrorCode,
     Op,
     OpResult,
@@ -94,7 +94,7 @@ class WorkerService:
     def __init__(
         self,
         model_id: str,
-        backend: Backend,
+        backend: Backend[Any],
         options: LoadOptions,
         sock: zmq.Socket,
         heartbeat: Heartbeat,

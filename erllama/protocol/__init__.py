@@ -10,8 +10,8 @@ Every message is one msgpack map in one ZeroMQ frame (the cache store's inline f
 payload frame) with a protocol version ``v`` and a type ``t``. Nothing here imports llama.cpp or ZeroMQ.
 """
 
-from erllama.protocol.cache import *  # noqa: F403
-from erllama.protocol.codec import *  # noqa: F403
-from erllama.protocol.codes import *  # noqa: F403
-from erllama.protocol.messages import *  # noqa: F403
-from erllama.protocol.params import *  # noqa: F403
+from erllama.protocol.cache import *
+from erllama.protocol.codec import *
+from erllama.protocol.codes import *
+from erllama.protocol.messages import *
+from erllama.protocol.params import *

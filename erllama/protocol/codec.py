@@ -30,6 +30,9 @@ from erllama.protocol.messages import (
 )
 
 M = TypeVar("M", bound=Message)
+# What decoding hostile bytes can raise: msgspec's own errors, our ext_hook's ValueError, and
+# RecursionError for containers nested past the interpreter's limit.
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError)
 KNOWN_TYPES = frozenset(t.value for t in MsgType) | frozenset(t.value for t in CacheMsgType)
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -72,7 +75,7 @@ class Decoder(Generic[M]):
         _decoding.active = True
         try:
             msg = self._decoder.decode(frame)
-        except Exception as exc:  # msgspec raises DecodeError/ValidationError, and our ext_hook ValueError
+        except _DECODE_ERRORS as exc:
             raise self._diagnose(frame, exc) from None
         finally:
             _decoding.active = False
@@ -83,7 +86,7 @@ class Decoder(Generic[M]):
     def _diagnose(self, frame: bytes | memoryview, exc: Exception | None) -> WireError:
         try:
             raw = msgspec.msgpack.decode(frame, ext_hook=_reject_ext)
-        except Exception as err:  # the same failures as above, untyped
+        except _DECODE_ERRORS as err:
             return WireError(f"undecodable frame: {type(err).__name__}")
         if not isinstance(raw, dict):
             return WireError("a message must be a msgpack map")

@@ -291,7 +291,7 @@ class Op(Message, frozen=True, tag=MsgType.OP.value):
 
     rid: int
     op: WorkerOp
-    args: dict[str, Any] = {}
+    args: dict[str, Any]
 
 
 class Shutdown(Message, frozen=True, tag=MsgType.SHUTDOWN.value):

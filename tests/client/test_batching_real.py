@@ -47,7 +47,7 @@ def run_concurrently(endpoint: str, jobs: list[tuple[str, dict]]) -> list[list[T
         try:
             with Client(endpoint, timeout_s=120) as cl:
                 out[i] = list(cl.infer(MODEL, prompt, **params))
-        except BaseException as exc:  # re-raised in the test's thread
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(i, p, kw)) for i, (p, kw) in enumerate(jobs)]

@@ -17,8 +17,14 @@ from tests.reference import ReferenceModel, assert_same_greedy
 
 MODEL = "warm"
 # Small boundaries so that test prompts of a few hundred tokens exercise every save reason.
-OPTIONS = dict(n_ctx=2048, n_seq_max=2, cache_min_tokens=16, cold_trim_tokens=4, cold_align_tokens=16,
-               continued_interval_tokens=64)  # fmt: skip
+OPTIONS = {
+    "n_ctx": 2048,
+    "n_seq_max": 2,
+    "cache_min_tokens": 16,
+    "cold_trim_tokens": 4,
+    "cold_align_tokens": 16,
+    "continued_interval_tokens": 64,
+}
 STORY = (
     "The lighthouse keeper climbed the spiral stairs every evening at dusk. He wound the clockwork, "
     "trimmed the wick and polished the great lens until it shone. Ships passed in the night, and the "
