@@ -70,11 +70,15 @@ class Broker:
         self.table: dict[str, ModelEntry] = {}
         rids = itertools.count(1)  # the broker's ids for requests, calls and cache queries alike
         self.front = FrontEnd(self.ctx, cfg, self.totals)
-        self.requests = Requests(self.table, self.front, self.totals, lambda e, m: self.workers.send(e, m), rids)
+        self.requests = Requests(
+            self.table, self.front, self.totals, lambda e, m: self.workers.send(e, m), rids
+        )
         instance = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.workers = WorkerSide(self.ctx, self.table, self.requests, self.front, self.totals, instance)
         self.supervisor = Supervisor(cfg, self.poller, self.table)
-        self.models = Models(cfg, self.table, self.front, self.requests, self.workers, self.supervisor, self.totals, rids)
+        self.models = Models(
+            cfg, self.table, self.front, self.requests, self.workers, self.supervisor, self.totals, rids
+        )
         self.cache: CacheQueries | None = None
         if cfg.cachestore_endpoint:
             self.cache = CacheQueries(self.ctx, cfg.cachestore_endpoint, self.front, rids)
@@ -83,7 +87,9 @@ class Broker:
         self.supervisor.on_worker_exit = self.models.worker_exited
         self.front.handlers = {
             Infer: self.requests.admit,
-            Cancel: lambda c, m: self.front.reply(c, m.id, {"cancelled": self.requests.cancel_for(c, m.target)}),
+            Cancel: lambda c, m: self.front.reply(
+                c, m.id, {"cancelled": self.requests.cancel_for(c, m.target)}
+            ),
             LoadModel: self.models.load,
             UnloadModel: self.models.unload,
             ListModels: lambda c, m: self.front.reply(c, m.id, [e.describe() for e in self.table.values()]),

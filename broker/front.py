@@ -71,7 +71,9 @@ class FrontEnd:
         self.auth.configure_curve(domain="*", location=str(self.cfg.curve.clients_dir))
         public, secret = zmq.auth.load_certificate(str(self.cfg.curve.server_key_file))
         if secret is None:
-            raise ErllamaError(ErrorCode.INVALID_PARAMS, f"{self.cfg.curve.server_key_file} holds no secret key")
+            raise ErllamaError(
+                ErrorCode.INVALID_PARAMS, f"{self.cfg.curve.server_key_file} holds no secret key"
+            )
         sock = make_socket(self.ctx, zmq.ROUTER, protocol.MAX_CLIENT_FRAME_BYTES)
         sock.curve_server = True
         sock.curve_publickey, sock.curve_secretkey = public, secret
@@ -108,13 +110,17 @@ class FrontEnd:
             self.reply_error(client, client_id, err)
         except Exception:  # a bug of ours must cost one request, never the broker
             log.exception("handling a client message failed")
-            self.reply_error(client, client_id, ErllamaError(ErrorCode.INTERNAL, "internal error in the broker"))
+            self.reply_error(
+                client, client_id, ErllamaError(ErrorCode.INTERNAL, "internal error in the broker")
+            )
 
     # --- sending -------------------------------------------------------------------------------------------
 
     def send(self, client: bytes, msg: Message, client_id: str | None) -> bool:
         """Send without blocking; False when the client is gone or not reading."""
-        payload = frame_or_error(encode(msg), protocol.MAX_CLIENT_FRAME_BYTES, lambda e: error_reply_of(e, client_id))
+        payload = frame_or_error(
+            encode(msg), protocol.MAX_CLIENT_FRAME_BYTES, lambda e: error_reply_of(e, client_id)
+        )
         try:
             self.sockets[client[0]].send_multipart([client[1:], payload], zmq.NOBLOCK)
             return True

@@ -72,9 +72,13 @@ class Requests:
             raise ErllamaError(ErrorCode.SHUTTING_DOWN, "the broker is shutting down")
         entry = self.models.get(msg.model)
         if entry is None:
-            raise ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"no model {msg.model!r} is loaded", {"model": msg.model})
+            raise ErllamaError(
+                ErrorCode.MODEL_NOT_FOUND, f"no model {msg.model!r} is loaded", {"model": msg.model}
+            )
         if entry.state is ModelState.FAILED:
-            raise ErllamaError(ErrorCode.MODEL_FAILED, f"model {entry.model_id!r} has failed", entry.last_error)
+            raise ErllamaError(
+                ErrorCode.MODEL_FAILED, f"model {entry.model_id!r} has failed", entry.last_error
+            )
         if entry.state is ModelState.UNLOADING:
             raise ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"model {entry.model_id!r} is being unloaded")
         params = parse_sampling(msg.params)  # bad values are refused here, before they take a queue slot
@@ -101,7 +105,9 @@ class Requests:
         while (rid := entry.queue.next_dispatchable()) is not None:
             req = self.table[rid]
             queue_ms = (time.monotonic() - req.received_s) * 1000.0
-            if not self.send_worker(entry, Run(rid=rid, prompt=req.prompt, params=req.params, queue_ms=queue_ms)):
+            if not self.send_worker(
+                entry, Run(rid=rid, prompt=req.prompt, params=req.params, queue_ms=queue_ms)
+            ):
                 entry.queue.running.discard(rid)
                 entry.queue.enqueue(rid, front=True)
                 return

@@ -61,7 +61,9 @@ class Models:
     def entry(self, model_id: str) -> ModelEntry:
         entry = self.table.get(model_id)
         if entry is None:
-            raise ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"no model {model_id!r} is loaded", {"model": model_id})
+            raise ErllamaError(
+                ErrorCode.MODEL_NOT_FOUND, f"no model {model_id!r} is loaded", {"model": model_id}
+            )
         return entry
 
     # --- client requests -----------------------------------------------------------------------------------
@@ -69,20 +71,27 @@ class Models:
     def load(self, client: bytes, msg: LoadModel) -> None:
         model_id = validate_model_id(msg.model)
         if model_id in self.table:
-            raise ErllamaError(ErrorCode.ALREADY_LOADED, f"model {model_id!r} is already loaded", {"model": model_id})
+            raise ErllamaError(
+                ErrorCode.ALREADY_LOADED, f"model {model_id!r} is already loaded", {"model": model_id}
+            )
         path = msg.path
         if path is not None:
             try:
                 p = Path(path).resolve()
                 is_file = p.is_file()
             except (OSError, ValueError) as exc:  # too long, NUL bytes, a loop of links
-                raise ErllamaError(ErrorCode.INVALID_PARAMS, f"unusable model path: {type(exc).__name__}") from None
+                raise ErllamaError(
+                    ErrorCode.INVALID_PARAMS, f"unusable model path: {type(exc).__name__}"
+                ) from None
             if any(p.is_relative_to(d) for d in self._private_dirs()):
                 raise ErllamaError(
-                    ErrorCode.INVALID_PARAMS, "model paths may not point into erllama's runtime or cache directories"
+                    ErrorCode.INVALID_PARAMS,
+                    "model paths may not point into erllama's runtime or cache directories",
                 )
             if not is_file:
-                raise ErllamaError(ErrorCode.LOAD_FAILED, f"model file {path[:200]} does not exist", {"path": path[:200]})
+                raise ErllamaError(
+                    ErrorCode.LOAD_FAILED, f"model file {path[:200]} does not exist", {"path": path[:200]}
+                )
             path = str(p)
         options = parse_load_options(msg.options).to_wire()
         self.create(model_id, path, options, Waiter(client, msg.id))
@@ -108,7 +117,9 @@ class Models:
         if entry.state is ModelState.UNLOADING:
             return
         entry.state = ModelState.UNLOADING
-        self.requests.fail_waiting(entry, ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"model {entry.model_id!r} was unloaded"))
+        self.requests.fail_waiting(
+            entry, ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"model {entry.model_id!r} was unloaded")
+        )
         if entry.worker is None or not self.workers.send(entry, Shutdown()):
             if entry.worker is not None:
                 entry.worker.kill()
@@ -152,13 +163,18 @@ class Models:
         if entry.state is ModelState.LOADING:
             self._load_failed(entry, detail)
             return
-        log.error("worker of %s died: %s", entry.model_id, {k: v for k, v in detail.items() if k != "stderr_tail"})
+        log.error(
+            "worker of %s died: %s", entry.model_id, {k: v for k, v in detail.items() if k != "stderr_tail"}
+        )
         self._crashed(entry, detail)
 
     def _load_failed(self, entry: ModelEntry, detail: dict[str, Any]) -> None:
         reported = entry.last_error or {}
         code = reported.get("code", ErrorCode.LOAD_FAILED)
-        message = reported.get("message") or f"the worker exited while loading: {detail.get('stderr_tail', '')[-500:]}"
+        message = (
+            reported.get("message")
+            or f"the worker exited while loading: {detail.get('stderr_tail', '')[-500:]}"
+        )
         err = ErllamaError(code, message, detail)
         for w in entry.load_waiters:
             self.front.refuse(w, err)
@@ -178,11 +194,15 @@ class Models:
             entry.restart_at_s = now + entry.restart.next_delay()
         else:
             entry.state = ModelState.FAILED
-            failed = ErllamaError(ErrorCode.MODEL_FAILED, f"model {entry.model_id!r} failed", entry.last_error)
+            failed = ErllamaError(
+                ErrorCode.MODEL_FAILED, f"model {entry.model_id!r} failed", entry.last_error
+            )
             self.requests.fail_waiting(entry, failed)
 
     def forget(self, entry: ModelEntry) -> None:
-        self.requests.fail_all(entry, ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"model {entry.model_id!r} was unloaded"))
+        self.requests.fail_all(
+            entry, ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"model {entry.model_id!r} was unloaded")
+        )
         for w in entry.unload_waiters:
             self.front.answer(w, {"unloaded": entry.model_id})
         self.table.pop(entry.model_id, None)

@@ -153,13 +153,19 @@ def spawn_worker(
 ) -> WorkerProcess:
     """Start a worker process; the caller polls its pidfd and stderr."""
     cmd = console_command("erllama-worker", "erllama.worker.main") + [
-        "--id", model_id,
-        "--broker", endpoint,
-        "--runtime-dir", str(runtime_dir),
-        "--options", json.dumps(options),
-        "--parent-pid", str(os.getpid()),
-        "--log-level", log_level,
-    ]  # fmt: skip
+        "--id",
+        model_id,
+        "--broker",
+        endpoint,
+        "--runtime-dir",
+        str(runtime_dir),
+        "--options",
+        json.dumps(options),
+        "--parent-pid",
+        str(os.getpid()),
+        "--log-level",
+        log_level,
+    ]
     if model_path:
         cmd += ["--model", model_path]
     cmd += ["--cachestore", cachestore] if cachestore else ["--no-cache"]
@@ -170,7 +176,11 @@ def spawn_worker(
 
 def spawn_cachestore(args: list[str]) -> ChildProcess:
     """Start the cache store with the broker's cache settings (``erllama-cachestore`` flags)."""
-    cmd = console_command("erllama-cachestore", "erllama.cachestore.main") + args + ["--parent-pid", str(os.getpid())]
+    cmd = (
+        console_command("erllama-cachestore", "erllama.cachestore.main")
+        + args
+        + ["--parent-pid", str(os.getpid())]
+    )
     proc, pidfd, stderr_fd = _popen(cmd)
     log.info("spawned the cache store: pid %d", proc.pid)
     return ChildProcess(name="cachestore", pid=proc.pid, proc=proc, pidfd=pidfd, stderr_fd=stderr_fd)

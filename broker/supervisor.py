@@ -113,7 +113,12 @@ class Supervisor:
         are silent or stuck in native code."""
         for entry in list(self.models.values()):
             wp = entry.worker
-            if entry.state is ModelState.RESTARTING and wp is None and entry.spawned and now >= entry.restart_at_s:
+            if (
+                entry.state is ModelState.RESTARTING
+                and wp is None
+                and entry.spawned
+                and now >= entry.restart_at_s
+            ):
                 entry.restarts += 1
                 self.spawn(entry)
             elif wp is not None and wp.identity is None and now - wp.started_s > MODEL_LOAD_TIMEOUT_S:

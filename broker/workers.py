@@ -83,7 +83,9 @@ class WorkerSide:
             Error: self._on_error,
             OpResult: self._on_op_result,
             Admitted: self._on_admitted,
-            Ready: lambda entry, msg: log.warning("worker of %s sent a second ready; ignored", entry.model_id),
+            Ready: lambda entry, msg: log.warning(
+                "worker of %s sent a second ready; ignored", entry.model_id
+            ),
         }
 
     def send(self, entry: ModelEntry, msg: Message) -> bool:
@@ -148,7 +150,9 @@ class WorkerSide:
         if req is None:
             return
         req.tokens_sent += len(msg.token_ids)
-        event = StreamToken(id=req.client_id, text=msg.text, token_ids=msg.token_ids, kind=msg.kind, ts_ns=msg.ts_ns)
+        event = StreamToken(
+            id=req.client_id, text=msg.text, token_ids=msg.token_ids, kind=msg.kind, ts_ns=msg.ts_ns
+        )
         if not self.front.send(req.client, event, req.client_id):
             self.send(entry, protocol.CancelRun(rid=req.rid))
 
@@ -188,7 +192,9 @@ class WorkerSide:
         wp = entry.worker if entry is not None else None
         if identity != (wp.identity if wp else None):
             try:
-                self.sock.send_multipart([identity, encode(BrokerHeartbeat(instance=self.instance))], zmq.NOBLOCK)
+                self.sock.send_multipart(
+                    [identity, encode(BrokerHeartbeat(instance=self.instance))], zmq.NOBLOCK
+                )
             except zmq.ZMQError:
                 pass
         if entry is None or wp is None or wp.pid != msg.pid:

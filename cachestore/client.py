@@ -105,7 +105,9 @@ class RowMeta:
 
     @classmethod
     def from_wire(cls, row: RowInfo) -> RowMeta:
-        return cls(row.key, row.tier, row.row_tokens, row.size, row.payload_len, row.hits, SaveReason(row.reason))
+        return cls(
+            row.key, row.tier, row.row_tokens, row.size, row.payload_len, row.hits, SaveReason(row.reason)
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +190,9 @@ class PendingRow:
     next load of the row (``mapping``), since the worker that saves a row is usually the one that loads
     it back, and its pages are all mapped already."""
 
-    def __init__(self, client: CacheClient, reply: ReserveReply, mm: mmap.mmap | None, fd: int, payload_len: int):
+    def __init__(
+        self, client: CacheClient, reply: ReserveReply, mm: mmap.mmap | None, fd: int, payload_len: int
+    ):
         assert reply.res is not None and reply.tier is not None and reply.ino is not None
         self._client, self._res, self._mm, self._fd = client, reply.res, mm, fd
         self._head_crc, self.size, self.tier = reply.head_crc, reply.size, reply.tier
@@ -361,7 +365,8 @@ class CacheClient:
                         continue
                     if not self._sock.poll(_remaining_ms(deadline), zmq.POLLIN):
                         raise ErllamaError(
-                            ErrorCode.TIMEOUT, f"cache store at {self.endpoint} did not answer {type(msg).__name__}"
+                            ErrorCode.TIMEOUT,
+                            f"cache store at {self.endpoint} did not answer {type(msg).__name__}",
                         ) from None
                     continue
                 head = self._head.decode(parts[0].buffer)
@@ -372,7 +377,9 @@ class CacheClient:
         except zmq.ZMQError as exc:
             raise ErllamaError(ErrorCode.TIMEOUT, f"cache store transport failed: {exc}") from None
         except (WireError, msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise ErllamaError(ErrorCode.PROTOCOL_ERROR, f"unusable reply from the cache store: {exc}") from None
+            raise ErllamaError(
+                ErrorCode.PROTOCOL_ERROR, f"unusable reply from the cache store: {exc}"
+            ) from None
         if not isinstance(answer, reply):
             raise as_exception(answer)
         return answer, (parts[1] if len(parts) > 1 else None)

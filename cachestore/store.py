@@ -197,7 +197,13 @@ class Store:
             reply.ok(PrefixReply(hit=None))
             return
         entry, common = found
-        reply.ok(PrefixReply(hit=PrefixHitInfo(key=entry.key, row_tokens=entry.n_tokens, common_len=common, tier=entry.tier)))
+        reply.ok(
+            PrefixReply(
+                hit=PrefixHitInfo(
+                    key=entry.key, row_tokens=entry.n_tokens, common_len=common, tier=entry.tier
+                )
+            )
+        )
 
     def _count_lookup(self, hit: bool, *, exact: bool, t0: int) -> None:
         c = self.counters
@@ -247,7 +253,11 @@ class Store:
             entry.usage_dirty = True
             entry.promote_pending = True
         answer = LoadReply(
-            lease=lease.lease_id, path=entry.path, ino=entry.ino, offset=entry.payload_offset, row=row_info(entry)
+            lease=lease.lease_id,
+            path=entry.path,
+            ino=entry.ino,
+            offset=entry.payload_offset,
+            row=row_info(entry),
         )
         self.counters.loads += 1
         self.counters.load_ns += time.perf_counter_ns() - t0

@@ -53,7 +53,9 @@ class InferStream:
     request still running when the block exits.
     """
 
-    def __init__(self, conn: Connection, request_id: str, q: queue.SimpleQueue[Arrival], timeout_s: float | None):
+    def __init__(
+        self, conn: Connection, request_id: str, q: queue.SimpleQueue[Arrival], timeout_s: float | None
+    ):
         self._conn = conn
         self.request_id = request_id
         self._q = q
@@ -64,7 +66,9 @@ class InferStream:
     def __iter__(self) -> Iterator[TokenEvent]:
         while self.result is None:
             try:
-                event, received_ns = self._conn.wait(self._q, self._timeout_s, f"request {self.request_id} produced nothing")
+                event, received_ns = self._conn.wait(
+                    self._q, self._timeout_s, f"request {self.request_id} produced nothing"
+                )
                 step = stream_step(event, received_ns)
             except ErllamaError:
                 self._conn.close_route(self.request_id)
@@ -172,7 +176,9 @@ class Client:
 
     # --- text ----------------------------------------------------------------------------------------------
 
-    def tokenize(self, model_id: str, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+    def tokenize(
+        self, model_id: str, text: str, add_special: bool = True, parse_special: bool = False
+    ) -> list[int]:
         args = {"text": text, "add_special": add_special, "parse_special": parse_special}
         return self._call_worker(model_id, WorkerOp.TOKENIZE, args)
 
@@ -184,12 +190,19 @@ class Client:
         return self._call_worker(model_id, WorkerOp.END_SESSION, {"session_id": session_id})
 
     def _call_worker(self, model_id: str, op: WorkerOp, args: dict[str, Any]) -> Any:
-        return self._conn.call(Call(id=new_request_id(), model=model_id, op=op.value, args=args), self.timeout_s)
+        return self._conn.call(
+            Call(id=new_request_id(), model=model_id, op=op.value, args=args), self.timeout_s
+        )
 
     # --- generation ----------------------------------------------------------------------------------------
 
     def infer(
-        self, model_id: str, prompt: str | Sequence[int], *, timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S, **params: Any
+        self,
+        model_id: str,
+        prompt: str | Sequence[int],
+        *,
+        timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S,
+        **params: Any,
     ) -> InferStream:
         """Start a request and return its stream. ``prompt`` is text or token ids. Params:
         ``max_tokens``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
@@ -209,18 +222,39 @@ class Client:
         """Run a request to its end and return the result (same parameters as ``infer``)."""
         return self.infer(model_id, prompt, **params).collect()
 
-    def chat(self, model_id: str, messages: list[dict[str, str]], *, system: str | None = None,
-             tools: list[dict[str, Any]] | None = None, **params: Any) -> InferStream:  # fmt: skip
+    def chat(
+        self,
+        model_id: str,
+        messages: list[dict[str, str]],
+        *,
+        system: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        **params: Any,
+    ) -> InferStream:
         """Render ``messages`` with the model's chat template and stream the reply (same parameters as
         ``infer``). Resending a growing conversation reads the earlier turns from the cache."""
-        return self.infer(model_id, self.apply_chat_template(model_id, messages, system=system, tools=tools), **params)
+        return self.infer(
+            model_id, self.apply_chat_template(model_id, messages, system=system, tools=tools), **params
+        )
 
-    def apply_chat_template(self, model_id: str, messages: list[dict[str, str]], *, system: str | None = None,
-                            tools: list[dict[str, Any]] | None = None, add_generation_prompt: bool = True) -> list[int]:  # fmt: skip
+    def apply_chat_template(
+        self,
+        model_id: str,
+        messages: list[dict[str, str]],
+        *,
+        system: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
         """Token ids of ``messages`` rendered with the model's own GGUF template. ``system`` and ``tools``
         become a leading system message (tools go to the template itself when it takes them).
         Errors: ``invalid_content`` (content as a list of blocks), ``no_template``, ``template_failed``."""
-        args = {"messages": messages, "system": system, "tools": tools, "add_generation_prompt": add_generation_prompt}
+        args = {
+            "messages": messages,
+            "system": system,
+            "tools": tools,
+            "add_generation_prompt": add_generation_prompt,
+        }
         return self._call_worker(model_id, WorkerOp.APPLY_CHAT_TEMPLATE, args)
 
     def embed(self, model_id: str, text_or_tokens: str | Sequence[int]) -> list[float]:
@@ -251,20 +285,26 @@ class Client:
         """Up to ``max_tokens`` greedy continuation tokens (a draft for speculative decoding)."""
         return self.complete(model_id, list(prefix), max_tokens=max_tokens, temperature=0.0).generated
 
-    def verify(self, model_id: str, prefix: Sequence[int], candidates: Sequence[int]) -> tuple[int, int | str]:
+    def verify(
+        self, model_id: str, prefix: Sequence[int], candidates: Sequence[int]
+    ) -> tuple[int, int | str]:
         """How many ``candidates`` the model accepts after ``prefix`` (greedy agreement) and its own next
         token there (``"eos"`` at end of generation). Runs on a sequence of its own."""
         r = self.infer(model_id, list(prefix), verify=list(candidates), max_tokens=1).collect()
         v = r.verify
         if v is None:
-            raise ErllamaError(ErrorCode.PROTOCOL_ERROR, f"verify ended without an outcome ({r.finish_reason})")
+            raise ErllamaError(
+                ErrorCode.PROTOCOL_ERROR, f"verify ended without an outcome ({r.finish_reason})"
+            )
         return v.accepted, "eos" if v.eos or v.next_token is None else v.next_token
 
     def vram_info(self) -> dict[str, int]:
         """Total, free and used GPU memory in bytes; ``no_gpu`` where there is none."""
         return self._conn.call(VramInfo(id=new_request_id()), self.timeout_s)
 
-    def prefill_only(self, model_id: str, prompt: str | Sequence[int], parent_key: str | None = None) -> CompletionResult:
+    def prefill_only(
+        self, model_id: str, prompt: str | Sequence[int], parent_key: str | None = None
+    ) -> CompletionResult:
         """Prime the cache with ``prompt`` without sampling; the result's ``finish_key`` names the row
         (None if the prompt is shorter than the model's ``cache_min_tokens``)."""
         params: dict[str, Any] = {"max_tokens": 0}
@@ -275,8 +315,14 @@ class Client:
     def cached_prefix_len(self, model_id: str, prompt: str | Sequence[int]) -> int:
         """How many leading tokens of ``prompt`` the cache holds for this model, answered by the cache
         store (a text prompt is tokenized by the model's worker first)."""
-        tokens = self.tokenize(model_id, prompt) if isinstance(prompt, str) else [operator.index(t) for t in prompt]
-        return self._conn.call(CachedPrefixLen(id=new_request_id(), model=model_id, tokens=tokens), self.timeout_s)
+        tokens = (
+            self.tokenize(model_id, prompt)
+            if isinstance(prompt, str)
+            else [operator.index(t) for t in prompt]
+        )
+        return self._conn.call(
+            CachedPrefixLen(id=new_request_id(), model=model_id, tokens=tokens), self.timeout_s
+        )
 
     def cancel(self, request_id: str) -> bool:
         """Cancel a request of this client by id; False if it was not in flight."""

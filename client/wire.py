@@ -55,7 +55,9 @@ def infer_request(
 ) -> Infer:
     """An ``infer``; token ids are checked to be integers here (``invalid_params``), the rest by the broker."""
     try:
-        wire_prompt: str | list[Any] = prompt if isinstance(prompt, str) else [operator.index(t) for t in prompt]
+        wire_prompt: str | list[Any] = (
+            prompt if isinstance(prompt, str) else [operator.index(t) for t in prompt]
+        )
     except TypeError:
         raise ErllamaError(ErrorCode.INVALID_PARAMS, "prompt: token ids must be integers") from None
     return Infer(id=request_id, model=model_id, prompt=wire_prompt, params=params)

@@ -150,7 +150,9 @@ class LoadOptions:
     prefill_chunk_size: int = 256
     share_prefix: bool = True  # a request starting like a running one copies its KV (worker/sharing.py)
     stub_decode_ms: int = 0  # the stub backend sleeps this long per decode, standing in for compute
-    stall_timeout_s: int = int(WORKER_STALL_TIMEOUT_S)  # a busy worker without decode progress this long is killed
+    stall_timeout_s: int = int(
+        WORKER_STALL_TIMEOUT_S
+    )  # a busy worker without decode progress this long is killed
     # KV cache policy (see worker/kvcache.py): rows shorter than cache_min_tokens are neither saved nor
     # restored; a cold prompt is saved at floor((len - cold_trim_tokens) / cold_align_tokens) * align;
     # a generating request saves its context every continued_interval_tokens.
@@ -231,10 +233,11 @@ def parse_load_options(options: dict[str, Any] | None) -> LoadOptions:
     if opts.n_ubatch > opts.n_batch:
         raise _bad("n_ubatch", f"{opts.n_ubatch} exceeds n_batch {opts.n_batch}")
     if opts.n_seq_max > opts.n_batch:
-        raise _bad("n_seq_max", "every running sequence needs a row of the batch: n_seq_max must be <= n_batch")
+        raise _bad(
+            "n_seq_max", "every running sequence needs a row of the batch: n_seq_max must be <= n_batch"
+        )
     if opts.n_seq_max * 16 > opts.n_ctx:
         raise _bad("n_seq_max", f"n_ctx {opts.n_ctx} leaves fewer than 16 cells per sequence")
     if opts.type_v != "f16" and opts.type_v != "f32" and opts.flash_attn == "off":
         raise _bad("type_v", "a quantized V cache needs flash_attn (auto or on)")
     return opts
-

@@ -83,7 +83,9 @@ def error_when_closed_mid_stream(c: Client, stream: InferStream) -> ErllamaError
     """Close ``c`` while another thread waits on its running ``stream``; the error that thread gets."""
     next(iter(stream))  # it runs
     outcome: list[ErllamaError] = []
-    reader = threading.Thread(target=lambda: outcome.append(pytest.raises(ErllamaError, stream.collect).value))
+    reader = threading.Thread(
+        target=lambda: outcome.append(pytest.raises(ErllamaError, stream.collect).value)
+    )
     reader.start()
     c.close()
     reader.join(timeout=30)
@@ -116,8 +118,18 @@ def cache_dirs(runtime_dir: Path) -> tuple[Path, Path]:
 def start_broker(runtime_dir: Path, *args: str, env: dict[str, str] | None = None) -> BrokerProcess:
     endpoint = ipc_endpoint(runtime_dir, CLIENT_SOCKET_NAME)
     disk, shm = cache_dirs(runtime_dir)
-    cmd = [sys.executable, "-m", "erllama.broker.main", "--runtime-dir", str(runtime_dir),
-           "--cache-dir", str(disk), "--shm-dir", str(shm), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "erllama.broker.main",
+        "--runtime-dir",
+        str(runtime_dir),
+        "--cache-dir",
+        str(disk),
+        "--shm-dir",
+        str(shm),
+        *args,
+    ]
     proc = subprocess.Popen(cmd, env=(os.environ | (env or {})), stdin=subprocess.DEVNULL)
     bp = BrokerProcess(proc, runtime_dir, endpoint)
     deadline = time.monotonic() + BROKER_START_TIMEOUT_S
@@ -133,8 +145,9 @@ def start_broker(runtime_dir: Path, *args: str, env: dict[str, str] | None = Non
 
 
 @contextmanager
-def serving(prefix: str, model_id: str, *broker_args: str, env: dict[str, str] | None = None,
-            **load_options: Any) -> Iterator[BrokerProcess]:  # fmt: skip
+def serving(
+    prefix: str, model_id: str, *broker_args: str, env: dict[str, str] | None = None, **load_options: Any
+) -> Iterator[BrokerProcess]:
     """A broker of its own serving the real default model as ``model_id``; removed on exit."""
     rdir = short_tmpdir(prefix)
     bp = start_broker(rdir, "--no-default-model", *broker_args, env=env)

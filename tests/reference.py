@@ -81,13 +81,17 @@ def top_two_gap(row: np.ndarray) -> float:
     return float(abs(b - a))
 
 
-def assert_same_greedy(ours: Sequence[int], ref: Sequence[int], ref_logits: Sequence[np.ndarray]) -> int | None:
+def assert_same_greedy(
+    ours: Sequence[int], ref: Sequence[int], ref_logits: Sequence[np.ndarray]
+) -> int | None:
     """Assert ``ours`` equals ``ref`` token for token, or diverges only at a near tie.
     Returns the index of an accepted near-tie divergence, else None."""
     for i, (a, b) in enumerate(zip(ours, ref)):
         if a != b:
             gap = top_two_gap(ref_logits[i])
-            assert gap < NEAR_TIE_LOGIT_GAP, f"token {i}: ours {a} != reference {b}, top-2 logit gap {gap:.4g}"
+            assert gap < NEAR_TIE_LOGIT_GAP, (
+                f"token {i}: ours {a} != reference {b}, top-2 logit gap {gap:.4g}"
+            )
             return i
     assert len(ours) == len(ref), f"lengths differ: ours {len(ours)}, reference {len(ref)}"
     return None

@@ -31,7 +31,15 @@ def package_tree(root: Path) -> Path:
 
 def test_mypy_finds_no_type_errors_in_the_packages(tmp_path: Path) -> None:
     package_tree(tmp_path)
-    result = run("mypy", "--config-file", str(ROOT / "pyproject.toml"), "--cache-dir", str(tmp_path / ".mypy"), "erllama", cwd=tmp_path)
+    result = run(
+        "mypy",
+        "--config-file",
+        str(ROOT / "pyproject.toml"),
+        "--cache-dir",
+        str(tmp_path / ".mypy"),
+        "erllama",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -152,8 +152,17 @@ class ChatTemplate:
         except _TemplateRaised as exc:
             # The template's own verdict on the conversation (e.g. "roles must alternate"): the caller's to fix.
             raise _bad(f"the chat template rejected the conversation: {exc}") from None
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError,
-                ArithmeticError, RecursionError, OverflowError) as exc:  # fmt: skip
+        except (
+            jinja2.TemplateError,
+            TypeError,
+            ValueError,
+            KeyError,
+            IndexError,
+            AttributeError,
+            ArithmeticError,
+            RecursionError,
+            OverflowError,
+        ) as exc:
             # Anything else a template can raise while rendering is the template's (the model file's) fault.
             log.warning("chat template failed: %s: %s", type(exc).__name__, exc)
             raise ErllamaError(

@@ -164,7 +164,10 @@ class KVCache:
 
     def accepting(self, nbytes_hint: int = 0) -> bool:
         """Whether a save now would be kept: lets the scheduler skip copying KV that would be dropped."""
-        return time.monotonic() >= self._down_until and self._pending_bytes + nbytes_hint <= MAX_PENDING_SAVE_BYTES
+        return (
+            time.monotonic() >= self._down_until
+            and self._pending_bytes + nbytes_hint <= MAX_PENDING_SAVE_BYTES
+        )
 
     def save(self, tokens: list[int], payload: bytes | bytearray, reason: SaveReason) -> str | None:
         """Queue a row for the saver thread. Returns its key (hex), or None if it was dropped."""

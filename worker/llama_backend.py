@@ -24,12 +24,24 @@ from erllama.worker.backend import BackendError, BatchRow
 log = logging.getLogger(__name__)
 
 GGML_TYPES: Final = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
-FLASH_ATTN: Final = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-                     "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}  # fmt: skip
-SPLIT_MODES: Final = {"none": L.LLAMA_SPLIT_MODE_NONE, "layer": L.LLAMA_SPLIT_MODE_LAYER, "row": L.LLAMA_SPLIT_MODE_ROW}
+FLASH_ATTN: Final = {
+    "auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+SPLIT_MODES: Final = {
+    "none": L.LLAMA_SPLIT_MODE_NONE,
+    "layer": L.LLAMA_SPLIT_MODE_LAYER,
+    "row": L.LLAMA_SPLIT_MODE_ROW,
+}
 PENALTY_WINDOW_TOKENS: Final = 64
 PIECE_BUFFER_BYTES: Final = 256
-_GGML_LEVELS: Final = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level
+_GGML_LEVELS: Final = {
+    1: logging.DEBUG,
+    2: logging.INFO,
+    3: logging.WARNING,
+    4: logging.ERROR,
+}  # ggml_log_level
 
 # --- llama.cpp's log, routed into ours ----------------------------------------------------------------------
 
@@ -126,7 +138,9 @@ class LlamaBackend:
     def __init__(self, path: Path, options: LoadOptions):
         _init_llama()
         if (options.n_gpu_layers != 0 or options.tensor_split) and not L.llama_supports_gpu_offload():
-            raise ErllamaError(ErrorCode.NO_GPU, "n_gpu_layers/tensor_split need a GPU build of llama.cpp and a GPU")
+            raise ErllamaError(
+                ErrorCode.NO_GPU, "n_gpu_layers/tensor_split need a GPU build of llama.cpp and a GPU"
+            )
         self.options = options
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = options.n_gpu_layers
@@ -136,9 +150,12 @@ class LlamaBackend:
             n = L.llama_max_devices()
             self._tensor_split = (ctypes.c_float * n)(*options.tensor_split[:n])  # kept alive with the model
             mp.tensor_split = self._tensor_split
-        mp.load_mode = {(True, True): L.LLAMA_LOAD_MODE_MMAP_MLOCK, (True, False): L.LLAMA_LOAD_MODE_MMAP,
-                        (False, True): L.LLAMA_LOAD_MODE_MLOCK, (False, False): L.LLAMA_LOAD_MODE_NONE}[
-            (options.use_mmap, options.use_mlock)]  # fmt: skip
+        mp.load_mode = {
+            (True, True): L.LLAMA_LOAD_MODE_MMAP_MLOCK,
+            (True, False): L.LLAMA_LOAD_MODE_MMAP,
+            (False, True): L.LLAMA_LOAD_MODE_MLOCK,
+            (False, False): L.LLAMA_LOAD_MODE_NONE,
+        }[(options.use_mmap, options.use_mlock)]
         # Off by default: with AMX, the repacked-weight buffers segfault inside llama_decode.
         mp.use_extra_bufts = options.use_extra_bufts
         _recent_errors.clear()
@@ -225,7 +242,9 @@ class LlamaBackend:
             _recent_errors.clear()
             grammar = L.llama_sampler_init_grammar(self.vocab, params.grammar.encode(), b"root")
             if not grammar:
-                raise BackendError("invalid_grammar", " | ".join(_recent_errors) or "the grammar does not parse")
+                raise BackendError(
+                    "invalid_grammar", " | ".join(_recent_errors) or "the grammar does not parse"
+                )
             shared.append(grammar)
         if params.repetition_penalty != 1.0:
             penalties = L.llama_sampler_init_penalties(
@@ -273,7 +292,9 @@ class LlamaBackend:
             self._embed_ctx = L.llama_init_from_model(self.model, cp)
             if not self._embed_ctx:
                 self._embed_ctx = None
-                raise BackendError("embed_failed", _load_error("llama.cpp could not create an embeddings context"))
+                raise BackendError(
+                    "embed_failed", _load_error("llama.cpp could not create an embeddings context")
+                )
         ctx = self._embed_ctx
         n = len(tokens)
         batch = L.llama_batch_init(n, 0, 1)
@@ -286,7 +307,9 @@ class LlamaBackend:
             if L.llama_decode(ctx, batch) != 0:
                 raise BackendError("embed_failed", "llama_decode failed on the embeddings context")
             dim = L.llama_model_n_embd(self.model)
-            vec = np.array(np.ctypeslib.as_array(L.llama_get_embeddings_seq(ctx, 0), shape=(dim,)), dtype=np.float64)
+            vec = np.array(
+                np.ctypeslib.as_array(L.llama_get_embeddings_seq(ctx, 0), shape=(dim,)), dtype=np.float64
+            )
         finally:
             L.llama_batch_free(batch)
         norm = float(np.linalg.norm(vec))
@@ -337,7 +360,9 @@ class LlamaBackend:
             src = ctypes.cast(state, ctypes.POINTER(ctypes.c_uint8))
         if L.llama_state_seq_set_data(self.ctx, src, size, seq_id) == 0:
             self.seq_clear(seq_id)
-            raise BackendError("restore_failed", f"llama.cpp rejected a {size}-byte state for sequence {seq_id}")
+            raise BackendError(
+                "restore_failed", f"llama.cpp rejected a {size}-byte state for sequence {seq_id}"
+            )
 
     # --- facts and teardown --------------------------------------------------------------------------------
 

@@ -46,8 +46,13 @@ def _arg(args: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
 
 
 class WorkerOps:
-    def __init__(self, backend: Backend[Any], scheduler: Scheduler, cache: KVCache | None,
-                 refingerprint: Callable[[list[tuple[str, float]]], bytes]):  # fmt: skip
+    def __init__(
+        self,
+        backend: Backend[Any],
+        scheduler: Scheduler,
+        cache: KVCache | None,
+        refingerprint: Callable[[list[tuple[str, float]]], bytes],
+    ):
         self.backend = backend
         self.scheduler = scheduler
         self.cache = cache
@@ -95,14 +100,26 @@ class WorkerOps:
         """Render messages with the model's own template and tokenize (special tokens parsed)."""
         if self._template is None:
             info = self.backend.info()
-            eos = self.backend.token_bytes(info["eos_token_id"]).decode(errors="replace") if "eos_token_id" in info else ""
-            bos = self.backend.token_bytes(info["bos_token_id"]).decode(errors="replace") if "bos_token_id" in info else ""
+            eos = (
+                self.backend.token_bytes(info["eos_token_id"]).decode(errors="replace")
+                if "eos_token_id" in info
+                else ""
+            )
+            bos = (
+                self.backend.token_bytes(info["bos_token_id"]).decode(errors="replace")
+                if "bos_token_id" in info
+                else ""
+            )
             self._template = ChatTemplate(info.get("chat_template"), bos_token=bos, eos_token=eos)
         add_generation_prompt = args.get("add_generation_prompt", True)
         if not isinstance(add_generation_prompt, bool):
             raise _bad("add_generation_prompt: expected a boolean")
-        text = self._template.render(args.get("messages"), system=args.get("system"), tools=args.get("tools"),
-                                     add_generation_prompt=add_generation_prompt)  # fmt: skip
+        text = self._template.render(
+            args.get("messages"),
+            system=args.get("system"),
+            tools=args.get("tools"),
+            add_generation_prompt=add_generation_prompt,
+        )
         # A template that writes the BOS itself must not get a second one from the tokenizer.
         add_special = not (self._template.bos_token and text.startswith(self._template.bos_token))
         return self.backend.tokenize(text, add_special=add_special, parse_special=True)
@@ -113,7 +130,10 @@ class WorkerOps:
         if isinstance(tokens, str):
             tokens = self.backend.tokenize(tokens)
         if len(tokens) > self.backend.n_ctx_seq:
-            raise ErllamaError(ErrorCode.CONTEXT_OVERFLOW, f"{len(tokens)} tokens exceed the context of {self.backend.n_ctx_seq}")
+            raise ErllamaError(
+                ErrorCode.CONTEXT_OVERFLOW,
+                f"{len(tokens)} tokens exceed the context of {self.backend.n_ctx_seq}",
+            )
         try:
             return self.backend.embed(tokens)
         except BackendError as exc:

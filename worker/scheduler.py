@@ -82,7 +82,9 @@ class Scheduler:
 
     # --- requests in -------------------------------------------------------------------------------------
 
-    def submit(self, rid: int, prompt: str | list[int], params: SamplingParams, queue_ms: float = 0.0) -> None:
+    def submit(
+        self, rid: int, prompt: str | list[int], params: SamplingParams, queue_ms: float = 0.0
+    ) -> None:
         """Accept a request or raise ``invalid_params`` / ``context_overflow`` / ``invalid_grammar``
         / ``sticky_busy`` before anything is decoded."""
         if rid in self.running or any(r.rid == rid for r in self.waiting):
@@ -122,8 +124,13 @@ class Scheduler:
         req.sampler, req.verify_from = sampler, verify_from
         spans = None
         if self.markers is not None:
-            spans = SpanAutomaton(self.markers, thinking=params.thinking, tool_calls=self.markers.has_tool_calls,
-                                  thinking_budget_tokens=params.thinking_budget_tokens, signing_key=self.signing_key)  # fmt: skip
+            spans = SpanAutomaton(
+                self.markers,
+                thinking=params.thinking,
+                tool_calls=self.markers.has_tool_calls,
+                thinking_budget_tokens=params.thinking_budget_tokens,
+                signing_key=self.signing_key,
+            )
         req.out = RequestOutput(TextStream(stops=params.stop), spans)
         self.waiting.append(req)
 
@@ -201,7 +208,9 @@ class Scheduler:
     def _finish_cancelled(self) -> None:
         for req in [r for r in self.waiting if r.cancelled]:
             self.waiting.remove(req)
-            self._finish(req, FinishReason.CANCELLED)  # it never had a sequence: _release abandons its session
+            self._finish(
+                req, FinishReason.CANCELLED
+            )  # it never had a sequence: _release abandons its session
         for req in [r for r in self.running.values() if r.cancelled]:
             self._finish(req, FinishReason.CANCELLED)
 
@@ -262,7 +271,9 @@ class Scheduler:
             self.backend.seq_clear(req.seq_id)
             self.backend.seq_restore(req.seq_id, state)
         except BackendError as exc:
-            log.warning("copying sequence %d to %d failed, prefilling on its own: %s", donor.seq_id, req.seq_id, exc)
+            log.warning(
+                "copying sequence %d to %d failed, prefilling on its own: %s", donor.seq_id, req.seq_id, exc
+            )
             self.backend.seq_clear(req.seq_id)
             self._keep(req, 0, CacheHitKind.COLD)
         else:
@@ -299,7 +310,9 @@ class Scheduler:
             stop_at = req.cold_save_at if req.cold_save_at > req.n_past else len(req.prompt)
             take = min(stop_at - req.n_past, self.prefill_chunk_size, budget)
             end = req.n_past + take
-            rows.append(BatchRow(req.seq_id, req.prompt[req.n_past : end], req.n_past, req.logits_wanted(end)))
+            rows.append(
+                BatchRow(req.seq_id, req.prompt[req.n_past : end], req.n_past, req.logits_wanted(end))
+            )
             reqs.append(req)
             budget -= take
         return rows, reqs
@@ -325,7 +338,10 @@ class Scheduler:
             self._finish(req, FinishReason.LENGTH)
         else:
             req.pending_token = tok
-            if self.cache is not None and req.n_past - req.last_save_at >= self.cache.policy.continued_interval_tokens:
+            if (
+                self.cache is not None
+                and req.n_past - req.last_save_at >= self.cache.policy.continued_interval_tokens
+            ):
                 self._save_request(req, SaveReason.CONTINUED)
 
     def _stream(self, req: Request, events: list[Any]) -> None:
@@ -427,7 +443,11 @@ class Scheduler:
         self._stream(req, req.out.finish())
         if req.seq_id >= 0:
             req.finish_key = self._save_request(req, SaveReason.FINISH)
-        verify = req.verify_outcome(self.backend.is_eog) if req.is_verify and reason is not FinishReason.CANCELLED else None
+        verify = (
+            req.verify_outcome(self.backend.is_eog)
+            if req.is_verify and reason is not FinishReason.CANCELLED
+            else None
+        )
         result = req.result(reason, verify)
         self._release(req)
         self.emit.done(req.rid, result)

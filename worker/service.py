@@ -52,7 +52,9 @@ from erllama.worker.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
-THINKING_KEY_ENV = "ERLLAMA_THINKING_SIGNING_KEY"  # HMAC key for thinking-block signatures (empty: no signature)
+THINKING_KEY_ENV = (
+    "ERLLAMA_THINKING_SIGNING_KEY"  # HMAC key for thinking-block signatures (empty: no signature)
+)
 
 
 class SocketEmitter:
@@ -62,12 +64,16 @@ class SocketEmitter:
         self.sock = sock
 
     def admitted(self, rid: int, cache_hit_kind: CacheHitKind, prefix_len: int) -> None:
-        log.info("rid %d admitted: cache %s, %d prompt tokens not prefilled", rid, cache_hit_kind.value, prefix_len)
+        log.info(
+            "rid %d admitted: cache %s, %d prompt tokens not prefilled", rid, cache_hit_kind.value, prefix_len
+        )
         self.sock.send(encode(Admitted(rid=rid, cache_hit_kind=cache_hit_kind, prefix_len=prefix_len)))
 
     def token(self, rid: int, text: str, token_ids: list[int], kind: str = "text") -> None:
         # ts_ns lets a same-host client measure worker-to-client latency (CLOCK_MONOTONIC is system-wide).
-        self.sock.send(encode(Token(rid=rid, text=text, token_ids=token_ids, kind=kind, ts_ns=time.monotonic_ns())))
+        self.sock.send(
+            encode(Token(rid=rid, text=text, token_ids=token_ids, kind=kind, ts_ns=time.monotonic_ns()))
+        )
 
     def span_end(self, rid: int, kind: str, data: str, signature: bytes) -> None:
         self.sock.send(encode(SpanEnd(rid=rid, kind=kind, data=data, signature=signature)))
@@ -75,8 +81,11 @@ class SocketEmitter:
     def done(self, rid: int, result: CompletionResult) -> None:
         log.info(
             "rid %d finished: %s, %d tokens generated, finish_key %s",
-            rid, result.finish_reason.value, len(result.generated), result.finish_key,
-        )  # fmt: skip
+            rid,
+            result.finish_reason.value,
+            len(result.generated),
+            result.finish_key,
+        )
         self.reply(rid, Done(rid=rid, result=result))
 
     def error(self, rid: int | None, err: ErllamaError) -> None:
@@ -85,7 +94,9 @@ class SocketEmitter:
 
     def reply(self, rid: int, msg: Done | OpResult) -> None:
         """A request's terminal message; one the broker's socket would refuse becomes a typed error."""
-        self.sock.send(frame_or_error(encode(msg), protocol.MAX_WORKER_FRAME_BYTES, lambda err: error_of(err, rid)))
+        self.sock.send(
+            frame_or_error(encode(msg), protocol.MAX_WORKER_FRAME_BYTES, lambda err: error_of(err, rid))
+        )
 
 
 class WorkerService:
@@ -111,8 +122,15 @@ class WorkerService:
         self.info = info
         self.emitter = SocketEmitter(sock)
         signing_key = os.environ.get(THINKING_KEY_ENV, "").encode()
-        self.scheduler = Scheduler(backend, self.emitter, options.prefill_chunk_size, cache, markers, signing_key,
-                                   share_prefix=options.share_prefix)  # fmt: skip
+        self.scheduler = Scheduler(
+            backend,
+            self.emitter,
+            options.prefill_chunk_size,
+            cache,
+            markers,
+            signing_key,
+            share_prefix=options.share_prefix,
+        )
         self.ops = WorkerOps(backend, self.scheduler, cache, refingerprint)
         self.decoder = protocol.worker_command_decoder()
         self.handlers: dict[type[WorkerCommand], Callable[[Any], None]] = {
@@ -128,7 +146,9 @@ class WorkerService:
         self._reported_phase = self.scheduler.phase
 
     def announce(self) -> None:
-        self.sock.send(encode(Ready(model=self.model_id, pid=os.getpid(), slots=self.backend.n_seq_max, info=self.info)))
+        self.sock.send(
+            encode(Ready(model=self.model_id, pid=os.getpid(), slots=self.backend.n_seq_max, info=self.info))
+        )
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -147,7 +167,9 @@ class WorkerService:
                     self.scheduler.tick()
                 except Exception:  # a bug of ours: fail what is running, keep the process
                     log.exception("tick failed; failing the running requests")
-                    self.scheduler.fail_all(ErllamaError(ErrorCode.INTERNAL, "internal error in the worker's scheduler"))
+                    self.scheduler.fail_all(
+                        ErllamaError(ErrorCode.INTERNAL, "internal error in the worker's scheduler")
+                    )
             self._publish_status()
             if self.heartbeat.broker_restarted.is_set():
                 self._register_again()
@@ -194,7 +216,10 @@ class WorkerService:
             self.bad_messages += 1
             log.warning("bad message from the broker: %s", err)
             rid = err.field("rid", int)
-            if rid is not None and err.field("t", str) in (Run.__struct_config__.tag, Op.__struct_config__.tag):
+            if rid is not None and err.field("t", str) in (
+                Run.__struct_config__.tag,
+                Op.__struct_config__.tag,
+            ):
                 self.emitter.error(rid, err)
             return
         try:
@@ -202,7 +227,9 @@ class WorkerService:
         except Exception:  # a bug of ours must cost one request, not the process
             log.exception("handling %s failed", type(msg).__name__)
             if isinstance(msg, Run | Op):
-                self.emitter.error(msg.rid, ErllamaError(ErrorCode.INTERNAL, f"internal error handling {type(msg).__name__}"))
+                self.emitter.error(
+                    msg.rid, ErllamaError(ErrorCode.INTERNAL, f"internal error handling {type(msg).__name__}")
+                )
 
     def _stop(self) -> None:
         self.stopping = True

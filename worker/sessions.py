@@ -31,7 +31,9 @@ class Session:
 class SequencePool:
     """Which sequences are free, which are running a request, which are pinned by idle sessions."""
 
-    def __init__(self, n_seq_max: int, release_kv: Callable[[int], None], save_before_unpin: Callable[[Session], None]):
+    def __init__(
+        self, n_seq_max: int, release_kv: Callable[[int], None], save_before_unpin: Callable[[Session], None]
+    ):
         # A heap: the lowest free id first keeps running sequences dense (0, 1, 2, ...), and llama.cpp
         # decodes consecutive per-sequence KV streams in one compute, gapped ones in several.
         self.free: list[int] = list(range(n_seq_max))

@@ -95,7 +95,18 @@ class CacheBye(Message, frozen=True, tag=CacheMsgType.BYE.value):
     rid: int
 
 
-CacheRequest = CacheExact | CachePrefix | CacheLoad | CacheRelease | CacheReserve | CacheCommit | CacheAbort | CacheStats | CacheEvict | CacheBye  # fmt: skip
+CacheRequest = (
+    CacheExact
+    | CachePrefix
+    | CacheLoad
+    | CacheRelease
+    | CacheReserve
+    | CacheCommit
+    | CacheAbort
+    | CacheStats
+    | CacheEvict
+    | CacheBye
+)
 
 # --- replies --------------------------------------------------------------------------------------------
 

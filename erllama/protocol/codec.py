@@ -93,7 +93,9 @@ class Decoder(Generic[M]):
         v = raw.get("v")
         if type(v) is not int or v != PROTOCOL_VERSION:
             shown = None if v == MISSING_VERSION else v
-            return WireError(f"unsupported protocol version {shown!r}", raw, {"supported": [PROTOCOL_VERSION]})
+            return WireError(
+                f"unsupported protocol version {shown!r}", raw, {"supported": [PROTOCOL_VERSION]}
+            )
         t = raw.get("t")
         if not isinstance(t, str):
             return WireError("a message needs a str 't'", raw)

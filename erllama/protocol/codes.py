@@ -161,7 +161,9 @@ class CacheHitKind(enum.StrEnum):
 
 # --- the cache store ------------------------------------------------------------------------------------
 
-MAX_ROW_TOKENS: Final = 131_072  # 512 KiB of token ids: a reserve map stays well under MAX_CACHE_CONTROL_BYTES
+MAX_ROW_TOKENS: Final = (
+    131_072  # 512 KiB of token ids: a reserve map stays well under MAX_CACHE_CONTROL_BYTES
+)
 MAX_FINGERPRINT_BYTES: Final = 255  # stored as a u8 length in the row header
 
 

@@ -306,7 +306,19 @@ class BrokerHeartbeat(Message, frozen=True, tag=MsgType.BROKER_HEARTBEAT.value):
 
 # --- what each socket receives --------------------------------------------------------------------------
 
-ClientRequest = Infer | Cancel | LoadModel | UnloadModel | ListModels | ModelInfo | QueueDepth | Call | CachedPrefixLen | VramInfo | Ping  # fmt: skip
+ClientRequest = (
+    Infer
+    | Cancel
+    | LoadModel
+    | UnloadModel
+    | ListModels
+    | ModelInfo
+    | QueueDepth
+    | Call
+    | CachedPrefixLen
+    | VramInfo
+    | Ping
+)
 ClientEvent = Reply | StreamToken | StreamSpanEnd | StreamDone | ErrorReply
 WorkerMessage = Ready | Heartbeat | Admitted | Token | SpanEnd | Done | Error | OpResult
 WorkerCommand = Run | CancelRun | Op | Shutdown | Error

@@ -53,7 +53,9 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         # raised here as a validation error of the whole struct.
         if any(len(s.encode()) > MAX_STOP_SEQUENCE_BYTES for s in self.stop):
             raise ValueError(f"stop: a stop sequence is longer than {MAX_STOP_SEQUENCE_BYTES} bytes")
-        if self.grammar is not None and (not self.grammar.strip() or len(self.grammar.encode()) > MAX_GRAMMAR_BYTES):
+        if self.grammar is not None and (
+            not self.grammar.strip() or len(self.grammar.encode()) > MAX_GRAMMAR_BYTES
+        ):
             raise ValueError(f"grammar: expected GBNF text of at most {MAX_GRAMMAR_BYTES} bytes")
 
 

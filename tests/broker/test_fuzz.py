@@ -100,9 +100,10 @@ SCALARS = st.one_of(
     st.binary(max_size=12),
 )
 ANY = st.recursive(
-    SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=5,
-)  # fmt: skip
+)
 
 
 class Ref:
@@ -143,9 +144,15 @@ LOAD_OPTION_KEYS: Final = [f.name for f in dataclasses.fields(LoadOptions)]
 # Values that reach past the schema into option parsing, prompt checks and the worker.
 SAMPLING = st.dictionaries(
     st.sampled_from(SAMPLING_KEYS) | st.text(max_size=8),
-    st.one_of(st.integers(0, 6), st.floats(), st.integers(-(2**63), 2**63 - 1), st.lists(st.text(min_size=1, max_size=3), max_size=3), SCALARS),
+    st.one_of(
+        st.integers(0, 6),
+        st.floats(),
+        st.integers(-(2**63), 2**63 - 1),
+        st.lists(st.text(min_size=1, max_size=3), max_size=3),
+        SCALARS,
+    ),
     max_size=4,
-).map(lambda p: p if "max_tokens" in p or len(p) % 2 else p | {"max_tokens": 4})  # fmt: skip
+).map(lambda p: p if "max_tokens" in p or len(p) % 2 else p | {"max_tokens": 4})
 PROMPTS = st.one_of(
     st.text(min_size=1, max_size=24),
     st.lists(st.integers(0, 257), min_size=1, max_size=12),  # inside the stub's vocabulary
@@ -178,8 +185,20 @@ SEMANTIC: Final[dict[str, st.SearchStrategy[Any]]] = {
 
 
 # Optional fields the processes read beyond the schema: prime targets for wrongly typed values.
-IMPLEMENTATION_FIELDS: Final = ["detail", "queue_ms", "ts_ns", "kind", "tokens_generated", "running", "waiting", "busy",
-                                "instance", "hit", "info", "result"]  # fmt: skip
+IMPLEMENTATION_FIELDS: Final = [
+    "detail",
+    "queue_ms",
+    "ts_ns",
+    "kind",
+    "tokens_generated",
+    "running",
+    "waiting",
+    "busy",
+    "instance",
+    "hit",
+    "info",
+    "result",
+]
 
 
 def _python_types(t: msgspec.inspect.Type) -> tuple[type, ...]:
@@ -187,9 +206,20 @@ def _python_types(t: msgspec.inspect.Type) -> tuple[type, ...]:
     mi = msgspec.inspect
     if isinstance(t, mi.UnionType):
         return tuple(p for member in t.types for p in _python_types(member))
-    simple: dict[type, type] = {mi.StrType: str, mi.IntType: int, mi.BoolType: bool, mi.BytesType: bytes,
-                                mi.NoneType: type(None), mi.EnumType: str, mi.LiteralType: str, mi.FloatType: float,
-                                mi.DictType: dict, mi.StructType: dict, mi.ListType: list, mi.TupleType: list}  # fmt: skip
+    simple: dict[type, type] = {
+        mi.StrType: str,
+        mi.IntType: int,
+        mi.BoolType: bool,
+        mi.BytesType: bytes,
+        mi.NoneType: type(None),
+        mi.EnumType: str,
+        mi.LiteralType: str,
+        mi.FloatType: float,
+        mi.DictType: dict,
+        mi.StructType: dict,
+        mi.ListType: list,
+        mi.TupleType: list,
+    }
     return (simple[type(t)],) if type(t) in simple else (object,)
 
 
@@ -200,7 +230,9 @@ def _wire_schema() -> dict[MsgType, dict[str, tuple[tuple[type, ...], bool]]]:
         for cls in typing.get_args(union) or (union,):
             info = msgspec.inspect.type_info(cls)
             schema[MsgType(cls.__struct_config__.tag)] = {
-                f.encode_name: (_python_types(f.type), f.required) for f in info.fields if f.encode_name != "v"
+                f.encode_name: (_python_types(f.type), f.required)
+                for f in info.fields
+                if f.encode_name != "v"
             }
     return schema
 
@@ -310,8 +342,10 @@ def drafts(types: list[MsgType]) -> st.SearchStrategy[Draft]:
         typed.map(lambda m: Draft(msg=m)),
         typed.map(lambda m: Draft(msg=m)),
         RAW_FRAMES.map(lambda f: Draft(frames=f)),
-        st.tuples(typed, st.lists(st.binary(max_size=8), min_size=1, max_size=2)).map(lambda p: Draft(msg=p[0], extra_frames=p[1])),
-    )  # fmt: skip
+        st.tuples(typed, st.lists(st.binary(max_size=8), min_size=1, max_size=2)).map(
+            lambda p: Draft(msg=p[0], extra_frames=p[1])
+        ),
+    )
 
 
 ALL_TYPES: Final = list(MsgType)
@@ -467,7 +501,9 @@ def _is_file(path: str) -> bool:
 
 
 WORKER_COMMANDS: Final = protocol.worker_command_decoder()
-BROKER_TO_WORKER_TYPES: Final = frozenset(MsgType(c.__struct_config__.tag) for c in typing.get_args(WorkerCommand))
+BROKER_TO_WORKER_TYPES: Final = frozenset(
+    MsgType(c.__struct_config__.tag) for c in typing.get_args(WorkerCommand)
+)
 
 
 def _worker_expectation(frame: bytes, t: str) -> Sent | None:
@@ -797,8 +833,22 @@ class worker_under_test:
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.bind(endpoint)
         self.router = router
-        cmd = [sys.executable, "-m", "erllama.worker.main", "--id", FUZZ_MODEL, "--options", json.dumps(self.options),
-               "--broker", endpoint, "--runtime-dir", str(self.rdir), "--no-cache", "--log-level", "WARNING"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "erllama.worker.main",
+            "--id",
+            FUZZ_MODEL,
+            "--options",
+            json.dumps(self.options),
+            "--broker",
+            endpoint,
+            "--runtime-dir",
+            str(self.rdir),
+            "--no-cache",
+            "--log-level",
+            "WARNING",
+        ]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while True:
@@ -917,9 +967,7 @@ def _load_unstatable_paths(bp: BrokerProcess) -> None:
         for i, path in enumerate(
             ["a" * 300, "/tmp/" + "b" * 5000, "/" + "c/" * 3000, "nul\x00byte.gguf", "/tmp/\x00"]
         ):
-            sock.send(
-                raw_frame(MsgType.LOAD_MODEL, id=f"long-{i}", model=f"long-{i}", path=path, options={})
-            )
+            sock.send(raw_frame(MsgType.LOAD_MODEL, id=f"long-{i}", model=f"long-{i}", path=path, options={}))
             assert sock.poll(10_000), "no reply: the broker died"
             reply = msgpack.unpackb(sock.recv(), raw=False)
             assert reply["t"] == MsgType.ERROR and reply["id"] == f"long-{i}", reply
@@ -941,8 +989,15 @@ def test_cached_prefix_len_with_ids_past_32_bits_or_a_workers_odd_fingerprint_is
         intruders = [_worker_socket(ctx, bp) for _ in fingerprints]  # one registration per peer
         try:
             for s, (model, fp) in zip(intruders, fingerprints.items()):
-                s.send(raw_frame(MsgType.READY, model=model, pid=sacrifice.proc.pid, slots=1,
-                                       info={"fingerprint": fp, "n_vocab": 300}))  # fmt: skip
+                s.send(
+                    raw_frame(
+                        MsgType.READY,
+                        model=model,
+                        pid=sacrifice.proc.pid,
+                        slots=1,
+                        info={"fingerprint": fp, "n_vocab": 300},
+                    )
+                )
                 sync_worker_socket(s, bp)
             with Client(bp.endpoint, timeout_s=10.0) as c:
                 for tokens in ([2**32], [1, 2**40], [2**64 - 1]):
@@ -985,8 +1040,15 @@ def test_a_worker_error_with_an_odd_detail_from_an_unknown_peer_is_ignored_and_t
         s = _worker_socket(ctx, bp)
         try:
             s.send(raw_frame(MsgType.ERROR, rid=None, code="load_failed", message="x", detail=detail))
-            s.send(raw_frame(MsgType.ERROR, rid=None, code="load_failed", message="x",
-                                   detail={"model": FUZZ_MODEL, "pid": detail}))  # fmt: skip
+            s.send(
+                raw_frame(
+                    MsgType.ERROR,
+                    rid=None,
+                    code="load_failed",
+                    message="x",
+                    detail={"model": FUZZ_MODEL, "pid": detail},
+                )
+            )
             sync_worker_socket(s, bp)
         finally:
             s.close()
@@ -1052,9 +1114,7 @@ def test_a_registered_worker_cannot_inject_tokens_or_results_into_another_models
                 got = [t for t in next(events).token_ids]
                 for rid in range(1, 300):  # request ids are small integers: guessable
                     intruder.send(raw_frame(MsgType.TOKEN, rid=rid, text="INJECTED", token_ids=[1]))
-                    intruder.send(
-                        raw_frame(MsgType.ERROR, rid=rid, code="internal", message="INJECTED")
-                    )
+                    intruder.send(raw_frame(MsgType.ERROR, rid=rid, code="internal", message="INJECTED"))
                     intruder.send(raw_frame(MsgType.DONE, rid=rid, result={"reply": "INJECTED"}))
                 for ev in events:
                     assert "INJECTED" not in ev.text
@@ -1145,17 +1205,38 @@ NAN, INF = math.nan, math.inf
 @pytest.mark.parametrize(
     "params",
     [
-        {"temperature": NAN}, {"temperature": INF}, {"temperature": -INF}, {"temperature": -0.5},
-        {"top_p": NAN}, {"top_p": -0.1}, {"top_p": INF},
-        {"min_p": NAN}, {"min_p": -0.1}, {"min_p": -INF},
-        {"repetition_penalty": NAN}, {"repetition_penalty": -1.0}, {"repetition_penalty": INF},
-        {"top_k": -1}, {"top_k": 2**40},
-        {"seed": -1}, {"seed": 2**32 - 1}, {"seed": 2**64 - 1}, {"seed": 1.5},
-        {"max_tokens": 2**31}, {"max_tokens": 1.5}, {"max_tokens": True}, {"max_tokens": None},
-        {"temperature": [0.5]}, {"top_p": None}, {"stop": [""]}, {"stop": ["x"] * 17}, {"stop": 5}, {"stop": [5]},
+        {"temperature": NAN},
+        {"temperature": INF},
+        {"temperature": -INF},
+        {"temperature": -0.5},
+        {"top_p": NAN},
+        {"top_p": -0.1},
+        {"top_p": INF},
+        {"min_p": NAN},
+        {"min_p": -0.1},
+        {"min_p": -INF},
+        {"repetition_penalty": NAN},
+        {"repetition_penalty": -1.0},
+        {"repetition_penalty": INF},
+        {"top_k": -1},
+        {"top_k": 2**40},
+        {"seed": -1},
+        {"seed": 2**32 - 1},
+        {"seed": 2**64 - 1},
+        {"seed": 1.5},
+        {"max_tokens": 2**31},
+        {"max_tokens": 1.5},
+        {"max_tokens": True},
+        {"max_tokens": None},
+        {"temperature": [0.5]},
+        {"top_p": None},
+        {"stop": [""]},
+        {"stop": ["x"] * 17},
+        {"stop": 5},
+        {"stop": [5]},
     ],
     ids=repr,
-)  # fmt: skip
+)
 def test_nan_inf_negative_and_wrongly_typed_sampling_values_are_invalid_params_on_the_real_model(
     real_client: Client, real_pid: int, params: dict[str, Any]
 ):
@@ -1227,8 +1308,9 @@ def test_a_token_prompt_exactly_the_context_is_context_overflow_and_one_less_fil
     assert real_client.model_info(small_ctx_model)["worker_pid"] == pid, "the worker was restarted"
 
 
-def test_unknown_types_and_wrong_field_types_to_the_real_model_are_typed_errors(real_broker: BrokerProcess, real_client: Client,
-                                                                               real_pid: int):  # fmt: skip
+def test_unknown_types_and_wrong_field_types_to_the_real_model_are_typed_errors(
+    real_broker: BrokerProcess, real_client: Client, real_pid: int
+):
     ctx = zmq.Context()
     sock = dealer(ctx, real_broker.endpoint)
     msgs = {
@@ -1314,8 +1396,9 @@ def test_a_reply_larger_than_the_clients_frame_limit_is_a_typed_error_and_the_cl
         assert c.complete(FUZZ_MODEL, "after a huge reply", max_tokens=2).finish_reason == "length"
 
 
-def test_a_worker_reply_larger_than_the_broker_accepts_is_a_typed_error_not_a_silent_timeout(real_broker: BrokerProcess,
-                                                                                             real_pid: int):  # fmt: skip
+def test_a_worker_reply_larger_than_the_broker_accepts_is_a_typed_error_not_a_silent_timeout(
+    real_broker: BrokerProcess, real_pid: int
+):
     """Token 46778 of this vocabulary is a newline and 80 spaces: detokenizing a million of them is a
     3 MB request and an 81 MB reply, over MAX_WORKER_FRAME_BYTES. The broker's socket drops such a frame
     (the worker reconnects), so the worker must not send it: the call gets an error, and the broker does

@@ -204,9 +204,21 @@ def test_a_second_daemon_on_the_same_directories_refuses_to_start(daemon: Daemon
 
     daemon.start()
     second = subprocess.run(
-        [sys.executable, "-m", "erllama.cachestore.main", "--endpoint", daemon.endpoint + "2",
-         "--shm-dir", str(daemon.shm_dir), "--disk-dir", str(daemon.disk_dir)],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "erllama.cachestore.main",
+            "--endpoint",
+            daemon.endpoint + "2",
+            "--shm-dir",
+            str(daemon.shm_dir),
+            "--disk-dir",
+            str(daemon.disk_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert second.returncode == 2 and "another process holds" in second.stderr
     assert daemon.client().stats()["rows"] == 0  # the first one is unharmed

@@ -229,7 +229,9 @@ def test_a_second_request_under_a_running_request_id_is_refused_and_the_first_co
 
 # --- prompts that start like a running request's (worker/sharing.py) ------------------------------------------
 
-SHARED_START = "You are a careful assistant. Answer in one short sentence, and cite the source. " * 2  # 163 tokens
+SHARED_START = (
+    "You are a careful assistant. Answer in one short sentence, and cite the source. " * 2
+)  # 163 tokens
 
 
 def counting_decodes(be: StubBackend) -> list[tuple[int, int]]:
