@@ -33,11 +33,13 @@ from erllama.cachestore.codec import (
 )
 from erllama.cachestore.config import default_endpoint
 from erllama.cachestore.mapping import MAPPINGS, RowMapping, make_read_only
+from erllama.logsetup import CURRENT_REQUEST
 from erllama.protocol import (
     MAX_CACHE_PAYLOAD_BYTES,
     Ack,
     CacheAbort,
     CacheBye,
+    CacheCall,
     CacheCommit,
     CacheEvict,
     CacheExact,
@@ -56,7 +58,6 @@ from erllama.protocol import (
     ExactReply,
     LateReply,
     LoadReply,
-    Message,
     PrefixReply,
     ReserveReply,
     ReserveStatus,
@@ -334,17 +335,17 @@ class CacheClient:
 
     def request(
         self,
-        msg: Message,
+        msg: CacheCall,
         reply: type[R],
         frame: Any = None,
         timeout_s: float | None = None,
         spin_s: float = 0.0,
     ) -> tuple[R, zmq.Frame | None]:
-        """One round trip: ``msg`` (its ``rid`` is replaced by ours) for its ``reply`` and payload frame;
-        raises ``ErllamaError``. ``spin_s``: poll for the reply without sleeping this long first (see
-        ``REPLY_SPIN_S``)."""
+        """One round trip: ``msg`` (its ``rid`` is replaced by ours, its ``req`` by the request this thread
+        works for, if any) for its ``reply`` and payload frame; raises ``ErllamaError``. ``spin_s``: poll for
+        the reply without sleeping this long first (see ``REPLY_SPIN_S``)."""
         rid = next(self._rids)
-        ctrl = encode(msgspec.structs.replace(msg, rid=rid))
+        ctrl = encode(msgspec.structs.replace(msg, rid=rid, req=CURRENT_REQUEST.get()))
         decoder = self._decoders.get(reply)
         if decoder is None:
             decoder = self._decoders[reply] = cache_reply_decoder(reply)

@@ -34,6 +34,7 @@ from erllama.cachestore.publish import Publisher
 from erllama.cachestore.storage import Storage
 from erllama.cachestore.store import Store
 from erllama.cachestore.tiers import TIER_ORDER, eviction_order
+from erllama.logsetup import about_request
 from erllama.protocol import (
     MAX_CACHE_CONTROL_BYTES,
     MAX_CACHE_PAYLOAD_BYTES,
@@ -75,11 +76,18 @@ class _Reply:
     server: CacheServer
     ident: bytes
     rid: int | None
+    req: int | None = None  # the broker's request this serves, if the caller said
 
     def ok(self, reply: CacheReply, frame: Any = None) -> None:
+        if self.req is not None:
+            with about_request(self.req):
+                log.debug("answered: %s", type(reply).__name__)
         self.server.send(self.ident, encode(msgspec.structs.replace(reply, rid=self.rid)), frame)
 
     def error(self, err: ErllamaError) -> None:
+        if self.req is not None:
+            with about_request(self.req):
+                log.info("request failed: %s", err)
         self.server.send(self.ident, encode(error_of(err, self.rid)))
 
 
@@ -182,13 +190,16 @@ class CacheServer:
             except WireError as err:
                 reply.rid = err.field("rid", int)
                 raise
-            reply.rid = msg.rid
+            reply.rid, reply.req = msg.rid, msg.req
             payload = frames[2].buffer if len(frames) == 3 else None
             if (payload is not None) != (isinstance(msg, CacheCommit) and msg.inline):
                 raise ErllamaError(
                     ErrorCode.PROTOCOL_ERROR, "a payload frame goes with an inline commit only"
                 )
-            self._handlers[type(msg)](reply, msg, payload)
+            with about_request(msg.req):
+                if msg.req is not None:
+                    log.debug("received %s", type(msg).__name__)
+                self._handlers[type(msg)](reply, msg, payload)
         except ErllamaError as err:
             if err.code == ErrorCode.PROTOCOL_ERROR:
                 self.store.counters.bad_messages += 1

@@ -15,11 +15,12 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from erllama.cachestore.client import CacheClient, LoadedRow
 from erllama.cachestore.codec import row_key
+from erllama.logsetup import CURRENT_REQUEST, about_request
 from erllama.protocol import CacheHitKind, ErllamaError, SaveOutcome, SaveReason
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class _Save:
     tokens: list[int]
     payload: bytes | bytearray
     reason: SaveReason
+    rid: int | None = field(default_factory=CURRENT_REQUEST.get)  # the request it saves, for the logs
 
 
 class KVCache:
@@ -191,12 +193,16 @@ class KVCache:
                     if not self._queue:
                         return
                     item = self._queue.popleft()
-                try:
-                    outcome = client.save(self.fingerprint, item.tokens, item.payload, item.reason)
-                except ErllamaError as err:
-                    outcome = SaveOutcome.DROPPED
-                    self._down_until = time.monotonic() + STORE_BACKOFF_S
-                    log.warning("save dropped: %s", err)
+                with about_request(item.rid):
+                    try:
+                        outcome = client.save(self.fingerprint, item.tokens, item.payload, item.reason)
+                        log.info(
+                            "%s save of %d tokens: %s", item.reason.value, len(item.tokens), outcome.value
+                        )
+                    except ErllamaError as err:
+                        outcome = SaveOutcome.DROPPED
+                        self._down_until = time.monotonic() + STORE_BACKOFF_S
+                        log.warning("save dropped: %s", err)
                 with self._cond:
                     self._pending_bytes -= len(item.payload)
                     if outcome is SaveOutcome.STORED:

@@ -21,6 +21,7 @@ import time
 from collections import deque
 from typing import Any, Protocol
 
+from erllama.logsetup import for_request
 from erllama.options import SamplingParams, validate_prompt
 from erllama.protocol import (
     CacheHitKind,
@@ -353,6 +354,7 @@ class Scheduler:
 
     # --- the cache -----------------------------------------------------------------------------------------
 
+    @for_request
     def _restore_from_cache(self, req: Request) -> None:
         """Restore the longest cached prefix of the prompt into the request's (empty) sequence."""
         if self.cache is None:
@@ -372,6 +374,9 @@ class Scheduler:
         self._keep(req, found.common, found.kind)
         req.cache_tier = found.row.tier.value
         self.cache.counters.restored_tokens += req.n_past
+        log.info(
+            "restored %d prompt tokens from the %s tier (%s)", req.n_past, req.cache_tier, found.kind.value
+        )
 
     def _save(self, seq_id: int, tokens: list[int], reason: SaveReason) -> str | None:
         """Copy a sequence's KV out and queue it for the store; the key (hex), or None if dropped."""
@@ -382,6 +387,7 @@ class Scheduler:
             return None
         return self.cache.save(tokens, self.backend.seq_state(seq_id), reason)
 
+    @for_request
     def _save_request(self, req: Request, reason: SaveReason) -> str | None:
         # A verify's candidates are guesses, and KV made partly under another adapter set has no
         # fingerprint that describes it: neither is ever saved.

@@ -65,7 +65,7 @@ class SocketEmitter:
 
     def admitted(self, rid: int, cache_hit_kind: CacheHitKind, prefix_len: int) -> None:
         log.info(
-            "rid %d admitted: cache %s, %d prompt tokens not prefilled", rid, cache_hit_kind.value, prefix_len
+            "rid=%d admitted: cache %s, %d prompt tokens not prefilled", rid, cache_hit_kind.value, prefix_len
         )
         self.sock.send(encode(Admitted(rid=rid, cache_hit_kind=cache_hit_kind, prefix_len=prefix_len)))
 
@@ -80,7 +80,7 @@ class SocketEmitter:
 
     def done(self, rid: int, result: CompletionResult) -> None:
         log.info(
-            "rid %d finished: %s, %d tokens generated, finish_key %s",
+            "rid=%d finished: %s, %d tokens generated, finish_key %s",
             rid,
             result.finish_reason.value,
             len(result.generated),
@@ -89,7 +89,7 @@ class SocketEmitter:
         self.reply(rid, Done(rid=rid, result=result))
 
     def error(self, rid: int | None, err: ErllamaError) -> None:
-        log.info("rid %s failed: %s", rid, err)
+        log.info("rid=%s failed: %s", rid, err)
         self.sock.send(encode(error_of(err, rid)))
 
     def reply(self, rid: int, msg: Done | OpResult) -> None:
@@ -243,7 +243,7 @@ class WorkerService:
 
     def _run(self, msg: Run) -> None:
         # The parameters were validated by the broker and again, in C, by our decoder: they arrive typed.
-        log.info("rid %d received (queued %.1f ms in the broker)", msg.rid, msg.queue_ms)
+        log.info("rid=%d received (queued %.1f ms in the broker)", msg.rid, msg.queue_ms)
         try:
             self.scheduler.submit(msg.rid, msg.prompt, msg.params, msg.queue_ms)
         except ErllamaError as err:

@@ -19,42 +19,45 @@ from erllama.protocol.messages import Message
 # --- requests -------------------------------------------------------------------------------------------
 
 
-class CacheExact(Message, frozen=True, tag=CacheMsgType.EXACT.value):
-    """key -> the row's metadata, or null."""
+class CacheCall(Message, frozen=True, kw_only=True):
+    """Base of the requests. ``rid`` is the requester's id for this round trip (the reply carries it);
+    ``req`` is the broker's id of the request the call serves, if any, written in the store's logs."""
 
     rid: int
+    req: int | None = None
+
+
+class CacheExact(CacheCall, frozen=True, tag=CacheMsgType.EXACT.value):
+    """key -> the row's metadata, or null."""
+
     key: bytes
 
 
-class CachePrefix(Message, frozen=True, tag=CacheMsgType.PREFIX.value):
+class CachePrefix(CacheCall, frozen=True, tag=CacheMsgType.PREFIX.value):
     """fingerprint, tokens -> the stored row sharing the longest token prefix, or null."""
 
-    rid: int
     fp: bytes
     tokens: bytes
     min_len: int | None = None
 
 
-class CacheLoad(Message, frozen=True, tag=CacheMsgType.LOAD.value):
+class CacheLoad(CacheCall, frozen=True, tag=CacheMsgType.LOAD.value):
     """key -> a lease and where to map the row (inline: the row follows as a raw frame)."""
 
-    rid: int
     key: bytes
     pid: int
     inline: bool = False
 
 
-class CacheRelease(Message, frozen=True, tag=CacheMsgType.RELEASE.value):
-    rid: int
+class CacheRelease(CacheCall, frozen=True, tag=CacheMsgType.RELEASE.value):
     lease: int
     bad: bool = False  # the reader found the row corrupt: verify it again
 
 
-class CacheReserve(Message, frozen=True, tag=CacheMsgType.RESERVE.value):
+class CacheReserve(CacheCall, frozen=True, tag=CacheMsgType.RESERVE.value):
     """Announce a row: get a temp to fill, or already_present / conflict. ``reason`` and ``tier`` are
     checked by the store (an unknown one is invalid_params)."""
 
-    rid: int
     fp: bytes
     tokens: bytes
     payload_len: int
@@ -63,36 +66,31 @@ class CacheReserve(Message, frozen=True, tag=CacheMsgType.RESERVE.value):
     tier: str | None = None
 
 
-class CacheCommit(Message, frozen=True, tag=CacheMsgType.COMMIT.value):
+class CacheCommit(CacheCall, frozen=True, tag=CacheMsgType.COMMIT.value):
     """The temp is written (inline: the payload follows as a raw frame); verify and publish it."""
 
-    rid: int
     res: int
     crc: int
     inline: bool = False
 
 
-class CacheAbort(Message, frozen=True, tag=CacheMsgType.ABORT.value):
-    rid: int
+class CacheAbort(CacheCall, frozen=True, tag=CacheMsgType.ABORT.value):
     res: int
 
 
-class CacheStats(Message, frozen=True, tag=CacheMsgType.STATS.value):
-    rid: int
+class CacheStats(CacheCall, frozen=True, tag=CacheMsgType.STATS.value):
+    """The store's counters, tiers and directories."""
 
 
-class CacheEvict(Message, frozen=True, tag=CacheMsgType.EVICT.value):
+class CacheEvict(CacheCall, frozen=True, tag=CacheMsgType.EVICT.value):
     """Free ``nbytes`` (``bytes`` on the wire) from ``tiers`` (memory-pressure watcher, CLI)."""
 
-    rid: int
     nbytes: int = msgspec.field(name="bytes")
     tiers: list[str] = msgspec.field(default_factory=lambda: [CacheTier.RAM.value, CacheTier.SHM.value])
 
 
-class CacheBye(Message, frozen=True, tag=CacheMsgType.BYE.value):
+class CacheBye(CacheCall, frozen=True, tag=CacheMsgType.BYE.value):
     """The client is closing: end its leases and reservations now."""
-
-    rid: int
 
 
 CacheRequest = (
