@@ -19,6 +19,8 @@ import queue
 from collections.abc import Iterator, Sequence
 from typing import Any, Self
 
+import msgspec
+
 from erllama.client.connection import Arrival, Connection
 from erllama.client.results import CompletionResult, Stats, TokenEvent
 from erllama.client.wire import infer_request, new_request_id, stream_step
@@ -39,6 +41,18 @@ from erllama.protocol import (
     VramInfo,
     WorkerOp,
     encode,
+)
+from erllama.protocol.ops import (
+    AdapterArgs,
+    AdapterPathArgs,
+    AdapterScaleArgs,
+    ChatTemplateArgs,
+    DetokenizeArgs,
+    EmbedArgs,
+    NoArgs,
+    OpArgs,
+    SessionArgs,
+    TokenizeArgs,
 )
 from erllama.transport import default_client_endpoint
 
@@ -179,20 +193,19 @@ class Client:
     def tokenize(
         self, model_id: str, text: str, add_special: bool = True, parse_special: bool = False
     ) -> list[int]:
-        args = {"text": text, "add_special": add_special, "parse_special": parse_special}
+        args = TokenizeArgs(text=text, add_special=add_special, parse_special=parse_special)
         return self._call_worker(model_id, WorkerOp.TOKENIZE, args)
 
     def detokenize(self, model_id: str, tokens: Sequence[int]) -> str:
-        return self._call_worker(model_id, WorkerOp.DETOKENIZE, {"tokens": list(tokens)})
+        return self._call_worker(model_id, WorkerOp.DETOKENIZE, DetokenizeArgs(tokens=list(tokens)))
 
     def end_session(self, model_id: str, session_id: str) -> bool:
         """Release the sequence a sticky session keeps pinned; False if the worker did not know it."""
-        return self._call_worker(model_id, WorkerOp.END_SESSION, {"session_id": session_id})
+        return self._call_worker(model_id, WorkerOp.END_SESSION, SessionArgs(session_id=session_id))
 
-    def _call_worker(self, model_id: str, op: WorkerOp, args: dict[str, Any]) -> Any:
-        return self._conn.call(
-            Call(id=new_request_id(), model=model_id, op=op.value, args=args), self.timeout_s
-        )
+    def _call_worker(self, model_id: str, op: WorkerOp, args: OpArgs) -> Any:
+        call = Call(id=new_request_id(), model=model_id, op=op.value, args=msgspec.structs.asdict(args))
+        return self._conn.call(call, self.timeout_s)
 
     # --- generation ----------------------------------------------------------------------------------------
 
@@ -249,37 +262,35 @@ class Client:
         """Token ids of ``messages`` rendered with the model's own GGUF template. ``system`` and ``tools``
         become a leading system message (tools go to the template itself when it takes them).
         Errors: ``invalid_content`` (content as a list of blocks), ``no_template``, ``template_failed``."""
-        args = {
-            "messages": messages,
-            "system": system,
-            "tools": tools,
-            "add_generation_prompt": add_generation_prompt,
-        }
+        args = ChatTemplateArgs(
+            messages=messages, system=system, tools=tools, add_generation_prompt=add_generation_prompt
+        )
         return self._call_worker(model_id, WorkerOp.APPLY_CHAT_TEMPLATE, args)
 
     def embed(self, model_id: str, text_or_tokens: str | Sequence[int]) -> list[float]:
         """A mean-pooled, unit-length embedding of the input, from an embeddings context of the model."""
         source = text_or_tokens if isinstance(text_or_tokens, str) else list(text_or_tokens)
-        return self._call_worker(model_id, WorkerOp.EMBED, {"input": source})
+        return self._call_worker(model_id, WorkerOp.EMBED, EmbedArgs(input=source))
 
     def load_adapter(self, model_id: str, path: str) -> dict[str, Any]:
         """Load a LoRA adapter (scale 1.0); returns ``{handle, path, scale, sha256}``. The adapter set
         and scales are part of the cache fingerprint: rows never cross adapter sets."""
-        return self._call_worker(model_id, WorkerOp.LOAD_ADAPTER, {"path": path})
+        return self._call_worker(model_id, WorkerOp.LOAD_ADAPTER, AdapterPathArgs(path=path))
 
     def unload_adapter(self, model_id: str, handle: int) -> bool:
-        return self._call_worker(model_id, WorkerOp.UNLOAD_ADAPTER, {"handle": handle})
+        return self._call_worker(model_id, WorkerOp.UNLOAD_ADAPTER, AdapterArgs(handle=handle))
 
     def set_adapter_scale(self, model_id: str, handle: int, scale: float) -> dict[str, Any]:
-        return self._call_worker(model_id, WorkerOp.SET_ADAPTER_SCALE, {"handle": handle, "scale": scale})
+        args = AdapterScaleArgs(handle=handle, scale=scale)
+        return self._call_worker(model_id, WorkerOp.SET_ADAPTER_SCALE, args)
 
     def list_adapters(self, model_id: str) -> list[dict[str, Any]]:
-        return self._call_worker(model_id, WorkerOp.LIST_ADAPTERS, {})
+        return self._call_worker(model_id, WorkerOp.LIST_ADAPTERS, NoArgs())
 
     def evict(self, model_id: str) -> int:
         """Save every running context and idle session of the model to the cache (reason ``evict``);
         nothing stops. Returns how many rows were handed to the store."""
-        return self._call_worker(model_id, WorkerOp.EVICT, {})
+        return self._call_worker(model_id, WorkerOp.EVICT, NoArgs())
 
     def draft_tokens(self, model_id: str, prefix: Sequence[int], max_tokens: int = 8) -> list[int]:
         """Up to ``max_tokens`` greedy continuation tokens (a draft for speculative decoding)."""
