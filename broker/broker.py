@@ -23,7 +23,7 @@ from typing import Any
 
 import zmq
 
-from erllama.broker.cachequery import CacheQueries
+from erllama.broker.cachequery import MAX_TOKEN_ID, CacheQueries
 from erllama.broker.config import BrokerConfig
 from erllama.broker.front import FrontEnd
 from erllama.broker.lifecycle import Requests
@@ -34,6 +34,7 @@ from erllama.broker.queues import QueueTotals
 from erllama.broker.registry import ModelEntry
 from erllama.broker.supervisor import Supervisor
 from erllama.broker.workers import WorkerSide
+from erllama.options import validate_prompt
 from erllama.protocol import (
     CachedPrefixLen,
     Call,
@@ -103,10 +104,11 @@ class Broker:
 
     def _cached_prefix_len(self, client: bytes, msg: CachedPrefixLen) -> None:
         entry = self.models.entry(msg.model)
-        if self.cache is None:
+        tokens = validate_prompt(msg.tokens, MAX_TOKEN_ID)
+        if self.cache is None or not isinstance(tokens, list):
             self.front.reply(client, msg.id, 0)
         else:
-            self.cache.cached_prefix_len(client, msg, entry)
+            self.cache.cached_prefix_len(client, msg.id, tokens, entry)
 
     def _ping(self) -> dict[str, Any]:
         return {

@@ -16,9 +16,7 @@ from erllama import protocol
 from erllama.broker.front import FrontEnd
 from erllama.broker.registry import ModelEntry, Waiter
 from erllama.cachestore.client import CacheClient
-from erllama.options import validate_prompt
 from erllama.protocol import (
-    CachedPrefixLen,
     CachePrefix,
     CacheStats,
     ErllamaError,
@@ -51,16 +49,15 @@ class CacheQueries:
         self._decoder = protocol.cache_reply_decoder(PrefixReply)
         self._pressure_client: CacheClient | None = None  # used only from the watcher's thread
 
-    def cached_prefix_len(self, client: bytes, msg: CachedPrefixLen, entry: ModelEntry) -> None:
-        """How many leading tokens of ``tokens`` the cache holds for this model: asked of the store
-        directly with the fingerprint the worker reported."""
-        tokens = validate_prompt(msg.tokens, MAX_TOKEN_ID)
+    def cached_prefix_len(self, client: bytes, client_id: str, tokens: list[int], entry: ModelEntry) -> None:
+        """How many leading ``tokens`` (checked by the caller) the cache holds for this model: asked of
+        the store directly with the fingerprint the worker reported."""
         try:  # it came from a worker's ready message: trust nothing about it
             fp = bytes.fromhex(entry.fingerprint or "")
         except ValueError:
             fp = b""
-        if not fp or not isinstance(tokens, list):
-            self.front.reply(client, msg.id, 0)
+        if not fp:
+            self.front.reply(client, client_id, 0)
             return
         rid = next(self.rids)
         query = CachePrefix(rid=rid, fp=fp, tokens=struct.pack(f"<{len(tokens)}I", *tokens), min_len=1)
@@ -68,7 +65,7 @@ class CacheQueries:
             self.sock.send(encode(query), zmq.NOBLOCK)
         except zmq.Again:
             raise ErllamaError(ErrorCode.TIMEOUT, "the cache store is not accepting queries") from None
-        self.pending[rid] = (Waiter(client, msg.id), time.monotonic() + CACHE_QUERY_TIMEOUT_S)
+        self.pending[rid] = (Waiter(client, client_id), time.monotonic() + CACHE_QUERY_TIMEOUT_S)
 
     def ping(self, now: float) -> None:
         self.pinged_s = now
