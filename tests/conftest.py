@@ -115,7 +115,10 @@ def cache_dirs(runtime_dir: Path) -> tuple[Path, Path]:
     return runtime_dir / "kv", Path("/dev/shm") / f"erllama-test-{runtime_dir.name}"
 
 
-def start_broker(runtime_dir: Path, *args: str, env: dict[str, str] | None = None) -> BrokerProcess:
+def start_broker(
+    runtime_dir: Path, *args: str, env: dict[str, str] | None = None, stderr: Any = None
+) -> BrokerProcess:
+    """``stderr``: where the broker's log (and its children's, which it passes through) goes."""
     endpoint = ipc_endpoint(runtime_dir, CLIENT_SOCKET_NAME)
     disk, shm = cache_dirs(runtime_dir)
     cmd = [
@@ -130,7 +133,7 @@ def start_broker(runtime_dir: Path, *args: str, env: dict[str, str] | None = Non
         str(shm),
         *args,
     ]
-    proc = subprocess.Popen(cmd, env=(os.environ | (env or {})), stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, env=(os.environ | (env or {})), stdin=subprocess.DEVNULL, stderr=stderr)
     bp = BrokerProcess(proc, runtime_dir, endpoint)
     deadline = time.monotonic() + BROKER_START_TIMEOUT_S
     with Client(endpoint, timeout_s=1.0) as probe:
