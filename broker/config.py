@@ -147,7 +147,12 @@ def build_config(
             file_cfg = tomllib.load(f)
     section = file_cfg.get("broker", {})
     rdir = Path(runtime_dir or section.get("runtime_dir") or default_runtime_dir())
-    ep = endpoint or os.environ.get(BROKER_ENDPOINT_ENV) or section.get("endpoint") or ipc_endpoint(rdir, CLIENT_SOCKET_NAME)
+    ep = (
+        endpoint
+        or os.environ.get(BROKER_ENDPOINT_ENV)
+        or section.get("endpoint")
+        or ipc_endpoint(rdir, CLIENT_SOCKET_NAME)
+    )
     tcp_ep = tcp or section.get("tcp")
     allow = allow_remote or bool(section.get("allow_remote", False))
     for e in (ep, tcp_ep):
@@ -156,18 +161,26 @@ def build_config(
     models = [_model_spec(m) for m in file_cfg.get("models", [])]
     if not models and default_model and not config_file:
         models = [ModelSpec(DEFAULT_MODEL_ID, None, parse_load_options({}).to_wire())]
-    cache = _cache_settings(file_cfg.get("cachestore", {}) | {k: v for k, v in (cache_overrides or {}).items() if v is not None})
+    cache = _cache_settings(
+        file_cfg.get("cachestore", {}) | {k: v for k, v in (cache_overrides or {}).items() if v is not None}
+    )
     curve = None
     curve_key = curve_key or section.get("curve_secret_key")
     curve_clients = curve_clients or section.get("curve_clients")
     if curve_key or curve_clients:
         if not (curve_key and curve_clients and tcp_ep):
-            raise ErllamaError(ErrorCode.INVALID_PARAMS, "CURVE needs --tcp, --curve-secret-key and --curve-clients")
+            raise ErllamaError(
+                ErrorCode.INVALID_PARAMS, "CURVE needs --tcp, --curve-secret-key and --curve-clients"
+            )
         if not Path(curve_key).is_file() or not Path(curve_clients).is_dir():
-            raise ErllamaError(ErrorCode.INVALID_PARAMS, f"no key file {curve_key} or no directory {curve_clients}")
+            raise ErllamaError(
+                ErrorCode.INVALID_PARAMS, f"no key file {curve_key} or no directory {curve_clients}"
+            )
         curve = CurveSettings(Path(curve_key), Path(curve_clients))
     elif tcp_ep and not tcp_ep.startswith("tcp://127.") and not tcp_ep.startswith("tcp://localhost"):
-        log.warning("%s is reachable from other hosts without authentication; consider --curve-secret-key", tcp_ep)
+        log.warning(
+            "%s is reachable from other hosts without authentication; consider --curve-secret-key", tcp_ep
+        )
     ids = [m.model_id for m in models]
     if len(set(ids)) != len(ids):
         raise ErllamaError(ErrorCode.INVALID_PARAMS, "duplicate model ids in the config file")
@@ -195,9 +208,13 @@ def _pressure(raw: dict[str, Any]) -> PressureConfig:
 def _cache_settings(raw: dict[str, Any]) -> CacheStoreSettings:
     unknown = set(raw) - set(CACHESTORE_FLAGS) - {"enabled", "endpoint"}
     if unknown:
-        raise ErllamaError(ErrorCode.INVALID_PARAMS, f"unknown [cachestore] keys: {', '.join(sorted(unknown))}")
+        raise ErllamaError(
+            ErrorCode.INVALID_PARAMS, f"unknown [cachestore] keys: {', '.join(sorted(unknown))}"
+        )
     flags: list[str] = []
     for key, flag in CACHESTORE_FLAGS.items():
         if raw.get(key) is not None:
             flags += [flag, str(raw[key])]
-    return CacheStoreSettings(enabled=bool(raw.get("enabled", True)), external_endpoint=raw.get("endpoint"), flags=flags)
+    return CacheStoreSettings(
+        enabled=bool(raw.get("enabled", True)), external_endpoint=raw.get("endpoint"), flags=flags
+    )

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from erllama.protocol import ErllamaError, ErrorCode, ModelState, Phase
+from erllama.protocol import ErllamaError, ErrorCode, ModelState, Phase, SamplingParams
 
 
 @dataclass(slots=True)
@@ -25,7 +25,7 @@ class Request:
     client_id: str  # the client's own request id
     model_id: str
     prompt: str | list[int]
-    params: dict[str, Any]
+    params: SamplingParams  # validated at admission; travels typed to the worker
     received_s: float = field(default_factory=time.monotonic)
     dispatched: bool = False
     tokens_sent: int = 0

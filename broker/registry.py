@@ -6,9 +6,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from erllama.broker.processes import RestartPolicy, WorkerProcess
 from erllama.broker.queues import ModelQueue
-from erllama.broker.supervisor import RestartPolicy, WorkerProcess
-from erllama.protocol import ModelState
+from erllama.protocol import MemoryKind, ModelState
 
 
 @dataclass(slots=True)
@@ -28,6 +28,8 @@ class ModelEntry:
     spawned: bool = True  # False for a worker an operator started; the broker cannot respawn it
     worker: WorkerProcess | None = None
     info: dict[str, Any] = field(default_factory=dict)  # what the worker reported in ``ready``
+    fingerprint: str | None = None  # the model's cache fingerprint (hex), from ``ready``
+    memory: MemoryKind = MemoryKind.TRANSFORMER  # from ``ready``: which cached rows the model can use
     load_waiters: list[Waiter] = field(default_factory=list)
     unload_waiters: list[Waiter] = field(default_factory=list)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
@@ -68,7 +70,7 @@ class ModelEntry:
             "last_error": self.last_error,
             "loaded_at": self.loaded_at,
             "backend": self.info.get("backend"),
-            "memory": self.info.get("memory"),  # transformer | swa | recurrent | hybrid (README, The KV cache)
+            "memory": self.memory.value,  # transformer | swa | recurrent | hybrid (README, The KV cache)
             "exact": self.info.get("exact"),  # warm greedy output bit-identical to cold
             "model": {k: v for k, v in self.info.items() if k not in ("options", "path", "n_ctx")},
         }

@@ -1,199 +1,204 @@
-"""Spawning and watching child processes: the workers and the cache store.
+"""Supervision: spawning workers and the cache store, watching their pidfds and stderr, and the liveness
+timers (a worker that stays silent, one stuck in native code, a load that never ends, a frozen store).
 
-The broker is the parent of the workers it spawns, so it learns of a death from the kernel
-(a pidfd becomes readable) rather than from a missed heartbeat: a ``GGML_ASSERT`` abort is
-seen within one poll. Each worker's stderr is a pipe the broker reads without blocking; the
-lines are passed through to the broker's own stderr and the tail is kept for crash reports.
-Operator-started workers have no pidfd; their death or hang shows as silence.
+``Supervisor`` decides nothing about requests or models: when a worker process has ended (or has been
+declared dead) it calls ``on_worker_exit(wp, detail)``, and the broker settles the rest.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import signal
 import subprocess
-import sys
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from erllama.broker.cachequery import CacheQueries
+from erllama.broker.config import BrokerConfig
+from erllama.broker.processes import (
+    RESTART_BACKOFF_MAX_S,
+    TERMINATE_GRACE_S,
+    ChildProcess,
+    RestartPolicy,
+    WorkerProcess,
+    spawn_cachestore,
+    spawn_worker,
+)
+from erllama.broker.registry import ModelEntry
+from erllama.protocol import (
+    HEARTBEAT_INTERVAL_S,
+    MODEL_LOAD_TIMEOUT_S,
+    WORKER_SILENCE_TIMEOUT_S,
+    WORKER_STALL_TIMEOUT_S,
+    ErrorCode,
+    ModelState,
+)
 
 log = logging.getLogger(__name__)
 
-STDERR_TAIL_LINES: Final = 40
-STDERR_TAIL_BYTES: Final = 4096
-RESTART_BACKOFF_INITIAL_S: Final = 0.5
-RESTART_BACKOFF_MAX_S: Final = 30.0
-CRASH_WINDOW_S: Final = 120.0
-MAX_CRASHES_IN_WINDOW: Final = 5
-TERMINATE_GRACE_S: Final = 10.0
 
+class Supervisor:
+    """The broker's child processes and their timers. ``fds`` maps each watched fd to its process."""
 
-@dataclass(slots=True)
-class ChildProcess:
-    """A process the broker watches: spawned by it (``proc`` set) or, for workers, operator-started."""
+    def __init__(self, cfg: BrokerConfig, poller: zmq.Poller, models: dict[str, ModelEntry]):
+        self.cfg = cfg
+        self.poller = poller
+        self.models = models
+        self.fds: dict[int, ChildProcess] = {}
+        self.cachestore: ChildProcess | None = None
+        self.cachestore_restart = RestartPolicy()
+        self.cachestore_restart_at_s = 0.0
+        self.stopping = False
+        self.on_worker_exit: Callable[[WorkerProcess, dict[str, Any]], None] = lambda wp, detail: None
 
-    name: str
-    pid: int
-    proc: subprocess.Popen[bytes] | None = None
-    pidfd: int = -1
-    stderr_fd: int = -1
-    started_s: float = field(default_factory=time.monotonic)
-    kill_reason: str | None = None  # why the broker killed it (silence, stall), for the crash report
-    stderr_tail: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_TAIL_LINES))
-    _partial: bytes = b""
+    # --- workers -------------------------------------------------------------------------------------------
+
+    def spawn(self, entry: ModelEntry) -> None:
+        wp = spawn_worker(
+            entry.model_id,
+            entry.path,
+            entry.options,
+            self.cfg.worker_endpoint,
+            self.cfg.runtime_dir,
+            self.cfg.log_level,
+            self.cfg.cachestore_endpoint,
+        )
+        entry.worker = wp
+        self._watch(wp)
+
+    def on_fd(self, fd: int) -> None:
+        child = self.fds[fd]
+        if fd == child.stderr_fd:
+            if not child.read_stderr():
+                self.poller.unregister(fd)
+                del self.fds[fd]
+        elif child is self.cachestore:
+            self._cachestore_exited(child)
+        else:
+            assert isinstance(child, WorkerProcess)
+            self.reap(child)
+
+    def reap(self, wp: WorkerProcess) -> None:
+        """A worker process ended (or was declared dead): collect what it left and report it."""
+        self._unwatch(wp)
+        detail = wp.exit_detail()
+        wp.close_fds()
+        self.on_worker_exit(wp, detail)
+
+    def kill_all(self) -> None:
+        """Last resort at shutdown: workers that did not exit within the grace period."""
+        for entry in list(self.models.values()):
+            if entry.worker is not None:
+                entry.worker.kill()
+                self.reap(entry.worker)
+
+    def _watch(self, child: ChildProcess) -> None:
+        for fd in (child.pidfd, child.stderr_fd):
+            self.fds[fd] = child
+            self.poller.register(fd, zmq.POLLIN)
+
+    def _unwatch(self, child: ChildProcess) -> None:
+        if child.stderr_fd >= 0:
+            while child.read_stderr():
+                pass
+        for fd in (child.pidfd, child.stderr_fd):
+            if fd in self.fds:
+                self.poller.unregister(fd)
+                del self.fds[fd]
+
+    def timers(self, now: float) -> None:
+        """Restart crashed workers when their backoff ends; kill loads that never end and workers that
+        are silent or stuck in native code."""
+        for entry in list(self.models.values()):
+            wp = entry.worker
+            if (
+                entry.state is ModelState.RESTARTING
+                and wp is None
+                and entry.spawned
+                and now >= entry.restart_at_s
+            ):
+                entry.restarts += 1
+                self.spawn(entry)
+            elif wp is not None and wp.identity is None and now - wp.started_s > MODEL_LOAD_TIMEOUT_S:
+                message = f"no ready within {MODEL_LOAD_TIMEOUT_S:.0f} s"
+                entry.last_error = {"code": ErrorCode.TIMEOUT, "message": message}
+                wp.kill()
+            elif wp is not None and wp.identity is not None and wp.kill_reason is None:
+                stall_s = entry.options.get("stall_timeout_s", WORKER_STALL_TIMEOUT_S)
+                if now - wp.last_seen_s > WORKER_SILENCE_TIMEOUT_S:
+                    wp.kill_reason = f"silent for {now - wp.last_seen_s:.0f} s"
+                elif wp.busy and now - wp.progress_changed_s > stall_s:
+                    stuck_s = now - wp.progress_changed_s
+                    wp.kill_reason = f"no decode progress for {stuck_s:.0f} s (stuck in native code)"
+                else:
+                    continue
+                log.error("worker of %s: %s; declaring it dead", entry.model_id, wp.kill_reason)
+                if wp.spawned:
+                    wp.kill()  # its pidfd fires next and reap settles its requests
+                else:
+                    self.reap(wp)  # not our child: we cannot kill it, only stop using it
+
+    # --- the cache store -----------------------------------------------------------------------------------
 
     @property
-    def spawned(self) -> bool:
-        return self.proc is not None
+    def runs_cachestore(self) -> bool:
+        return self.cfg.cache.enabled and self.cfg.cache.external_endpoint is None
 
-    def read_stderr(self) -> bool:
-        """Pass through what the worker wrote to stderr and keep its tail. False at EOF."""
+    def spawn_cachestore(self) -> None:
+        endpoint = self.cfg.cachestore_endpoint or ""
+        args = ["--endpoint", endpoint, "--log-level", self.cfg.log_level, *self.cfg.cache.flags]
+        self.cachestore = spawn_cachestore(args)
+        self._watch(self.cachestore)
+
+    def _cachestore_exited(self, child: ChildProcess) -> None:
+        """Workers keep serving (with cache misses) while the store is restarted with backoff."""
+        self._unwatch(child)
+        detail = child.exit_detail()
+        child.close_fds()
+        self.cachestore = None
+        if self.stopping:
+            return
+        now = time.monotonic()
+        self.cachestore_restart.record_crash(now)
+        self.cachestore_restart_at_s = now + self.cachestore_restart.next_delay()
+        shown = {k: v for k, v in detail.items() if k != "stderr_tail"}
+        log.error("the cache store died (%s); restarting it", shown)
+
+    def cachestore_timers(self, now: float, queries: CacheQueries | None) -> None:
+        """Restart a dead store after its backoff. Ask a live one for its stats every heartbeat; one that
+        stays silent (frozen, stuck) is killed and restarted like a crashed one: its pidfd cannot tell."""
+        if self.cachestore is None and self.runs_cachestore and not self.stopping:
+            if now >= self.cachestore_restart_at_s:
+                self.spawn_cachestore()
+        elif self.cachestore is not None and now - self.cachestore.started_s > RESTART_BACKOFF_MAX_S:
+            self.cachestore_restart.reset()  # it has stayed up: the next crash restarts it quickly again
+        cs = self.cachestore
+        if queries is None:
+            return
+        if cs is None:
+            queries.heard_s = now
+            return
+        if now - queries.pinged_s >= HEARTBEAT_INTERVAL_S:
+            queries.ping(now)
+        silent_s = now - max(queries.heard_s, cs.started_s)
+        if silent_s > WORKER_SILENCE_TIMEOUT_S and cs.kill_reason is None:
+            cs.kill_reason = f"silent for {silent_s:.0f} s"
+            log.error("the cache store has been silent for %.0f s; killing it", silent_s)
+            cs.kill()
+
+    def stop_cachestore(self) -> None:
+        """Last, after the workers: their shutdown saves must reach it. SIGTERM lets it spill RAM rows."""
+        cs = self.cachestore
+        if cs is None or cs.proc is None:
+            return
+        cs.terminate()
         try:
-            chunk = os.read(self.stderr_fd, 65536)
-        except BlockingIOError:
-            return True
-        except OSError:
-            chunk = b""
-        if not chunk:
-            if self._partial:
-                self.stderr_tail.append(self._partial.decode(errors="replace"))
-                self._partial = b""
-            return False
-        sys.stderr.buffer.write(chunk)
-        sys.stderr.buffer.flush()
-        data = self._partial + chunk
-        *lines, self._partial = data.split(b"\n")
-        for line in lines:
-            self.stderr_tail.append(line.decode(errors="replace")[:STDERR_TAIL_BYTES])
-        return True
-
-    def tail_text(self) -> str:
-        return "\n".join(self.stderr_tail)[-STDERR_TAIL_BYTES:]
-
-    def exit_detail(self) -> dict[str, Any]:
-        """How the process ended: exit status or signal name, and the tail of its stderr."""
-        detail: dict[str, Any] = {"pid": self.pid, "stderr_tail": self.tail_text()}
-        if self.kill_reason:
-            detail["killed_because"] = self.kill_reason
-        if self.proc is not None:
-            rc = self.proc.poll()
-            if rc is None:
-                try:
-                    rc = self.proc.wait(timeout=1.0)
-                except subprocess.TimeoutExpired:
-                    rc = None
-            if rc is not None and rc < 0:
-                detail["signal"] = signal.Signals(-rc).name
-            elif rc is not None:
-                detail["exit_status"] = rc
-        return detail
-
-    def kill(self) -> None:
-        """SIGKILL a spawned worker; an operator's worker is not ours to kill."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-
-    def terminate(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-
-    def close_fds(self) -> None:
-        for fd in (self.pidfd, self.stderr_fd):
-            if fd >= 0:
-                os.close(fd)
-        self.pidfd = self.stderr_fd = -1
-
-
-@dataclass(slots=True)
-class WorkerProcess(ChildProcess):
-    """A model's worker; ``name`` is the model id."""
-
-    identity: bytes | None = None  # ZeroMQ routing id, known once it sends ``ready``
-    last_seen_s: float = field(default_factory=time.monotonic)
-    progress: int = 0
-    progress_changed_s: float = field(default_factory=time.monotonic)
-    busy: bool = False
-
-    @property
-    def model_id(self) -> str:
-        return self.name
-
-
-def console_command(script: str, module: str) -> list[str]:
-    """A console script from the same environment as the broker, else ``python -m module``."""
-    path = Path(sys.executable).with_name(script)
-    if path.exists():
-        return [str(path)]
-    found = shutil.which(script)
-    return [found] if found else [sys.executable, "-m", module]
-
-
-def _popen(cmd: list[str]) -> tuple[subprocess.Popen[bytes], int, int]:
-    """Start a child with its stderr on a non-blocking pipe; returns it, its pidfd and that pipe."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    stderr_fd = proc.stderr.fileno()
-    os.set_blocking(stderr_fd, False)
-    return proc, os.pidfd_open(proc.pid), stderr_fd
-
-
-def spawn_worker(
-    model_id: str,
-    model_path: str | None,
-    options: dict[str, Any],
-    endpoint: str,
-    runtime_dir: Path,
-    log_level: str,
-    cachestore: str | None,
-) -> WorkerProcess:
-    """Start a worker process; the caller polls its pidfd and stderr."""
-    cmd = console_command("erllama-worker", "erllama.worker.main") + [
-        "--id", model_id,
-        "--broker", endpoint,
-        "--runtime-dir", str(runtime_dir),
-        "--options", json.dumps(options),
-        "--parent-pid", str(os.getpid()),
-        "--log-level", log_level,
-    ]  # fmt: skip
-    if model_path:
-        cmd += ["--model", model_path]
-    cmd += ["--cachestore", cachestore] if cachestore else ["--no-cache"]
-    proc, pidfd, stderr_fd = _popen(cmd)
-    log.info("spawned worker for %s: pid %d", model_id, proc.pid)
-    return WorkerProcess(name=model_id, pid=proc.pid, proc=proc, pidfd=pidfd, stderr_fd=stderr_fd)
-
-
-def spawn_cachestore(args: list[str]) -> ChildProcess:
-    """Start the cache store with the broker's cache settings (``erllama-cachestore`` flags)."""
-    cmd = console_command("erllama-cachestore", "erllama.cachestore.main") + args + ["--parent-pid", str(os.getpid())]
-    proc, pidfd, stderr_fd = _popen(cmd)
-    log.info("spawned the cache store: pid %d", proc.pid)
-    return ChildProcess(name="cachestore", pid=proc.pid, proc=proc, pidfd=pidfd, stderr_fd=stderr_fd)
-
-
-@dataclass(slots=True)
-class RestartPolicy:
-    """Exponential backoff between restarts; too many crashes in a window marks the model failed."""
-
-    crash_times: deque[float] = field(default_factory=deque)
-    backoff_s: float = RESTART_BACKOFF_INITIAL_S
-
-    def record_crash(self, now: float) -> bool:
-        """Note a crash; True if the model may be restarted, False if it has crashed too often."""
-        self.crash_times.append(now)
-        while self.crash_times and now - self.crash_times[0] > CRASH_WINDOW_S:
-            self.crash_times.popleft()
-        return len(self.crash_times) < MAX_CRASHES_IN_WINDOW
-
-    def next_delay(self) -> float:
-        delay = self.backoff_s
-        self.backoff_s = min(self.backoff_s * 2, RESTART_BACKOFF_MAX_S)
-        return delay
-
-    def reset(self) -> None:
-        self.backoff_s = RESTART_BACKOFF_INITIAL_S
+            cs.proc.wait(timeout=TERMINATE_GRACE_S + 5)
+        except subprocess.TimeoutExpired:
+            cs.kill()
+            cs.proc.wait()
+        self._unwatch(cs)
+        cs.close_fds()
+        self.cachestore = None

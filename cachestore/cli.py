@@ -57,8 +57,10 @@ def _bytes(n: int) -> str:
 def render(stats: dict[str, Any]) -> str:
     """The human view of a ``stats`` reply."""
     lines = [
-        f"cache store pid {stats['pid']} on {stats['endpoint']}, up {stats['uptime_s']:.0f} s, "
-        f"{stats['rows']} rows, {stats['leases']} leases, {stats['reservations']} reservations"
+        (
+            f"cache store pid {stats['pid']} on {stats['endpoint']}, up {stats['uptime_s']:.0f} s, "
+            f"{stats['rows']} rows, {stats['leases']} leases, {stats['reservations']} reservations"
+        )
     ]
     table = [("TIER", "STATE", "ROWS", "BYTES", "BUDGET", "USED", "DIR")]
     for name, t in stats["tiers"].items():

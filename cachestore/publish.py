@@ -28,9 +28,12 @@ from erllama.cachestore.storage import Location, TempRow
 from erllama.cachestore.store import RECYCLED_TIERS, Replier, Store, as_error, entry_from_header
 from erllama.protocol import (
     MAX_CACHE_PAYLOAD_BYTES,
+    Ack,
     CacheTier,
+    CommitReply,
     ErllamaError,
     ErrorCode,
+    ReserveReply,
     ReserveStatus,
     SaveReason,
 )
@@ -91,7 +94,7 @@ class Publisher:
         key = row_key_bytes(fingerprint, token_bytes)
         if key in store.index:
             store.counters.already_present += 1
-            reply.ok(status=ReserveStatus.ALREADY_PRESENT.value, key=key)
+            reply.ok(ReserveReply(status=ReserveStatus.ALREADY_PRESENT.value, key=key))
             return
         current = self.by_key.get(key)
         if current is not None and current.state is ResState.OPEN and not store.procs.alive(current.pid):
@@ -99,7 +102,7 @@ class Publisher:
             current = None
         if current is not None:
             store.counters.conflicts += 1
-            reply.ok(status=ReserveStatus.CONFLICT.value, key=key)
+            reply.ok(ReserveReply(status=ReserveStatus.CONFLICT.value, key=key))
             return
         offset = payload_offset(len(fingerprint), len(token_bytes) // 4)
         size = offset + payload_len
@@ -144,11 +147,11 @@ class Publisher:
             res.state = ResState.OPEN
             store.counters.recycled_files += res.temp.reused
             res.deadline = time.monotonic() + store.config.reservation_ttl_s
-            reply.ok(
+            reserved = ReserveReply(
                 status=ReserveStatus.RESERVED.value,
                 key=key,
                 res=res.res_id,
-                tier=where.value,
+                tier=where,
                 path=res.temp.path,
                 ino=res.temp.ino,
                 offset=offset,
@@ -156,6 +159,7 @@ class Publisher:
                 head_crc=head_checksum(head),
                 ttl_s=store.config.reservation_ttl_s,
             )
+            reply.ok(reserved)
 
         def create(reuse: Location | None) -> None:
             if self.by_id.get(res.res_id) is not res:  # it ended while it waited (``_forget``)
@@ -199,7 +203,7 @@ class Publisher:
             entry: RowEntry = entry_from_header(header, loc, verified=True)
             store.add_row(entry)
             store.counters.count_save(res.reason)
-            reply.ok(status="stored", key=res.key, tier=loc.tier.value)
+            reply.ok(CommitReply(status="stored", key=res.key, tier=loc.tier))
             store.relieve()
 
         store.submit(
@@ -218,7 +222,7 @@ class Publisher:
         if res is not None:
             self.store.counters.saves_dropped += 1
             self._release(res)
-        reply.ok()
+        reply.ok(Ack())
 
     def expire(self, now: float) -> None:
         """End reservations whose writer died or stalled past the TTL."""

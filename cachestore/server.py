@@ -1,7 +1,7 @@
 """The daemon: one ZeroMQ ROUTER loop that answers every request from memory, plus a small pool of
 I/O threads for everything that touches row bytes (their results come back through a wake pipe).
 
-Every request is one msgpack map (``erllama.protocol.CACHE_SCHEMA``), optionally followed by one raw
+Every request is one msgpack map (a typed message of ``erllama.protocol.cache``), optionally followed by one raw
 frame (an inline payload on ``c.commit``); every request gets exactly one reply. A malformed,
 oversized or unknown message gets a typed ``err`` (when it has a return address) and is counted.
 """
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+import msgspec
 import zmq
 
 from erllama.cachestore.codec import encode_usage
@@ -33,20 +34,33 @@ from erllama.cachestore.publish import Publisher
 from erllama.cachestore.storage import Storage
 from erllama.cachestore.store import Store
 from erllama.cachestore.tiers import TIER_ORDER, eviction_order
+from erllama.logsetup import about_request
 from erllama.protocol import (
-    CACHE_REQUEST_TYPES,
-    CACHE_SCHEMA,
     MAX_CACHE_CONTROL_BYTES,
     MAX_CACHE_PAYLOAD_BYTES,
     PROTOCOL_VERSION,
-    CacheMsgType,
+    Ack,
+    CacheAbort,
+    CacheBye,
+    CacheCommit,
+    CacheEvict,
+    CacheExact,
+    CacheLoad,
+    CachePrefix,
+    CacheRelease,
+    CacheReply,
+    CacheRequest,
+    CacheReserve,
+    CacheStats,
     CacheTier,
     ErllamaError,
     ErrorCode,
-    decode,
+    EvictReply,
+    StatsReply,
+    WireError,
+    cache_request_decoder,
     encode,
-    error_reply,
-    validate,
+    error_of,
 )
 from erllama.transport import InstanceLock, ensure_private_dir, make_socket
 
@@ -62,12 +76,19 @@ class _Reply:
     server: CacheServer
     ident: bytes
     rid: int | None
+    req: int | None = None  # the broker's request this serves, if the caller said
 
-    def ok(self, frame: Any = None, **fields: Any) -> None:
-        self.server.send(self.ident, encode(CacheMsgType.OK, rid=self.rid, **fields), frame)
+    def ok(self, reply: CacheReply, frame: Any = None) -> None:
+        if self.req is not None:
+            with about_request(self.req):
+                log.debug("answered: %s", type(reply).__name__)
+        self.server.send(self.ident, encode(msgspec.structs.replace(reply, rid=self.rid)), frame)
 
     def error(self, err: ErllamaError) -> None:
-        self.server.send(self.ident, error_reply("rid", self.rid, err))
+        if self.req is not None:
+            with about_request(self.req):
+                log.info("request failed: %s", err)
+        self.server.send(self.ident, encode(error_of(err, self.rid)))
 
 
 class CacheServer:
@@ -87,21 +108,22 @@ class CacheServer:
         self._sock: zmq.Socket | None = None
         self._locks: list[InstanceLock] = []
         self._started = time.monotonic()
-        self._handlers: dict[CacheMsgType, Callable[[_Reply, dict[str, Any], memoryview | None], None]] = {
-            CacheMsgType.EXACT: lambda r, m, _: self.store.exact(r, m["key"]),
-            CacheMsgType.PREFIX: lambda r, m, _: self.store.prefix(
-                r, m["fp"], m["tokens"], m.get("min_len"), m.get("max_len"), m.get("max_overhang")
+        self._decoder = cache_request_decoder()
+        self._handlers: dict[type[CacheRequest], Callable[[_Reply, Any, memoryview | None], None]] = {
+            CacheExact: lambda r, m, _: self.store.exact(r, m.key),
+            CachePrefix: lambda r, m, _: self.store.prefix(
+                r, m.fp, m.tokens, m.min_len, m.max_len, m.max_overhang
             ),
-            CacheMsgType.LOAD: lambda r, m, _: self.store.load(r, m["key"], m["pid"], bool(m.get("inline"))),
-            CacheMsgType.RELEASE: lambda r, m, _: self.store.release(r, m["lease"], bool(m.get("bad"))),
-            CacheMsgType.RESERVE: lambda r, m, _: self.publisher.reserve(
-                r, m["fp"], m["tokens"], m["payload_len"], m["reason"], m["pid"], m.get("tier")
+            CacheLoad: lambda r, m, _: self.store.load(r, m.key, m.pid, m.inline),
+            CacheRelease: lambda r, m, _: self.store.release(r, m.lease, m.bad),
+            CacheReserve: lambda r, m, _: self.publisher.reserve(
+                r, m.fp, m.tokens, m.payload_len, m.reason, m.pid, m.tier
             ),
-            CacheMsgType.COMMIT: lambda r, m, p: self.publisher.commit(r, m["res"], m["crc"], p),
-            CacheMsgType.ABORT: lambda r, m, _: self.publisher.abort(r, m["res"]),
-            CacheMsgType.STATS: lambda r, m, _: r.ok(**self.stats()),
-            CacheMsgType.EVICT: self._evict,
-            CacheMsgType.BYE: self._bye,
+            CacheCommit: lambda r, m, p: self.publisher.commit(r, m.res, m.crc, p),
+            CacheAbort: lambda r, m, _: self.publisher.abort(r, m.res),
+            CacheStats: lambda r, m, _: r.ok(StatsReply(stats=self.stats())),
+            CacheEvict: self._evict,
+            CacheBye: self._bye,
         }
 
     # --- background work ---------------------------------------------------------------------------------
@@ -165,16 +187,21 @@ class CacheServer:
                 raise ErllamaError(
                     ErrorCode.PROTOCOL_ERROR, f"control frame over {MAX_CACHE_CONTROL_BYTES} bytes"
                 )
-            msg = decode(frames[1].buffer)
-            if isinstance(msg.get("rid"), int) and not isinstance(msg.get("rid"), bool):
-                reply.rid = msg["rid"]
-            t = validate(msg, CACHE_REQUEST_TYPES, CACHE_SCHEMA)
+            try:
+                msg = self._decoder.decode(frames[1].buffer)
+            except WireError as err:
+                reply.rid = err.field("rid", int)
+                raise
+            reply.rid, reply.req = msg.rid, msg.req
             payload = frames[2].buffer if len(frames) == 3 else None
-            if (payload is not None) != (t is CacheMsgType.COMMIT and bool(msg.get("inline"))):
+            if (payload is not None) != (isinstance(msg, CacheCommit) and msg.inline):
                 raise ErllamaError(
                     ErrorCode.PROTOCOL_ERROR, "a payload frame goes with an inline commit only"
                 )
-            self._handlers[t](reply, msg, payload)
+            with about_request(msg.req):
+                if msg.req is not None:
+                    log.debug("received %s", type(msg).__name__)
+                self._handlers[type(msg)](reply, msg, payload)
         except ErllamaError as err:
             if err.code == ErrorCode.PROTOCOL_ERROR:
                 self.store.counters.bad_messages += 1
@@ -184,20 +211,20 @@ class CacheServer:
             log.exception("request failed")
             reply.error(ErllamaError(ErrorCode.INTERNAL, "internal error in the cache store"))
 
-    def _evict(self, reply: _Reply, msg: dict[str, Any], _: memoryview | None) -> None:
+    def _evict(self, reply: _Reply, msg: CacheEvict, _: memoryview | None) -> None:
         try:
-            tiers = [CacheTier(t) for t in msg.get("tiers", [CacheTier.RAM.value, CacheTier.SHM.value])]
-        except (ValueError, TypeError):
+            tiers = [CacheTier(t) for t in msg.tiers]
+        except ValueError:
             raise ErllamaError(ErrorCode.INVALID_PARAMS, "tiers must be a list of ram, shm, disk") from None
-        if msg["bytes"] < 0:
+        if msg.nbytes < 0:
             raise ErllamaError(ErrorCode.INVALID_PARAMS, "bytes must be >= 0")
-        rows, freed = self.store.evict_bytes(msg["bytes"], tiers)
-        reply.ok(rows=rows, bytes=freed)
+        rows, freed = self.store.evict_bytes(msg.nbytes, tiers)
+        reply.ok(EvictReply(rows=rows, nbytes=freed))
 
-    def _bye(self, reply: _Reply, msg: dict[str, Any], _: memoryview | None) -> None:
+    def _bye(self, reply: _Reply, msg: CacheBye, _: memoryview | None) -> None:
         self.store.drop_client(reply.ident)
         self.publisher.drop_client(reply.ident)
-        reply.ok()
+        reply.ok(Ack())
 
     def stats(self) -> dict[str, Any]:
         snap = self.store.snapshot()

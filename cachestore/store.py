@@ -21,7 +21,18 @@ from erllama.cachestore.leases import Lease, ProcessWatch
 from erllama.cachestore.stats import Counters
 from erllama.cachestore.storage import Location, Storage, io_error
 from erllama.cachestore.tiers import TIER_ORDER, Tiers, TierState, eviction_order
-from erllama.protocol import CacheTier, ErllamaError, ErrorCode
+from erllama.protocol import (
+    Ack,
+    CacheReply,
+    CacheTier,
+    ErllamaError,
+    ErrorCode,
+    ExactReply,
+    LoadReply,
+    PrefixHitInfo,
+    PrefixReply,
+    RowInfo,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +51,7 @@ class Replier(Protocol):
 
     ident: bytes
 
-    def ok(self, frame: Any = None, **fields: Any) -> None: ...
+    def ok(self, reply: CacheReply, frame: Any = None) -> None: ...
 
     def error(self, err: ErllamaError) -> None: ...
 
@@ -65,19 +76,19 @@ def entry_from_header(header: RowHeader, loc: Location, *, verified: bool) -> Ro
     )
 
 
-def row_fields(entry: RowEntry) -> dict[str, Any]:
+def row_info(entry: RowEntry) -> RowInfo:
     """How a row is described on the wire."""
-    return {
-        "key": entry.key,
-        "tier": entry.tier.value,
-        "row_tokens": entry.n_tokens,
-        "size": entry.size,
-        "payload_len": entry.payload_len,
-        "hits": entry.hits,
-        "reason": entry.reason.value,
-        "created_ns": entry.created_ns,
-        "last_used_ns": entry.last_used_ns,
-    }
+    return RowInfo(
+        key=entry.key,
+        tier=entry.tier,
+        row_tokens=entry.n_tokens,
+        size=entry.size,
+        payload_len=entry.payload_len,
+        hits=entry.hits,
+        reason=entry.reason.value,
+        created_ns=entry.created_ns,
+        last_used_ns=entry.last_used_ns,
+    )
 
 
 class Store:
@@ -174,7 +185,7 @@ class Store:
         t0 = time.perf_counter_ns()
         entry = self.index.get(key)
         self._count_lookup(entry is not None, exact=True, t0=t0)
-        reply.ok(row=row_fields(entry) if entry is not None else None)
+        reply.ok(ExactReply(row=row_info(entry) if entry is not None else None))
 
     def prefix(
         self,
@@ -196,16 +207,15 @@ class Store:
         )
         self._count_lookup(found is not None, exact=False, t0=t0)
         if found is None:
-            reply.ok(hit=None)
+            reply.ok(PrefixReply(hit=None))
             return
         entry, common = found
         reply.ok(
-            hit={
-                "key": entry.key,
-                "row_tokens": entry.n_tokens,
-                "common_len": common,
-                "tier": entry.tier.value,
-            }
+            PrefixReply(
+                hit=PrefixHitInfo(
+                    key=entry.key, row_tokens=entry.n_tokens, common_len=common, tier=entry.tier
+                )
+            )
         )
 
     def _count_lookup(self, hit: bool, *, exact: bool, t0: int) -> None:
@@ -255,22 +265,22 @@ class Store:
         if entry.tier is not CacheTier.RAM:
             entry.usage_dirty = True
             entry.promote_pending = True
-        fields = {
-            "lease": lease.lease_id,
-            "path": entry.path,
-            "ino": entry.ino,
-            "offset": entry.payload_offset,
-        }
-        fields |= row_fields(entry)
+        answer = LoadReply(
+            lease=lease.lease_id,
+            path=entry.path,
+            ino=entry.ino,
+            offset=entry.payload_offset,
+            row=row_info(entry),
+        )
         self.counters.loads += 1
         self.counters.load_ns += time.perf_counter_ns() - t0
         if not inline:
-            reply.ok(**fields)
+            reply.ok(answer)
             return
 
         def sent(fut: Future[bytearray]) -> None:
             if fut.exception() is None:
-                reply.ok(frame=fut.result(), **fields)
+                reply.ok(answer, frame=fut.result())
             else:
                 self._end_lease(lease.lease_id)
                 reply.error(as_error(fut.exception()))
@@ -291,7 +301,7 @@ class Store:
                 log.warning("a reader reports row %s bad: verifying it again", entry.key.hex()[:16])
                 entry.verified = False
         self._end_lease(lease_id)
-        reply.ok()
+        reply.ok(Ack())
 
     def _end_lease(self, lease_id: int) -> None:
         lease = self.leases.pop(lease_id, None)

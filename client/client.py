@@ -17,18 +17,42 @@ from __future__ import annotations
 import operator
 import queue
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Self
 
-from erllama import protocol
-from erllama.client.connection import Connection
+import msgspec
+
+from erllama.client.connection import Arrival, Connection
 from erllama.client.results import CompletionResult, Stats, TokenEvent
+from erllama.client.wire import infer_request, new_request_id, stream_step
 from erllama.protocol import (
     DEFAULT_REQUEST_TIMEOUT_S,
     MODEL_LOAD_TIMEOUT_S,
+    CachedPrefixLen,
+    Call,
+    Cancel,
     ErllamaError,
     ErrorCode,
-    MsgType,
+    ListModels,
+    LoadModel,
+    ModelInfo,
+    Ping,
+    QueueDepth,
+    UnloadModel,
+    VramInfo,
     WorkerOp,
+    encode,
+)
+from erllama.protocol.ops import (
+    AdapterArgs,
+    AdapterPathArgs,
+    AdapterScaleArgs,
+    ChatTemplateArgs,
+    DetokenizeArgs,
+    EmbedArgs,
+    NoArgs,
+    OpArgs,
+    SessionArgs,
+    TokenizeArgs,
 )
 from erllama.transport import default_client_endpoint
 
@@ -43,7 +67,9 @@ class InferStream:
     request still running when the block exits.
     """
 
-    def __init__(self, conn: Connection, request_id: str, q: queue.SimpleQueue[dict[str, Any]], timeout_s: float | None):
+    def __init__(
+        self, conn: Connection, request_id: str, q: queue.SimpleQueue[Arrival], timeout_s: float | None
+    ):
         self._conn = conn
         self.request_id = request_id
         self._q = q
@@ -54,23 +80,22 @@ class InferStream:
     def __iter__(self) -> Iterator[TokenEvent]:
         while self.result is None:
             try:
-                msg = self._conn.wait(self._q, self._timeout_s, f"request {self.request_id} produced nothing")
+                event, received_ns = self._conn.wait(
+                    self._q, self._timeout_s, f"request {self.request_id} produced nothing"
+                )
+                step = stream_step(event, received_ns)
             except ErllamaError:
                 self._conn.close_route(self.request_id)
                 raise
-            if msg["t"] == MsgType.TOKEN:
-                kind = msg.get("kind", "text")
-                ev = TokenEvent(msg.get("text", ""), list(msg.get("token_ids", [])), msg.get("ts_ns"), msg["received_ns"], kind)
-                if kind == "text":
-                    self._texts.append(ev.text)
-                yield ev
-            elif msg["t"] == MsgType.SPAN_END:
-                yield TokenEvent(msg.get("data", ""), [], None, msg["received_ns"], f"{msg.get('kind')}", msg.get("signature", b""))
-            elif msg["t"] == MsgType.DONE:
-                self.result = CompletionResult.from_wire(msg.get("result") or {})
+            if isinstance(step, CompletionResult):
+                self.result = step
                 self._conn.close_route(self.request_id)
+                return
+            if step.kind == "text":
+                self._texts.append(step.text)
+            yield step
 
-    def __enter__(self) -> InferStream:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -80,7 +105,7 @@ class InferStream:
     def cancel(self) -> None:
         """Ask the broker to stop this request; the stream then ends with ``finish_reason == "cancelled"``."""
         if self.result is None:
-            self._conn.send(protocol.encode(MsgType.CANCEL, id=self._conn.new_id(), target=self.request_id))
+            self._conn.send(encode(Cancel(id=new_request_id(), target=self.request_id)))
 
     def collect(self) -> CompletionResult:
         """Consume the rest of the stream and return its result."""
@@ -121,7 +146,7 @@ class Client:
     def close(self) -> None:
         self._conn.close()
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -132,23 +157,22 @@ class Client:
     def load_model(self, model_id: str, model_path: str | None = None, **options: Any) -> dict[str, Any]:
         """Start a worker for a model file (None: the embedded default) and wait until it is ready.
         Options are llama.cpp and erllama load options (``n_ctx``, ``n_seq_max``, ``type_k``, ...)."""
-        return self._conn.call(
-            MsgType.LOAD_MODEL, MODEL_LOAD_TIMEOUT_S, model=model_id, path=model_path, options=options
-        )
+        request = LoadModel(id=new_request_id(), model=model_id, path=model_path, options=options)
+        return self._conn.call(request, MODEL_LOAD_TIMEOUT_S)
 
     def unload_model(self, model_id: str) -> None:
-        self._conn.call(MsgType.UNLOAD_MODEL, MODEL_LOAD_TIMEOUT_S, model=model_id)
+        self._conn.call(UnloadModel(id=new_request_id(), model=model_id), MODEL_LOAD_TIMEOUT_S)
 
     def list_models(self) -> list[dict[str, Any]]:
-        return self._conn.call(MsgType.LIST_MODELS, self.timeout_s)
+        return self._conn.call(ListModels(id=new_request_id()), self.timeout_s)
 
     def model_info(self, model_id: str) -> dict[str, Any]:
         """State, worker pid, options, n_ctx, slots, queue depth, pending length, phase, last cache hit."""
-        return self._conn.call(MsgType.MODEL_INFO, self.timeout_s, model=model_id)
+        return self._conn.call(ModelInfo(id=new_request_id(), model=model_id), self.timeout_s)
 
     def queue_depth(self, model_id: str | None = None) -> int:
         """Requests accepted and not finished (waiting + running): for one model, or all of them."""
-        return self._conn.call(MsgType.QUEUE_DEPTH, self.timeout_s, model=model_id)
+        return self._conn.call(QueueDepth(id=new_request_id(), model=model_id), self.timeout_s)
 
     def pending_len(self, model_id: str) -> int:
         """Requests waiting for a free sequence of ``model_id``."""
@@ -162,42 +186,46 @@ class Client:
         return self.model_info(model_id)["last_cache_hit"]
 
     def ping(self) -> dict[str, Any]:
-        return self._conn.call(MsgType.PING, self.timeout_s)
+        return self._conn.call(Ping(id=new_request_id()), self.timeout_s)
 
     # --- text ----------------------------------------------------------------------------------------------
 
-    def tokenize(self, model_id: str, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        args = {"text": text, "add_special": add_special, "parse_special": parse_special}
+    def tokenize(
+        self, model_id: str, text: str, add_special: bool = True, parse_special: bool = False
+    ) -> list[int]:
+        args = TokenizeArgs(text=text, add_special=add_special, parse_special=parse_special)
         return self._call_worker(model_id, WorkerOp.TOKENIZE, args)
 
     def detokenize(self, model_id: str, tokens: Sequence[int]) -> str:
-        return self._call_worker(model_id, WorkerOp.DETOKENIZE, {"tokens": list(tokens)})
+        return self._call_worker(model_id, WorkerOp.DETOKENIZE, DetokenizeArgs(tokens=list(tokens)))
 
     def end_session(self, model_id: str, session_id: str) -> bool:
         """Release the sequence a sticky session keeps pinned; False if the worker did not know it."""
-        return self._call_worker(model_id, WorkerOp.END_SESSION, {"session_id": session_id})
+        return self._call_worker(model_id, WorkerOp.END_SESSION, SessionArgs(session_id=session_id))
 
-    def _call_worker(self, model_id: str, op: WorkerOp, args: dict[str, Any]) -> Any:
-        return self._conn.call(MsgType.CALL, self.timeout_s, model=model_id, op=op, args=args)
+    def _call_worker(self, model_id: str, op: WorkerOp, args: OpArgs) -> Any:
+        call = Call(id=new_request_id(), model=model_id, op=op.value, args=msgspec.structs.asdict(args))
+        return self._conn.call(call, self.timeout_s)
 
     # --- generation ----------------------------------------------------------------------------------------
 
     def infer(
-        self, model_id: str, prompt: str | Sequence[int], *, timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S, **params: Any
+        self,
+        model_id: str,
+        prompt: str | Sequence[int],
+        *,
+        timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S,
+        **params: Any,
     ) -> InferStream:
         """Start a request and return its stream. ``prompt`` is text or token ids. Params:
         ``max_tokens``, ``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``,
         ``seed``, ``stop``; ``session_id`` keeps the sequence's KV for the session's next request;
         ``parent_key`` resumes from an earlier ``finish_key``. ``timeout_s`` bounds the wait for each event, not the whole request."""
-        request_id = self._conn.new_id()
+        request_id = new_request_id()
+        request = infer_request(request_id, model_id, prompt, params)
         q = self._conn.open(request_id)
         try:
-            wire_prompt = prompt if isinstance(prompt, str) else [operator.index(t) for t in prompt]
-        except TypeError:
-            self._conn.close_route(request_id)
-            raise ErllamaError(ErrorCode.INVALID_PARAMS, "prompt: token ids must be integers") from None
-        try:
-            self._conn.send(protocol.encode(MsgType.INFER, id=request_id, model=model_id, prompt=wire_prompt, params=params))
+            self._conn.send(encode(request))
         except ErllamaError:
             self._conn.close_route(request_id)
             raise
@@ -207,61 +235,87 @@ class Client:
         """Run a request to its end and return the result (same parameters as ``infer``)."""
         return self.infer(model_id, prompt, **params).collect()
 
-    def chat(self, model_id: str, messages: list[dict[str, str]], *, system: str | None = None,
-             tools: list[dict[str, Any]] | None = None, **params: Any) -> InferStream:  # fmt: skip
+    def chat(
+        self,
+        model_id: str,
+        messages: list[dict[str, str]],
+        *,
+        system: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        **params: Any,
+    ) -> InferStream:
         """Render ``messages`` with the model's chat template and stream the reply (same parameters as
         ``infer``). Resending a growing conversation reads the earlier turns from the cache."""
-        return self.infer(model_id, self.apply_chat_template(model_id, messages, system=system, tools=tools), **params)
+        return self.infer(
+            model_id, self.apply_chat_template(model_id, messages, system=system, tools=tools), **params
+        )
 
-    def apply_chat_template(self, model_id: str, messages: list[dict[str, str]], *, system: str | None = None,
-                            tools: list[dict[str, Any]] | None = None, add_generation_prompt: bool = True) -> list[int]:  # fmt: skip
+    def apply_chat_template(
+        self,
+        model_id: str,
+        messages: list[dict[str, str]],
+        *,
+        system: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:
         """Token ids of ``messages`` rendered with the model's own GGUF template. ``system`` and ``tools``
         become a leading system message (tools go to the template itself when it takes them).
         Errors: ``invalid_content`` (content as a list of blocks), ``no_template``, ``template_failed``."""
-        args = {"messages": messages, "system": system, "tools": tools, "add_generation_prompt": add_generation_prompt}
+        args = ChatTemplateArgs(
+            messages=messages, system=system, tools=tools, add_generation_prompt=add_generation_prompt
+        )
         return self._call_worker(model_id, WorkerOp.APPLY_CHAT_TEMPLATE, args)
 
     def embed(self, model_id: str, text_or_tokens: str | Sequence[int]) -> list[float]:
         """A mean-pooled, unit-length embedding of the input, from an embeddings context of the model."""
         source = text_or_tokens if isinstance(text_or_tokens, str) else list(text_or_tokens)
-        return self._call_worker(model_id, WorkerOp.EMBED, {"input": source})
+        return self._call_worker(model_id, WorkerOp.EMBED, EmbedArgs(input=source))
 
     def load_adapter(self, model_id: str, path: str) -> dict[str, Any]:
         """Load a LoRA adapter (scale 1.0); returns ``{handle, path, scale, sha256}``. The adapter set
         and scales are part of the cache fingerprint: rows never cross adapter sets."""
-        return self._call_worker(model_id, WorkerOp.LOAD_ADAPTER, {"path": path})
+        return self._call_worker(model_id, WorkerOp.LOAD_ADAPTER, AdapterPathArgs(path=path))
 
     def unload_adapter(self, model_id: str, handle: int) -> bool:
-        return self._call_worker(model_id, WorkerOp.UNLOAD_ADAPTER, {"handle": handle})
+        return self._call_worker(model_id, WorkerOp.UNLOAD_ADAPTER, AdapterArgs(handle=handle))
 
     def set_adapter_scale(self, model_id: str, handle: int, scale: float) -> dict[str, Any]:
-        return self._call_worker(model_id, WorkerOp.SET_ADAPTER_SCALE, {"handle": handle, "scale": scale})
+        args = AdapterScaleArgs(handle=handle, scale=scale)
+        return self._call_worker(model_id, WorkerOp.SET_ADAPTER_SCALE, args)
 
     def list_adapters(self, model_id: str) -> list[dict[str, Any]]:
-        return self._call_worker(model_id, WorkerOp.LIST_ADAPTERS, {})
+        return self._call_worker(model_id, WorkerOp.LIST_ADAPTERS, NoArgs())
 
     def evict(self, model_id: str) -> int:
         """Save every running context and idle session of the model to the cache (reason ``evict``);
         nothing stops. Returns how many rows were handed to the store."""
-        return self._call_worker(model_id, WorkerOp.EVICT, {})
+        return self._call_worker(model_id, WorkerOp.EVICT, NoArgs())
 
     def draft_tokens(self, model_id: str, prefix: Sequence[int], max_tokens: int = 8) -> list[int]:
         """Up to ``max_tokens`` greedy continuation tokens (a draft for speculative decoding)."""
         return self.complete(model_id, list(prefix), max_tokens=max_tokens, temperature=0.0).generated
 
-    def verify(self, model_id: str, prefix: Sequence[int], candidates: Sequence[int]) -> tuple[int, int | str]:
+    def verify(
+        self, model_id: str, prefix: Sequence[int], candidates: Sequence[int]
+    ) -> tuple[int, int | str]:
         """How many ``candidates`` the model accepts after ``prefix`` (greedy agreement) and its own next
         token there (``"eos"`` at end of generation). Runs on a sequence of its own."""
         r = self.infer(model_id, list(prefix), verify=list(candidates), max_tokens=1).collect()
-        if r.verify is None:
-            raise ErllamaError(ErrorCode.PROTOCOL_ERROR, f"verify ended without an outcome ({r.finish_reason})")
-        return r.verify["accepted"], "eos" if r.verify["eos"] else r.verify["next_token"]
+        v = r.verify
+        if v is None:
+            raise ErllamaError(
+                ErrorCode.PROTOCOL_ERROR, f"verify ended without an outcome ({r.finish_reason})"
+            )
+        return v.accepted, "eos" if v.eos or v.next_token is None else v.next_token
 
     def vram_info(self) -> dict[str, int]:
         """Total, free and used GPU memory in bytes; ``no_gpu`` where there is none."""
-        return self._conn.call(MsgType.VRAM_INFO, self.timeout_s)
+        return self._conn.call(VramInfo(id=new_request_id()), self.timeout_s)
 
-    def prefill_only(self, model_id: str, prompt: str | Sequence[int], parent_key: str | None = None) -> CompletionResult:
+    def prefill_only(
+        self, model_id: str, prompt: str | Sequence[int], parent_key: str | None = None
+    ) -> CompletionResult:
         """Prime the cache with ``prompt`` without sampling; the result's ``finish_key`` names the row
         (None if the prompt is shorter than the model's ``cache_min_tokens``)."""
         params: dict[str, Any] = {"max_tokens": 0}
@@ -272,12 +326,18 @@ class Client:
     def cached_prefix_len(self, model_id: str, prompt: str | Sequence[int]) -> int:
         """How many leading tokens of ``prompt`` the cache holds for this model, answered by the cache
         store (a text prompt is tokenized by the model's worker first)."""
-        tokens = self.tokenize(model_id, prompt) if isinstance(prompt, str) else [operator.index(t) for t in prompt]
-        return self._conn.call(MsgType.CACHED_PREFIX_LEN, self.timeout_s, model=model_id, tokens=tokens)
+        tokens = (
+            self.tokenize(model_id, prompt)
+            if isinstance(prompt, str)
+            else [operator.index(t) for t in prompt]
+        )
+        return self._conn.call(
+            CachedPrefixLen(id=new_request_id(), model=model_id, tokens=tokens), self.timeout_s
+        )
 
     def cancel(self, request_id: str) -> bool:
         """Cancel a request of this client by id; False if it was not in flight."""
-        result = self._conn.call(MsgType.CANCEL, self.timeout_s, target=request_id)
+        result = self._conn.call(Cancel(id=new_request_id(), target=request_id), self.timeout_s)
         return bool(result and result.get("cancelled"))
 
 

@@ -13,15 +13,18 @@ import os
 import queue
 import threading
 import time
-import uuid
 from typing import Any
 
 import zmq
 import zmq.auth
 
 from erllama import protocol
-from erllama.protocol import ErllamaError, ErrorCode
+from erllama.client.wire import ReplyDecoder, connection_lost, reply_result
+from erllama.protocol import ClientEvent, ClientRequest, ErllamaError, ErrorCode, ErrorReply, encode
 from erllama.transport import make_socket
+
+# What a waiting caller receives: a typed event from the broker and when it arrived (CLOCK_MONOTONIC ns).
+Arrival = tuple[ClientEvent, int]
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +46,16 @@ class Connection:
         self._sock.connect(endpoint)
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()  # None stops the thread
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._routes: dict[str, queue.SimpleQueue[dict[str, Any]]] = {}
+        self._routes: dict[str, queue.SimpleQueue[Arrival]] = {}
+        self._decoder = ReplyDecoder()
         self._lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._io_loop, name="erllama-client-io", daemon=True)
         self._thread.start()
 
-    @staticmethod
-    def new_id() -> str:
-        return uuid.uuid4().hex
-
-    def open(self, request_id: str) -> queue.SimpleQueue[dict[str, Any]]:
+    def open(self, request_id: str) -> queue.SimpleQueue[Arrival]:
         """Register ``request_id`` and return the queue its replies will arrive on."""
-        q: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        q: queue.SimpleQueue[Arrival] = queue.SimpleQueue()
         with self._lock:
             self._routes[request_id] = q
         return q
@@ -70,27 +70,23 @@ class Connection:
         self._outbox.put(payload)
         os.eventfd_write(self._wake, 1)
 
-    def call(self, t: str, timeout_s: float | None, **fields: Any) -> Any:
-        """Send one message and wait for its ``ok`` (returning ``result``) or ``err`` (raising)."""
-        request_id = self.new_id()
-        q = self.open(request_id)
+    def call(self, request: ClientRequest, timeout_s: float | None) -> Any:
+        """Send one request and wait for its ``ok`` (returning ``result``) or ``err`` (raising)."""
+        q = self.open(request.id)
         try:
-            self.send(protocol.encode(t, id=request_id, **fields))
-            msg = self.wait(q, timeout_s, f"{t} got no reply")
+            self.send(encode(request))
+            event, _ = self.wait(q, timeout_s, f"{type(request).__name__} got no reply")
         finally:
-            self.close_route(request_id)
-        return msg.get("result")
+            self.close_route(request.id)
+        return reply_result(event)
 
     @staticmethod
-    def wait(q: queue.SimpleQueue[dict[str, Any]], timeout_s: float | None, what: str) -> dict[str, Any]:
-        """Next message from ``q``; raises its error, or ``timeout``."""
+    def wait(q: queue.SimpleQueue[Arrival], timeout_s: float | None, what: str) -> Arrival:
+        """Next event from ``q``, or ``timeout``."""
         try:
-            msg = q.get(timeout=timeout_s)
+            return q.get(timeout=timeout_s)
         except queue.Empty:
             raise ErllamaError(ErrorCode.TIMEOUT, f"{what} within {timeout_s} s") from None
-        if msg.get("t") == protocol.MsgType.ERROR:
-            raise ErllamaError(str(msg.get("code")), str(msg.get("message", "")), msg.get("detail") or {})
-        return msg
 
     def close(self) -> None:
         if self._closed:
@@ -135,8 +131,9 @@ class Connection:
     def _fail_all(self, code: ErrorCode, message: str) -> None:
         with self._lock:
             queues = list(self._routes.values())
+        lost = connection_lost(code, message)
         for q in queues:
-            q.put({"t": protocol.MsgType.ERROR, "code": code.value, "message": message, "detail": {"retryable": True}})
+            q.put((lost, time.monotonic_ns()))
 
     def _flush_outbox(self) -> bool:
         while True:
@@ -154,16 +151,13 @@ class Connection:
                 frame = self._sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            try:
-                msg = protocol.decode(frame)
-            except ErllamaError as err:
-                log.warning("undecodable message from the broker: %s", err)
+            event = self._decoder.decode(frame)
+            if event is None:
                 continue
-            msg["received_ns"] = time.monotonic_ns()
-            request_id = msg.get("id")
+            received_ns = time.monotonic_ns()
             with self._lock:
-                q = self._routes.get(request_id) if isinstance(request_id, str) else None
+                q = self._routes.get(event.id) if event.id is not None else None
             if q is not None:
-                q.put(msg)
-            elif msg.get("t") == protocol.MsgType.ERROR:
-                log.warning("broker error not tied to a request: %s %s", msg.get("code"), msg.get("message"))
+                q.put((event, received_ns))
+            elif isinstance(event, ErrorReply):
+                log.warning("broker error not tied to a request: %s %s", event.code, event.message)

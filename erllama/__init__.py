@@ -11,4 +11,13 @@ __version__ = "0.1.0"
 
 from erllama.client import Client, CompletionResult, InferStream, Stats, TokenEvent
 
-__all__ = ["Client", "CompletionResult", "ErllamaError", "ErrorCode", "InferStream", "Stats", "TokenEvent", "__version__"]
+__all__ = [
+    "Client",
+    "CompletionResult",
+    "ErllamaError",
+    "ErrorCode",
+    "InferStream",
+    "Stats",
+    "TokenEvent",
+    "__version__",
+]

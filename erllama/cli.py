@@ -1,13 +1,13 @@
 """``erllama``: the command line for a running broker (and a self-contained demo).
 
-    erllama demo ["prompt"]          start a broker if none runs, stream a reply from the default model
-    erllama status                   each model with its state, phase, queue depth and pending length
-    erllama complete MODEL PROMPT    stream a completion
-    erllama load ID [PATH] [-o k=v]  load a model (PATH omitted: the embedded default)
-    erllama unload ID
-    erllama info ID                  model_info as JSON
-    erllama cache [...]              the cache store's counters (see ``erllama cache --help``)
-    erllama keys DIR [--name NAME]   a CURVE key pair for tcp: NAME.key (public), NAME.key_secret
+erllama demo ["prompt"]          start a broker if none runs, stream a reply from the default model
+erllama status                   each model with its state, phase, queue depth and pending length
+erllama complete MODEL PROMPT    stream a completion
+erllama load ID [PATH] [-o k=v]  load a model (PATH omitted: the embedded default)
+erllama unload ID
+erllama info ID                  model_info as JSON
+erllama cache [...]              the cache store's counters (see ``erllama cache --help``)
+erllama keys DIR [--name NAME]   a CURVE key pair for tcp: NAME.key (public), NAME.key_secret
 """
 
 from __future__ import annotations
@@ -53,8 +53,18 @@ def chatml(prompt: str) -> str:
 def cmd_status(c: Client, args: argparse.Namespace) -> int:
     rows = [("MODEL", "STATE", "PHASE", "QUEUE", "PENDING", "RUNNING", "SLOTS", "PID")]
     for m in c.list_models():
-        rows.append((m["id"], m["state"], m["phase"], str(m["queue_depth"]), str(m["pending_len"]),
-                     str(m["running"]), str(m["slots"]), str(m["worker_pid"] or "-")))  # fmt: skip
+        rows.append(
+            (
+                m["id"],
+                m["state"],
+                m["phase"],
+                str(m["queue_depth"]),
+                str(m["pending_len"]),
+                str(m["running"]),
+                str(m["slots"]),
+                str(m["worker_pid"] or "-"),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         _out("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() + "\n")
@@ -70,9 +80,12 @@ def stream_reply(c: Client, model: str, prompt: str | list[int], **params: Any) 
     r = stream.result
     assert r is not None
     _out("\n")
-    _out(f"[{r.finish_reason}; {r.stats.prompt_tokens} prompt + {r.stats.completion_tokens} generated tokens; "
-         f"ttft {r.stats.ttft_ms:.0f} ms; "
-         f"{r.stats.completion_tokens / max(r.stats.generation_ms / 1000, 1e-9):.1f} tok/s]\n", sys.stderr)  # fmt: skip
+    _out(
+        f"[{r.finish_reason}; {r.stats.prompt_tokens} prompt + {r.stats.completion_tokens} generated tokens; "
+        f"ttft {r.stats.ttft_ms:.0f} ms; "
+        f"{r.stats.completion_tokens / max(r.stats.generation_ms / 1000, 1e-9):.1f} tok/s]\n",
+        sys.stderr,
+    )
     return 0
 
 
@@ -109,7 +122,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except ErllamaError:
         tmp = tempfile.TemporaryDirectory(prefix="erllama-demo-")
         endpoint = ipc_endpoint(Path(tmp.name), CLIENT_SOCKET_NAME)
-        env = os.environ | {RUNTIME_DIR_ENV: tmp.name, BROKER_ENDPOINT_ENV: endpoint, "ERLLAMA_LOG_LEVEL": "WARNING"}
+        env = os.environ | {
+            RUNTIME_DIR_ENV: tmp.name,
+            BROKER_ENDPOINT_ENV: endpoint,
+            "ERLLAMA_LOG_LEVEL": "WARNING",
+        }
         _out(f"starting erllama-broker (runtime dir {tmp.name}) ...\n", sys.stderr)
         broker = subprocess.Popen([sys.executable, "-m", "erllama.broker.main"], env=env)
     try:
@@ -157,9 +174,15 @@ def main(argv: list[str] | None = None) -> int:
         from erllama.cachestore.cli import run
 
         return run(argv[1:])
-    ap = argparse.ArgumentParser(prog="erllama", description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)  # fmt: skip
-    ap.add_argument("--endpoint", help="broker endpoint (default: $ERLLAMA_BROKER, else the runtime dir's ipc socket)")
+    ap = argparse.ArgumentParser(
+        prog="erllama",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    ap.add_argument(
+        "--endpoint", help="broker endpoint (default: $ERLLAMA_BROKER, else the runtime dir's ipc socket)"
+    )
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("demo", help="stream a reply from the default model")
     p.add_argument("prompt", nargs="?", default=DEMO_PROMPT)
@@ -184,7 +207,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default="client")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    handlers = {"status": cmd_status, "complete": cmd_complete, "load": cmd_load, "unload": cmd_unload, "info": cmd_info}
+    handlers = {
+        "status": cmd_status,
+        "complete": cmd_complete,
+        "load": cmd_load,
+        "unload": cmd_unload,
+        "info": cmd_info,
+    }
     try:
         if args.cmd == "demo":
             return cmd_demo(args)

@@ -15,18 +15,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final
 
-from erllama.protocol import (
-    DEFAULT_MAX_QUEUE,
-    MAX_ID_CHARS,
-    MAX_STOP_SEQUENCE_BYTES,
-    MAX_STOP_SEQUENCES,
-    MAX_TOKENS_LIMIT,
-    WORKER_STALL_TIMEOUT_S,
-    ErllamaError,
-    ErrorCode,
-)
+import msgspec
 
-DEFAULT_MAX_TOKENS: Final = 256
+from erllama.protocol import DEFAULT_MAX_QUEUE, WORKER_STALL_TIMEOUT_S, ErllamaError, ErrorCode
+from erllama.protocol.params import SAMPLING_KEYS, SamplingParams
+
 KV_TYPES: Final = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 SPLIT_MODES: Final = ("none", "layer", "row")
 FLASH_ATTN_MODES: Final = ("auto", "on", "off")
@@ -41,7 +34,6 @@ EXACT_UBATCH_TOKENS: Final = 32
 FAST_UBATCH_TOKENS: Final = 512
 MAX_TENSOR_SPLIT: Final = 16
 MODEL_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-ROW_KEY_PATTERN: Final = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _bad(key: str, why: str) -> ErllamaError:
@@ -84,105 +76,38 @@ def validate_model_id(model_id: Any) -> str:
     return model_id
 
 
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    """Per-request settings: sampling (``temperature`` 0 is greedy; ``seed`` None is random) and how
-    the request meets the cache (``session_id`` pins its sequence between requests, ``parent_key``
-    names an earlier request's ``finish_key`` to resume from)."""
-
-    max_tokens: int = DEFAULT_MAX_TOKENS
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    session_id: str | None = None
-    parent_key: str | None = None
-    grammar: str | None = None  # GBNF with a "root" rule; checked at admission (invalid_grammar)
-    thinking: bool = False  # stream thinking spans as thinking deltas (needs the model's thinking_markers)
-    thinking_budget_tokens: int | None = None  # close the thinking block after this many tokens
-    verify: tuple[int, ...] | None = None  # speculative verify: the candidate tokens after the prompt
-
-    def to_wire(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["stop"] = list(self.stop)
-        return d
-
-
-MAX_GRAMMAR_BYTES: Final = 256 * 1024
-MAX_VERIFY_TOKENS: Final = 256
 MARKER_KEYS: Final = {
     "thinking_markers": ("start", "end"),
     "tool_call_markers": ("start", "end", "payload_start", "payload_end"),
 }
 MAX_MARKER_CHARS: Final = 64
+_FIELD_PATH: Final = re.compile(r"`\$\.(\w+)")
 
 
 def parse_sampling(params: dict[str, Any] | None) -> SamplingParams:
-    """Turn a request's ``params`` map into ``SamplingParams`` or raise ``invalid_params``."""
-    params = params or {}
-    known = {f.name for f in dataclasses.fields(SamplingParams)}
+    """Turn a request's ``params`` map into ``SamplingParams`` or raise ``invalid_params`` naming the key.
+
+    The constraints are ``SamplingParams``'s own; two spellings clients use are accepted here
+    (``stop`` as one string, ``thinking`` as ``"enabled"``/``"disabled"``)."""
+    params = dict(params or {})
     for key in params:
-        if key not in known:
+        if key not in SAMPLING_KEYS:
             raise _bad(str(key), "unknown parameter")
-    out: dict[str, Any] = {}
-    if "max_tokens" in params:
-        out["max_tokens"] = _int("max_tokens", params["max_tokens"], 0, MAX_TOKENS_LIMIT)
-    if "temperature" in params:
-        out["temperature"] = _float("temperature", params["temperature"], 0.0, 100.0)
-    if "top_k" in params:
-        out["top_k"] = _int("top_k", params["top_k"], 0, 1 << 20)
-    if "top_p" in params:
-        out["top_p"] = _float("top_p", params["top_p"], 0.0, 1.0)
-    if "min_p" in params:
-        out["min_p"] = _float("min_p", params["min_p"], 0.0, 1.0)
-    if "repetition_penalty" in params:
-        # llama.cpp requires a penalty > 0 (1 = off)
-        out["repetition_penalty"] = _float("repetition_penalty", params["repetition_penalty"], 1e-3, 10.0)
-    if params.get("seed") is not None:
-        out["seed"] = _int("seed", params["seed"], 0, 2**32 - 2)  # 2**32-1 is llama.cpp's "random"
-    if "stop" in params and params["stop"] is not None:
-        stop = params["stop"]
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-            raise _bad("stop", "expected a list of strings")
-        if len(stop) > MAX_STOP_SEQUENCES:
-            raise _bad("stop", f"at most {MAX_STOP_SEQUENCES} stop sequences")
-        for s in stop:
-            if not s:
-                raise _bad("stop", "empty stop sequence")
-            if len(s.encode()) > MAX_STOP_SEQUENCE_BYTES:
-                raise _bad("stop", f"a stop sequence is longer than {MAX_STOP_SEQUENCE_BYTES} bytes")
-        out["stop"] = tuple(stop)
-    for key in ("session_id", "parent_key"):
-        value = params.get(key)
-        if value is not None:
-            if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_CHARS:
-                raise _bad(key, f"expected a string of 1-{MAX_ID_CHARS} characters")
-            if key == "parent_key" and not ROW_KEY_PATTERN.match(value):
-                raise _bad(key, "expected a finish_key: 64 hexadecimal characters")
-            out[key] = value
-    if params.get("grammar") is not None:
-        g = params["grammar"]
-        if not isinstance(g, str) or not g.strip() or len(g.encode()) > MAX_GRAMMAR_BYTES:
-            raise _bad("grammar", f"expected GBNF text of at most {MAX_GRAMMAR_BYTES} bytes")
-        out["grammar"] = g
-    if "thinking" in params:
-        t = params["thinking"]
-        if t not in (True, False, "enabled", "disabled"):
-            raise _bad("thinking", "expected true/false or 'enabled'/'disabled'")
-        out["thinking"] = t in (True, "enabled")
-    if params.get("thinking_budget_tokens") is not None:
-        out["thinking_budget_tokens"] = _int("thinking_budget_tokens", params["thinking_budget_tokens"], 1, MAX_TOKENS_LIMIT)
-    if params.get("verify") is not None:
-        v = params["verify"]
-        if not isinstance(v, (list, tuple)) or not 0 < len(v) <= MAX_VERIFY_TOKENS:
-            raise _bad("verify", f"expected 1-{MAX_VERIFY_TOKENS} candidate token ids")
-        out["verify"] = tuple(_int("verify", t, 0, 1 << 31) for t in v)
-    return SamplingParams(**out)
+    if isinstance(params.get("stop"), str):
+        params["stop"] = [params["stop"]]
+    if params.get("stop") is None:
+        params.pop("stop", None)
+    if params.get("thinking") in ("enabled", "disabled"):
+        params["thinking"] = params["thinking"] == "enabled"
+    try:
+        return msgspec.convert(params, SamplingParams)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        where = _FIELD_PATH.search(text)
+        if where is not None:
+            raise _bad(where.group(1), text) from None
+        key, _, why = text.partition(": ")  # SamplingParams.__post_init__ names the key itself
+        raise _bad(key, why) from None
 
 
 def validate_prompt(prompt: Any, n_vocab: int | None = None) -> str | list[int]:
@@ -239,7 +164,9 @@ class LoadOptions:
     share_prefix: bool = True  # a request starting like a running one copies its KV (worker/sharing.py)
     stub_decode_ms: int = 0  # the stub backend sleeps this long per decode, standing in for compute
     stub_memory: str = "transformer"  # the memory kind the stub backend imitates (worker/stub_backend.py)
-    stall_timeout_s: int = int(WORKER_STALL_TIMEOUT_S)  # a busy worker without decode progress this long is killed
+    stall_timeout_s: int = int(
+        WORKER_STALL_TIMEOUT_S
+    )  # a busy worker without decode progress this long is killed
     # KV cache policy (see worker/kvcache.py): rows shorter than cache_min_tokens are neither saved nor
     # restored; a cold prompt is saved at floor((len - cold_trim_tokens) / cold_align_tokens) * align;
     # a generating request saves its context every continued_interval_tokens.
@@ -329,15 +256,21 @@ def parse_load_options(options: dict[str, Any] | None) -> LoadOptions:
     if opts.ubatch > opts.n_batch:
         raise _bad("n_ubatch", f"{opts.ubatch} exceeds n_batch {opts.n_batch}")
     if opts.exact and opts.flash_attn == "off":
-        raise _bad("flash_attn", "exact mode needs flash attention (auto or on); set exact=false to turn it off")
+        raise _bad(
+            "flash_attn", "exact mode needs flash attention (auto or on); set exact=false to turn it off"
+        )
     if opts.exact and opts.ubatch > EXACT_MAX_UBATCH_TOKENS:
-        raise _bad("n_ubatch", f"exact mode needs micro-batches of at most {EXACT_MAX_UBATCH_TOKENS} tokens; "
-                               "set exact=false for larger ones")  # fmt: skip
+        raise _bad(
+            "n_ubatch",
+            f"exact mode needs micro-batches of at most {EXACT_MAX_UBATCH_TOKENS} tokens; "
+            "set exact=false for larger ones",
+        )
     if opts.n_seq_max > opts.n_batch:
-        raise _bad("n_seq_max", "every running sequence needs a row of the batch: n_seq_max must be <= n_batch")
+        raise _bad(
+            "n_seq_max", "every running sequence needs a row of the batch: n_seq_max must be <= n_batch"
+        )
     if opts.n_seq_max * 16 > opts.n_ctx:
         raise _bad("n_seq_max", f"n_ctx {opts.n_ctx} leaves fewer than 16 cells per sequence")
     if opts.type_v != "f16" and opts.type_v != "f32" and opts.flash_attn == "off":
         raise _bad("type_v", "a quantized V cache needs flash_attn (auto or on): set flash_attn too")
     return opts
-

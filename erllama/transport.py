@@ -58,7 +58,8 @@ def ipc_endpoint(runtime_dir: Path, name: str) -> str:
     path = str(runtime_dir / name)
     if len(path) > IPC_PATH_MAX_CHARS:
         raise ErllamaError(
-            ErrorCode.INVALID_PARAMS, f"ipc path {path!r} exceeds {IPC_PATH_MAX_CHARS} characters; use a shorter runtime dir"
+            ErrorCode.INVALID_PARAMS,
+            f"ipc path {path!r} exceeds {IPC_PATH_MAX_CHARS} characters; use a shorter runtime dir",
         )
     return f"ipc://{path}"
 
@@ -77,7 +78,8 @@ def check_tcp_bind(endpoint: str, allow_remote: bool) -> None:
         return
     if not allow_remote:
         raise ErllamaError(
-            ErrorCode.INVALID_PARAMS, f"{endpoint} is not loopback; pass --allow-remote to bind it (and use --curve)"
+            ErrorCode.INVALID_PARAMS,
+            f"{endpoint} is not loopback; pass --allow-remote to bind it (and use --curve)",
         )
 
 
@@ -106,7 +108,9 @@ class InstanceLock:
             self.fd = -1
 
 
-def make_socket(ctx: zmq.Context, kind: int, max_frame_bytes: int, *, identity: bytes | None = None) -> zmq.Socket:
+def make_socket(
+    ctx: zmq.Context, kind: int, max_frame_bytes: int, *, identity: bytes | None = None
+) -> zmq.Socket:
     """A socket with the options every erllama socket needs. Options that only apply to later
     binds or connects (MAXMSGSIZE) are set here, before either."""
     sock = ctx.socket(kind)

@@ -278,8 +278,13 @@ def ours_run(client: Client, prompts: Sequence[Sequence[int]], max_tokens: int) 
         try:
             barrier.wait()
             s.start_ns = time.monotonic_ns()
-            stream = client.infer(MODEL_ID, list(prompts[i]), timeout_s=STREAM_EVENT_TIMEOUT_S,
-                                  max_tokens=max_tokens, temperature=0.0)  # fmt: skip
+            stream = client.infer(
+                MODEL_ID,
+                list(prompts[i]),
+                timeout_s=STREAM_EVENT_TIMEOUT_S,
+                max_tokens=max_tokens,
+                temperature=0.0,
+            )
             for ev in stream:
                 s.tokens.extend(ev.token_ids)
                 s.token_ns.extend([ev.received_ns] * len(ev.token_ids))
@@ -412,8 +417,15 @@ def counting_prompt(stream_index: int) -> str:
 def check_lengths(path: str, n: int, streams: Sequence[StreamRun], max_tokens: int) -> None:
     for i, s in enumerate(streams):
         if len(s.tokens) != max_tokens:
-            log.warning("%s, %d streams: stream %d produced %d of %d tokens (finish %s)",
-                        path, n, i, len(s.tokens), max_tokens, s.finish_reason)  # fmt: skip
+            log.warning(
+                "%s, %d streams: stream %d produced %d of %d tokens (finish %s)",
+                path,
+                n,
+                i,
+                len(s.tokens),
+                max_tokens,
+                s.finish_reason,
+            )
 
 
 def med(values: Sequence[float]) -> float:
@@ -428,13 +440,20 @@ def paired_ratio(ours: Sequence[RoundResult], direct: Sequence[RoundResult], bur
     return med([o.tokens_per_s / d.tokens_per_s for o, d in zip(ours, direct)])
 
 
-def print_table(levels: Sequence[int], ours: dict[int, list[RoundResult]], direct: dict[int, list[RoundResult]],
-                same: dict[int, tuple[int, int]], args: argparse.Namespace) -> None:  # fmt: skip
+def print_table(
+    levels: Sequence[int],
+    ours: dict[int, list[RoundResult]],
+    direct: dict[int, list[RoundResult]],
+    same: dict[int, tuple[int, int]],
+    args: argparse.Namespace,
+) -> None:
     print(
         f"batched decode, {args.tokens} greedy tokens per stream, median of {args.rounds} alternating rounds"
     )
-    head = (f"{'streams':>7} | {'ours tok/s':>10} | {'direct tok/s':>12} | {'ratio':>5} | "
-            f"{'ours TTFT mean/max ms':>21} | {'direct TTFT mean/max ms':>23} | {'same greedy':>11}")  # fmt: skip
+    head = (
+        f"{'streams':>7} | {'ours tok/s':>10} | {'direct tok/s':>12} | {'ratio':>5} | "
+        f"{'ours TTFT mean/max ms':>21} | {'direct TTFT mean/max ms':>23} | {'same greedy':>11}"
+    )
     print(head)
     print("-" * len(head))
     ratios = {n: paired_ratio(ours[n], direct[n]) for n in levels}
@@ -444,14 +463,18 @@ def print_table(levels: Sequence[int], ours: dict[int, list[RoundResult]], direc
         ottft = f"{med([r.ttft_mean_ms for r in o]):.0f} / {med([r.ttft_max_ms for r in o]):.0f}"
         dttft = f"{med([r.ttft_mean_ms for r in d]):.0f} / {med([r.ttft_max_ms for r in d]):.0f}"
         k, total = same[n]
-        print(f"{n:>7} | {ot:>10.1f} | {dt:>12.1f} | {ratios[n]:>5.3f} | {ottft:>21} | {dttft:>23} | "
-              f"{f'{k}/{total}':>11}")  # fmt: skip
+        print(
+            f"{n:>7} | {ot:>10.1f} | {dt:>12.1f} | {ratios[n]:>5.3f} | {ottft:>21} | {dttft:>23} | "
+            f"{f'{k}/{total}':>11}"
+        )
     lo, hi = min(levels), max(levels)
     if lo != hi:
         so = med([r.tokens_per_s for r in ours[hi]]) / med([r.tokens_per_s for r in ours[lo]])
         sd = med([r.tokens_per_s for r in direct[hi]]) / med([r.tokens_per_s for r in direct[lo]])
-        print(f"scaling {hi} streams / {lo} stream, aggregate tok/s (goal >= {GOAL_SCALING}): "
-              f"ours {so:.2f}x, direct {sd:.2f}x")  # fmt: skip
+        print(
+            f"scaling {hi} streams / {lo} stream, aggregate tok/s (goal >= {GOAL_SCALING}): "
+            f"ours {so:.2f}x, direct {sd:.2f}x"
+        )
     worst = min(ratios, key=lambda n: ratios[n])
     print(f"lowest ratio ours / direct (goal >= {GOAL_RATIO}): {ratios[worst]:.3f} at {worst} streams")
     burst = "  ".join(
@@ -469,9 +492,11 @@ def print_reference(levels: Sequence[int], reference: Sequence[dict[int, float]]
     print(f"llama-batched-bench decode S_TG tok/s (median of {len(reference)} runs, one per round): {speeds}")
     lo, hi = min(levels), max(levels)
     if lo != hi:
-        print(f"llama-batched-bench scaling {hi} / {lo}: "
-              f"{med([r[hi] for r in reference]) / med([r[lo] for r in reference]):.2f}x "
-              f"(per run: {', '.join(f'{r[hi] / r[lo]:.2f}' for r in reference)})")  # fmt: skip
+        print(
+            f"llama-batched-bench scaling {hi} / {lo}: "
+            f"{med([r[hi] for r in reference]) / med([r[lo] for r in reference]):.2f}x "
+            f"(per run: {', '.join(f'{r[hi] / r[lo]:.2f}' for r in reference)})"
+        )
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
@@ -538,9 +563,17 @@ def main() -> int:
         opts = parse_load_options(info["options"])
         log.info("model loaded in the worker; loading it in this process")
         direct = DirectLoop(default_model_path(), opts)
-        log.info("both contexts: n_ctx %d x %d sequences, n_batch %d, n_ubatch %d, %d threads, flash_attn %s, "
-                 "kv_unified %s", opts.n_ctx, opts.n_seq_max, opts.n_batch, opts.ubatch, opts.threads,
-                 opts.flash_attn, opts.kv_unified)  # fmt: skip
+        log.info(
+            "both contexts: n_ctx %d x %d sequences, n_batch %d, n_ubatch %d, %d threads, flash_attn %s, "
+            "kv_unified %s",
+            opts.n_ctx,
+            opts.n_seq_max,
+            opts.n_batch,
+            opts.ubatch,
+            opts.threads,
+            opts.flash_attn,
+            opts.kv_unified,
+        )
         prompts = [direct.tokenize(counting_prompt(i)) for i in range(max(levels))]
         log.info("prompts of %s tokens", [len(p) for p in prompts])
 
@@ -567,9 +600,16 @@ def main() -> int:
                         clean[n] += 1
                         break
                     last = attempt == args.attempts or time.monotonic() > budget_end_s
-                    log.info("round %d, %d streams, attempt %d: other processes used %.0f%% / %.0f%% of the CPUs "
-                             "during ours / direct%s", r + 1, n, attempt, 100 * foreign_ours, 100 * foreign_direct,
-                             "; keeping it anyway" if last else "; again")  # fmt: skip
+                    log.info(
+                        "round %d, %d streams, attempt %d: other processes used %.0f%% / %.0f%% of the CPUs "
+                        "during ours / direct%s",
+                        r + 1,
+                        n,
+                        attempt,
+                        100 * foreign_ours,
+                        100 * foreign_direct,
+                        "; keeping it anyway" if last else "; again",
+                    )
                     if last:
                         break
                 check_lengths("ours", n, o_streams, args.tokens)
@@ -579,22 +619,37 @@ def main() -> int:
                 theirs[n].append(d)
                 k, total = same[n]
                 same[n] = (k + sum(a.tokens == b.tokens for a, b in zip(o_streams, d_streams)), total + n)
-                log.info("round %d, %d streams: ours %.1f tok/s (end to end %.1f, TTFT mean %.0f ms), "
-                         "direct %.1f tok/s (end to end %.1f, TTFT %.0f ms)", r + 1, n, o.tokens_per_s,
-                         o.burst_tokens_per_s, o.ttft_mean_ms, d.tokens_per_s, d.burst_tokens_per_s,
-                         d.ttft_mean_ms)  # fmt: skip
+                log.info(
+                    "round %d, %d streams: ours %.1f tok/s (end to end %.1f, TTFT mean %.0f ms), "
+                    "direct %.1f tok/s (end to end %.1f, TTFT %.0f ms)",
+                    r + 1,
+                    n,
+                    o.tokens_per_s,
+                    o.burst_tokens_per_s,
+                    o.ttft_mean_ms,
+                    d.tokens_per_s,
+                    d.burst_tokens_per_s,
+                    d.ttft_mean_ms,
+                )
             if args.llama_batched_bench:
                 wait_for_quiet(FOREIGN_CPU_LIMIT, budget_end_s)
-                reference.append(run_llama_batched_bench(args.llama_batched_bench, opts, levels, reference_npp,
-                                                         args.tokens))  # fmt: skip
+                reference.append(
+                    run_llama_batched_bench(
+                        args.llama_batched_bench, opts, levels, reference_npp, args.tokens
+                    )
+                )
                 log.info("round %d, llama-batched-bench S_TG: %s", r + 1, reference[-1])
         print_table(levels, ours, theirs, same, args)
         if reference:
             print_reference(levels, reference)
-        print(f"pairs run while other processes used < {100 * FOREIGN_CPU_LIMIT:.0f}% of the CPUs: "
-              + ", ".join(f"{n} streams {clean[n]}/{args.rounds}" for n in levels))  # fmt: skip
-        print(f"1-minute load average on {os.cpu_count()} CPUs: {load_before:.2f} before, "
-              f"{os.getloadavg()[0]:.2f} after (this benchmark alone adds about 2)")  # fmt: skip
+        print(
+            f"pairs run while other processes used < {100 * FOREIGN_CPU_LIMIT:.0f}% of the CPUs: "
+            + ", ".join(f"{n} streams {clean[n]}/{args.rounds}" for n in levels)
+        )
+        print(
+            f"1-minute load average on {os.cpu_count()} CPUs: {load_before:.2f} before, "
+            f"{os.getloadavg()[0]:.2f} after (this benchmark alone adds about 2)"
+        )
     finally:
         if client is not None:
             client.close()

@@ -105,7 +105,8 @@ def start_daemon(
         "--log-level",
         "WARNING",
     ]
-    proc = subprocess.Popen(argv, stderr=open(root / "daemon.log", "ab"))
+    with open(root / "daemon.log", "ab") as log:
+        proc = subprocess.Popen(argv, stderr=log)
     probe = CacheClient(endpoint, timeout_s=0.5)
     for _ in range(200):
         try:

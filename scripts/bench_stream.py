@@ -45,9 +45,14 @@ def direct_model() -> llama_cpp.Llama:
     llama_lowlevel.llama_model_default_params = params
     try:
         return llama_cpp.Llama(
-            model_path=str(default_model_path()), n_ctx=N_CTX, n_batch=512, n_threads=os.cpu_count(),
-            n_threads_batch=os.cpu_count(), flash_attn=True, verbose=False,
-        )  # fmt: skip
+            model_path=str(default_model_path()),
+            n_ctx=N_CTX,
+            n_batch=512,
+            n_threads=os.cpu_count(),
+            n_threads_batch=os.cpu_count(),
+            flash_attn=True,
+            verbose=False,
+        )
     finally:
         llama_lowlevel.llama_model_default_params = default
 
@@ -94,7 +99,10 @@ def main() -> int:
 
     rdir = Path(tempfile.mkdtemp(prefix="erl-bench-", dir="/tmp"))
     env = os.environ | {"ERLLAMA_LOG_LEVEL": "WARNING"}
-    broker = subprocess.Popen([sys.executable, "-m", "erllama.broker.main", "--no-default-model", "--runtime-dir", str(rdir)], env=env)
+    broker = subprocess.Popen(
+        [sys.executable, "-m", "erllama.broker.main", "--no-default-model", "--runtime-dir", str(rdir)],
+        env=env,
+    )
     try:
         c = Client(ipc_endpoint(rdir, CLIENT_SOCKET_NAME), timeout_s=120)
         deadline = time.monotonic() + 30
@@ -124,8 +132,10 @@ def main() -> int:
         print(f"{'client -> broker -> worker (erllama)':<44}{o:>10.1f}")
         print(f"{'llama-cpp-python in one process':<44}{d:>10.1f}")
         print(f"{'ratio erllama / direct (goal >= 0.95)':<44}{o / d:>10.3f}")
-        print(f"worker -> client latency per token: p50 {pct(lat, 0.5):.3f} ms, p99 {pct(lat, 0.99):.3f} ms "
-              f"({len(lat)} tokens)")  # fmt: skip
+        print(
+            f"worker -> client latency per token: p50 {pct(lat, 0.5):.3f} ms, p99 {pct(lat, 0.99):.3f} ms "
+            f"({len(lat)} tokens)"
+        )
         print(f"same greedy tokens on both paths: {same}")
         c.close()
     finally:

@@ -120,8 +120,22 @@ class Sizes:
     mt_seqs: int = 4
 
 
-QUICK = Sizes(cw_prompts=(256, 512), cw_reps=2, cw_restarts=1, goal_size=512, sh_agents=4, sh_prefix=400,
-              sh_suffix=50, sh_seqs=2, mt_convs=4, mt_turns=3, mt_first=80, mt_new=80, mt_gen=16, mt_seqs=2)  # fmt: skip
+QUICK = Sizes(
+    cw_prompts=(256, 512),
+    cw_reps=2,
+    cw_restarts=1,
+    goal_size=512,
+    sh_agents=4,
+    sh_prefix=400,
+    sh_suffix=50,
+    sh_seqs=2,
+    mt_convs=4,
+    mt_turns=3,
+    mt_first=80,
+    mt_new=80,
+    mt_gen=16,
+    mt_seqs=2,
+)
 
 
 def ctx_for(tokens: int) -> int:
@@ -193,8 +207,19 @@ class Lab:
 
     def start(self, name: str, *flags: str) -> Broker:
         runtime, disk, shm = self.dirs(name)
-        cmd = [sys.executable, "-m", "erllama.broker.main", "--no-default-model", "--runtime-dir", str(runtime),
-               "--cache-dir", str(disk), "--shm-dir", str(shm), *flags]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "erllama.broker.main",
+            "--no-default-model",
+            "--runtime-dir",
+            str(runtime),
+            "--cache-dir",
+            str(disk),
+            "--shm-dir",
+            str(shm),
+            *flags,
+        ]
         env = os.environ | {"ERLLAMA_LOG_LEVEL": os.environ.get("ERLLAMA_LOG_LEVEL", "WARNING")} | self.env
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
         endpoint = ipc_endpoint(runtime, CLIENT_SOCKET_NAME)
@@ -306,8 +331,15 @@ def run(c: Client, prompt: list[int], max_tokens: int, start: threading.Barrier 
     r = stream.result
     assert r is not None
     first_ns = first_ns or time.monotonic_ns()  # end of generation as the first token: no event
-    return Sample((first_ns - t0) / 1e6, r.stats.ttft_ms, r.cache_hit_kind or "?", r.cache_tier,
-                  int(r.cache_delta.get("read", 0)), r.stats.prompt_tokens, r.generated)  # fmt: skip
+    return Sample(
+        (first_ns - t0) / 1e6,
+        r.stats.ttft_ms,
+        r.cache_hit_kind or "?",
+        r.cache_tier,
+        int(r.cache_delta.get("read", 0)),
+        r.stats.prompt_tokens,
+        r.generated,
+    )
 
 
 def run_together(c: Client, prompts: Sequence[list[int]], max_tokens: int) -> list[Sample]:
@@ -438,24 +470,34 @@ def coldwarm(the_lab: Lab, sz: Sizes) -> None:
     print(
         "Cold vs warm TTFT, ms. p50/min: client (request sent -> first token event); srv: stats.ttft_ms p50."
     )
-    print(f"Cold: {len(TIER_FLAGS)} runs (one per broker); hits: {sz.cw_reps} runs each; after restart: "
-          f"{sz.cw_restarts} restarts. max_tokens={sz.cw_max_tokens}, n_seq_max=1. Ratios: p50/p50 cold and "
-          "min/min cold (min: least disturbed by other load).")  # fmt: skip
+    print(
+        f"Cold: {len(TIER_FLAGS)} runs (one per broker); hits: {sz.cw_reps} runs each; after restart: "
+        f"{sz.cw_restarts} restarts. max_tokens={sz.cw_max_tokens}, n_seq_max=1. Ratios: p50/p50 cold and "
+        "min/min cold (min: least disturbed by other load)."
+    )
     print(
         f"Page cache before each post-restart run: {'dropped' if dropped else 'WARM (drop_caches not allowed)'}."
     )
-    head = (f"{'prompt':>6}  {'case':<19}{'kind':<7}{'tier':<6}{'read':>5}{'p50':>9}{'min':>9}{'srv':>9}"
-            f"{'p50/cold':>9}{'min/cold':>9}  goal (p50, min)")  # fmt: skip
+    head = (
+        f"{'prompt':>6}  {'case':<19}{'kind':<7}{'tier':<6}{'read':>5}{'p50':>9}{'min':>9}{'srv':>9}"
+        f"{'p50/cold':>9}{'min/cold':>9}  goal (p50, min)"
+    )
     print(head)
     print("-" * len(head))
-    cases = (("ram", "RAM hit", "ram", 1 / 100), ("shm", "shm hit", "shm", 1 / 100), ("disk", "disk hit", "disk", None),
-             ("restart", "disk after restart", "disk", 1 / 30))  # fmt: skip
+    cases = (
+        ("ram", "RAM hit", "ram", 1 / 100),
+        ("shm", "shm hit", "shm", 1 / 100),
+        ("disk", "disk hit", "disk", None),
+        ("restart", "disk after restart", "disk", 1 / 30),
+    )
     for n in sz.cw_prompts:
         cold_p50 = statistics.median(s.ttft_ms for s in cold[n])
         cold_min = min(s.ttft_ms for s in cold[n])
         kinds = "/".join(sorted({s.kind for s in cold[n]}))
-        print(f"{n:>6}  {'cold':<19}{kinds:<7}{'-':<6}{0:>5}{cold_p50:>9.0f}{cold_min:>9.0f}"
-              f"{statistics.median(s.srv_ms for s in cold[n]):>9.0f}{'1':>9}{'1':>9}")  # fmt: skip
+        print(
+            f"{n:>6}  {'cold':<19}{kinds:<7}{'-':<6}{0:>5}{cold_p50:>9.0f}{cold_min:>9.0f}"
+            f"{statistics.median(s.srv_ms for s in cold[n]):>9.0f}{'1':>9}{'1':>9}"
+        )
         for key, label, want_tier, goal in cases:
             ss = warm[(n, key)]
             p50 = statistics.median(s.ttft_ms for s in ss)
@@ -465,23 +507,33 @@ def coldwarm(the_lab: Lab, sz: Sizes) -> None:
             kind = "/".join(sorted({s.kind for s in ss}))
             verdict = ""
             if goal is not None and n == sz.goal_size:
-                verdict = (f"<= 1/{1 / goal:.0f}: {'met' if p50 / cold_p50 <= goal else 'MISSED'}, "
-                           f"{'met' if best / cold_min <= goal else 'MISSED'}")  # fmt: skip
-            print(f"{'':>6}  {label:<19}{kind:<7}{'/'.join(tiers) + flag:<6}{min(s.read for s in ss):>5}{p50:>9.1f}"
-                  f"{best:>9.1f}{statistics.median(s.srv_ms for s in ss):>9.1f}{frac(p50 / cold_p50):>9}"
-                  f"{frac(best / cold_min):>9}  {verdict}")  # fmt: skip
-    print("Where a warm hit's time goes (RAM broker, warm run of "
-          f"{DECODE_PROBE_TOKENS} tokens): client gaps between token events, ms")  # fmt: skip
+                verdict = (
+                    f"<= 1/{1 / goal:.0f}: {'met' if p50 / cold_p50 <= goal else 'MISSED'}, "
+                    f"{'met' if best / cold_min <= goal else 'MISSED'}"
+                )
+            print(
+                f"{'':>6}  {label:<19}{kind:<7}{'/'.join(tiers) + flag:<6}{min(s.read for s in ss):>5}{p50:>9.1f}"
+                f"{best:>9.1f}{statistics.median(s.srv_ms for s in ss):>9.1f}{frac(p50 / cold_p50):>9}"
+                f"{frac(best / cold_min):>9}  {verdict}"
+            )
+    print(
+        "Where a warm hit's time goes (RAM broker, warm run of "
+        f"{DECODE_PROBE_TOKENS} tokens): client gaps between token events, ms"
+    )
     for n in sz.cw_prompts:
         g = gaps[n]
-        print(f"  {n:>5} tokens: 1st gap {g[0] if g else float('nan'):7.1f}, median of the rest "
-              f"{statistics.median(g[1:]) if len(g) > 1 else float('nan'):6.1f} (one decode step: a hit re-decodes "
-              "the last prompt token, so srv >= one step; the 1st gap also holds any save made after token 1)")  # fmt: skip
+        print(
+            f"  {n:>5} tokens: 1st gap {g[0] if g else float('nan'):7.1f}, median of the rest "
+            f"{statistics.median(g[1:]) if len(g) > 1 else float('nan'):6.1f} (one decode step: a hit re-decodes "
+            "the last prompt token, so srv >= one step; the 1st gap also holds any save made after token 1)"
+        )
     for name, k in store.items():
-        print(f"  store {name:<10} lookups {k['lookups']:>3} mean {k['lookup_ns'] / max(1, k['lookups']) / 1e3:7.1f} us,"
-              f" loads {k['loads']:>3} mean grant {k['load_ns'] / max(1, k['loads']) / 1e3:8.1f} us,"
-              f" already_present {k['already_present']:>3}, saves cold/continued/finish "
-              f"{k['saves_cold']}/{k['saves_continued']}/{k['saves_finish']}")  # fmt: skip
+        print(
+            f"  store {name:<10} lookups {k['lookups']:>3} mean {k['lookup_ns'] / max(1, k['lookups']) / 1e3:7.1f} us,"
+            f" loads {k['loads']:>3} mean grant {k['load_ns'] / max(1, k['loads']) / 1e3:8.1f} us,"
+            f" already_present {k['already_present']:>3}, saves cold/continued/finish "
+            f"{k['saves_cold']}/{k['saves_continued']}/{k['saves_finish']}"
+        )
 
 
 # --- table 2: shared prefix ----------------------------------------------------------------------------
@@ -493,8 +545,10 @@ def shared(the_lab: Lab, sz: Sizes) -> None:
 
     def agents(corpus: Corpus, tag: str) -> tuple[list[int], list[list[int]]]:
         prefix = corpus.prompt(f"Briefing for the {tag} team of agents. ", sz.sh_prefix)
-        return prefix, [prefix + corpus.more(f"\nAgent {i + 1}: ", sz.sh_suffix, 997 * (i + 1))
-                        for i in range(sz.sh_agents)]  # fmt: skip
+        return prefix, [
+            prefix + corpus.more(f"\nAgent {i + 1}: ", sz.sh_suffix, 997 * (i + 1))
+            for i in range(sz.sh_agents)
+        ]
 
     runs: dict[str, list[Sample]] = {}
     for name, share_prefix in (("cache off", False), ("sharing only", True)):
@@ -542,8 +596,10 @@ def shared(the_lab: Lab, sz: Sizes) -> None:
         ss = runs[k]
         share = sum(s.read for s in ss) / sum(s.prompt_tokens for s in ss)
         m = mean([s.ttft_ms for s in ss])
-        print(f"  {k:<12} prompt tokens not prefilled {share:6.1%}   mean TTFT vs cache off {frac(m / base):>6}"
-              f"   hit kinds {sorted({s.kind for s in ss})}")  # fmt: skip
+        print(
+            f"  {k:<12} prompt tokens not prefilled {share:6.1%}   mean TTFT vs cache off {frac(m / base):>6}"
+            f"   hit kinds {sorted({s.kind for s in ss})}"
+        )
 
 
 # --- table 3: multi-turn -------------------------------------------------------------------------------
@@ -584,9 +640,14 @@ def next_turn(conv: Conversations, sz: Sizes, label: str) -> None:
     t = len(conv.turns) + 1
     samples = run_together(conv.broker.client, conv.prompts, sz.mt_gen)
     conv.turns.append(Turn(samples, conv.new))
-    log.info("multi-turn %s turn %d: mean TTFT %.0f ms, read %d of %d prompt tokens", label, t,
-             mean([s.ttft_ms for s in samples]), sum(s.read for s in samples),
-             sum(s.prompt_tokens for s in samples))  # fmt: skip
+    log.info(
+        "multi-turn %s turn %d: mean TTFT %.0f ms, read %d of %d prompt tokens",
+        label,
+        t,
+        mean([s.ttft_ms for s in samples]),
+        sum(s.read for s in samples),
+        sum(s.prompt_tokens for s in samples),
+    )
     more = [
         conv.corpus.more(f"\nUser (turn {t + 1}): ", sz.mt_new, 131 * k + 389 * t) for k in range(sz.mt_convs)
     ]
@@ -612,16 +673,20 @@ def multiturn(the_lab: Lab, sz: Sizes) -> None:
     off, on = runs["off"].turns, runs["on"].turns
 
     print()
-    print(f"Multi-turn: {sz.mt_convs} conversations x {sz.mt_turns} turns, each round issuing turn t of every "
-          f"conversation at once to n_seq_max={sz.mt_seqs}; first turn {sz.mt_first} tokens, then +{sz.mt_new} new "
-          f"tokens per turn, {sz.mt_gen} generated; no session_id. Cache-off and cache-on rounds alternate.")  # fmt: skip
+    print(
+        f"Multi-turn: {sz.mt_convs} conversations x {sz.mt_turns} turns, each round issuing turn t of every "
+        f"conversation at once to n_seq_max={sz.mt_seqs}; first turn {sz.mt_first} tokens, then +{sz.mt_new} new "
+        f"tokens per turn, {sz.mt_gen} generated; no session_id. Cache-off and cache-on rounds alternate."
+    )
     print(
         "TTFT ms (client: sent -> first token, includes queueing). 'from cache' = sum read / sum prompt tokens;"
     )
     print("'ceiling' = share of the prompt that existed before this turn (new tokens must be prefilled);")
     print("'of reusable' = sum read / sum (prompt - new tokens).")
-    head = (f"{'turn':>4}{'prompt':>8}{'off mean':>10}{'off p90':>9}{'on mean':>9}{'on p90':>8}{'on/off':>8}"
-            f"{'from cache':>12}{'ceiling':>9}{'of reusable':>13}")  # fmt: skip
+    head = (
+        f"{'turn':>4}{'prompt':>8}{'off mean':>10}{'off p90':>9}{'on mean':>9}{'on p90':>8}{'on/off':>8}"
+        f"{'from cache':>12}{'ceiling':>9}{'of reusable':>13}"
+    )
     print(head)
     print("-" * len(head))
     later_off: list[float] = []
@@ -632,9 +697,11 @@ def multiturn(the_lab: Lab, sz: Sizes) -> None:
         read = sum(s.read for s in b.samples)
         reusable = prompt - sum(b.new_tokens)
         m_off, m_on = mean([s.ttft_ms for s in a.samples]), mean([s.ttft_ms for s in b.samples])
-        print(f"{t:>4}{prompt / len(b.samples):>8.0f}{m_off:>10.0f}{p90([s.ttft_ms for s in a.samples]):>9.0f}"
-              f"{m_on:>9.0f}{p90([s.ttft_ms for s in b.samples]):>8.0f}{frac(m_on / m_off):>8}{read / prompt:>12.1%}"
-              f"{reusable / prompt:>9.1%}{(read / reusable if reusable else float('nan')):>13.1%}")  # fmt: skip
+        print(
+            f"{t:>4}{prompt / len(b.samples):>8.0f}{m_off:>10.0f}{p90([s.ttft_ms for s in a.samples]):>9.0f}"
+            f"{m_on:>9.0f}{p90([s.ttft_ms for s in b.samples]):>8.0f}{frac(m_on / m_off):>8}{read / prompt:>12.1%}"
+            f"{reusable / prompt:>9.1%}{(read / reusable if reusable else float('nan')):>13.1%}"
+        )
         if t >= 2:
             later_off += [s.ttft_ms for s in a.samples]
             later_on += [s.ttft_ms for s in b.samples]
@@ -647,9 +714,11 @@ def multiturn(the_lab: Lab, sz: Sizes) -> None:
         print("-" * len(head))
         ratio = mean(later_on) / mean(later_off)
         share = later_read / later_prompt
-        print(f"turns 2-{sz.mt_turns}: mean TTFT on/off {frac(ratio)} (goal <= 1/5: {'met' if ratio <= 0.2 else 'MISSED'}); "
-              f"prompt tokens from cache {share:.1%} (goal >= 90%: {'met' if share >= 0.9 else 'MISSED'}; "
-              f"ceiling {later_reusable / later_prompt:.1%}); of reusable {later_read / later_reusable:.1%}")  # fmt: skip
+        print(
+            f"turns 2-{sz.mt_turns}: mean TTFT on/off {frac(ratio)} (goal <= 1/5: {'met' if ratio <= 0.2 else 'MISSED'}); "
+            f"prompt tokens from cache {share:.1%} (goal >= 90%: {'met' if share >= 0.9 else 'MISSED'}; "
+            f"ceiling {later_reusable / later_prompt:.1%}); of reusable {later_read / later_reusable:.1%}"
+        )
     kinds = sorted({s.kind for turn in on[1:] for s in turn.samples})
     print(f"cache-on hit kinds from turn 2: {kinds}")
 
@@ -676,14 +745,22 @@ def main() -> int:
         help="run workers with OMP_WAIT_POLICY=PASSIVE: llama.cpp's OpenMP threads sleep at barriers "
         "instead of spinning, which keeps decode steady when other processes compete for the cores",
     )
-    ap.add_argument("--threads", type=int, default=0,
-                    help="worker n_threads (default 0: one per core; 1 is steadier on a machine shared with other "
-                         "llama.cpp processes, whose spinning threads otherwise stall each decode for seconds)")  # fmt: skip
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="worker n_threads (default 0: one per core; 1 is steadier on a machine shared with other "
+        "llama.cpp processes, whose spinning threads otherwise stall each decode for seconds)",
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     sz = QUICK if args.quick else Sizes()
-    sz = dataclasses.replace(sz, mt_first=args.mt_first_tokens or sz.mt_first, mt_seqs=args.mt_seqs or sz.mt_seqs,
-                             sh_seqs=args.sh_seqs or sz.sh_seqs)  # fmt: skip
+    sz = dataclasses.replace(
+        sz,
+        mt_first=args.mt_first_tokens or sz.mt_first,
+        mt_seqs=args.mt_seqs or sz.mt_seqs,
+        sh_seqs=args.sh_seqs or sz.sh_seqs,
+    )
 
     def on_term(signum: int, _frame: Any) -> None:
         raise SystemExit(128 + signum)  # unwinds through the cleanup below
@@ -695,9 +772,11 @@ def main() -> int:
             the_lab.load_options["n_threads"] = args.threads
         if args.omp_passive:
             the_lab.env["OMP_WAIT_POLICY"] = "PASSIVE"
-        print(f"bench_warm: tables {' '.join(args.only)}{' (quick)' if args.quick else ''}, worker n_threads "
-              f"{args.threads or 'default (one per core)'}, {os.cpu_count()} cores, OMP_WAIT_POLICY "
-              f"{the_lab.env.get('OMP_WAIT_POLICY', 'default (spinning)')}")  # fmt: skip
+        print(
+            f"bench_warm: tables {' '.join(args.only)}{' (quick)' if args.quick else ''}, worker n_threads "
+            f"{args.threads or 'default (one per core)'}, {os.cpu_count()} cores, OMP_WAIT_POLICY "
+            f"{the_lab.env.get('OMP_WAIT_POLICY', 'default (spinning)')}"
+        )
         for name in args.only:
             TABLES[name](the_lab, sz)
             print(

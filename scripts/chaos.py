@@ -79,7 +79,7 @@ from typing import Any, Final, TextIO
 import psutil
 
 from erllama import Client, ErllamaError
-from erllama.broker.supervisor import CRASH_WINDOW_S, MAX_CRASHES_IN_WINDOW, RESTART_BACKOFF_MAX_S
+from erllama.broker.processes import CRASH_WINDOW_S, MAX_CRASHES_IN_WINDOW, RESTART_BACKOFF_MAX_S
 from erllama.cachestore.client import CacheClient
 from erllama.cachestore.codec import row_key
 from erllama.client.results import CompletionResult
@@ -122,8 +122,11 @@ AUDIT_FINAL_ROWS: Final = 256  # checked once more after the chaos, with the sto
 STUB_N_CTX: Final = 1024
 # Small save boundaries: prompts of a few hundred tokens are saved cold, continued and at the finish.
 STUB_CACHE_OPTIONS: Final[dict[str, Any]] = {
-    "cache_min_tokens": 16, "cold_trim_tokens": 4, "cold_align_tokens": 16, "continued_interval_tokens": 32,
-}  # fmt: skip
+    "cache_min_tokens": 16,
+    "cold_trim_tokens": 4,
+    "cold_align_tokens": 16,
+    "continued_interval_tokens": 32,
+}
 STUB_BASE: Final[dict[str, Any]] = {"backend": "stub", "n_ctx": STUB_N_CTX} | STUB_CACHE_OPTIONS
 STUB_MODELS: Final[dict[str, dict[str, Any]]] = {
     "stub-a": STUB_BASE | {"n_seq_max": 4, "stub_decode_ms": 3},
@@ -132,9 +135,13 @@ STUB_MODELS: Final[dict[str, dict[str, Any]]] = {
 }
 REAL_MODEL: Final = "real"
 REAL_OPTIONS: Final[dict[str, Any]] = {
-    "n_ctx": 1024, "n_seq_max": 2, "cache_min_tokens": 16, "cold_trim_tokens": 4, "cold_align_tokens": 16,
+    "n_ctx": 1024,
+    "n_seq_max": 2,
+    "cache_min_tokens": 16,
+    "cold_trim_tokens": 4,
+    "cold_align_tokens": 16,
     "continued_interval_tokens": 64,
-}  # fmt: skip
+}
 REAL_MAX_TOKENS: Final = 12
 REAL_STORY: Final = (
     "The lighthouse keeper climbed the spiral stairs every evening at dusk. He wound the clockwork, "
@@ -152,10 +159,42 @@ REAL_QUESTIONS: Final = (
 
 # --- load -----------------------------------------------------------------------------------------------
 WORDS: Final = (
-    "harbour", "lamp", "keeper", "stone", "river", "tide", "north", "wind", "ledger", "brass", "lens", "night",
-    "ship", "gull", "rope", "anchor", "quay", "salt", "fog", "bell", "lantern", "reef", "chart", "compass", "sail",
-    "mast", "cabin", "storm", "shore", "cliff", "beacon", "current", "drift", "hull", "deck",
-)  # fmt: skip
+    "harbour",
+    "lamp",
+    "keeper",
+    "stone",
+    "river",
+    "tide",
+    "north",
+    "wind",
+    "ledger",
+    "brass",
+    "lens",
+    "night",
+    "ship",
+    "gull",
+    "rope",
+    "anchor",
+    "quay",
+    "salt",
+    "fog",
+    "bell",
+    "lantern",
+    "reef",
+    "chart",
+    "compass",
+    "sail",
+    "mast",
+    "cabin",
+    "storm",
+    "shore",
+    "cliff",
+    "beacon",
+    "current",
+    "drift",
+    "hull",
+    "deck",
+)
 N_PREFIXES: Final = 8
 N_SUFFIXES: Final = 12
 PREFIX_CHARS: Final = (120, 420)
@@ -167,12 +206,21 @@ SESSION_MAX_TOKENS: Final = STUB_N_CTX - 64  # a conversation that would outgrow
 SEEDED_TEMPERATURE: Final = 0.8
 STOP_CHOICES: Final = ("a ", " t", "ee", "s r")
 KIND_WEIGHTS: Final[dict[str, int]] = {
-    "stream": 30, "complete": 25, "cancel": 10, "session": 15, "prefill_parent": 8, "bad": 7,
-}  # fmt: skip
+    "stream": 30,
+    "complete": 25,
+    "cancel": 10,
+    "session": 15,
+    "prefill_parent": 8,
+    "bad": 7,
+}
 REAL_KIND_WEIGHTS: Final[dict[str, int]] = {"complete": 60, "stream": 25, "cancel": 15}
 ACTION_WEIGHTS: Final[dict[str, int]] = {
-    "kill_worker": 4, "stop_worker_brief": 2, "stop_worker_left": 1, "kill_store": 2, "stop_store": 2,
-}  # fmt: skip
+    "kill_worker": 4,
+    "stop_worker_brief": 2,
+    "stop_worker_left": 1,
+    "kill_store": 2,
+    "stop_store": 2,
+}
 CRASH_ACTIONS: Final = frozenset({"kill_worker", "stop_worker_left"})
 ACTION_LABELS: Final[dict[str, str]] = {
     "kill_worker": "SIGKILL worker",
@@ -353,8 +401,10 @@ class ChaosReport:
         row("  other anomalies (must be 0)", self.anomalies)
         for what, n in sorted(t.anomalies.items()):
             row(f"    {what}", n)
-        row("  in flight at the end", t.started - t.completed - sum(t.failed.values()) - t.lost - t.hung - t.corrupt
-            - self.anomalies)  # fmt: skip
+        row(
+            "  in flight at the end",
+            t.started - t.completed - sum(t.failed.values()) - t.lost - t.hung - t.corrupt - self.anomalies,
+        )
         row(
             "completed requests by cache hit",
             ", ".join(f"{k} {v}" for k, v in sorted(t.hit_kinds.items())) or "-",
@@ -375,8 +425,11 @@ class ChaosReport:
             row("  left-stopped worker killed by the broker after", f"max {max(t.frozen_detect_s):.1f} s")
         if t.store_back_s:
             back = t.store_back_s
-            row("  cache store running again after SIGKILL", f"first {back[0]:.1f} s, last {back[-1]:.1f} s, "
-                f"max {max(back):.1f} s (polled every {MODEL_WATCH_INTERVAL_S:g} s)")  # fmt: skip
+            row(
+                "  cache store running again after SIGKILL",
+                f"first {back[0]:.1f} s, last {back[-1]:.1f} s, "
+                f"max {max(back):.1f} s (polled every {MODEL_WATCH_INTERVAL_S:g} s)",
+            )
         row(
             "worker restarts (model_info)",
             ", ".join(f"{m} {n}" for m, n in self.restarts.items()) or "not read",
@@ -386,8 +439,10 @@ class ChaosReport:
         recovered = "yes" if self.recovered else "NO: " + "; ".join(self.recovery_problems)
         row("recovered after the chaos", "not checked (interrupted)" if self.interrupted else recovered)
         width = max(len(label) for label, _ in rows) + 2
-        head = (f"erllama chaos: {self.minutes:g} min (ran {self.duration_s:.0f} s), seed {self.seed}, "
-                f"{self.clients} clients, models {' '.join(self.models)}")  # fmt: skip
+        head = (
+            f"erllama chaos: {self.minutes:g} min (ran {self.duration_s:.0f} s), seed {self.seed}, "
+            f"{self.clients} clients, models {' '.join(self.models)}"
+        )
         lines = [head, "-" * len(head)] + [f"{label:<{width}}{value}" for label, value in rows]
         verdict = "INTERRUPTED" if self.interrupted else ("PASS" if self.ok else "FAIL")
         lines.append(f"{'result':<{width}}{verdict}")
@@ -430,13 +485,30 @@ class PrivateBroker:
 
     def start(self) -> None:
         launcher = BROKER_LAUNCHER.format(pdeathsig=PR_SET_PDEATHSIG, parent=os.getpid())
-        cmd = [sys.executable, "-c", launcher, "--no-default-model", "--runtime-dir", str(self.runtime_dir),
-               "--cache-dir", str(self.runtime_dir / "kv"), "--shm-dir", str(self.shm_dir), "--log-level", "INFO",
-               *self.extra_args]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-c",
+            launcher,
+            "--no-default-model",
+            "--runtime-dir",
+            str(self.runtime_dir),
+            "--cache-dir",
+            str(self.runtime_dir / "kv"),
+            "--shm-dir",
+            str(self.shm_dir),
+            "--log-level",
+            "INFO",
+            *self.extra_args,
+        ]
         self.log_file = open(self.log_path, "w")  # noqa: SIM115 - closed in close()
         # Its own session: a Ctrl-C in the terminal reaches this script only, which stops the broker itself.
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     start_new_session=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + BROKER_START_TIMEOUT_S
         with Client(self.endpoint, timeout_s=1.0) as probe:
             while True:
@@ -543,8 +615,13 @@ class PromptBook:
 class Requester:
     """Runs one request and files its outcome."""
 
-    def __init__(self, client: Client, tally: Tally, reload_epochs: Callable[[str], int],
-                 audit: Callable[[str, list[int], list[int]], None] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        client: Client,
+        tally: Tally,
+        reload_epochs: Callable[[str], int],
+        audit: Callable[[str, list[int], list[int]], None] | None = None,
+    ):
         self.c = client
         self.tally = tally
         self.reload_epochs = reload_epochs
@@ -597,8 +674,10 @@ class Requester:
             self._anomaly("cancelled without a cancel", what)
             return None
         if expect is not None and not self._as_expected(result, expect, cancel_after is not None):
-            detail = (f"{what}: hit {result.cache_hit_kind} (read {result.cache_delta.get('read')}, tier "
-                      f"{result.cache_tier}), got {result.generated[:20]}, expected {list(expect.tokens[:20])}")  # fmt: skip
+            detail = (
+                f"{what}: hit {result.cache_hit_kind} (read {result.cache_delta.get('read')}, tier "
+                f"{result.cache_tier}), got {result.generated[:20]}, expected {list(expect.tokens[:20])}"
+            )
             if result.cache_hit_kind in HIT_FROM_STORE:
                 self.tally.add("corrupt")
                 self.tally.note("corrupt row", detail)
@@ -628,8 +707,15 @@ class Requester:
         ctx = tuple(r.context_tokens)
         return ok and (not ctx or ctx == whole[: len(ctx)])
 
-    def _failed(self, err: ErllamaError, what: str, model: str, epoch: int, silent_s: float,
-                expect_codes: frozenset[str] | None) -> None:  # fmt: skip
+    def _failed(
+        self,
+        err: ErllamaError,
+        what: str,
+        model: str,
+        epoch: int,
+        silent_s: float,
+        expect_codes: frozenset[str] | None,
+    ) -> None:
         code = err.code
         if code == ErrorCode.TIMEOUT and silent_s >= HANG_S * 0.99:
             self.tally.add("hung")
@@ -659,9 +745,18 @@ class Requester:
 class StubLoad(threading.Thread):
     """One client's mixed load on the stub models until ``stop`` is set."""
 
-    def __init__(self, index: int, endpoint: str, book: PromptBook, models: list[str], seed: int, tally: Tally,
-                 reload_epochs: Callable[[str], int], audit: Callable[[str, list[int], list[int]], None],
-                 stop: threading.Event):  # fmt: skip
+    def __init__(
+        self,
+        index: int,
+        endpoint: str,
+        book: PromptBook,
+        models: list[str],
+        seed: int,
+        tally: Tally,
+        reload_epochs: Callable[[str], int],
+        audit: Callable[[str, list[int], list[int]], None],
+        stop: threading.Event,
+    ):
         super().__init__(name=f"chaos-load-{index}", daemon=True)
         self.audit = audit
         self.index = index
@@ -721,8 +816,14 @@ class StubLoad(threading.Thread):
     def _cancel(self, req: Requester, model: str) -> None:
         prompt, tokens = self._prompt()
         expected = stub_expected(tuple(tokens), CANCEL_MAX_TOKENS, 0.0, None)
-        req.run("cancel", model, prompt, {"max_tokens": CANCEL_MAX_TOKENS}, Expect(expected, tuple(tokens)),
-                cancel_after=self.rng.randint(*CANCEL_AFTER_EVENTS))  # fmt: skip
+        req.run(
+            "cancel",
+            model,
+            prompt,
+            {"max_tokens": CANCEL_MAX_TOKENS},
+            Expect(expected, tuple(tokens)),
+            cancel_after=self.rng.randint(*CANCEL_AFTER_EVENTS),
+        )
 
     def _session(self, req: Requester, model: str) -> None:
         sid, history = self.sessions.get(model, ("", []))
@@ -737,8 +838,13 @@ class StubLoad(threading.Thread):
             self.n_sessions += 1
             sid, history = f"chaos-{self.index}-{model}-{self.n_sessions}", []
         tokens = history + turn[1:] if history else turn
-        result = req.run("session", model, tokens, {"max_tokens": n, "session_id": sid},
-                         Expect(stub_expected(tuple(tokens), n, 0.0, None), tuple(tokens)))  # fmt: skip
+        result = req.run(
+            "session",
+            model,
+            tokens,
+            {"max_tokens": n, "session_id": sid},
+            Expect(stub_expected(tuple(tokens), n, 0.0, None), tuple(tokens)),
+        )
         if result is not None:
             history = tokens + result.generated
         self.sessions[model] = (sid, history)
@@ -769,12 +875,24 @@ class StubLoad(threading.Thread):
         elif choice == 3:
             req.run("bad: empty prompt", model, "", {}, None, expect_codes=invalid)
         elif choice == 4:
-            req.run("bad: unknown model", "no-such-model", "hello", {}, None,
-                    expect_codes=frozenset({ErrorCode.MODEL_NOT_FOUND.value}))  # fmt: skip
+            req.run(
+                "bad: unknown model",
+                "no-such-model",
+                "hello",
+                {},
+                None,
+                expect_codes=frozenset({ErrorCode.MODEL_NOT_FOUND.value}),
+            )
         elif choice == 5:
             too_long = [0] + [2 + (i % 256) for i in range(STUB_N_CTX + 8)]
-            req.run("bad: context overflow", model, too_long, {"max_tokens": 4}, None,
-                    expect_codes=frozenset({ErrorCode.CONTEXT_OVERFLOW.value}))  # fmt: skip
+            req.run(
+                "bad: context overflow",
+                model,
+                too_long,
+                {"max_tokens": 4},
+                None,
+                expect_codes=frozenset({ErrorCode.CONTEXT_OVERFLOW.value}),
+            )
         else:
             req.run("bad: token id", model, [0, 5, 10**6], {"max_tokens": 4}, None, expect_codes=invalid)
 
@@ -782,8 +900,16 @@ class StubLoad(threading.Thread):
 class RealLoad(threading.Thread):
     """One client on the real model: greedy requests checked against calm runs made before the chaos."""
 
-    def __init__(self, endpoint: str, prompts: list[list[int]], reference: list[tuple[int, ...]], seed: int,
-                 tally: Tally, reload_epochs: Callable[[str], int], stop: threading.Event):  # fmt: skip
+    def __init__(
+        self,
+        endpoint: str,
+        prompts: list[list[int]],
+        reference: list[tuple[int, ...]],
+        seed: int,
+        tally: Tally,
+        reload_epochs: Callable[[str], int],
+        stop: threading.Event,
+    ):
         super().__init__(name="chaos-load-real", daemon=True)
         self.endpoint = endpoint
         self.prompts = prompts
@@ -895,8 +1021,11 @@ class RowAuditor(threading.Thread):
             if held != tokens:
                 self.tally.corrupt_stored += 1
         if held != tokens:
-            self.tally.note("corrupt row in the store", f"row {row.key.hex()[:16]} ({row.tier.value}) of "
-                            f"{len(tokens)} tokens holds the KV of {held if held is None else len(held)} other tokens")  # fmt: skip
+            self.tally.note(
+                "corrupt row in the store",
+                f"row {row.key.hex()[:16]} ({row.tier.value}) of "
+                f"{len(tokens)} tokens holds the KV of {held if held is None else len(held)} other tokens",
+            )
 
 
 # --- the chaos thread -----------------------------------------------------------------------------------
@@ -914,8 +1043,14 @@ class Stopped:
 class ChaosMonkey(threading.Thread):
     """Signals workers and the cache store at random; resumes what it stopped; reloads failed models."""
 
-    def __init__(self, broker: PrivateBroker, models: dict[str, tuple[str | None, dict[str, Any]]], seed: int,
-                 tally: Tally, stop: threading.Event):  # fmt: skip
+    def __init__(
+        self,
+        broker: PrivateBroker,
+        models: dict[str, tuple[str | None, dict[str, Any]]],
+        seed: int,
+        tally: Tally,
+        stop: threading.Event,
+    ):
         super().__init__(name="chaos-monkey", daemon=True)
         self.broker = broker
         self.models = models
@@ -1070,8 +1205,11 @@ class ChaosMonkey(threading.Thread):
                 continue
             if s.resume_at is None and now - s.stopped_at > LEFT_STOPPED_LIMIT_S:
                 self.tally.count("anomalies", "frozen worker not declared dead")
-                self.tally.note("anomaly", f"the stopped worker of {s.target} (pid {s.pid}) still lives after "
-                                           f"{now - s.stopped_at:.0f} s; resuming it")  # fmt: skip
+                self.tally.note(
+                    "anomaly",
+                    f"the stopped worker of {s.target} (pid {s.pid}) still lives after "
+                    f"{now - s.stopped_at:.0f} s; resuming it",
+                )
                 s.resume_at = now
             if s.resume_at is not None and now >= s.resume_at:
                 self._resume(p, s)
@@ -1128,7 +1266,9 @@ class ChaosConfig:
     clients: int = 6
     real_model: bool = False
     broker_log: Path | None = None  # keep the broker's log here (always kept, to a /tmp file, on failure)
-    cache_ram: str | None = None  # the store's RAM budget (--cache-ram); small: rows move, full tiers reuse files
+    cache_ram: str | None = (
+        None  # the store's RAM budget (--cache-ram); small: rows move, full tiers reuse files
+    )
 
 
 def _real_reference(c: Client) -> tuple[list[list[int]], list[tuple[int, ...]]]:
@@ -1139,8 +1279,10 @@ def _real_reference(c: Client) -> tuple[list[list[int]], list[tuple[int, ...]]]:
         first = c.infer(REAL_MODEL, p, max_tokens=REAL_MAX_TOKENS, timeout_s=HANG_S).collect()
         second = c.infer(REAL_MODEL, p, max_tokens=REAL_MAX_TOKENS, timeout_s=HANG_S).collect()
         if first.generated != second.generated:
-            raise RuntimeError(f"the real model is not reproducible before any chaos ({first.cache_hit_kind} "
-                               f"{first.generated} vs {second.cache_hit_kind} {second.generated})")  # fmt: skip
+            raise RuntimeError(
+                f"the real model is not reproducible before any chaos ({first.cache_hit_kind} "
+                f"{first.generated} vs {second.cache_hit_kind} {second.generated})"
+            )
         reference.append(tuple(first.generated))
     return prompts, reference
 
@@ -1234,8 +1376,20 @@ def run_chaos(cfg: ChaosConfig) -> ChaosReport:
             ipc_endpoint(broker.runtime_dir, CACHESTORE_SOCKET_NAME), fingerprints, tally, audit_stop
         )
         monkey = ChaosMonkey(broker, models, cfg.seed, tally, chaos_stop)
-        threads = [StubLoad(i, broker.endpoint, book, list(STUB_MODELS), cfg.seed, tally, monkey.reload_epoch,
-                            auditor.offer, load_stop) for i in range(cfg.clients)]  # fmt: skip
+        threads = [
+            StubLoad(
+                i,
+                broker.endpoint,
+                book,
+                list(STUB_MODELS),
+                cfg.seed,
+                tally,
+                monkey.reload_epoch,
+                auditor.offer,
+                load_stop,
+            )
+            for i in range(cfg.clients)
+        ]
         if cfg.real_model:
             threads.append(
                 RealLoad(broker.endpoint, prompts, reference, cfg.seed, tally, monkey.reload_epoch, load_stop)
@@ -1279,9 +1433,19 @@ def run_chaos(cfg: ChaosConfig) -> ChaosReport:
                 monkey.join(CHILD_EXIT_TIMEOUT_S)
             monkey.resume_all()
         report = ChaosReport(
-            cfg.minutes, cfg.seed, cfg.clients, list(models), time.monotonic() - t0, tally, restarts,
-            len(monkey.store_pids) if monkey else 0, not problems, problems, None, interrupted,
-        )  # fmt: skip
+            cfg.minutes,
+            cfg.seed,
+            cfg.clients,
+            list(models),
+            time.monotonic() - t0,
+            tally,
+            restarts,
+            len(monkey.store_pids) if monkey else 0,
+            not problems,
+            problems,
+            None,
+            interrupted,
+        )
         if keep_log is None and not report.ok and not interrupted:
             keep_log = Path(tempfile.mkstemp(prefix="erllama-chaos-broker-", suffix=".log", dir="/tmp")[1])
         kept = broker.close(keep_log)
@@ -1301,12 +1465,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     ap.add_argument("--broker-log", type=Path, help="keep the broker's log (with its workers' stderr) here")
     ap.add_argument(
-        "--cache-ram", help="the cache store's RAM budget, e.g. 32M: rows then move between tiers all the time"
+        "--cache-ram",
+        help="the cache store's RAM budget, e.g. 32M: rows then move between tiers all the time",
     )
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(threadName)s %(levelname)s %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(threadName)s %(levelname)s %(message)s",
+    )
 
     def on_term(signum: int, _frame: Any) -> None:
         raise StopRun(signal.Signals(signum).name)

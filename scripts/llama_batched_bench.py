@@ -58,10 +58,20 @@ def build() -> Path:
     root.parent.mkdir(parents=True, exist_ok=True)
     sdists = root.parent / "sdist"
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-         f"llama-cpp-python=={version}", "-d", str(sdists)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            f"llama-cpp-python=={version}",
+            "-d",
+            str(sdists),
+        ],
         check=True,
-    )  # fmt: skip
+    )
     archive = sdists / f"llama_cpp_python-{version}.tar.gz"
     with tarfile.open(archive) as tar:
         tar.extractall(root.parent, filter="data")
@@ -72,10 +82,20 @@ def build() -> Path:
     src = root / "vendor" / "llama.cpp"
     build_dir = root / "build"
     subprocess.run(
-        ["cmake", "-S", str(src), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-         "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_SERVER=OFF"],
+        [
+            "cmake",
+            "-S",
+            str(src),
+            "-B",
+            str(build_dir),
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DLLAMA_CURL=OFF",
+            "-DLLAMA_OPENSSL=OFF",
+            "-DLLAMA_BUILD_TESTS=OFF",
+            "-DLLAMA_BUILD_SERVER=OFF",
+        ],
         check=True,
-    )  # fmt: skip
+    )
     jobs = str(os.cpu_count() or 1)  # a bare -j starts every compiler at once: ~30 on this tree
     subprocess.run(["cmake", "--build", str(build_dir), "--target", TARGET, "-j", jobs], check=True)
     built = build_dir / "bin" / TARGET
@@ -101,11 +121,29 @@ def run_once(
 
     The context matches the worker's: ``n_ctx`` cells per sequence for ``n_seq_max`` sequences, the
     same batch sizes, thread count, flash attention, KV layout and weight repacking."""
-    cmd = [str(binary), "-m", str(default_model_path()), "-c", str(opts.n_ctx * opts.n_seq_max),
-           "-b", str(opts.n_batch), "-ub", str(opts.ubatch), "-t", str(opts.threads),
-           "-fa", opts.flash_attn, "-npp", str(prompt_tokens), "-ntg", str(gen_tokens),
-           "-npl", ",".join(map(str, npl)), "--repack" if opts.use_extra_bufts else "--no-repack",
-           "--kv-unified" if opts.kv_unified else "--no-kv-unified"]  # fmt: skip
+    cmd = [
+        str(binary),
+        "-m",
+        str(default_model_path()),
+        "-c",
+        str(opts.n_ctx * opts.n_seq_max),
+        "-b",
+        str(opts.n_batch),
+        "-ub",
+        str(opts.ubatch),
+        "-t",
+        str(opts.threads),
+        "-fa",
+        opts.flash_attn,
+        "-npp",
+        str(prompt_tokens),
+        "-ntg",
+        str(gen_tokens),
+        "-npl",
+        ",".join(map(str, npl)),
+        "--repack" if opts.use_extra_bufts else "--no-repack",
+        "--kv-unified" if opts.kv_unified else "--no-kv-unified",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{TARGET} exited with {proc.returncode}: {proc.stderr[-2000:]}")
@@ -135,8 +173,10 @@ def main() -> int:
     opts = parse_load_options({"n_ctx": args.n_ctx, "n_seq_max": max(npl)})
     runs = [run_once(binary, opts, npl, args.npp, args.ntg) for _ in range(args.runs)]
     for n in npl:
-        print(f"{n:>3} sequences: S_TG {statistics.median(r[n] for r in runs):7.1f} tok/s "
-              f"(runs: {', '.join(f'{r[n]:.1f}' for r in runs)})")  # fmt: skip
+        print(
+            f"{n:>3} sequences: S_TG {statistics.median(r[n] for r in runs):7.1f} tok/s "
+            f"(runs: {', '.join(f'{r[n]:.1f}' for r in runs)})"
+        )
     lo, hi = min(npl), max(npl)
     print(f"scaling {hi} / {lo}: median of runs {statistics.median(r[hi] / r[lo] for r in runs):.2f}x")
     return 0

@@ -171,9 +171,16 @@ def main(argv: list[str] | None = None) -> int:
 
         base = default_model_path()
     try:
-        adapted = make_lora(args.out, base, rank=args.rank, layers=args.layers,
-                            targets=[t.strip() for t in args.targets.split(",") if t.strip()],
-                            seed=args.seed, scale_init=args.scale_init, alpha=args.alpha)  # fmt: skip
+        adapted = make_lora(
+            args.out,
+            base,
+            rank=args.rank,
+            layers=args.layers,
+            targets=[t.strip() for t in args.targets.split(",") if t.strip()],
+            seed=args.seed,
+            scale_init=args.scale_init,
+            alpha=args.alpha,
+        )
     except (ValueError, OSError) as exc:
         print(f"make_lora: {exc}", file=sys.stderr)
         return 2

@@ -56,8 +56,13 @@ class Kind(enum.StrEnum):
     ENCDEC = "encdec"
 
 
-ARCHITECTURES: Final = {Kind.LLAMA: "llama", Kind.SWA: "gemma3", Kind.RECURRENT: "mamba",
-                        Kind.HYBRID: "lfm2", Kind.ENCDEC: "t5"}  # fmt: skip
+ARCHITECTURES: Final = {
+    Kind.LLAMA: "llama",
+    Kind.SWA: "gemma3",
+    Kind.RECURRENT: "mamba",
+    Kind.HYBRID: "lfm2",
+    Kind.ENCDEC: "t5",
+}
 SEED: Final = 20240601
 N_EMBD: Final = 64
 N_HEAD: Final = 4
@@ -220,7 +225,9 @@ def _mamba(w: gguf.GGUFWriter, t: _Weights) -> None:
         p = f"blk.{i}."
         t.norm(f"{p}attn_norm.weight", N_EMBD)
         t.matrix(f"{p}ssm_in.weight", N_EMBD, 2 * d_inner)
-        t.add(f"{p}ssm_conv1d.weight", t.rng.standard_normal((d_inner, MAMBA_D_CONV)) / math.sqrt(MAMBA_D_CONV))
+        t.add(
+            f"{p}ssm_conv1d.weight", t.rng.standard_normal((d_inner, MAMBA_D_CONV)) / math.sqrt(MAMBA_D_CONV)
+        )
         t.add(f"{p}ssm_conv1d.bias", 0.1 * t.rng.standard_normal(d_inner))
         t.matrix(f"{p}ssm_x.weight", d_inner, MAMBA_DT_RANK + 2 * d_state)
         t.matrix(f"{p}ssm_dt.weight", MAMBA_DT_RANK, d_inner)
@@ -280,8 +287,12 @@ def _t5(w: gguf.GGUFWriter, t: _Weights) -> None:
 
 
 _BUILDERS: Final[dict[Kind, Callable[[gguf.GGUFWriter, _Weights], None]]] = {
-    Kind.LLAMA: _llama, Kind.SWA: _gemma3, Kind.RECURRENT: _mamba, Kind.HYBRID: _lfm2, Kind.ENCDEC: _t5,
-}  # fmt: skip
+    Kind.LLAMA: _llama,
+    Kind.SWA: _gemma3,
+    Kind.RECURRENT: _mamba,
+    Kind.HYBRID: _lfm2,
+    Kind.ENCDEC: _t5,
+}
 
 
 def _tokens() -> list[str]:
@@ -291,8 +302,11 @@ def _tokens() -> list[str]:
 @functools.cache
 def _words() -> tuple[str, ...]:
     # GPT-2 BPE marks a leading space with "\u0120": whole lowercase words of the vocabulary.
-    return tuple(t[1:] for t in _tokens() if t.startswith("\u0120") and t[1:].isascii() and t[1:].isalpha()
-                 and t[1:].islower() and len(t) > 3)  # fmt: skip
+    return tuple(
+        t[1:]
+        for t in _tokens()
+        if t.startswith("\u0120") and t[1:].isascii() and t[1:].isalpha() and t[1:].islower() and len(t) > 3
+    )
 
 
 def random_text(n_words: int, seed: int) -> str:
@@ -332,7 +346,9 @@ def build(kind: str, dest: Path) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="directory to write <kind>.gguf into")
-    ap.add_argument("--kinds", nargs="+", choices=[k.value for k in Kind], default=[k.value for k in DEFAULT_KINDS])
+    ap.add_argument(
+        "--kinds", nargs="+", choices=[k.value for k in Kind], default=[k.value for k in DEFAULT_KINDS]
+    )
     args = ap.parse_args(argv)
     for kind in args.kinds:
         path = build(kind, args.out)

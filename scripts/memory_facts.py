@@ -59,13 +59,17 @@ def _load_script(name: str) -> Any:
 make_test_models = _load_script("make_test_models")
 
 
-def open_backend(path: Path, n_ctx: int, n_seq_max: int = N_SEQ_MAX, kv_unified: bool = False) -> LlamaBackend:
+def open_backend(
+    path: Path, n_ctx: int, n_seq_max: int = N_SEQ_MAX, kv_unified: bool = False
+) -> LlamaBackend:
     opts = {"n_ctx": n_ctx, "n_seq_max": n_seq_max, "kv_unified": kv_unified, "flash_attn": "off"}
     return LlamaBackend(path, parse_load_options(opts))
 
 
 def logits_at(be: LlamaBackend, index: int) -> np.ndarray:
-    return np.array(np.ctypeslib.as_array(L.llama_get_logits_ith(be.ctx, index), shape=(be.n_vocab,)), copy=True)
+    return np.array(
+        np.ctypeslib.as_array(L.llama_get_logits_ith(be.ctx, index), shape=(be.n_vocab,)), copy=True
+    )
 
 
 def prefill(be: LlamaBackend, seq: int, tokens: Sequence[int], pos: int = 0) -> np.ndarray:
@@ -79,8 +83,12 @@ def prefill(be: LlamaBackend, seq: int, tokens: Sequence[int], pos: int = 0) -> 
 
 def memory_kind(be: LlamaBackend) -> dict[str, Any]:
     m = be.model
-    return {"is_recurrent": bool(L.llama_model_is_recurrent(m)), "is_hybrid": bool(L.llama_model_is_hybrid(m)),
-            "n_swa": int(L.llama_model_n_swa(m)), "has_encoder": bool(L.llama_model_has_encoder(m))}  # fmt: skip
+    return {
+        "is_recurrent": bool(L.llama_model_is_recurrent(m)),
+        "is_hybrid": bool(L.llama_model_is_hybrid(m)),
+        "n_swa": int(L.llama_model_n_swa(m)),
+        "has_encoder": bool(L.llama_model_has_encoder(m)),
+    }
 
 
 def seq_rm(be: LlamaBackend, seq: int, keep: int) -> bool:
@@ -122,11 +130,20 @@ def state_facts(name: str, path: Path, n_prefill: int, n_swa_hint: int) -> tuple
         nxt = int(cold.argmax())
         continued = logits_at(be, be.decode([BatchRow(0, [nxt], n, 1)])[0])
         from_restore = logits_at(be, be.decode([BatchRow(1, [nxt], n, 1)])[0])
-        summary = [name, *kind.values(), n, len(state), cold_positions, restored_positions,
-                   compare(continued, from_restore)]  # fmt: skip
+        summary = [
+            name,
+            *kind.values(),
+            n,
+            len(state),
+            cold_positions,
+            restored_positions,
+            compare(continued, from_restore),
+        ]
         window = kind["n_swa"] or n_swa_hint
-        keeps = sorted({n, n - 1, n - 2, n - window // 2, n - window, n - window - 8, n // 2, 16} & set(range(1, n + 1)),
-                       reverse=True)  # fmt: skip
+        keeps = sorted(
+            {n, n - 1, n - 2, n - window // 2, n - window, n - window - 8, n // 2, 16} & set(range(1, n + 1)),
+            reverse=True,
+        )
         rows: list[list[Any]] = []
         for keep in keeps:
             be.seq_clear(2)
@@ -170,8 +187,14 @@ def decoder_start(be: LlamaBackend) -> int:
 def child(probe: str, path: Path) -> str:
     """Run a probe that may abort the process in a child; its exit and llama.cpp's last words."""
     env = os.environ | {"GGML_NO_BACKTRACE": "1"}
-    proc = subprocess.run([sys.executable, __file__, "--probe", probe, str(path)], capture_output=True, text=True,
-                          timeout=CHILD_TIMEOUT_S, env=env, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, __file__, "--probe", probe, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
+        env=env,
+        check=False,
+    )
     said = [ln for ln in proc.stderr.splitlines() if "GGML_ASSERT" in ln or "error" in ln.lower()]
     last = said[-1].split("llama.cpp/")[-1] if said else ""
     status = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
@@ -203,7 +226,12 @@ def encdec_facts(path: Path) -> list[list[Any]]:
         first = prefill(single, 0, [start])
         second_tok = int(first.argmax())
         second = prefill(single, 0, [second_tok], 1)
-        rows.append(["llama_encode + llama_decode, n_seq_max 1", f"encode {rc}, decode ok, greedy {start}->{second_tok}"])
+        rows.append(
+            [
+                "llama_encode + llama_decode, n_seq_max 1",
+                f"encode {rc}, decode ok, greedy {start}->{second_tok}",
+            ]
+        )
     finally:
         single.close()
     be = open_backend(path, n_ctx=256, n_seq_max=2, kv_unified=True)
@@ -242,8 +270,16 @@ def reference_llama(path: Path, n_ctx: int) -> Any:
 
     llama_lowlevel.llama_model_default_params = without_extra_bufts
     try:
-        return L.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=os.cpu_count(),
-                       n_threads_batch=os.cpu_count(), flash_attn=False, logits_all=True, verbose=False)  # fmt: skip
+        return L.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=512,
+            n_threads=os.cpu_count(),
+            n_threads_batch=os.cpu_count(),
+            flash_attn=False,
+            logits_all=True,
+            verbose=False,
+        )
     finally:
         llama_lowlevel.llama_model_default_params = default
 
@@ -254,7 +290,9 @@ def reference_llama(path: Path, n_ctx: int) -> Any:
 REFERENCE_MODES: Final = ("4 sequences per decode", "1 per decode, last logits", "1 per decode, all logits")
 
 
-def backend_greedy(be: LlamaBackend, prompts: list[list[int]], mode: str) -> tuple[list[list[np.ndarray]], list[list[int]]]:
+def backend_greedy(
+    be: LlamaBackend, prompts: list[list[int]], mode: str
+) -> tuple[list[list[np.ndarray]], list[list[int]]]:
     """GREEDY_STEPS greedy tokens after each prompt (prompt i on sequence i) and the logits of each."""
     logits: list[list[np.ndarray]] = [[] for _ in prompts]
     tokens: list[list[int]] = [[] for _ in prompts]
@@ -276,8 +314,10 @@ def reference_facts(name: str, path: Path) -> list[list[Any]]:
     n_ctx = 256
     be = open_backend(path, n_ctx=n_ctx)
     try:
-        prompts = [be.tokenize(make_test_models.random_text(REFERENCE_PROMPT_WORDS, seed=10 + i))
-                   for i in range(REFERENCE_PROMPTS)]  # fmt: skip
+        prompts = [
+            be.tokenize(make_test_models.random_text(REFERENCE_PROMPT_WORDS, seed=10 + i))
+            for i in range(REFERENCE_PROMPTS)
+        ]
         runs = {mode: backend_greedy(be, prompts, mode) for mode in REFERENCE_MODES}
     finally:
         be.close()
@@ -298,7 +338,9 @@ def reference_facts(name: str, path: Path) -> list[list[Any]]:
                     worst = max(worst, float(np.max(np.abs(ref - ours[i][step]))))
                     llm.eval([tokens[i][step]])
             n = len(prompts)
-            rows.append([name, mode, f"{same_prefill}/{n}", f"{same_steps}/{n * (GREEDY_STEPS - 1)}", f"{worst:.3g}"])
+            rows.append(
+                [name, mode, f"{same_prefill}/{n}", f"{same_steps}/{n * (GREEDY_STEPS - 1)}", f"{worst:.3g}"]
+            )
     finally:
         llm.close()
     return rows
@@ -329,16 +371,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         summaries.append(summary)
         truncations += rows
         references += reference_facts(name, path)
-    table("Memory kind and state round trip (restore into another sequence, decode the next token)",
-          ["model", "is_recurrent", "is_hybrid", "n_swa", "has_encoder", "N", "state bytes", "pos after cold prefill",
-           "pos after restore", "restored vs continued"], summaries)  # fmt: skip
-    table("Truncation: llama_memory_seq_rm(seq, k, -1), then prefill tokens k..N-1 and compare with the cold run",
-          ["model", "N", "k", "restored: rm", "pos after", "logits vs cold", "cold seq: rm", "pos after",
-           "logits vs cold"], truncations)  # fmt: skip
-    table(f"Worker backend (split KV, 4 sequences) vs llama_cpp.Llama (logits_all), flash attention off: "
-          f"{REFERENCE_PROMPTS} prompts of {REFERENCE_PROMPT_WORDS} random words, {GREEDY_STEPS} greedy tokens each",
-          ["model", "how the backend decodes", "bit-identical prompt logits", "bit-identical decode steps",
-           "max |d|"], references)  # fmt: skip
+    table(
+        "Memory kind and state round trip (restore into another sequence, decode the next token)",
+        [
+            "model",
+            "is_recurrent",
+            "is_hybrid",
+            "n_swa",
+            "has_encoder",
+            "N",
+            "state bytes",
+            "pos after cold prefill",
+            "pos after restore",
+            "restored vs continued",
+        ],
+        summaries,
+    )
+    table(
+        "Truncation: llama_memory_seq_rm(seq, k, -1), then prefill tokens k..N-1 and compare with the cold run",
+        [
+            "model",
+            "N",
+            "k",
+            "restored: rm",
+            "pos after",
+            "logits vs cold",
+            "cold seq: rm",
+            "pos after",
+            "logits vs cold",
+        ],
+        truncations,
+    )
+    table(
+        f"Worker backend (split KV, 4 sequences) vs llama_cpp.Llama (logits_all), flash attention off: "
+        f"{REFERENCE_PROMPTS} prompts of {REFERENCE_PROMPT_WORDS} random words, {GREEDY_STEPS} greedy tokens each",
+        [
+            "model",
+            "how the backend decodes",
+            "bit-identical prompt logits",
+            "bit-identical decode steps",
+            "max |d|",
+        ],
+        references,
+    )
     if "encdec" in args.kinds:
         table("Encoder-decoder (t5)", ["what", "result"], encdec_facts(memory_model_path("encdec")))
     return 0

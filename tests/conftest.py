@@ -83,7 +83,9 @@ def error_when_closed_mid_stream(c: Client, stream: InferStream) -> ErllamaError
     """Close ``c`` while another thread waits on its running ``stream``; the error that thread gets."""
     next(iter(stream))  # it runs
     outcome: list[ErllamaError] = []
-    reader = threading.Thread(target=lambda: outcome.append(pytest.raises(ErllamaError, stream.collect).value))
+    reader = threading.Thread(
+        target=lambda: outcome.append(pytest.raises(ErllamaError, stream.collect).value)
+    )
     reader.start()
     c.close()
     reader.join(timeout=30)
@@ -113,12 +115,25 @@ def cache_dirs(runtime_dir: Path) -> tuple[Path, Path]:
     return runtime_dir / "kv", Path("/dev/shm") / f"erllama-test-{runtime_dir.name}"
 
 
-def start_broker(runtime_dir: Path, *args: str, env: dict[str, str] | None = None) -> BrokerProcess:
+def start_broker(
+    runtime_dir: Path, *args: str, env: dict[str, str] | None = None, stderr: Any = None
+) -> BrokerProcess:
+    """``stderr``: where the broker's log (and its children's, which it passes through) goes."""
     endpoint = ipc_endpoint(runtime_dir, CLIENT_SOCKET_NAME)
     disk, shm = cache_dirs(runtime_dir)
-    cmd = [sys.executable, "-m", "erllama.broker.main", "--runtime-dir", str(runtime_dir),
-           "--cache-dir", str(disk), "--shm-dir", str(shm), *args]  # fmt: skip
-    proc = subprocess.Popen(cmd, env=(os.environ | (env or {})), stdin=subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        "-m",
+        "erllama.broker.main",
+        "--runtime-dir",
+        str(runtime_dir),
+        "--cache-dir",
+        str(disk),
+        "--shm-dir",
+        str(shm),
+        *args,
+    ]
+    proc = subprocess.Popen(cmd, env=(os.environ | (env or {})), stdin=subprocess.DEVNULL, stderr=stderr)
     bp = BrokerProcess(proc, runtime_dir, endpoint)
     deadline = time.monotonic() + BROKER_START_TIMEOUT_S
     with Client(endpoint, timeout_s=1.0) as probe:
@@ -133,8 +148,14 @@ def start_broker(runtime_dir: Path, *args: str, env: dict[str, str] | None = Non
 
 
 @contextmanager
-def serving(prefix: str, model_id: str, *broker_args: str, env: dict[str, str] | None = None,
-            model_path: Path | None = None, **load_options: Any) -> Iterator[BrokerProcess]:  # fmt: skip
+def serving(
+    prefix: str,
+    model_id: str,
+    *broker_args: str,
+    env: dict[str, str] | None = None,
+    model_path: Path | None = None,
+    **load_options: Any,
+) -> Iterator[BrokerProcess]:
     """A broker of its own serving ``model_path`` (default: the real default model) as ``model_id``;
     removed on exit."""
     rdir = short_tmpdir(prefix)

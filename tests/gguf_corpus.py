@@ -71,10 +71,18 @@ class Layout:
 
 
 _SCALAR_FORMATS: Final = {
-    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H", GGUFValueType.INT16: "<h",
-    GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i", GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?",
-    GGUFValueType.UINT64: "<Q", GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
-}  # fmt: skip
+    GGUFValueType.UINT8: "<B",
+    GGUFValueType.INT8: "<b",
+    GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I",
+    GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f",
+    GGUFValueType.BOOL: "<?",
+    GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q",
+    GGUFValueType.FLOAT64: "<d",
+}
 
 
 @dataclass(slots=True)
@@ -236,8 +244,13 @@ def rewrite_with_gguf_writer(
         qtype = lay.tensor_types[name]
         # Shapes go in numpy order (the writer reverses them back); a non-uint8 dtype with an explicit
         # raw_dtype keeps the element shape as is.
-        w.add_tensor_info(name, list(reversed(lay.tensor_dims[name])), np.dtype(np.float32),
-                          tensor_nbytes(lay.tensor_dims[name], qtype), raw_dtype=qtype)  # fmt: skip
+        w.add_tensor_info(
+            name,
+            list(reversed(lay.tensor_dims[name])),
+            np.dtype(np.float32),
+            tensor_nbytes(lay.tensor_dims[name], qtype),
+            raw_dtype=qtype,
+        )
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -327,72 +340,200 @@ def _build_f16_output_norm(src: Path, dst: Path, lay: Layout) -> None:
 
 VARIANTS: Final[list[tuple[str, str, Expect, str, Builder]]] = [
     ("empty", "a zero-length file", Expect.HEADER_REJECT, "too short for a GGUF header", _build_empty),
-    ("truncated_in_header", "cut 16 bytes in, inside the fixed header", Expect.HEADER_REJECT,
-     "too short for a GGUF header", _truncated(lambda lay: 16)),
-    ("flipped_magic", "first magic byte flipped ('GGUF' -> '\\xb8GUF')", Expect.HEADER_REJECT, "bad magic",
-     _header_patch(0, lambda lay: bytes([ord("G") ^ 0xFF]))),
-    ("flipped_version", "a bit of the version flipped (3 -> 259)", Expect.HEADER_REJECT, "unsupported GGUF version 259",
-     _header_patch(VERSION_OFFSET + 1, lambda lay: b"\x01")),
-    ("huge_tensor_count", "tensor count 2**40", Expect.HEADER_REJECT, "implausible header",
-     _header_patch(N_TENSORS_OFFSET, lambda lay: struct.pack("<Q", 1 << 40))),
-    ("huge_kv_count", "KV count 2**32", Expect.HEADER_REJECT, "implausible header",
-     _header_patch(N_KV_OFFSET, lambda lay: struct.pack("<Q", 1 << 32))),
-    ("truncated_in_kv", "cut in the middle of the tokenizer's vocabulary array", Expect.LLAMA_REJECT,
-     "failed to read key-value pairs",
-     _truncated(lambda lay: (lay.kv_offsets["tokenizer.ggml.tokens"] + lay.kv_offsets["tokenizer.ggml.token_type"]) // 2)),
-    ("truncated_in_tensor_info", "cut in the middle of the tensor infos", Expect.LLAMA_REJECT,
-     "failed to read tensor info",
-     _truncated(lambda lay: (lay.tensor_info_offsets[lay.tensor_names[0]] + lay.data_offset) // 2)),
-    ("truncated_at_data_start", "header, metadata and tensor infos only: no tensor data", Expect.LLAMA_REJECT,
-     "data is not within the file bounds", _truncated(lambda lay: lay.data_offset)),
-    ("truncated_mid_data", "cut two thirds into the tensor data", Expect.LLAMA_REJECT,
-     "data is not within the file bounds",
-     _truncated(lambda lay: lay.data_offset + 2 * (lay.size - lay.data_offset) // 3)),
-    ("truncated_one_byte_short", "the last byte of the last tensor missing", Expect.LLAMA_REJECT,
-     "'output_norm.weight' data is not within the file bounds", _truncated(lambda lay: lay.size - 1)),
-    ("tensor_count_plus_one", "tensor count one more than the tensor infos present", Expect.LLAMA_REJECT,
-     "failed to read tensor data",
-     _header_patch(N_TENSORS_OFFSET, lambda lay: struct.pack("<Q", lay.n_tensors + 1))),
-    ("tensor_count_minus_one", "tensor count one less than the tensor infos present", Expect.LLAMA_REJECT,
-     "tensor 'output_norm.weight' not found",
-     _header_patch(N_TENSORS_OFFSET, lambda lay: struct.pack("<Q", lay.n_tensors - 1))),
-    ("kv_count_plus_one", "KV count one more: the first tensor info is parsed as a KV pair", Expect.LLAMA_REJECT,
-     "failed to read tensor info", _header_patch(N_KV_OFFSET, lambda lay: struct.pack("<Q", lay.n_kv + 1))),
-    ("kv_count_large", "KV count 60000 (within erllama's sanity bound, far past the real 33)", Expect.LLAMA_REJECT,
-     "failed to read key-value pairs", _header_patch(N_KV_OFFSET, lambda lay: struct.pack("<Q", 60_000))),
-    ("kv_string_length_past_eof", "general.architecture's string length points far past the end of the file",
-     Expect.LLAMA_REJECT, "exceeds remaining file size",
-     _metadata_patch(lambda lay: _string_value_offset(lay, "general.architecture"),
-                     lambda lay: struct.pack("<Q", 4 * lay.size))),
-    ("vocab_array_count_huge", "the vocabulary array claims 2**61 entries", Expect.LLAMA_REJECT,
-     "failed to read key-value pairs",
-     _metadata_patch(lambda lay: _array_count_offset(lay, "tokenizer.ggml.tokens"), lambda lay: struct.pack("<Q", 1 << 61))),
-    ("tensor_offset_past_eof", "the last tensor's data offset points past the end of the file", Expect.LLAMA_REJECT,
-     "'output_norm.weight' has offset",
-     _metadata_patch(lambda lay: _tensor_info_fields(lay, _last_tensor(lay))[2],
-                     lambda lay: struct.pack("<Q", 2 * lay.size))),
-    ("tensor_wrong_shape", "output_norm.weight declared [288] instead of [576]", Expect.LLAMA_REJECT,
-     "'output_norm.weight' has wrong shape",
-     _metadata_patch(lambda lay: _tensor_info_fields(lay, "output_norm.weight")[0],
-                     lambda lay: struct.pack("<Q", lay.tensor_dims["output_norm.weight"][0] // 2))),
-    ("tensor_too_many_dims", "output_norm.weight declared with 5 dimensions (ggml has at most 4)", Expect.LLAMA_REJECT,
-     "invalid number of dimensions",
-     _metadata_patch(lambda lay: _tensor_info_fields(lay, "output_norm.weight")[0] - 4, lambda lay: struct.pack("<I", 5))),
-    ("tensor_invalid_type", "output_norm.weight's ggml type set to 4 (a removed type)", Expect.LLAMA_REJECT,
-     "'output_norm.weight' of type 4",
-     _metadata_patch(lambda lay: _tensor_info_fields(lay, "output_norm.weight")[1],
-                     lambda lay: struct.pack("<I", INVALID_GGML_TYPE))),
-    ("block_count_plus_one", "llama.block_count 31 for a 30-layer file: a layer's tensors are missing",
-     Expect.LLAMA_REJECT, "tensor 'blk.30.attn_norm.weight' not found",
-     _metadata_patch(lambda lay: _scalar_value_offset(lay, "llama.block_count"), lambda lay: struct.pack("<I", 31))),
-    ("unknown_architecture", "general.architecture 'llamx'", Expect.LLAMA_REJECT,
-     "unknown model architecture: 'llamx'", _build_unknown_architecture),
-    ("missing_block_count", "llama.block_count removed (metadata rewritten with gguf.GGUFWriter)",
-     Expect.LLAMA_REJECT, "key not found in model: llama.block_count", _build_missing_block_count),
-]  # fmt: skip
+    (
+        "truncated_in_header",
+        "cut 16 bytes in, inside the fixed header",
+        Expect.HEADER_REJECT,
+        "too short for a GGUF header",
+        _truncated(lambda lay: 16),
+    ),
+    (
+        "flipped_magic",
+        "first magic byte flipped ('GGUF' -> '\\xb8GUF')",
+        Expect.HEADER_REJECT,
+        "bad magic",
+        _header_patch(0, lambda lay: bytes([ord("G") ^ 0xFF])),
+    ),
+    (
+        "flipped_version",
+        "a bit of the version flipped (3 -> 259)",
+        Expect.HEADER_REJECT,
+        "unsupported GGUF version 259",
+        _header_patch(VERSION_OFFSET + 1, lambda lay: b"\x01"),
+    ),
+    (
+        "huge_tensor_count",
+        "tensor count 2**40",
+        Expect.HEADER_REJECT,
+        "implausible header",
+        _header_patch(N_TENSORS_OFFSET, lambda lay: struct.pack("<Q", 1 << 40)),
+    ),
+    (
+        "huge_kv_count",
+        "KV count 2**32",
+        Expect.HEADER_REJECT,
+        "implausible header",
+        _header_patch(N_KV_OFFSET, lambda lay: struct.pack("<Q", 1 << 32)),
+    ),
+    (
+        "truncated_in_kv",
+        "cut in the middle of the tokenizer's vocabulary array",
+        Expect.LLAMA_REJECT,
+        "failed to read key-value pairs",
+        _truncated(
+            lambda lay: (
+                (lay.kv_offsets["tokenizer.ggml.tokens"] + lay.kv_offsets["tokenizer.ggml.token_type"]) // 2
+            )
+        ),
+    ),
+    (
+        "truncated_in_tensor_info",
+        "cut in the middle of the tensor infos",
+        Expect.LLAMA_REJECT,
+        "failed to read tensor info",
+        _truncated(lambda lay: (lay.tensor_info_offsets[lay.tensor_names[0]] + lay.data_offset) // 2),
+    ),
+    (
+        "truncated_at_data_start",
+        "header, metadata and tensor infos only: no tensor data",
+        Expect.LLAMA_REJECT,
+        "data is not within the file bounds",
+        _truncated(lambda lay: lay.data_offset),
+    ),
+    (
+        "truncated_mid_data",
+        "cut two thirds into the tensor data",
+        Expect.LLAMA_REJECT,
+        "data is not within the file bounds",
+        _truncated(lambda lay: lay.data_offset + 2 * (lay.size - lay.data_offset) // 3),
+    ),
+    (
+        "truncated_one_byte_short",
+        "the last byte of the last tensor missing",
+        Expect.LLAMA_REJECT,
+        "'output_norm.weight' data is not within the file bounds",
+        _truncated(lambda lay: lay.size - 1),
+    ),
+    (
+        "tensor_count_plus_one",
+        "tensor count one more than the tensor infos present",
+        Expect.LLAMA_REJECT,
+        "failed to read tensor data",
+        _header_patch(N_TENSORS_OFFSET, lambda lay: struct.pack("<Q", lay.n_tensors + 1)),
+    ),
+    (
+        "tensor_count_minus_one",
+        "tensor count one less than the tensor infos present",
+        Expect.LLAMA_REJECT,
+        "tensor 'output_norm.weight' not found",
+        _header_patch(N_TENSORS_OFFSET, lambda lay: struct.pack("<Q", lay.n_tensors - 1)),
+    ),
+    (
+        "kv_count_plus_one",
+        "KV count one more: the first tensor info is parsed as a KV pair",
+        Expect.LLAMA_REJECT,
+        "failed to read tensor info",
+        _header_patch(N_KV_OFFSET, lambda lay: struct.pack("<Q", lay.n_kv + 1)),
+    ),
+    (
+        "kv_count_large",
+        "KV count 60000 (within erllama's sanity bound, far past the real 33)",
+        Expect.LLAMA_REJECT,
+        "failed to read key-value pairs",
+        _header_patch(N_KV_OFFSET, lambda lay: struct.pack("<Q", 60_000)),
+    ),
+    (
+        "kv_string_length_past_eof",
+        "general.architecture's string length points far past the end of the file",
+        Expect.LLAMA_REJECT,
+        "exceeds remaining file size",
+        _metadata_patch(
+            lambda lay: _string_value_offset(lay, "general.architecture"),
+            lambda lay: struct.pack("<Q", 4 * lay.size),
+        ),
+    ),
+    (
+        "vocab_array_count_huge",
+        "the vocabulary array claims 2**61 entries",
+        Expect.LLAMA_REJECT,
+        "failed to read key-value pairs",
+        _metadata_patch(
+            lambda lay: _array_count_offset(lay, "tokenizer.ggml.tokens"),
+            lambda lay: struct.pack("<Q", 1 << 61),
+        ),
+    ),
+    (
+        "tensor_offset_past_eof",
+        "the last tensor's data offset points past the end of the file",
+        Expect.LLAMA_REJECT,
+        "'output_norm.weight' has offset",
+        _metadata_patch(
+            lambda lay: _tensor_info_fields(lay, _last_tensor(lay))[2],
+            lambda lay: struct.pack("<Q", 2 * lay.size),
+        ),
+    ),
+    (
+        "tensor_wrong_shape",
+        "output_norm.weight declared [288] instead of [576]",
+        Expect.LLAMA_REJECT,
+        "'output_norm.weight' has wrong shape",
+        _metadata_patch(
+            lambda lay: _tensor_info_fields(lay, "output_norm.weight")[0],
+            lambda lay: struct.pack("<Q", lay.tensor_dims["output_norm.weight"][0] // 2),
+        ),
+    ),
+    (
+        "tensor_too_many_dims",
+        "output_norm.weight declared with 5 dimensions (ggml has at most 4)",
+        Expect.LLAMA_REJECT,
+        "invalid number of dimensions",
+        _metadata_patch(
+            lambda lay: _tensor_info_fields(lay, "output_norm.weight")[0] - 4,
+            lambda lay: struct.pack("<I", 5),
+        ),
+    ),
+    (
+        "tensor_invalid_type",
+        "output_norm.weight's ggml type set to 4 (a removed type)",
+        Expect.LLAMA_REJECT,
+        "'output_norm.weight' of type 4",
+        _metadata_patch(
+            lambda lay: _tensor_info_fields(lay, "output_norm.weight")[1],
+            lambda lay: struct.pack("<I", INVALID_GGML_TYPE),
+        ),
+    ),
+    (
+        "block_count_plus_one",
+        "llama.block_count 31 for a 30-layer file: a layer's tensors are missing",
+        Expect.LLAMA_REJECT,
+        "tensor 'blk.30.attn_norm.weight' not found",
+        _metadata_patch(
+            lambda lay: _scalar_value_offset(lay, "llama.block_count"), lambda lay: struct.pack("<I", 31)
+        ),
+    ),
+    (
+        "unknown_architecture",
+        "general.architecture 'llamx'",
+        Expect.LLAMA_REJECT,
+        "unknown model architecture: 'llamx'",
+        _build_unknown_architecture,
+    ),
+    (
+        "missing_block_count",
+        "llama.block_count removed (metadata rewritten with gguf.GGUFWriter)",
+        Expect.LLAMA_REJECT,
+        "key not found in model: llama.block_count",
+        _build_missing_block_count,
+    ),
+]
 
-DECODE_ABORT_VARIANT: Final = ("f16_output_norm", "output_norm.weight stored as F16: loads, aborts in llama_decode",
-                               Expect.DECODE_ABORT, "binary_op: unsupported types", _build_f16_output_norm)  # fmt: skip
+DECODE_ABORT_VARIANT: Final = (
+    "f16_output_norm",
+    "output_norm.weight stored as F16: loads, aborts in llama_decode",
+    Expect.DECODE_ABORT,
+    "binary_op: unsupported types",
+    _build_f16_output_norm,
+)
 
 
 def build_corpus(src: Path, out_dir: Path, names: set[str] | None = None) -> list[Variant]:

@@ -86,7 +86,9 @@ class ReferenceModel:
 def assert_identical(ours: Sequence[int], ref: Sequence[int], what: str = "") -> None:
     """Assert ``ours`` equals the reference token for token (flash attention off: no tolerance)."""
     for i, (a, b) in enumerate(zip(ours, ref, strict=False)):
-        assert a == b, f"{what}: token {i}: ours {a} != reference {b} (ours {list(ours)}, reference {list(ref)})"
+        assert a == b, (
+            f"{what}: token {i}: ours {a} != reference {b} (ours {list(ours)}, reference {list(ref)})"
+        )
     assert len(ours) == len(ref), f"{what}: lengths differ: ours {len(ours)}, reference {len(ref)}"
 
 
@@ -95,13 +97,17 @@ def top_two_gap(row: np.ndarray) -> float:
     return float(abs(b - a))
 
 
-def assert_same_greedy(ours: Sequence[int], ref: Sequence[int], ref_logits: Sequence[np.ndarray]) -> int | None:
+def assert_same_greedy(
+    ours: Sequence[int], ref: Sequence[int], ref_logits: Sequence[np.ndarray]
+) -> int | None:
     """Assert ``ours`` equals ``ref`` token for token, or diverges only at a near tie.
     Returns the index of an accepted near-tie divergence, else None."""
     for i, (a, b) in enumerate(zip(ours, ref)):
         if a != b:
             gap = top_two_gap(ref_logits[i])
-            assert gap < NEAR_TIE_LOGIT_GAP, f"token {i}: ours {a} != reference {b}, top-2 logit gap {gap:.4g}"
+            assert gap < NEAR_TIE_LOGIT_GAP, (
+                f"token {i}: ours {a} != reference {b}, top-2 logit gap {gap:.4g}"
+            )
             return i
     assert len(ours) == len(ref), f"lengths differ: ours {len(ours)}, reference {len(ref)}"
     return None

@@ -56,7 +56,9 @@ def test_a_short_chaos_run_over_stub_models_loses_hangs_and_corrupts_nothing(cha
     report = chaos.run_chaos(cfg)
     check(report)
     lives = report.tally.store_counters.values()
-    assert sum(c["demotions"] for c in lives) > 0 and sum(c["recycled_files"] for c in lives) > 0, report.table()
+    assert sum(c["demotions"] for c in lives) > 0 and sum(c["recycled_files"] for c in lives) > 0, (
+        report.table()
+    )
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from erllama.options import SamplingParams
 from erllama.protocol import MemoryKind
@@ -37,9 +37,10 @@ class Sampler(Protocol):
 # Where a token is sampled from: the logits index of a row of the last decode, or the logits a cached
 # row carries for its last token (``worker/kvrow.py``).
 Logits = int | bytes
+S = TypeVar("S")  # a backend's own sampler type: only that backend makes and takes it
 
 
-class Backend(Protocol):
+class Backend(Protocol[S]):
     n_ctx: int  # KV cells shared by all sequences
     n_ctx_seq: int  # the most tokens one sequence may hold
     n_vocab: int
@@ -64,11 +65,11 @@ class Backend(Protocol):
         (its other ``n_logits - 1`` are the indices just before), or -1 for rows without logits.
         Raises ``BackendError`` on failure."""
 
-    def new_sampler(self, params: SamplingParams, history: Sequence[int]) -> Sampler:
+    def new_sampler(self, params: SamplingParams, history: Sequence[int]) -> S:
         """A sampler for one request. ``history`` (the prompt) primes repetition penalties, not the
         grammar. Raises ``BackendError("invalid_grammar")`` for a grammar that does not parse."""
 
-    def sample(self, sampler: Sampler, logits: Logits, greedy: bool = False) -> int:
+    def sample(self, sampler: S, logits: Logits, greedy: bool = False) -> int:
         """Sample one token from ``logits`` (an index into the last decode, or stored logits) and record
         it in the sampler's state. ``greedy`` takes the most likely token the request's grammar and
         penalties allow (tool-call syntax), instead of the request's own sampling."""
@@ -79,7 +80,7 @@ class Backend(Protocol):
     def argmax(self, logits_index: int) -> int:
         """The most likely token at ``logits_index`` of the last decode (speculative verify)."""
 
-    def free_sampler(self, sampler: Sampler) -> None: ...
+    def free_sampler(self, sampler: S) -> None: ...
 
     def embed(self, tokens: Sequence[int]) -> list[float]:
         """A mean-pooled, L2-normalized embedding of ``tokens`` (an embeddings context of its own)."""

@@ -25,7 +25,7 @@ import functools
 import json
 import logging
 from datetime import datetime
-from typing import Any, ClassVar, Final
+from typing import Any, Final
 
 import jinja2
 import jinja2.ext
@@ -57,7 +57,7 @@ TOOLS_HEADER: Final = "Available tools:"
 class _IgnoreGenerationTags(jinja2.ext.Extension):
     """Pass-through for Hugging Face's ``{% generation %}`` tag (as llama-cpp-python does)."""
 
-    tags: ClassVar[set[str]] = {"generation"}
+    tags = {"generation"}  # noqa: RUF012 - jinja2 declares it so, and reads it from the class
 
     def parse(self, parser: Parser) -> list[jinja2.nodes.Node]:
         parser.stream.skip(1)
@@ -152,8 +152,17 @@ class ChatTemplate:
         except _TemplateRaised as exc:
             # The template's own verdict on the conversation (e.g. "roles must alternate"): the caller's to fix.
             raise _bad(f"the chat template rejected the conversation: {exc}") from None
-        except (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError,
-                ArithmeticError, RecursionError, OverflowError) as exc:  # fmt: skip
+        except (
+            jinja2.TemplateError,
+            TypeError,
+            ValueError,
+            KeyError,
+            IndexError,
+            AttributeError,
+            ArithmeticError,
+            RecursionError,
+            OverflowError,
+        ) as exc:
             # Anything else a template can raise while rendering is the template's (the model file's) fault.
             log.warning("chat template failed: %s: %s", type(exc).__name__, exc)
             raise ErllamaError(

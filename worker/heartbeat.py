@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import zmq
 
 from erllama import protocol
-from erllama.protocol import BROKER_SILENCE_TIMEOUT_S, HEARTBEAT_INTERVAL_S, ErllamaError, MsgType, Phase
+from erllama.protocol import BROKER_SILENCE_TIMEOUT_S, HEARTBEAT_INTERVAL_S, Phase, WireError, encode
+from erllama.protocol import Heartbeat as HeartbeatMsg
 from erllama.transport import make_socket
 
 log = logging.getLogger(__name__)
@@ -29,11 +30,18 @@ log = logging.getLogger(__name__)
 def heartbeat_message(model_id: str, s: WorkerStatus) -> bytes:
     """One status snapshot as a heartbeat: the thread's periodic one and the worker loop's on a
     phase change carry the same fields, so the broker's counters always come from one snapshot."""
-    return protocol.encode(
-        MsgType.HEARTBEAT, model=model_id, pid=os.getpid(), progress=s.progress, phase=s.phase.value,
-        busy=bool(s.running or s.waiting), running=s.running, waiting=s.waiting, tokens_generated=s.tokens_generated,
+    msg = HeartbeatMsg(
+        model=model_id,
+        pid=os.getpid(),
+        progress=s.progress,
+        phase=s.phase,
+        busy=bool(s.running or s.waiting),
+        running=s.running,
+        waiting=s.waiting,
+        tokens_generated=s.tokens_generated,
         cache=s.cache,
-    )  # fmt: skip
+    )
+    return encode(msg)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +65,7 @@ class Heartbeat(threading.Thread):
         self.broker_restarted = threading.Event()  # the scheduler thread re-registers when set
         self.last_broker_s = time.monotonic()
         self._halt = threading.Event()
+        self._decoder = protocol.broker_heartbeat_decoder()
         identity = f"h:{model_id}:{os.getpid()}".encode()
         self._sock = make_socket(ctx, zmq.DEALER, protocol.MAX_CACHE_CONTROL_BYTES, identity=identity)
         self._sock.connect(endpoint)
@@ -91,13 +100,11 @@ class Heartbeat(threading.Thread):
 
     def _receive(self) -> None:
         try:
-            msg = protocol.decode(self._sock.recv(zmq.NOBLOCK))
-        except (zmq.Again, ErllamaError):
-            return
-        if msg.get("t") != MsgType.BROKER_HEARTBEAT or not isinstance(msg.get("instance"), str):
+            msg = self._decoder.decode(self._sock.recv(zmq.NOBLOCK))
+        except (zmq.Again, WireError):
             return
         self.last_broker_s = time.monotonic()
-        if self.broker_instance is not None and msg["instance"] != self.broker_instance:
-            log.warning("the broker restarted (instance %s); registering again", msg["instance"])
+        if self.broker_instance is not None and msg.instance != self.broker_instance:
+            log.warning("the broker restarted (instance %s); registering again", msg.instance)
             self.broker_restarted.set()
-        self.broker_instance = msg["instance"]
+        self.broker_instance = msg.instance

@@ -16,11 +16,12 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from erllama.cachestore.client import CacheClient, LoadedRow
 from erllama.cachestore.codec import row_key
+from erllama.logsetup import CURRENT_REQUEST, about_request
 from erllama.protocol import CacheHitKind, ErllamaError, SaveOutcome, SaveReason
 from erllama.worker.kvrow import BadRow, RowParts
 
@@ -123,6 +124,7 @@ class _Save:
     parts: tuple[bytes | bytearray, ...]
     nbytes: int
     reason: SaveReason
+    rid: int | None = field(default_factory=CURRENT_REQUEST.get)  # the request it saves, for the logs
 
 
 class KVCache:
@@ -162,7 +164,12 @@ class KVCache:
                 if found is not None:
                     return found
             found = self._longest(prompt, limits.max_len, limits)
-            if found is not None and found.n_tokens == len(prompt) and limits.needs_logits and found.logits is None:
+            if (
+                found is not None
+                and found.n_tokens == len(prompt)
+                and limits.needs_logits
+                and found.logits is None
+            ):
                 found.close()  # the whole prompt, but no logits to sample from: one token shorter will do
                 found = self._longest(prompt, len(prompt) - 1, limits)
         except ErllamaError as err:
@@ -174,7 +181,11 @@ class KVCache:
 
     def _longest(self, prompt: list[int], max_len: int, limits: RowLimits) -> Found | None:
         hit = self._lookups.longest_prefix(
-            self.fingerprint, prompt, self.policy.min_tokens, min(max_len, limits.max_len), limits.max_overhang
+            self.fingerprint,
+            prompt,
+            self.policy.min_tokens,
+            min(max_len, limits.max_len),
+            limits.max_overhang,
         )
         row = self._lookups.load(hit.key) if hit is not None else None
         if hit is None or row is None:
@@ -191,10 +202,16 @@ class KVCache:
         if row is None:
             return None
         n = len(row.tokens)
-        if row.fingerprint != self.fingerprint or n > min(len(prompt), limits.max_len) or prompt[:n] != row.tokens:
+        if (
+            row.fingerprint != self.fingerprint
+            or n > min(len(prompt), limits.max_len)
+            or prompt[:n] != row.tokens
+        ):
             row.close()
             return None
-        found = self._open(row, n, CacheHitKind.EXACT if n == len(prompt) else CacheHitKind.PARTIAL, from_parent=True)
+        found = self._open(
+            row, n, CacheHitKind.EXACT if n == len(prompt) else CacheHitKind.PARTIAL, from_parent=True
+        )
         if found is not None and n == len(prompt) and limits.needs_logits and found.logits is None:
             found.close()
             return None
@@ -268,12 +285,16 @@ class KVCache:
                             return
                         continue
                     item = self._queue.popleft()
-                try:
-                    outcome = client.save(item.fingerprint, item.tokens, item.parts, item.reason)
-                except ErllamaError as err:
-                    outcome = SaveOutcome.DROPPED
-                    self._down_until = time.monotonic() + STORE_BACKOFF_S
-                    log.warning("save dropped: %s", err)
+                with about_request(item.rid):
+                    try:
+                        outcome = client.save(item.fingerprint, item.tokens, item.parts, item.reason)
+                        log.info(
+                            "%s save of %d tokens: %s", item.reason.value, len(item.tokens), outcome.value
+                        )
+                    except ErllamaError as err:
+                        outcome = SaveOutcome.DROPPED
+                        self._down_until = time.monotonic() + STORE_BACKOFF_S
+                        log.warning("save dropped: %s", err)
                 with self._cond:
                     self._pending_bytes -= item.nbytes
                     if outcome is SaveOutcome.STORED:

@@ -49,7 +49,9 @@ class RowParts:
         if magic != ROW_MAGIC or version != ROW_VERSION:
             raise BadRow(f"row head {magic!r} v{version} is not {ROW_MAGIC!r} v{ROW_VERSION}")
         if HEAD_BYTES + state_len + logits_len != len(payload):
-            raise BadRow(f"row head says {state_len} + {logits_len} bytes, the payload has {len(payload) - HEAD_BYTES}")
+            raise BadRow(
+                f"row head says {state_len} + {logits_len} bytes, the payload has {len(payload) - HEAD_BYTES}"
+            )
         return cls(HEAD_BYTES, state_len, HEAD_BYTES + state_len, logits_len)
 
     def state_array(self, payload_array: ctypes.Array[ctypes.c_uint8]) -> ctypes.Array[ctypes.c_uint8]:

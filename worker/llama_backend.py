@@ -25,12 +25,24 @@ from erllama.worker.fingerprint import files_sha256
 log = logging.getLogger(__name__)
 
 GGML_TYPES: Final = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
-FLASH_ATTN: Final = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
-                     "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}  # fmt: skip
-SPLIT_MODES: Final = {"none": L.LLAMA_SPLIT_MODE_NONE, "layer": L.LLAMA_SPLIT_MODE_LAYER, "row": L.LLAMA_SPLIT_MODE_ROW}
+FLASH_ATTN: Final = {
+    "auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+SPLIT_MODES: Final = {
+    "none": L.LLAMA_SPLIT_MODE_NONE,
+    "layer": L.LLAMA_SPLIT_MODE_LAYER,
+    "row": L.LLAMA_SPLIT_MODE_ROW,
+}
 PENALTY_WINDOW_TOKENS: Final = 64
 PIECE_BUFFER_BYTES: Final = 256
-_GGML_LEVELS: Final = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level
+_GGML_LEVELS: Final = {
+    1: logging.DEBUG,
+    2: logging.INFO,
+    3: logging.WARNING,
+    4: logging.ERROR,
+}  # ggml_log_level
 # llama_token_data as numpy sees it: a candidates array for sampling from stored logits.
 _TOKEN_DATA: Final = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
 
@@ -126,10 +138,14 @@ def memory_kind(model: Any) -> MemoryKind:
     without it; diffusion models do not decode left to right)."""
     if L.llama_model_has_encoder(model):
         raise ErllamaError(
-            ErrorCode.UNSUPPORTED_MODEL, "encoder-decoder models (T5 and the like) are not supported", {"memory": "encoder"}
+            ErrorCode.UNSUPPORTED_MODEL,
+            "encoder-decoder models (T5 and the like) are not supported",
+            {"memory": "encoder"},
         )
     if L.llama_model_is_diffusion(model):
-        raise ErllamaError(ErrorCode.UNSUPPORTED_MODEL, "diffusion models are not supported", {"memory": "diffusion"})
+        raise ErllamaError(
+            ErrorCode.UNSUPPORTED_MODEL, "diffusion models are not supported", {"memory": "diffusion"}
+        )
     if L.llama_model_is_hybrid(model):
         return MemoryKind.HYBRID
     if L.llama_model_is_recurrent(model):
@@ -153,7 +169,9 @@ class LlamaBackend:
     def __init__(self, path: Path, options: LoadOptions):
         _init_llama()
         if (options.n_gpu_layers != 0 or options.tensor_split) and not L.llama_supports_gpu_offload():
-            raise ErllamaError(ErrorCode.NO_GPU, "n_gpu_layers/tensor_split need a GPU build of llama.cpp and a GPU")
+            raise ErllamaError(
+                ErrorCode.NO_GPU, "n_gpu_layers/tensor_split need a GPU build of llama.cpp and a GPU"
+            )
         self.options = options
         mp = L.llama_model_default_params()
         mp.n_gpu_layers = options.n_gpu_layers
@@ -163,9 +181,12 @@ class LlamaBackend:
             n = L.llama_max_devices()
             self._tensor_split = (ctypes.c_float * n)(*options.tensor_split[:n])  # kept alive with the model
             mp.tensor_split = self._tensor_split
-        mp.load_mode = {(True, True): L.LLAMA_LOAD_MODE_MMAP_MLOCK, (True, False): L.LLAMA_LOAD_MODE_MMAP,
-                        (False, True): L.LLAMA_LOAD_MODE_MLOCK, (False, False): L.LLAMA_LOAD_MODE_NONE}[
-            (options.use_mmap, options.use_mlock)]  # fmt: skip
+        mp.load_mode = {
+            (True, True): L.LLAMA_LOAD_MODE_MMAP_MLOCK,
+            (True, False): L.LLAMA_LOAD_MODE_MMAP,
+            (False, True): L.LLAMA_LOAD_MODE_MLOCK,
+            (False, False): L.LLAMA_LOAD_MODE_NONE,
+        }[(options.use_mmap, options.use_mlock)]
         # Off by default: with AMX, the repacked-weight buffers segfault inside llama_decode.
         mp.use_extra_bufts = options.use_extra_bufts
         _recent_errors.clear()
@@ -259,7 +280,9 @@ class LlamaBackend:
             _recent_errors.clear()
             grammar = L.llama_sampler_init_grammar(self.vocab, params.grammar.encode(), b"root")
             if not grammar:
-                raise BackendError("invalid_grammar", " | ".join(_recent_errors) or "the grammar does not parse")
+                raise BackendError(
+                    "invalid_grammar", " | ".join(_recent_errors) or "the grammar does not parse"
+                )
             shared.append(grammar)
         if params.repetition_penalty != 1.0:
             penalties = L.llama_sampler_init_penalties(
@@ -294,7 +317,10 @@ class LlamaBackend:
         cand["logit"] = np.frombuffer(logits, dtype=np.float32, count=self.n_vocab)
         cand["p"] = 0.0
         arr = L.llama_token_data_array(
-            data=cand.ctypes.data_as(ctypes.POINTER(L.llama_token_data)), size=self.n_vocab, selected=-1, sorted=False
+            data=cand.ctypes.data_as(ctypes.POINTER(L.llama_token_data)),
+            size=self.n_vocab,
+            selected=-1,
+            sorted=False,
         )
         L.llama_sampler_apply(chain, ctypes.byref(arr))
         token = int(arr.data[arr.selected].id)
@@ -325,7 +351,9 @@ class LlamaBackend:
             self._embed_ctx = L.llama_init_from_model(self.model, cp)
             if not self._embed_ctx:
                 self._embed_ctx = None
-                raise BackendError("embed_failed", _load_error("llama.cpp could not create an embeddings context"))
+                raise BackendError(
+                    "embed_failed", _load_error("llama.cpp could not create an embeddings context")
+                )
         ctx = self._embed_ctx
         n = len(tokens)
         batch = L.llama_batch_init(n, 0, 1)
@@ -338,7 +366,9 @@ class LlamaBackend:
             if L.llama_decode(ctx, batch) != 0:
                 raise BackendError("embed_failed", "llama_decode failed on the embeddings context")
             dim = L.llama_model_n_embd(self.model)
-            vec = np.array(np.ctypeslib.as_array(L.llama_get_embeddings_seq(ctx, 0), shape=(dim,)), dtype=np.float64)
+            vec = np.array(
+                np.ctypeslib.as_array(L.llama_get_embeddings_seq(ctx, 0), shape=(dim,)), dtype=np.float64
+            )
         finally:
             L.llama_batch_free(batch)
         norm = float(np.linalg.norm(vec))
@@ -394,6 +424,7 @@ class LlamaBackend:
 
     def seq_restore(self, seq_id: int, state: bytes | bytearray | ctypes.Array[ctypes.c_uint8]) -> None:
         size = len(state)
+        src: Any  # a pointer to the state's first byte, however it is held
         if isinstance(state, bytes):
             src = ctypes.cast(ctypes.c_char_p(state), ctypes.POINTER(ctypes.c_uint8))  # no copy
         elif isinstance(state, bytearray):  # a state copied from another sequence (prefix sharing)
@@ -402,7 +433,9 @@ class LlamaBackend:
             src = ctypes.cast(state, ctypes.POINTER(ctypes.c_uint8))
         if L.llama_state_seq_set_data(self.ctx, src, size, seq_id) == 0:
             self.seq_clear(seq_id)
-            raise BackendError("restore_failed", f"llama.cpp rejected a {size}-byte state for sequence {seq_id}")
+            raise BackendError(
+                "restore_failed", f"llama.cpp rejected a {size}-byte state for sequence {seq_id}"
+            )
 
     # --- facts and teardown --------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import zmq
 
@@ -36,13 +37,15 @@ log = logging.getLogger("erllama.worker")
 EXIT_LOAD_FAILED = 3
 
 
-def load_backend(model_path: Path | None, options: LoadOptions) -> tuple[Backend, Path | None]:
+def load_backend(model_path: Path | None, options: LoadOptions) -> tuple[Backend[Any], Path | None]:
     """Build the backend the options ask for. Raises ``ErllamaError`` with a load error code."""
     if options.backend == "stub":
         from erllama.worker.stub_backend import StubBackend
 
         memory = MemoryKind(options.stub_memory)
-        return StubBackend(options.n_ctx, options.n_seq_max, options.n_batch, options.stub_decode_ms, memory), model_path
+        return StubBackend(
+            options.n_ctx, options.n_seq_max, options.n_batch, options.stub_decode_ms, memory
+        ), model_path
     path = model_path or default_model_path()
     if not path.is_file():
         raise ErllamaError(ErrorCode.LOAD_FAILED, f"model file {path} does not exist")
@@ -62,9 +65,11 @@ def model_hash(path: Path | None, options: LoadOptions) -> str:
     return "stub-backend" if options.backend == "stub" or path is None else file_sha256(path)
 
 
-def load_markers(backend: Backend, options: LoadOptions) -> MarkerSpec:
+def load_markers(backend: Backend[Any], options: LoadOptions) -> MarkerSpec:
     """Tokenize the span markers: the tokenizer's spelling and every other exact spelling in the vocab."""
-    texts = [t.encode() for m in (options.thinking_markers, options.tool_call_markers) if m for t in m.values()]
+    texts = [
+        t.encode() for m in (options.thinking_markers, options.tool_call_markers) if m for t in m.values()
+    ]
     pieces: dict[bytes, list[int]] = {}
     for tok in range(backend.n_vocab):
         piece = backend.token_bytes(tok)
@@ -82,7 +87,7 @@ def fail_load(sock: zmq.Socket, ctx: zmq.Context, err: ErllamaError, model_id: s
     err.detail |= {"model": model_id, "pid": os.getpid()}
     log.error("load failed: %s", err)
     sock.setsockopt(zmq.LINGER, 2000)  # make sure the broker hears why
-    sock.send(protocol.error_reply("rid", None, err))
+    sock.send(protocol.encode(protocol.error_of(err, None)))
     sock.close()
     ctx.term()
     return EXIT_LOAD_FAILED
@@ -90,10 +95,11 @@ def fail_load(sock: zmq.Socket, ctx: zmq.Context, err: ErllamaError, model_id: s
 
 def policy_of(options: LoadOptions) -> CachePolicy:
     return CachePolicy(
-        options.cache_min_tokens, options.cold_trim_tokens, options.cold_align_tokens, options.continued_interval_tokens
+        options.cache_min_tokens,
+        options.cold_trim_tokens,
+        options.cold_align_tokens,
+        options.continued_interval_tokens,
     )
-
-
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--broker", help="broker worker endpoint (default: ipc in the runtime dir)")
     ap.add_argument("--runtime-dir", help="runtime directory (default: $ERLLAMA_RUNTIME_DIR)")
     ap.add_argument("--options", default="{}", help="load options as a JSON object")
-    ap.add_argument("--cachestore", help="cache store endpoint (default: $ERLLAMA_CACHESTORE, else the runtime dir's)")
+    ap.add_argument(
+        "--cachestore", help="cache store endpoint (default: $ERLLAMA_CACHESTORE, else the runtime dir's)"
+    )
     ap.add_argument("--no-cache", action="store_true", help="serve without the KV cache")
     ap.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--log-level", default=os.environ.get("ERLLAMA_LOG_LEVEL", "INFO"))
@@ -121,7 +129,11 @@ def main(argv: list[str] | None = None) -> int:
         options = parse_load_options(json.loads(args.options))
         backend, path = load_backend(Path(args.model) if args.model else None, options)
     except (ErllamaError, json.JSONDecodeError) as exc:
-        err = exc if isinstance(exc, ErllamaError) else ErllamaError(ErrorCode.INVALID_PARAMS, f"--options: {exc}")
+        err = (
+            exc
+            if isinstance(exc, ErllamaError)
+            else ErllamaError(ErrorCode.INVALID_PARAMS, f"--options: {exc}")
+        )
         return fail_load(sock, ctx, err, args.id)
     try:
         markers = None
@@ -138,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cache = None
     if options.cache and not args.no_cache:
-        cache = KVCache(args.cachestore or default_cachestore_endpoint(), refingerprint([]), policy_of(options))
+        cache = KVCache(
+            args.cachestore or default_cachestore_endpoint(), refingerprint([]), policy_of(options)
+        )
     info = backend.info() | {
         "path": str(path) if path else None,
         "options": options.to_wire(),

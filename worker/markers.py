@@ -113,8 +113,11 @@ _STATE_MARKERS: dict[SpanState, tuple[MarkerKind, ...]] = {
 
 
 _TOOL_KINDS: tuple[MarkerKind, ...] = (
-    MarkerKind.TOOL_START, MarkerKind.TOOL_END, MarkerKind.PAYLOAD_START, MarkerKind.PAYLOAD_END,
-)  # fmt: skip
+    MarkerKind.TOOL_START,
+    MarkerKind.TOOL_END,
+    MarkerKind.PAYLOAD_START,
+    MarkerKind.PAYLOAD_END,
+)
 _MARKER_OPTION_KEYS: dict[str, tuple[str, ...]] = {
     "thinking_markers": ("start", "end"),
     "tool_call_markers": ("start", "end", "payload_start", "payload_end"),
@@ -438,8 +441,17 @@ class SpanAutomaton:
         span = bytes(self._thinking_buf)
         self._thinking_buf = bytearray()
         self.state = SpanState.TEXT
-        out.append(SpanEvent(EventKind.THINKING_END, TokenRole.MARKER, ids, data, span=span,
-                             signature=sign_thinking(self.signing_key, span), synthetic=synthetic))  # fmt: skip
+        out.append(
+            SpanEvent(
+                EventKind.THINKING_END,
+                TokenRole.MARKER,
+                ids,
+                data,
+                span=span,
+                signature=sign_thinking(self.signing_key, span),
+                synthetic=synthetic,
+            )
+        )
 
     def _close_tool(self, ids: TokenSeq, data: bytes, out: list[SpanEvent], *, synthetic: bool) -> None:
         self._tool_buf += data

@@ -13,8 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from erllama.options import validate_prompt
 from erllama.protocol import ErllamaError, ErrorCode, SaveReason, WorkerOp
+from erllama.protocol.ops import (
+    OP_ARGS,
+    AdapterArgs,
+    AdapterPathArgs,
+    AdapterScaleArgs,
+    ChatTemplateArgs,
+    DetokenizeArgs,
+    EmbedArgs,
+    TokenizeArgs,
+)
 from erllama.worker.backend import Backend, BackendError
 from erllama.worker.chat_template import ChatTemplate
 from erllama.worker.kvcache import KVCache
@@ -34,20 +46,14 @@ class Adapter:
     native: Any
 
 
-def _bad(message: str) -> ErllamaError:
-    return ErllamaError(ErrorCode.INVALID_PARAMS, message)
-
-
-def _arg(args: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
-    value = args.get(name)
-    if isinstance(value, bool) or not isinstance(value, kind):  # True is an int to Python, not to us
-        raise _bad(f"{name}: expected {getattr(kind, '__name__', 'a number')}")
-    return value
-
-
 class WorkerOps:
-    def __init__(self, backend: Backend, scheduler: Scheduler, cache: KVCache | None,
-                 refingerprint: Callable[[list[tuple[str, float]]], bytes]):  # fmt: skip
+    def __init__(
+        self,
+        backend: Backend[Any],
+        scheduler: Scheduler,
+        cache: KVCache | None,
+        refingerprint: Callable[[list[tuple[str, float]]], bytes],
+    ):
         self.backend = backend
         self.scheduler = scheduler
         self.cache = cache
@@ -55,12 +61,12 @@ class WorkerOps:
         self._template: ChatTemplate | None = None
         self.adapters: list[Adapter] = []
         self._handles = itertools.count(1)
-        self._table: dict[WorkerOp, Callable[[dict[str, Any]], Any]] = {
+        self._table: dict[WorkerOp, Callable[[Any], Any]] = {  # each takes its op's OpArgs
             WorkerOp.TOKENIZE: self.tokenize,
             WorkerOp.DETOKENIZE: self.detokenize,
             WorkerOp.APPLY_CHAT_TEMPLATE: self.apply_chat_template,
             WorkerOp.EMBED: self.embed,
-            WorkerOp.END_SESSION: lambda a: self.scheduler.end_session(_arg(a, "session_id", str)),
+            WorkerOp.END_SESSION: lambda a: self.scheduler.end_session(a.session_id),
             WorkerOp.EVICT: lambda a: self.scheduler.save_all(SaveReason.EVICT),
             WorkerOp.SHUTDOWN_SAVE: lambda a: self.scheduler.save_all(SaveReason.SHUTDOWN),
             WorkerOp.LOAD_ADAPTER: self.load_adapter,
@@ -69,51 +75,58 @@ class WorkerOps:
             WorkerOp.LIST_ADAPTERS: lambda a: self.list_adapters(),
         }
 
-    def dispatch(self, op: str, args: dict[str, Any]) -> Any:
+    def dispatch(self, op: WorkerOp, args: dict[str, Any]) -> Any:
+        """Run ``op`` with ``args`` turned into its typed arguments (``invalid_params`` naming the field)."""
         try:
-            handler = self._table[WorkerOp(op)]
-        except (ValueError, KeyError):
-            raise ErllamaError(ErrorCode.INVALID_PARAMS, f"unknown operation {op!r}") from None
-        return handler(args)
+            typed = msgspec.convert(args, OP_ARGS[op])
+        except msgspec.ValidationError as exc:
+            raise ErllamaError(ErrorCode.INVALID_PARAMS, f"{op.value}: {exc}") from None
+        return self._table[op](typed)
 
     # --- text ----------------------------------------------------------------------------------------------
 
-    def tokenize(self, args: dict[str, Any]) -> list[int]:
-        text = _arg(args, "text", str)
-        add_special, parse_special = args.get("add_special", True), args.get("parse_special", False)
-        if not isinstance(add_special, bool) or not isinstance(parse_special, bool):
-            raise _bad("add_special and parse_special are booleans")
-        return self.backend.tokenize(text, add_special, parse_special)
+    def tokenize(self, args: TokenizeArgs) -> list[int]:
+        return self.backend.tokenize(args.text, args.add_special, args.parse_special)
 
-    def detokenize(self, args: dict[str, Any]) -> str:
-        tokens = validate_prompt(args.get("tokens"), self.backend.n_vocab)
-        if not isinstance(tokens, list):
-            raise _bad("tokens: expected a list of token ids")
+    def detokenize(self, args: DetokenizeArgs) -> str:
+        tokens = validate_prompt(args.tokens, self.backend.n_vocab)
+        assert isinstance(tokens, list)  # a list in, a list out
         return self.backend.detokenize(tokens)
 
-    def apply_chat_template(self, args: dict[str, Any]) -> list[int]:
+    def apply_chat_template(self, args: ChatTemplateArgs) -> list[int]:
         """Render messages with the model's own template and tokenize (special tokens parsed)."""
         if self._template is None:
             info = self.backend.info()
-            eos = self.backend.token_bytes(info["eos_token_id"]).decode(errors="replace") if "eos_token_id" in info else ""
-            bos = self.backend.token_bytes(info["bos_token_id"]).decode(errors="replace") if "bos_token_id" in info else ""
+            eos = (
+                self.backend.token_bytes(info["eos_token_id"]).decode(errors="replace")
+                if "eos_token_id" in info
+                else ""
+            )
+            bos = (
+                self.backend.token_bytes(info["bos_token_id"]).decode(errors="replace")
+                if "bos_token_id" in info
+                else ""
+            )
             self._template = ChatTemplate(info.get("chat_template"), bos_token=bos, eos_token=eos)
-        add_generation_prompt = args.get("add_generation_prompt", True)
-        if not isinstance(add_generation_prompt, bool):
-            raise _bad("add_generation_prompt: expected a boolean")
-        text = self._template.render(args.get("messages"), system=args.get("system"), tools=args.get("tools"),
-                                     add_generation_prompt=add_generation_prompt)  # fmt: skip
+        text = self._template.render(
+            args.messages,
+            system=args.system,
+            tools=args.tools,
+            add_generation_prompt=args.add_generation_prompt,
+        )
         # A template that writes the BOS itself must not get a second one from the tokenizer.
         add_special = not (self._template.bos_token and text.startswith(self._template.bos_token))
         return self.backend.tokenize(text, add_special=add_special, parse_special=True)
 
-    def embed(self, args: dict[str, Any]) -> list[float]:
-        source = args.get("input")
-        tokens = validate_prompt(source, self.backend.n_vocab)
+    def embed(self, args: EmbedArgs) -> list[float]:
+        tokens = validate_prompt(args.input, self.backend.n_vocab)
         if isinstance(tokens, str):
             tokens = self.backend.tokenize(tokens)
         if len(tokens) > self.backend.n_ctx_seq:
-            raise ErllamaError(ErrorCode.CONTEXT_OVERFLOW, f"{len(tokens)} tokens exceed the context of {self.backend.n_ctx_seq}")
+            raise ErllamaError(
+                ErrorCode.CONTEXT_OVERFLOW,
+                f"{len(tokens)} tokens exceed the context of {self.backend.n_ctx_seq}",
+            )
         try:
             return self.backend.embed(tokens)
         except BackendError as exc:
@@ -121,8 +134,8 @@ class WorkerOps:
 
     # --- adapters ------------------------------------------------------------------------------------------
 
-    def load_adapter(self, args: dict[str, Any]) -> dict[str, Any]:
-        path = Path(_arg(args, "path", str))
+    def load_adapter(self, args: AdapterPathArgs) -> dict[str, Any]:
+        path = Path(args.path)
         if not path.is_file():
             raise ErllamaError(ErrorCode.LOAD_FAILED, f"adapter file {path} does not exist")
         try:
@@ -136,9 +149,8 @@ class WorkerOps:
         self._apply()
         return self._describe(adapter)
 
-    def unload_adapter(self, args: dict[str, Any]) -> bool:
-        handle = _arg(args, "handle", int)
-        adapter = next((a for a in self.adapters if a.handle == handle), None)
+    def unload_adapter(self, args: AdapterArgs) -> bool:
+        adapter = next((a for a in self.adapters if a.handle == args.handle), None)
         if adapter is None:
             return False
         self.adapters.remove(adapter)
@@ -146,15 +158,13 @@ class WorkerOps:
         self.backend.free_adapter(adapter.native)
         return True
 
-    def set_adapter_scale(self, args: dict[str, Any]) -> dict[str, Any]:
-        handle = _arg(args, "handle", int)
-        scale = _arg(args, "scale", (int, float))
-        if not -MAX_SCALE <= float(scale) <= MAX_SCALE:
-            raise _bad(f"scale must be within [-{MAX_SCALE}, {MAX_SCALE}]")
-        adapter = next((a for a in self.adapters if a.handle == handle), None)
+    def set_adapter_scale(self, args: AdapterScaleArgs) -> dict[str, Any]:
+        if not -MAX_SCALE <= args.scale <= MAX_SCALE:  # NaN fails this too
+            raise ErllamaError(ErrorCode.INVALID_PARAMS, f"scale must be within [-{MAX_SCALE}, {MAX_SCALE}]")
+        adapter = next((a for a in self.adapters if a.handle == args.handle), None)
         if adapter is None:
-            raise ErllamaError(ErrorCode.NOT_FOUND, f"no adapter with handle {handle}")
-        adapter.scale = float(scale)
+            raise ErllamaError(ErrorCode.NOT_FOUND, f"no adapter with handle {args.handle}")
+        adapter.scale = args.scale
         self._apply()
         return self._describe(adapter)
 

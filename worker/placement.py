@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 
+from erllama.logsetup import for_request
 from erllama.protocol import CacheHitKind, MemoryKind
 from erllama.worker.backend import Backend, BackendError
 from erllama.worker.kvcache import KVCache, RowLimits
@@ -52,7 +53,10 @@ class Placement:
             return RowLimits(req.verify_from, 0, needs_logits=False)
         return RowLimits(len(req.prompt), 0, needs_logits=True)
 
-    def place(self, req: Request, held: int, common: int, kind: CacheHitKind, logits: bytes | None = None) -> bool:
+    @for_request
+    def place(
+        self, req: Request, held: int, common: int, kind: CacheHitKind, logits: bytes | None = None
+    ) -> bool:
         """``req``'s sequence holds ``held`` tokens, the first ``common`` of them the prompt's, and
         ``logits`` for its last token if known. Keep what is exact; False (the sequence cleared, the
         request cold) if nothing could be kept."""
@@ -73,14 +77,19 @@ class Placement:
             return True
         if keep > 0:
             self.refused += 1
-            log.info("rid=%d: the %s memory cannot keep %d of %d held tokens exactly; prefilling cold",
-                     req.rid, self.backend.memory.value, keep, held)  # fmt: skip
+            log.info(
+                "the %s memory cannot keep %d of %d held tokens exactly; prefilling cold",
+                self.backend.memory.value,
+                keep,
+                held,
+            )
         self.backend.seq_clear(req.seq_id)
         req.n_past = req.prefix_len = req.last_save_at = 0
         req.cache_hit_kind = CacheHitKind.COLD
         req.stored_logits = None
         return False
 
+    @for_request
     def restore_from_cache(self, req: Request) -> None:
         """Restore the longest usable cached prefix of the prompt into the request's (empty) sequence."""
         if self.cache is None:
@@ -94,7 +103,7 @@ class Placement:
         except BackendError as exc:
             # A row under our fingerprint that llama.cpp rejects is broken: the store drops it, so it
             # neither answers later lookups nor blocks this worker's own save of the same tokens.
-            log.warning("rid=%d: restoring a cached row failed, prefilling cold: %s", req.rid, exc)
+            log.warning("restoring a cached row failed, prefilling cold: %s", exc)
             self.cache.counters.restore_failures += 1
             self.backend.seq_clear(req.seq_id)
             found.close(bad=True)
@@ -103,4 +112,9 @@ class Placement:
         if self.place(req, found.n_tokens, found.common, found.kind, logits):
             req.cache_tier = found.row.tier.value
             self.cache.count_hit(found, req.n_past)
-            log.debug("rid=%d: restored %d tokens (%s) from %s", req.rid, req.n_past, found.kind.value, req.cache_tier)
+            log.info(
+                "restored %d prompt tokens from the %s tier (%s)",
+                req.n_past,
+                req.cache_tier,
+                found.kind.value,
+            )

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from erllama.options import SamplingParams
-from erllama.protocol import CacheHitKind, FinishReason
+from erllama.protocol import CacheHitKind, CompletionResult, FinishReason, Stats, VerifyOutcome
 from erllama.worker.backend import Sampler
 from erllama.worker.output import RequestOutput
 from erllama.worker.textstream import TextStream
@@ -73,39 +73,41 @@ class Request:
             return max(0, end - max(self.n_past, self.verify_from))
         return 1
 
-    def verify_outcome(self, is_eog: Any) -> dict[str, Any]:
+    def verify_outcome(self, is_eog: Any) -> VerifyOutcome:
         """Candidates accepted while the model's own argmax agrees; then the model's next token."""
         candidates = self.prompt[self.verify_from + 1 :]
         accepted = 0
         while accepted < len(candidates) and self.verify_argmax[accepted] == candidates[accepted]:
             accepted += 1
         nxt = self.verify_argmax[accepted]
-        return {"accepted": accepted, "next_token": None if is_eog(nxt) else nxt, "eos": bool(is_eog(nxt))}
+        eos = bool(is_eog(nxt))
+        return VerifyOutcome(accepted=accepted, next_token=None if eos else nxt, eos=eos)
 
-    def result(self, reason: FinishReason) -> dict[str, Any]:
+    def result(self, reason: FinishReason, verify: VerifyOutcome | None = None) -> CompletionResult:
         now = time.monotonic()
         first = self.first_token_s or now
         prefill_end = self.prefill_done_s or now
         committed = self.committed
-        return {
-            "reply": self.out.text.text,
-            "generated": self.generated,
-            "context_tokens": committed,
-            "committed_tokens": len(committed),
-            "finish_reason": reason.value,
-            "stop_sequence": self.out.matched_stop,
-            "finish_key": self.finish_key,
-            "cache_hit_kind": self.cache_hit_kind.value,
-            "cache_delta": {"read": self.prefix_len, "created": self.cache_created},
-            "cache_tier": self.cache_tier,
-            "thinking": self.out.thinking,
-            "tool_calls": self.out.tool_calls,
-            "stats": {
-                "prompt_tokens": len(self.prompt),
-                "completion_tokens": len(self.generated),
-                "queue_ms": self.queue_ms,
-                "ttft_ms": self.queue_ms + (first - self.received_s) * 1000.0,
-                "prefill_ms": (prefill_end - self.received_s) * 1000.0,
-                "generation_ms": (now - prefill_end) * 1000.0,
-            },
-        }
+        return CompletionResult(
+            reply=self.out.text.text,
+            generated=self.generated,
+            context_tokens=committed,
+            committed_tokens=len(committed),
+            finish_reason=reason,
+            stop_sequence=self.out.matched_stop,
+            finish_key=self.finish_key,
+            cache_hit_kind=self.cache_hit_kind,
+            cache_delta={"read": self.prefix_len, "created": self.cache_created},
+            cache_tier=self.cache_tier,
+            thinking=self.out.thinking,
+            tool_calls=self.out.tool_calls,
+            stats=Stats(
+                prompt_tokens=len(self.prompt),
+                completion_tokens=len(self.generated),
+                queue_ms=self.queue_ms,
+                ttft_ms=self.queue_ms + (first - self.received_s) * 1000.0,
+                prefill_ms=(prefill_end - self.received_s) * 1000.0,
+                generation_ms=(now - prefill_end) * 1000.0,
+            ),
+            verify=verify,
+        )

@@ -23,8 +23,17 @@ import time
 from collections import deque
 from typing import Any, Protocol
 
+from erllama.logsetup import for_request
 from erllama.options import SamplingParams, validate_prompt
-from erllama.protocol import CacheHitKind, ErllamaError, ErrorCode, FinishReason, Phase, SaveReason
+from erllama.protocol import (
+    CacheHitKind,
+    CompletionResult,
+    ErllamaError,
+    ErrorCode,
+    FinishReason,
+    Phase,
+    SaveReason,
+)
 from erllama.worker.backend import Backend, BackendError, BatchRow, Logits
 from erllama.worker.kvcache import KVCache
 from erllama.worker.kvrow import HEAD_BYTES, pack_head
@@ -42,10 +51,10 @@ log = logging.getLogger(__name__)
 class Emitter(Protocol):
     """Where the scheduler sends what happens to a request (the worker's socket loop)."""
 
-    def admitted(self, rid: int, cache_hit_kind: str, prefix_len: int) -> None: ...
+    def admitted(self, rid: int, cache_hit_kind: CacheHitKind, prefix_len: int) -> None: ...
     def token(self, rid: int, text: str, token_ids: list[int], kind: str = TEXT) -> None: ...
     def span_end(self, rid: int, kind: str, data: str, signature: bytes) -> None: ...
-    def done(self, rid: int, result: dict[str, Any]) -> None: ...
+    def done(self, rid: int, result: CompletionResult) -> None: ...
     def error(self, rid: int, err: ErllamaError) -> None: ...
 
 
@@ -54,7 +63,7 @@ class Scheduler:
 
     def __init__(
         self,
-        backend: Backend,
+        backend: Backend[Any],
         emit: Emitter,
         prefill_chunk_size: int,
         cache: KVCache | None = None,
@@ -79,7 +88,9 @@ class Scheduler:
 
     # --- requests in -------------------------------------------------------------------------------------
 
-    def submit(self, rid: int, prompt: str | list[int], params: SamplingParams, queue_ms: float = 0.0) -> None:
+    def submit(
+        self, rid: int, prompt: str | list[int], params: SamplingParams, queue_ms: float = 0.0
+    ) -> None:
         """Accept a request or raise ``invalid_params`` / ``context_overflow`` / ``invalid_grammar``
         / ``sticky_busy`` before anything is decoded."""
         if rid in self.running or any(r.rid == rid for r in self.waiting):
@@ -119,8 +130,13 @@ class Scheduler:
         req.sampler, req.verify_from = sampler, verify_from
         spans = None
         if self.markers is not None:
-            spans = SpanAutomaton(self.markers, thinking=params.thinking, tool_calls=self.markers.has_tool_calls,
-                                  thinking_budget_tokens=params.thinking_budget_tokens, signing_key=self.signing_key)  # fmt: skip
+            spans = SpanAutomaton(
+                self.markers,
+                thinking=params.thinking,
+                tool_calls=self.markers.has_tool_calls,
+                thinking_budget_tokens=params.thinking_budget_tokens,
+                signing_key=self.signing_key,
+            )
         req.out = RequestOutput(TextStream(stops=params.stop), spans)
         self.waiting.append(req)
 
@@ -169,10 +185,11 @@ class Scheduler:
         while self.waiting and self._admit(self.waiting[0]):
             self.waiting.popleft()
         self._take_shares()
-        for req in [r for r in self.running.values() if r.stored_logits is not None]:
-            self._start_generating(req)
-            logits, req.stored_logits = req.stored_logits, None
-            self._sample(req, logits)
+        for req in list(self.running.values()):
+            if req.stored_logits is not None:  # a whole prompt restored: its first token needs no decode
+                logits, req.stored_logits = req.stored_logits, None
+                self._start_generating(req)
+                self._sample(req, logits)
         rows, reqs = self._build_batch()
         if not rows:
             return
@@ -208,7 +225,9 @@ class Scheduler:
     def _finish_cancelled(self) -> None:
         for req in [r for r in self.waiting if r.cancelled]:
             self.waiting.remove(req)
-            self._finish(req, FinishReason.CANCELLED)  # it never had a sequence: _release abandons its session
+            self._finish(
+                req, FinishReason.CANCELLED
+            )  # it never had a sequence: _release abandons its session
         for req in [r for r in self.running.values() if r.cancelled]:
             self._finish(req, FinishReason.CANCELLED)
 
@@ -233,8 +252,11 @@ class Scheduler:
             req.seq_id, placed = seq, False
         if not placed:
             self.placement.restore_from_cache(req)
-            donor = find_donor(req, self.running.values(), self.adapter_epoch, self.placement.cuttable) \
-                if self.share_prefix else None  # fmt: skip
+            donor = (
+                find_donor(req, self.running.values(), self.adapter_epoch, self.placement.cuttable)
+                if self.share_prefix
+                else None
+            )
             if donor is not None:
                 req.donor_rid, req.share_len = donor[0].rid, donor[1]
         req.state = ReqState.PREFILLING
@@ -247,7 +269,7 @@ class Scheduler:
         """Its prompt's known prefix is in place: plan the cold save and say what was found."""
         if self.cache is not None and not req.is_verify:
             req.cold_save_at = self.cache.policy.cold_save_at(len(req.prompt), req.n_past)
-        self.emit.admitted(req.rid, req.cache_hit_kind.value, req.prefix_len)
+        self.emit.admitted(req.rid, req.cache_hit_kind, req.prefix_len)
 
     def _take_shares(self) -> None:
         """Before each batch, requests waiting for a donor copy its KV once it has prefilled the shared
@@ -267,6 +289,7 @@ class Scheduler:
         req.donor_rid = None
         self._start_prefill(req)
 
+    @for_request
     def _take_share(self, req: Request, donor: Request) -> None:
         """Copy the donor's KV into ``req``'s sequence and keep the shared prompt prefix of it."""
         req.donor_rid = None
@@ -274,11 +297,14 @@ class Scheduler:
         try:
             self.backend.seq_restore(req.seq_id, self.backend.seq_state(donor.seq_id))
         except BackendError as exc:
-            log.warning("rid=%d: copying sequence %d to %d failed, prefilling on its own: %s",
-                        req.rid, donor.seq_id, req.seq_id, exc)  # fmt: skip
+            log.warning(
+                "copying sequence %d to %d failed, prefilling on its own: %s", donor.seq_id, req.seq_id, exc
+            )
             self.placement.place(req, 0, 0, CacheHitKind.COLD)
         else:
-            self.placement.place(req, donor.n_past, req.share_len, CacheHitKind.SHARED, self._logits_of(donor))
+            self.placement.place(
+                req, donor.n_past, req.share_len, CacheHitKind.SHARED, self._logits_of(donor)
+            )
         req.cache_tier = None  # whatever a restore brought is replaced by the copy (or cleared)
         self._start_prefill(req)
 
@@ -302,7 +328,9 @@ class Scheduler:
             stop_at = min([len(req.prompt)] + [p for p in (req.cold_save_at, *stops) if p > req.n_past])
             take = min(stop_at - req.n_past, self.prefill_chunk_size, budget)
             end = req.n_past + take
-            rows.append(BatchRow(req.seq_id, req.prompt[req.n_past : end], req.n_past, req.logits_wanted(end)))
+            rows.append(
+                BatchRow(req.seq_id, req.prompt[req.n_past : end], req.n_past, req.logits_wanted(end))
+            )
             reqs.append(req)
             budget -= take
         return rows, reqs
@@ -328,7 +356,10 @@ class Scheduler:
             self._finish(req, FinishReason.LENGTH)
         else:
             req.pending_token = tok
-            if self.cache is not None and req.n_past - req.last_save_at >= self.cache.policy.continued_interval_tokens:
+            if (
+                self.cache is not None
+                and req.n_past - req.last_save_at >= self.cache.policy.continued_interval_tokens
+            ):
                 self._save_request(req, SaveReason.CONTINUED)
 
     def _stream(self, req: Request, events: list[Any]) -> None:
@@ -356,6 +387,7 @@ class Scheduler:
         state = self.backend.seq_state(seq_id)
         return self.cache.save(tokens, (pack_head(len(state), len(logits)), state, logits), reason)
 
+    @for_request
     def _save_request(self, req: Request, reason: SaveReason) -> str | None:
         # A verify's candidates are guesses, and KV made partly under another adapter set has no
         # fingerprint that describes it: neither is ever saved.
@@ -407,7 +439,11 @@ class Scheduler:
                 self.pool.abandon(sid)
             return
         kv_valid = kv_valid and not req.is_verify and req.adapter_epoch == self.adapter_epoch
-        if sid is None or not kv_valid or not self.pool.finish(sid, req.seq_id, req.committed, self._logits_of(req)):
+        if (
+            sid is None
+            or not kv_valid
+            or not self.pool.finish(sid, req.seq_id, req.committed, self._logits_of(req))
+        ):
             if sid is not None and not kv_valid:
                 self.pool.abandon(sid)
             self.pool.give_back(req.seq_id)
@@ -417,9 +453,12 @@ class Scheduler:
         self._stream(req, req.out.finish())
         if req.seq_id >= 0:
             req.finish_key = self._save_request(req, SaveReason.FINISH)
-        result = req.result(reason)
-        if req.is_verify and reason is not FinishReason.CANCELLED:
-            result["verify"] = req.verify_outcome(self.backend.is_eog)
+        verify = (
+            req.verify_outcome(self.backend.is_eog)
+            if req.is_verify and reason is not FinishReason.CANCELLED
+            else None
+        )
+        result = req.result(reason, verify)
         self._release(req)
         self.emit.done(req.rid, result)
 

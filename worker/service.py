@@ -17,8 +17,31 @@ from typing import Any
 import zmq
 
 from erllama import protocol
-from erllama.options import LoadOptions, parse_sampling
-from erllama.protocol import HEARTBEAT_INTERVAL_S, ErllamaError, ErrorCode, MsgType, SaveReason
+from erllama.options import LoadOptions
+from erllama.protocol import (
+    HEARTBEAT_INTERVAL_S,
+    Admitted,
+    CacheHitKind,
+    CancelRun,
+    CompletionResult,
+    Done,
+    ErllamaError,
+    Error,
+    ErrorCode,
+    Op,
+    OpResult,
+    Ready,
+    Run,
+    SaveReason,
+    Shutdown,
+    SpanEnd,
+    Token,
+    WireError,
+    WorkerCommand,
+    encode,
+    error_of,
+    frame_or_error,
+)
 from erllama.transport import make_socket
 from erllama.worker.backend import Backend
 from erllama.worker.heartbeat import Heartbeat, WorkerStatus, heartbeat_message
@@ -29,7 +52,9 @@ from erllama.worker.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
-THINKING_KEY_ENV = "ERLLAMA_THINKING_SIGNING_KEY"  # HMAC key for thinking-block signatures (empty: no signature)
+THINKING_KEY_ENV = (
+    "ERLLAMA_THINKING_SIGNING_KEY"  # HMAC key for thinking-block signatures (empty: no signature)
+)
 
 
 class SocketEmitter:
@@ -38,27 +63,40 @@ class SocketEmitter:
     def __init__(self, sock: zmq.Socket):
         self.sock = sock
 
-    def admitted(self, rid: int, cache_hit_kind: str, prefix_len: int) -> None:
-        self.sock.send(protocol.encode(MsgType.ADMITTED, rid=rid, cache_hit_kind=cache_hit_kind, prefix_len=prefix_len))
+    def admitted(self, rid: int, cache_hit_kind: CacheHitKind, prefix_len: int) -> None:
+        log.info(
+            "rid=%d admitted: cache %s, %d prompt tokens not prefilled", rid, cache_hit_kind.value, prefix_len
+        )
+        self.sock.send(encode(Admitted(rid=rid, cache_hit_kind=cache_hit_kind, prefix_len=prefix_len)))
 
     def token(self, rid: int, text: str, token_ids: list[int], kind: str = "text") -> None:
         # ts_ns lets a same-host client measure worker-to-client latency (CLOCK_MONOTONIC is system-wide).
         self.sock.send(
-            protocol.encode(MsgType.TOKEN, rid=rid, text=text, token_ids=token_ids, kind=kind, ts_ns=time.monotonic_ns())
+            encode(Token(rid=rid, text=text, token_ids=token_ids, kind=kind, ts_ns=time.monotonic_ns()))
         )
 
     def span_end(self, rid: int, kind: str, data: str, signature: bytes) -> None:
-        self.sock.send(protocol.encode(MsgType.SPAN_END, rid=rid, kind=kind, data=data, signature=signature))
+        self.sock.send(encode(SpanEnd(rid=rid, kind=kind, data=data, signature=signature)))
 
-    def done(self, rid: int, result: dict[str, Any]) -> None:
-        self.reply(rid, protocol.encode(MsgType.DONE, rid=rid, result=result))
+    def done(self, rid: int, result: CompletionResult) -> None:
+        log.info(
+            "rid=%d finished: %s, %d tokens generated, finish_key %s",
+            rid,
+            result.finish_reason.value,
+            len(result.generated),
+            result.finish_key,
+        )
+        self.reply(rid, Done(rid=rid, result=result))
 
     def error(self, rid: int | None, err: ErllamaError) -> None:
-        self.sock.send(protocol.error_reply("rid", rid, err))
+        log.info("rid=%s failed: %s", rid, err)
+        self.sock.send(encode(error_of(err, rid)))
 
-    def reply(self, rid: int, payload: bytes) -> None:
+    def reply(self, rid: int, msg: Done | OpResult) -> None:
         """A request's terminal message; one the broker's socket would refuse becomes a typed error."""
-        self.sock.send(protocol.within_frame_limit(payload, protocol.MAX_WORKER_FRAME_BYTES, "rid", rid))
+        self.sock.send(
+            frame_or_error(encode(msg), protocol.MAX_WORKER_FRAME_BYTES, lambda err: error_of(err, rid))
+        )
 
 
 class WorkerService:
@@ -67,7 +105,7 @@ class WorkerService:
     def __init__(
         self,
         model_id: str,
-        backend: Backend,
+        backend: Backend[Any],
         options: LoadOptions,
         sock: zmq.Socket,
         heartbeat: Heartbeat,
@@ -84,9 +122,24 @@ class WorkerService:
         self.info = info
         self.emitter = SocketEmitter(sock)
         signing_key = os.environ.get(THINKING_KEY_ENV, "").encode()
-        self.scheduler = Scheduler(backend, self.emitter, options.prefill_chunk_size, cache, markers, signing_key,
-                                   share_prefix=options.share_prefix)  # fmt: skip
+        self.scheduler = Scheduler(
+            backend,
+            self.emitter,
+            options.prefill_chunk_size,
+            cache,
+            markers,
+            signing_key,
+            share_prefix=options.share_prefix,
+        )
         self.ops = WorkerOps(backend, self.scheduler, cache, refingerprint)
+        self.decoder = protocol.worker_command_decoder()
+        self.handlers: dict[type[WorkerCommand], Callable[[Any], None]] = {
+            Run: self._run,
+            CancelRun: lambda m: self.scheduler.cancel(m.rid),
+            Op: self._call,
+            Shutdown: lambda m: self._stop(),
+            Error: self._refused,
+        }
         self.stopping = False
         self.refused = False
         self.bad_messages = 0
@@ -94,7 +147,7 @@ class WorkerService:
 
     def announce(self) -> None:
         self.sock.send(
-            protocol.encode(MsgType.READY, model=self.model_id, pid=os.getpid(), slots=self.backend.n_seq_max, info=self.info)
+            encode(Ready(model=self.model_id, pid=os.getpid(), slots=self.backend.n_seq_max, info=self.info))
         )
 
     def run(self) -> None:
@@ -114,7 +167,9 @@ class WorkerService:
                     self.scheduler.tick()
                 except Exception:  # a bug of ours: fail what is running, keep the process
                     log.exception("tick failed; failing the running requests")
-                    self.scheduler.fail_all(ErllamaError(ErrorCode.INTERNAL, "internal error in the worker's scheduler"))
+                    self.scheduler.fail_all(
+                        ErllamaError(ErrorCode.INTERNAL, "internal error in the worker's scheduler")
+                    )
             self._publish_status()
             if self.heartbeat.broker_restarted.is_set():
                 self._register_again()
@@ -154,56 +209,53 @@ class WorkerService:
             self._handle(frame)
 
     def _handle(self, frame: bytes) -> None:
-        msg: dict[str, Any] = {}
         try:
-            msg = protocol.decode(frame)
-            t = protocol.validate(msg, protocol.BROKER_TO_WORKER_TYPES)
-        except ErllamaError as err:
+            msg = self.decoder.decode(frame)
+        except WireError as err:
             # The broker never sends garbage; count it, and answer it if it names a request.
             self.bad_messages += 1
             log.warning("bad message from the broker: %s", err)
-            rid = msg.get("rid")
-            if isinstance(rid, int) and not isinstance(rid, bool) and msg.get("t") in (MsgType.RUN, MsgType.OP):
+            rid = err.field("rid", int)
+            if rid is not None and err.field("t", str) in (
+                Run.__struct_config__.tag,
+                Op.__struct_config__.tag,
+            ):
                 self.emitter.error(rid, err)
             return
         try:
-            self._dispatch(t, msg)
+            self.handlers[type(msg)](msg)
         except Exception:  # a bug of ours must cost one request, not the process
-            log.exception("handling %s failed", t.value)
-            if isinstance(msg.get("rid"), int) and t in (MsgType.RUN, MsgType.OP):
-                self.emitter.error(msg["rid"], ErllamaError(ErrorCode.INTERNAL, f"internal error handling {t.value}"))
+            log.exception("handling %s failed", type(msg).__name__)
+            if isinstance(msg, Run | Op):
+                self.emitter.error(
+                    msg.rid, ErllamaError(ErrorCode.INTERNAL, f"internal error handling {type(msg).__name__}")
+                )
 
-    def _dispatch(self, t: MsgType, msg: dict[str, Any]) -> None:
-        if t is MsgType.RUN:
-            self._run(msg)
-        elif t is MsgType.CANCEL_RUN:
-            self.scheduler.cancel(msg["rid"])
-        elif t is MsgType.OP:
-            self._call(msg)
-        elif t is MsgType.SHUTDOWN:
-            self.stopping = True
-        elif t is MsgType.ERROR and msg["rid"] is None:
+    def _stop(self) -> None:
+        self.stopping = True
+
+    def _refused(self, msg: Error) -> None:
+        if msg.rid is None:
             # The broker refused our registration (another worker serves this model id).
-            log.error("the broker refused this worker: %s", msg["message"])
+            log.error("the broker refused this worker: %s", msg.message)
             self.refused = True
             self.stopping = True
 
-    def _run(self, msg: dict[str, Any]) -> None:
-        rid = msg["rid"]
+    def _run(self, msg: Run) -> None:
+        # The parameters were validated by the broker and again, in C, by our decoder: they arrive typed.
+        log.info("rid=%d received (queued %.1f ms in the broker)", msg.rid, msg.queue_ms)
         try:
-            params = parse_sampling(msg["params"])
-            self.scheduler.submit(rid, msg["prompt"], params, float(msg.get("queue_ms", 0.0)))
+            self.scheduler.submit(msg.rid, msg.prompt, msg.params, msg.queue_ms)
         except ErllamaError as err:
-            self.emitter.error(rid, err)
+            self.emitter.error(msg.rid, err)
 
-    def _call(self, msg: dict[str, Any]) -> None:
-        rid = msg["rid"]
+    def _call(self, msg: Op) -> None:
         try:
-            result = self.ops.dispatch(msg["op"], msg["args"])
+            result = self.ops.dispatch(msg.op, msg.args)
         except ErllamaError as err:
-            self.emitter.error(rid, err)
+            self.emitter.error(msg.rid, err)
             return
-        self.emitter.reply(rid, protocol.encode(MsgType.OK, rid=rid, result=result))
+        self.emitter.reply(msg.rid, OpResult(rid=msg.rid, result=result))
 
 
 def connect(ctx: zmq.Context, endpoint: str, model_id: str) -> zmq.Socket:

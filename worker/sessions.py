@@ -25,14 +25,18 @@ class Session:
     session_id: str
     seq_id: int
     tokens: list[int] = field(default_factory=list)
-    logits: bytes | None = None  # the next-token logits after ``tokens``, if known: a resend of them samples at once
+    logits: bytes | None = (
+        None  # the next-token logits after ``tokens``, if known: a resend of them samples at once
+    )
     last_used_s: float = field(default_factory=time.monotonic)
 
 
 class SequencePool:
     """Which sequences are free, which are running a request, which are pinned by idle sessions."""
 
-    def __init__(self, n_seq_max: int, release_kv: Callable[[int], None], save_before_unpin: Callable[[Session], None]):
+    def __init__(
+        self, n_seq_max: int, release_kv: Callable[[int], None], save_before_unpin: Callable[[Session], None]
+    ):
         # A heap: the lowest free id first keeps running sequences dense (0, 1, 2, ...), and llama.cpp
         # decodes consecutive per-sequence KV streams in one compute, gapped ones in several.
         self.free: list[int] = list(range(n_seq_max))

@@ -48,7 +48,12 @@ class StubBackend:
     """See the module docstring. ``decode_ms`` sleeps per decode to stand in for compute."""
 
     def __init__(
-        self, n_ctx: int, n_seq_max: int, n_batch: int, decode_ms: int = 0, memory: MemoryKind = MemoryKind.TRANSFORMER
+        self,
+        n_ctx: int,
+        n_seq_max: int,
+        n_batch: int,
+        decode_ms: int = 0,
+        memory: MemoryKind = MemoryKind.TRANSFORMER,
     ):
         self.memory = memory
         self.n_swa = STUB_SWA_TOKENS if memory is MemoryKind.SWA else 0
@@ -93,7 +98,9 @@ class StubBackend:
             for end in range(len(kv) - n + 1, len(kv) + 1):  # the history each logits row depends on
                 history = tuple(kv[max(0, end - HISTORY_TOKENS) : end])
                 if UNKNOWN in history:  # llama.cpp would attend to missing cells and compute garbage
-                    raise BackendError("missing_kv", f"seq {row.seq_id}: the window before {end} was not restored")
+                    raise BackendError(
+                        "missing_kv", f"seq {row.seq_id}: the window before {end} was not restored"
+                    )
                 self._logits.append(history)
             out.append(len(self._logits) - 1 if n else -1)
         if self._decode_s:
@@ -109,7 +116,11 @@ class StubBackend:
         return StubSampler(greedy=params.temperature == 0.0, seed=seed)
 
     def sample(self, sampler: StubSampler, logits: Logits, greedy: bool = False) -> int:
-        history = self._logits[logits] if isinstance(logits, int) else struct.unpack(f"<{len(logits) // 4}I", logits)
+        history = (
+            self._logits[logits]
+            if isinstance(logits, int)
+            else struct.unpack(f"<{len(logits) // 4}I", logits)
+        )
         h = hashlib.blake2b(struct.pack(f"<{len(history)}I", *history), digest_size=8)
         if not (sampler.greedy or greedy):
             h.update(struct.pack("<II", sampler.seed, sampler.draws))
@@ -179,8 +190,13 @@ class StubBackend:
         return {"backend": "stub", "state": STATE_MAGIC.hex(), "memory": self.memory.value}
 
     def info(self) -> dict[str, Any]:
-        return {"backend": "stub", "n_vocab": self.n_vocab, "description": "deterministic stub",
-                "memory": self.memory.value, "n_swa": self.n_swa}  # fmt: skip
+        return {
+            "backend": "stub",
+            "n_vocab": self.n_vocab,
+            "description": "deterministic stub",
+            "memory": self.memory.value,
+            "n_swa": self.n_swa,
+        }
 
     def close(self) -> None:
         self._kv = []

@@ -41,13 +41,17 @@ def raw_exchange(endpoint: str, frames: list[bytes], timeout_ms: int = 5000) -> 
         [msgpack.packb({"v": PROTOCOL_VERSION, "t": "ping", "id": "x" * 1000})],
     ],
 )
-def test_garbage_frames_get_protocol_error_and_the_broker_keeps_serving(broker: BrokerProcess, stub_client: Client, frames):
+def test_garbage_frames_get_protocol_error_and_the_broker_keeps_serving(
+    broker: BrokerProcess, stub_client: Client, frames
+):
     reply = raw_exchange(broker.endpoint, frames)
     assert reply is not None and reply["t"] == "err" and reply["code"] == "protocol_error"
     assert stub_client.complete("stub", "still alive", max_tokens=3).finish_reason == "length"
 
 
-def test_an_oversized_frame_is_dropped_by_the_socket_and_the_broker_keeps_serving(broker: BrokerProcess, stub_client: Client):
+def test_an_oversized_frame_is_dropped_by_the_socket_and_the_broker_keeps_serving(
+    broker: BrokerProcess, stub_client: Client
+):
     assert raw_exchange(broker.endpoint, [b"\x00" * (MAX_CLIENT_FRAME_BYTES + 1)], timeout_ms=500) is None
     assert stub_client.complete("stub", "still alive", max_tokens=3).finish_reason == "length"
 
@@ -89,8 +93,12 @@ def test_a_prompt_longer_than_the_context_is_context_overflow(real_client: Clien
 
 
 def test_unknown_model_is_model_not_found(real_client: Client):
-    for call in (lambda: real_client.complete("nope", "x"), lambda: real_client.model_info("nope"),
-                 lambda: real_client.tokenize("nope", "x"), lambda: real_client.queue_depth("nope")):  # fmt: skip
+    for call in (
+        lambda: real_client.complete("nope", "x"),
+        lambda: real_client.model_info("nope"),
+        lambda: real_client.tokenize("nope", "x"),
+        lambda: real_client.queue_depth("nope"),
+    ):
         with pytest.raises(ErllamaError) as exc:
             call()
         assert exc.value.code == "model_not_found"
@@ -152,7 +160,11 @@ def test_a_model_path_into_the_runtime_or_cache_directories_is_refused(broker: B
     from tests.conftest import cache_dirs
 
     disk, _ = cache_dirs(broker.runtime_dir)
-    for target in (broker.runtime_dir / "broker.lock", disk / ".." / "kv" / "some-row.kvr", broker.runtime_dir / "x" / ".." / "broker.sock"):
+    for target in (
+        broker.runtime_dir / "broker.lock",
+        disk / ".." / "kv" / "some-row.kvr",
+        broker.runtime_dir / "x" / ".." / "broker.sock",
+    ):
         with pytest.raises(ErllamaError) as exc:
             client.load_model("sneaky", str(target))
         assert exc.value.code == "invalid_params"

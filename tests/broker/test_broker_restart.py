@@ -19,9 +19,18 @@ def test_broker_death_and_restart():
     rdir = short_tmpdir("erl-rs-")
     first = start_broker(rdir, "--no-default-model")
     operator = subprocess.Popen(
-        [sys.executable, "-m", "erllama.worker.main", "--id", "op", "--broker", ipc_endpoint(rdir, WORKER_SOCKET_NAME),
-         "--options", '{"backend": "stub", "stub_decode_ms": 20}'],
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "erllama.worker.main",
+            "--id",
+            "op",
+            "--broker",
+            ipc_endpoint(rdir, WORKER_SOCKET_NAME),
+            "--options",
+            '{"backend": "stub", "stub_decode_ms": 20}',
+        ],
+    )
     second = None
     client = Client(first.endpoint, timeout_s=30)
     try:
@@ -36,16 +45,22 @@ def test_broker_death_and_restart():
         with pytest.raises(ErllamaError) as exc:
             stream.collect()
         assert exc.value.code == "broker_lost"
-        wait_for(lambda: not psutil.pid_exists(spawned_pid) or psutil.Process(spawned_pid).status() == "zombie",
-                 what="the spawned worker to exit")  # fmt: skip
+        wait_for(
+            lambda: not psutil.pid_exists(spawned_pid) or psutil.Process(spawned_pid).status() == "zombie",
+            what="the spawned worker to exit",
+        )
         assert operator.poll() is None  # the operator's worker waits for a broker
 
         second = start_broker(rdir, "--no-default-model")
-        info = wait_for(lambda: any(m["id"] == "op" for m in client.list_models()) and client.model_info("op"),
-                        what="re-registration")  # fmt: skip
+        info = wait_for(
+            lambda: any(m["id"] == "op" for m in client.list_models()) and client.model_info("op"),
+            what="re-registration",
+        )
         assert info["worker_pid"] == operator.pid and info["state"] == "ready"
         assert client.complete("op", "again", max_tokens=3).finish_reason == "length"
-        assert [m["id"] for m in client.list_models()] == ["op"]  # dynamically loaded models are not respawned
+        assert [m["id"] for m in client.list_models()] == [
+            "op"
+        ]  # dynamically loaded models are not respawned
     finally:
         client.close()
         operator.send_signal(signal.SIGTERM)

@@ -14,8 +14,12 @@ from tests.conftest import remove_runtime, short_tmpdir, start_broker
 
 
 def keys(directory: Path, name: str) -> tuple[Path, Path]:
-    subprocess.run([sys.executable, "-m", "erllama.cli", "keys", str(directory), "--name", name],
-                   check=True, capture_output=True, timeout=30)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "erllama.cli", "keys", str(directory), "--name", name],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     return directory / f"{name}.key", directory / f"{name}.key_secret"
 
 
@@ -28,10 +32,21 @@ def test_only_clients_with_an_allowed_key_reach_a_curve_tcp_endpoint(tmp_path: P
     (clients / "alice.key").write_bytes(allowed_pub.read_bytes())
     tcp = f"tcp://127.0.0.1:{free_port()}"
     rdir = short_tmpdir("erl-cv-")
-    bp = start_broker(rdir, "--no-default-model", "--no-cache", "--tcp", tcp, "--curve-secret-key", str(server_secret),
-                      "--curve-clients", str(clients))  # fmt: skip
+    bp = start_broker(
+        rdir,
+        "--no-default-model",
+        "--no-cache",
+        "--tcp",
+        tcp,
+        "--curve-secret-key",
+        str(server_secret),
+        "--curve-clients",
+        str(clients),
+    )
     try:
-        with Client(tcp, curve_key=str(allowed_secret), curve_server_key=str(server_pub), timeout_s=10) as alice:
+        with Client(
+            tcp, curve_key=str(allowed_secret), curve_server_key=str(server_pub), timeout_s=10
+        ) as alice:
             alice.load_model("s", backend="stub", n_ctx=128)
             assert alice.complete("s", "over curve", max_tokens=3).finish_reason == "length"
         for who in ({}, {"curve_key": str(stranger_secret), "curve_server_key": str(server_pub)}):

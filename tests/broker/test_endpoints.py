@@ -21,9 +21,19 @@ def test_runtime_dir_is_private_and_a_second_broker_on_it_refuses_to_start(broke
     mode = stat.S_IMODE(broker.runtime_dir.stat().st_mode)
     assert mode == 0o700
     second = subprocess.run(
-        [sys.executable, "-m", "erllama.broker.main", "--no-default-model", "--runtime-dir", str(broker.runtime_dir)],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "erllama.broker.main",
+            "--no-default-model",
+            "--runtime-dir",
+            str(broker.runtime_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert second.returncode != 0 and "broker.lock" in second.stderr
     assert broker.client().ping()["pid"] == broker.proc.pid  # the first one still owns its endpoints
 
@@ -40,10 +50,21 @@ def test_a_loopback_tcp_endpoint_serves_clients_and_a_public_one_is_refused():
         bp.stop()
         remove_runtime(rdir)
     refused = subprocess.run(
-        [sys.executable, "-m", "erllama.broker.main", "--no-default-model", "--runtime-dir", str(rdir),
-         "--tcp", f"tcp://0.0.0.0:{free_port()}"],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "erllama.broker.main",
+            "--no-default-model",
+            "--runtime-dir",
+            str(rdir),
+            "--tcp",
+            f"tcp://0.0.0.0:{free_port()}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     assert refused.returncode == 2 and "--allow-remote" in refused.stderr
     remove_runtime(rdir)
 
@@ -56,12 +77,14 @@ def test_the_client_reads_its_endpoint_from_the_environment(broker: BrokerProces
 
 def test_a_toml_config_loads_its_models_at_start(tmp_path):
     cfg = tmp_path / "erllama.toml"
-    cfg.write_text('[[models]]\nid = "from-config"\noptions = { backend = "stub", n_ctx = 256, n_seq_max = 2 }\n')
+    cfg.write_text(
+        '[[models]]\nid = "from-config"\noptions = { backend = "stub", n_ctx = 256, n_seq_max = 2 }\n'
+    )
     rdir = short_tmpdir("erl-cfg-")
     bp = start_broker(rdir, "--config", str(cfg))
     try:
         c = bp.client(timeout_s=30)
-        
+
         info = wait_for(lambda: (i := c.model_info("from-config"))["state"] == "ready" and i)
         assert info["slots"] == 2 and info["options"]["n_ctx"] == 256
     finally:

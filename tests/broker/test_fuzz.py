@@ -1,7 +1,7 @@
 """Hostile input on every socket: generated messages of every type, raw bytes, multi-frame messages.
 
 Three targets, each fed batches of messages that ``hypothesis`` generates from the wire schema
-(``erllama.protocol.SCHEMA``, so a type added later is fuzzed without touching this file):
+(the typed messages of ``erllama.protocol``, so a type added later is fuzzed without touching this file):
 
 (a) the broker's client ROUTER, through raw DEALER sockets: every message gets exactly one
     terminal reply (``ok``, ``done`` or an ``err`` whose code is an ``ErrorCode``), addressed to
@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import msgpack
+import msgspec
 import psutil
 import pytest
 import zmq
@@ -46,17 +48,25 @@ from hypothesis import strategies as st
 from erllama import Client, ErllamaError, protocol
 from erllama.options import LoadOptions, SamplingParams
 from erllama.protocol import (
-    BROKER_TO_WORKER_TYPES,
-    CLIENT_TYPES,
     MAX_WORKER_FRAME_BYTES,
     PROTOCOL_VERSION,
-    SCHEMA,
+    BrokerHeartbeat,
+    ClientRequest,
+    Error,
     ErrorCode,
+    Infer,
     MsgType,
+    Op,
+    Run,
+    Shutdown,
+    WireError,
+    WorkerCommand,
+    WorkerMessage,
     WorkerOp,
 )
 from erllama.transport import WORKER_SOCKET_NAME, ipc_endpoint
 from tests.conftest import REAL_MODEL_ID, BrokerProcess, remove_runtime, short_tmpdir, start_broker
+from tests.wire_support import raw_frame
 
 FUZZ_MODEL: Final = "fz"
 # max_tokens defaults to 256: a valid request without it is context_overflow here, not a long stream.
@@ -90,9 +100,10 @@ SCALARS = st.one_of(
     st.binary(max_size=12),
 )
 ANY = st.recursive(
-    SCALARS, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=5,
-)  # fmt: skip
+)
 
 
 class Ref:
@@ -127,15 +138,21 @@ def _by_type(types: tuple[type, ...]) -> st.SearchStrategy[Any]:
     return st.one_of(options)
 
 
-SAMPLING_KEYS: Final = [f.name for f in dataclasses.fields(SamplingParams)]
+SAMPLING_KEYS: Final = list(SamplingParams.__struct_fields__)
 LOAD_OPTION_KEYS: Final = [f.name for f in dataclasses.fields(LoadOptions)]
 
 # Values that reach past the schema into option parsing, prompt checks and the worker.
 SAMPLING = st.dictionaries(
     st.sampled_from(SAMPLING_KEYS) | st.text(max_size=8),
-    st.one_of(st.integers(0, 6), st.floats(), st.integers(-(2**63), 2**63 - 1), st.lists(st.text(min_size=1, max_size=3), max_size=3), SCALARS),
+    st.one_of(
+        st.integers(0, 6),
+        st.floats(),
+        st.integers(-(2**63), 2**63 - 1),
+        st.lists(st.text(min_size=1, max_size=3), max_size=3),
+        SCALARS,
+    ),
     max_size=4,
-).map(lambda p: p if "max_tokens" in p or len(p) % 2 else p | {"max_tokens": 4})  # fmt: skip
+).map(lambda p: p if "max_tokens" in p or len(p) % 2 else p | {"max_tokens": 4})
 PROMPTS = st.one_of(
     st.text(min_size=1, max_size=24),
     st.lists(st.integers(0, 257), min_size=1, max_size=12),  # inside the stub's vocabulary
@@ -168,18 +185,69 @@ SEMANTIC: Final[dict[str, st.SearchStrategy[Any]]] = {
 
 
 # Optional fields the processes read beyond the schema: prime targets for wrongly typed values.
-IMPLEMENTATION_FIELDS: Final = ["detail", "queue_ms", "ts_ns", "kind", "tokens_generated", "running", "waiting", "busy",
-                                "instance", "hit", "info", "result"]  # fmt: skip
+IMPLEMENTATION_FIELDS: Final = [
+    "detail",
+    "queue_ms",
+    "ts_ns",
+    "kind",
+    "tokens_generated",
+    "running",
+    "waiting",
+    "busy",
+    "instance",
+    "hit",
+    "info",
+    "result",
+]
 
 
-def _field_value(name: str, spec: protocol.Field) -> st.SearchStrategy[Any]:
-    return SEMANTIC.get(name, _by_type(spec.types))
+def _python_types(t: msgspec.inspect.Type) -> tuple[type, ...]:
+    """The Python types msgpack decodes a field of this wire type to."""
+    mi = msgspec.inspect
+    if isinstance(t, mi.UnionType):
+        return tuple(p for member in t.types for p in _python_types(member))
+    simple: dict[type, type] = {
+        mi.StrType: str,
+        mi.IntType: int,
+        mi.BoolType: bool,
+        mi.BytesType: bytes,
+        mi.NoneType: type(None),
+        mi.EnumType: str,
+        mi.LiteralType: str,
+        mi.FloatType: float,
+        mi.DictType: dict,
+        mi.StructType: dict,
+        mi.ListType: list,
+        mi.TupleType: list,
+    }
+    return (simple[type(t)],) if type(t) in simple else (object,)
+
+
+def _wire_schema() -> dict[MsgType, dict[str, tuple[tuple[type, ...], bool]]]:
+    """Each message type's fields (beyond ``v`` and ``t``): their types and whether they are required."""
+    schema: dict[MsgType, dict[str, tuple[tuple[type, ...], bool]]] = {}
+    for union in (ClientRequest, WorkerMessage, WorkerCommand, BrokerHeartbeat):
+        for cls in typing.get_args(union) or (union,):
+            info = msgspec.inspect.type_info(cls)
+            schema[MsgType(cls.__struct_config__.tag)] = {
+                f.encode_name: (_python_types(f.type), f.required)
+                for f in info.fields
+                if f.encode_name != "v"
+            }
+    return schema
+
+
+SCHEMA: Final = _wire_schema()
+
+
+def _field_value(name: str, types: tuple[type, ...]) -> st.SearchStrategy[Any]:
+    return SEMANTIC.get(name, _by_type(types))
 
 
 def _typed_message(t: MsgType) -> st.SearchStrategy[dict[str, Any]]:
     fields = SCHEMA[t]
-    required = {n: _field_value(n, f) for n, f in fields.items() if f.required}
-    optional = {n: _field_value(n, f) for n, f in fields.items() if not f.required}
+    required = {n: _field_value(n, types) for n, (types, req) in fields.items() if req}
+    optional = {n: _field_value(n, types) for n, (types, req) in fields.items() if not req}
     return st.fixed_dictionaries(required, optional=optional).map(
         lambda m: {"v": PROTOCOL_VERSION, "t": t.value} | m
     )
@@ -274,8 +342,10 @@ def drafts(types: list[MsgType]) -> st.SearchStrategy[Draft]:
         typed.map(lambda m: Draft(msg=m)),
         typed.map(lambda m: Draft(msg=m)),
         RAW_FRAMES.map(lambda f: Draft(frames=f)),
-        st.tuples(typed, st.lists(st.binary(max_size=8), min_size=1, max_size=2)).map(lambda p: Draft(msg=p[0], extra_frames=p[1])),
-    )  # fmt: skip
+        st.tuples(typed, st.lists(st.binary(max_size=8), min_size=1, max_size=2)).map(
+            lambda p: Draft(msg=p[0], extra_frames=p[1])
+        ),
+    )
 
 
 ALL_TYPES: Final = list(MsgType)
@@ -325,6 +395,7 @@ class Assembler:
         # run/op rids ever sent: never reused, so a late answer is unambiguous
         self.used_rids: set[int] = set()
         self.late_ok: set[Any] = set()  # rids whose answer was optional ("maybe") and may still arrive
+        self.client_decoder = protocol.client_request_decoder()
 
     def _ids(self, msg: dict[str, Any], earlier: list[Any]) -> None:
         for k, v in list(msg.items()):
@@ -368,19 +439,14 @@ class Assembler:
                 out.append(Sent(frames, t, None, "protocol_error"))
                 continue
             try:
-                decoded = protocol.decode(frame)
-            except ErllamaError:
-                out.append(Sent(frames, t, None, "protocol_error"))
+                decoded = self.client_decoder.decode(frame)
+            except WireError as err:
+                out.append(Sent(frames, t, err.field("id", str), "protocol_error"))
                 continue
-            cid = decoded.get("id") if isinstance(decoded.get("id"), str) else None
-            try:
-                vt = protocol.validate(decoded, CLIENT_TYPES)
-            except ErllamaError:
-                out.append(Sent(frames, t, cid, "protocol_error"))
-                continue
-            if vt is MsgType.INFER:
+            cid = decoded.id
+            if isinstance(decoded, Infer):
                 earlier.append(cid)
-            out.append(Sent(frames, t, cid, "stream" if vt is MsgType.INFER else "answer"))
+            out.append(Sent(frames, t, cid, "stream" if isinstance(decoded, Infer) else "answer"))
         return out
 
     def worker_batch(self, batch: list[Draft]) -> list[Sent]:
@@ -434,26 +500,30 @@ def _is_file(path: str) -> bool:
         return False
 
 
+WORKER_COMMANDS: Final = protocol.worker_command_decoder()
+BROKER_TO_WORKER_TYPES: Final = frozenset(
+    MsgType(c.__struct_config__.tag) for c in typing.get_args(WorkerCommand)
+)
+
+
 def _worker_expectation(frame: bytes, t: str) -> Sent | None:
     try:
-        msg = protocol.decode(frame)
-    except ErllamaError:
-        return Sent([frame], t, None, "none")
-    rid = msg.get("rid") if isinstance(msg.get("rid"), int) and not isinstance(msg.get("rid"), bool) else None
-    try:
-        vt = protocol.validate(msg, BROKER_TO_WORKER_TYPES)
-    except ErllamaError:
+        msg = WORKER_COMMANDS.decode(frame)
+    except WireError as err:
+        if err.raw is None:
+            return Sent([frame], t, None, "none")
         # A run or op with a rid but a malformed body: answered with a typed error, or (today) dropped;
         # see test_a_worker_answers_a_malformed_run_or_op_that_has_a_rid_with_a_typed_error.
-        if msg.get("t") in (MsgType.RUN, MsgType.OP) and rid is not None:
+        rid = err.field("rid", int)
+        if err.field("t", str) in (MsgType.RUN, MsgType.OP) and rid is not None:
             return Sent([frame], t, rid, "maybe")
         return Sent([frame], t, None, "none")
-    if vt in (MsgType.SHUTDOWN, MsgType.ERROR):
+    if isinstance(msg, Shutdown | Error):
         return None
-    if vt is MsgType.RUN:
-        return Sent([frame], t, rid, "stream")
-    if vt is MsgType.OP:
-        return Sent([frame], t, rid, "answer")
+    if isinstance(msg, Run):
+        return Sent([frame], t, msg.rid, "stream")
+    if isinstance(msg, Op):
+        return Sent([frame], t, msg.rid, "answer")
     return Sent([frame], t, None, "none")
 
 
@@ -763,8 +833,22 @@ class worker_under_test:
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.bind(endpoint)
         self.router = router
-        cmd = [sys.executable, "-m", "erllama.worker.main", "--id", FUZZ_MODEL, "--options", json.dumps(self.options),
-               "--broker", endpoint, "--runtime-dir", str(self.rdir), "--no-cache", "--log-level", "WARNING"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "erllama.worker.main",
+            "--id",
+            FUZZ_MODEL,
+            "--options",
+            json.dumps(self.options),
+            "--broker",
+            endpoint,
+            "--runtime-dir",
+            str(self.rdir),
+            "--no-cache",
+            "--log-level",
+            "WARNING",
+        ]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while True:
@@ -781,7 +865,7 @@ class worker_under_test:
             if self.proc is not None and self.proc.poll() is None:
                 try:
                     w_identity = f"w:{FUZZ_MODEL}:{self.proc.pid}".encode()
-                    self.router.send_multipart([w_identity, protocol.encode(MsgType.SHUTDOWN)])
+                    self.router.send_multipart([w_identity, raw_frame(MsgType.SHUTDOWN)])
                     self.proc.wait(timeout=10)
                 except (zmq.ZMQError, subprocess.TimeoutExpired):
                     self.proc.kill()
@@ -857,11 +941,11 @@ def test_generated_broker_to_worker_messages_get_one_typed_result_per_run_and_op
         assert_every_type_covered(seen, sorted(BROKER_TO_WORKER_TYPES - {MsgType.SHUTDOWN, MsgType.ERROR}))
         # Still the same process, still serving, and a valid shutdown ends it cleanly.
         rid = -(2**62)  # one the fuzz never sends
-        send_worker(w, [protocol.encode(MsgType.OP, rid=rid, op=WorkerOp.TOKENIZE, args={"text": "ok"})])
+        send_worker(w, [raw_frame(MsgType.OP, rid=rid, op=WorkerOp.TOKENIZE, args={"text": "ok"})])
         replies = drain_worker(w, [Sent([], "op", rid, "answer")])
         assert replies[-1]["t"] == MsgType.OK
         assert w.proc.pid == pid and w.proc.poll() is None
-        send_worker(w, [protocol.encode(MsgType.SHUTDOWN)])
+        send_worker(w, [raw_frame(MsgType.SHUTDOWN)])
         assert w.proc.wait(timeout=30) == 0
 
 
@@ -883,9 +967,7 @@ def _load_unstatable_paths(bp: BrokerProcess) -> None:
         for i, path in enumerate(
             ["a" * 300, "/tmp/" + "b" * 5000, "/" + "c/" * 3000, "nul\x00byte.gguf", "/tmp/\x00"]
         ):
-            sock.send(
-                protocol.encode(MsgType.LOAD_MODEL, id=f"long-{i}", model=f"long-{i}", path=path, options={})
-            )
+            sock.send(raw_frame(MsgType.LOAD_MODEL, id=f"long-{i}", model=f"long-{i}", path=path, options={}))
             assert sock.poll(10_000), "no reply: the broker died"
             reply = msgpack.unpackb(sock.recv(), raw=False)
             assert reply["t"] == MsgType.ERROR and reply["id"] == f"long-{i}", reply
@@ -907,8 +989,15 @@ def test_cached_prefix_len_with_ids_past_32_bits_or_a_workers_odd_fingerprint_is
         intruders = [_worker_socket(ctx, bp) for _ in fingerprints]  # one registration per peer
         try:
             for s, (model, fp) in zip(intruders, fingerprints.items()):
-                s.send(protocol.encode(MsgType.READY, model=model, pid=sacrifice.proc.pid, slots=1,
-                                       info={"fingerprint": fp, "n_vocab": 300}))  # fmt: skip
+                s.send(
+                    raw_frame(
+                        MsgType.READY,
+                        model=model,
+                        pid=sacrifice.proc.pid,
+                        slots=1,
+                        info={"fingerprint": fp, "n_vocab": 300},
+                    )
+                )
                 sync_worker_socket(s, bp)
             with Client(bp.endpoint, timeout_s=10.0) as c:
                 for tokens in ([2**32], [1, 2**40], [2**64 - 1]):
@@ -934,7 +1023,7 @@ def _worker_socket(ctx: zmq.Context, bp: BrokerProcess, linger_ms: int = 0) -> z
 def sync_worker_socket(s: zmq.Socket, bp: BrokerProcess) -> None:
     """Wait until the broker has handled everything this peer sent: it answers a heartbeat from a peer
     that is not a registered worker with its instance id, and handles one peer's messages in order."""
-    s.send(protocol.encode(MsgType.HEARTBEAT, model="nobody", pid=1, progress=0, phase="idle", busy=False))
+    s.send(raw_frame(MsgType.HEARTBEAT, model="nobody", pid=1, progress=0, phase="idle", busy=False))
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         assert bp.proc.poll() is None, "the broker died"
@@ -950,9 +1039,16 @@ def test_a_worker_error_with_an_odd_detail_from_an_unknown_peer_is_ignored_and_t
         ctx = zmq.Context()
         s = _worker_socket(ctx, bp)
         try:
-            s.send(protocol.encode(MsgType.ERROR, rid=None, code="load_failed", message="x", detail=detail))
-            s.send(protocol.encode(MsgType.ERROR, rid=None, code="load_failed", message="x",
-                                   detail={"model": FUZZ_MODEL, "pid": detail}))  # fmt: skip
+            s.send(raw_frame(MsgType.ERROR, rid=None, code="load_failed", message="x", detail=detail))
+            s.send(
+                raw_frame(
+                    MsgType.ERROR,
+                    rid=None,
+                    code="load_failed",
+                    message="x",
+                    detail={"model": FUZZ_MODEL, "pid": detail},
+                )
+            )
             sync_worker_socket(s, bp)
         finally:
             s.close()
@@ -969,8 +1065,8 @@ def test_a_refused_registration_from_a_peer_that_already_left_does_not_crash_the
         before = health(bp)
         ctx = zmq.Context()
         busy = _worker_socket(ctx, bp)
-        hb = protocol.encode(MsgType.HEARTBEAT, model="nobody", pid=1, progress=0, phase="idle", busy=False)
-        ready = protocol.encode(MsgType.READY, model=FUZZ_MODEL, pid=sacrifice.proc.pid, slots=1, info={})
+        hb = raw_frame(MsgType.HEARTBEAT, model="nobody", pid=1, progress=0, phase="idle", busy=False)
+        ready = raw_frame(MsgType.READY, model=FUZZ_MODEL, pid=sacrifice.proc.pid, slots=1, info={})
         try:
             for _ in range(5):
                 leavers = [_worker_socket(ctx, bp, linger_ms=2000) for _ in range(50)]
@@ -1007,7 +1103,7 @@ def test_a_registered_worker_cannot_inject_tokens_or_results_into_another_models
                 prompt = "a victim stream"
                 solo = c.complete(FUZZ_MODEL, prompt, max_tokens=40).generated
                 intruder.send(
-                    protocol.encode(MsgType.READY, model="intruder", pid=sacrifice.proc.pid, slots=1, info={})
+                    raw_frame(MsgType.READY, model="intruder", pid=sacrifice.proc.pid, slots=1, info={})
                 )
                 deadline = time.monotonic() + 30
                 while "intruder" not in [m["id"] for m in c.list_models()]:
@@ -1017,11 +1113,9 @@ def test_a_registered_worker_cannot_inject_tokens_or_results_into_another_models
                 events = iter(stream)
                 got = [t for t in next(events).token_ids]
                 for rid in range(1, 300):  # request ids are small integers: guessable
-                    intruder.send(protocol.encode(MsgType.TOKEN, rid=rid, text="INJECTED", token_ids=[1]))
-                    intruder.send(
-                        protocol.encode(MsgType.ERROR, rid=rid, code="internal", message="INJECTED")
-                    )
-                    intruder.send(protocol.encode(MsgType.DONE, rid=rid, result={"reply": "INJECTED"}))
+                    intruder.send(raw_frame(MsgType.TOKEN, rid=rid, text="INJECTED", token_ids=[1]))
+                    intruder.send(raw_frame(MsgType.ERROR, rid=rid, code="internal", message="INJECTED"))
+                    intruder.send(raw_frame(MsgType.DONE, rid=rid, result={"reply": "INJECTED"}))
                 for ev in events:
                     assert "INJECTED" not in ev.text
                     got.extend(ev.token_ids)
@@ -1037,7 +1131,7 @@ def test_a_run_with_a_strange_queue_ms_is_served_and_the_worker_lives(queue_ms: 
     with worker_under_test() as w:
         send_worker(
             w,
-            [protocol.encode(MsgType.RUN, rid=21, prompt="hi", params={"max_tokens": 2}, queue_ms=queue_ms)],
+            [raw_frame(MsgType.RUN, rid=21, prompt="hi", params={"max_tokens": 2}, queue_ms=queue_ms)],
         )
         replies = drain_worker(w, [Sent([], "run", 21, "stream")])
         assert replies[-1]["t"] in (MsgType.DONE, MsgType.ERROR), replies[-1]
@@ -1049,13 +1143,13 @@ def test_an_err_addressed_to_a_request_does_not_stop_the_worker():
     request id is not a broker->worker message and must not end the process. A worker that is
     leaving ends what it holds with ``cancelled``: a run sent right after must complete instead."""
     with worker_under_test() as w:
-        send_worker(w, [protocol.encode(MsgType.ERROR, rid=5, code="internal", message="not for you")])
-        send_worker(w, [protocol.encode(MsgType.RUN, rid=31, prompt="still here", params={"max_tokens": 3})])
+        send_worker(w, [raw_frame(MsgType.ERROR, rid=5, code="internal", message="not for you")])
+        send_worker(w, [raw_frame(MsgType.RUN, rid=31, prompt="still here", params={"max_tokens": 3})])
         replies = drain_worker(w, [Sent([], "run", 31, "stream")])
         assert replies[-1]["t"] == MsgType.DONE and replies[-1]["result"]["finish_reason"] == "length", (
             replies[-1]
         )
-        send_worker(w, [protocol.encode(MsgType.OP, rid=32, op=WorkerOp.TOKENIZE, args={"text": "x"})])
+        send_worker(w, [raw_frame(MsgType.OP, rid=32, op=WorkerOp.TOKENIZE, args={"text": "x"})])
         assert drain_worker(w, [Sent([], "op", 32, "answer")])[-1]["t"] == MsgType.OK
         assert w.proc.poll() is None
 
@@ -1111,17 +1205,38 @@ NAN, INF = math.nan, math.inf
 @pytest.mark.parametrize(
     "params",
     [
-        {"temperature": NAN}, {"temperature": INF}, {"temperature": -INF}, {"temperature": -0.5},
-        {"top_p": NAN}, {"top_p": -0.1}, {"top_p": INF},
-        {"min_p": NAN}, {"min_p": -0.1}, {"min_p": -INF},
-        {"repetition_penalty": NAN}, {"repetition_penalty": -1.0}, {"repetition_penalty": INF},
-        {"top_k": -1}, {"top_k": 2**40},
-        {"seed": -1}, {"seed": 2**32 - 1}, {"seed": 2**64 - 1}, {"seed": 1.5},
-        {"max_tokens": 2**31}, {"max_tokens": 1.5}, {"max_tokens": True}, {"max_tokens": None},
-        {"temperature": [0.5]}, {"top_p": None}, {"stop": [""]}, {"stop": ["x"] * 17}, {"stop": 5}, {"stop": [5]},
+        {"temperature": NAN},
+        {"temperature": INF},
+        {"temperature": -INF},
+        {"temperature": -0.5},
+        {"top_p": NAN},
+        {"top_p": -0.1},
+        {"top_p": INF},
+        {"min_p": NAN},
+        {"min_p": -0.1},
+        {"min_p": -INF},
+        {"repetition_penalty": NAN},
+        {"repetition_penalty": -1.0},
+        {"repetition_penalty": INF},
+        {"top_k": -1},
+        {"top_k": 2**40},
+        {"seed": -1},
+        {"seed": 2**32 - 1},
+        {"seed": 2**64 - 1},
+        {"seed": 1.5},
+        {"max_tokens": 2**31},
+        {"max_tokens": 1.5},
+        {"max_tokens": True},
+        {"max_tokens": None},
+        {"temperature": [0.5]},
+        {"top_p": None},
+        {"stop": [""]},
+        {"stop": ["x"] * 17},
+        {"stop": 5},
+        {"stop": [5]},
     ],
     ids=repr,
-)  # fmt: skip
+)
 def test_nan_inf_negative_and_wrongly_typed_sampling_values_are_invalid_params_on_the_real_model(
     real_client: Client, real_pid: int, params: dict[str, Any]
 ):
@@ -1193,8 +1308,9 @@ def test_a_token_prompt_exactly_the_context_is_context_overflow_and_one_less_fil
     assert real_client.model_info(small_ctx_model)["worker_pid"] == pid, "the worker was restarted"
 
 
-def test_unknown_types_and_wrong_field_types_to_the_real_model_are_typed_errors(real_broker: BrokerProcess, real_client: Client,
-                                                                               real_pid: int):  # fmt: skip
+def test_unknown_types_and_wrong_field_types_to_the_real_model_are_typed_errors(
+    real_broker: BrokerProcess, real_client: Client, real_pid: int
+):
     ctx = zmq.Context()
     sock = dealer(ctx, real_broker.endpoint)
     msgs = {
@@ -1246,8 +1362,8 @@ def test_a_run_whose_rid_is_already_running_is_refused_and_the_first_still_compl
     # 20 ms per decode keeps the first request running (30 tokens: >= 0.6 s) when the second arrives;
     # without it the stub can finish the first before the worker reads the second, which is then no duplicate.
     with worker_under_test({"stub_decode_ms": 20}) as w:
-        first = protocol.encode(MsgType.RUN, rid=41, prompt="the first", params={"max_tokens": 30})
-        second = protocol.encode(MsgType.RUN, rid=41, prompt="the second", params={"max_tokens": 3})
+        first = raw_frame(MsgType.RUN, rid=41, prompt="the first", params={"max_tokens": 30})
+        second = raw_frame(MsgType.RUN, rid=41, prompt="the second", params={"max_tokens": 3})
         send_worker(w, [first])
         send_worker(w, [second])
         proxy = _WorkerReplies(w)
@@ -1280,8 +1396,9 @@ def test_a_reply_larger_than_the_clients_frame_limit_is_a_typed_error_and_the_cl
         assert c.complete(FUZZ_MODEL, "after a huge reply", max_tokens=2).finish_reason == "length"
 
 
-def test_a_worker_reply_larger_than_the_broker_accepts_is_a_typed_error_not_a_silent_timeout(real_broker: BrokerProcess,
-                                                                                             real_pid: int):  # fmt: skip
+def test_a_worker_reply_larger_than_the_broker_accepts_is_a_typed_error_not_a_silent_timeout(
+    real_broker: BrokerProcess, real_pid: int
+):
     """Token 46778 of this vocabulary is a newline and 80 spaces: detokenizing a million of them is a
     3 MB request and an 81 MB reply, over MAX_WORKER_FRAME_BYTES. The broker's socket drops such a frame
     (the worker reconnects), so the worker must not send it: the call gets an error, and the broker does
@@ -1300,11 +1417,11 @@ def test_a_worker_answers_a_malformed_run_or_op_that_has_a_rid_with_a_typed_erro
     whose body is malformed must be answered (with ``err``), or the broker waits for it forever."""
     with worker_under_test() as w:
         bad = [
-            protocol.encode(MsgType.RUN, rid=11, prompt=7, params={}),
-            protocol.encode(MsgType.RUN, rid=12, prompt="hi"),  # no params
-            protocol.encode(MsgType.RUN, rid=13, prompt="hi", params=[]),
-            protocol.encode(MsgType.OP, rid=14, op=5, args={}),
-            protocol.encode(MsgType.OP, rid=15, op="tokenize"),  # no args
+            raw_frame(MsgType.RUN, rid=11, prompt=7, params={}),
+            raw_frame(MsgType.RUN, rid=12, prompt="hi"),  # no params
+            raw_frame(MsgType.RUN, rid=13, prompt="hi", params=[]),
+            raw_frame(MsgType.OP, rid=14, op=5, args={}),
+            raw_frame(MsgType.OP, rid=15, op="tokenize"),  # no args
         ]
         sent = [Sent([f], "run", rid, "maybe") for f, rid in zip(bad, range(11, 16))]
         for s in sent:

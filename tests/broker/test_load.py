@@ -93,8 +93,10 @@ def run_wave(bp: BrokerProcess, clients: list[Client], peak: list[int]) -> list[
     """One stream per client, all started before any is read, then read on a thread pool. A probe
     samples the model's queue depth meanwhile (``peak`` gets the largest), to show the wave was in the
     broker at once."""
-    streams = [c.infer(LOAD_MODEL, prompt_of(i), max_tokens=max_tokens_of(i), timeout_s=STREAM_TIMEOUT_S)
-               for i, c in enumerate(clients)]  # fmt: skip
+    streams = [
+        c.infer(LOAD_MODEL, prompt_of(i), max_tokens=max_tokens_of(i), timeout_s=STREAM_TIMEOUT_S)
+        for i, c in enumerate(clients)
+    ]
     done = threading.Event()
     depths: list[int] = []
 
@@ -190,10 +192,24 @@ def test_a_slow_consumer_and_a_client_that_never_reads_do_not_stall_other_stream
             reader = threading.Thread(target=slow_consumer, name="slow-consumer")
             reader.start()
             for i, p in enumerate(silent_prompts):
-                silent.send(msgpack.packb({"v": 1, "t": "infer", "id": f"silent-{i}", "model": LOAD_MODEL, "prompt": p,
-                                           "params": {"max_tokens": slow_tokens}}))  # fmt: skip
-            streams = [others[i % len(others)].infer(LOAD_MODEL, prompt_of(i), max_tokens=max_tokens_of(i),
-                                                     timeout_s=STREAM_TIMEOUT_S) for i in range(n_others)]  # fmt: skip
+                silent.send(
+                    msgpack.packb(
+                        {
+                            "v": 1,
+                            "t": "infer",
+                            "id": f"silent-{i}",
+                            "model": LOAD_MODEL,
+                            "prompt": p,
+                            "params": {"max_tokens": slow_tokens},
+                        }
+                    )
+                )
+            streams = [
+                others[i % len(others)].infer(
+                    LOAD_MODEL, prompt_of(i), max_tokens=max_tokens_of(i), timeout_s=STREAM_TIMEOUT_S
+                )
+                for i in range(n_others)
+            ]
             with ThreadPoolExecutor(max_workers=16) as pool:
                 outcomes = list(pool.map(lambda p: consume(*p), enumerate(streams)))
             # Every other stream is complete and correct while the slow one is still being consumed.
@@ -260,8 +276,13 @@ def real_prompts(c: Client) -> list[list[int]]:
         "a garden",
         "chess",
     ]
-    forms = ["Write one sentence about {}.", "Q: What do you know about {}?\nA:", "A short poem about {}:", "{} is",
-             "Describe {} in three words:"]  # fmt: skip
+    forms = [
+        "Write one sentence about {}.",
+        "Q: What do you know about {}?\nA:",
+        "A short poem about {}:",
+        "{} is",
+        "Describe {} in three words:",
+    ]
     texts = [f.format(s) for s in subjects for f in forms][:N_REAL_STREAMS]
     return [c.tokenize(REAL_MODEL_ID, t) for t in texts]
 
@@ -278,8 +299,12 @@ def test_50_concurrent_streams_on_the_real_model_each_match_their_own_solo_greed
     ]
     clients = [Client(real_broker.endpoint, timeout_s=120.0) for _ in range(10)]
     try:
-        streams = [clients[i % len(clients)].infer(REAL_MODEL_ID, p, max_tokens=REAL_MAX_TOKENS, temperature=0,
-                                                    timeout_s=STREAM_TIMEOUT_S) for i, p in enumerate(prompts)]  # fmt: skip
+        streams = [
+            clients[i % len(clients)].infer(
+                REAL_MODEL_ID, p, max_tokens=REAL_MAX_TOKENS, temperature=0, timeout_s=STREAM_TIMEOUT_S
+            )
+            for i, p in enumerate(prompts)
+        ]
         with ThreadPoolExecutor(max_workers=10) as pool:
             outcomes = list(pool.map(lambda p: consume(*p), enumerate(streams)))
     finally:

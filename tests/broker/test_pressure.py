@@ -239,8 +239,10 @@ def test_the_broker_s_watcher_evicts_cache_rows_under_real_memory_pressure(tmp_p
     from tests.conftest import remove_runtime, short_tmpdir, start_broker, wait_for
 
     cfg = tmp_path / "erllama.toml"
-    cfg.write_text("[pressure]\nenabled = true\nsource = \"system\"\nhigh_watermark = 0.001\nlow_watermark = 0.0\n"
-                   "interval_s = 0.2\n")  # fmt: skip
+    cfg.write_text(
+        '[pressure]\nenabled = true\nsource = "system"\nhigh_watermark = 0.001\nlow_watermark = 0.0\n'
+        "interval_s = 0.2\n"
+    )
     rdir = short_tmpdir("erl-p-")
     bp = start_broker(rdir, "--config", str(cfg))
     try:
@@ -252,7 +254,9 @@ def test_the_broker_s_watcher_evicts_cache_rows_under_real_memory_pressure(tmp_p
         assert status["counts"]["evicted"] >= 1 and status["last_ratio"] > 0.001
         with CacheClient(ipc_endpoint(rdir, CACHESTORE_SOCKET_NAME)) as store:
             moved = lambda: (n := store.stats()["counters"])["demotions"] + n["evictions"]
-            assert wait_for(moved, 30, "rows to leave the RAM tier") > 0  # moves run on the store's I/O threads
+            assert (
+                wait_for(moved, 30, "rows to leave the RAM tier") > 0
+            )  # moves run on the store's I/O threads
     finally:
         bp.stop()
         remove_runtime(rdir)

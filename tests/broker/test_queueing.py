@@ -87,11 +87,22 @@ def test_a_killed_worker_fails_its_streams_and_is_restarted(client: Client):
 def test_an_operator_started_worker_registers_and_serves(broker: BrokerProcess, client: Client):
     from erllama.transport import WORKER_SOCKET_NAME, ipc_endpoint
 
-    cmd = [sys.executable, "-m", "erllama.worker.main", "--id", "manual", "--options", '{"backend": "stub"}',
-           "--broker", ipc_endpoint(broker.runtime_dir, WORKER_SOCKET_NAME)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "erllama.worker.main",
+        "--id",
+        "manual",
+        "--options",
+        '{"backend": "stub"}',
+        "--broker",
+        ipc_endpoint(broker.runtime_dir, WORKER_SOCKET_NAME),
+    ]
     proc = subprocess.Popen(cmd)
     try:
-        info = wait_for(lambda: any(m["id"] == "manual" for m in client.list_models()) and client.model_info("manual"))
+        info = wait_for(
+            lambda: any(m["id"] == "manual" for m in client.list_models()) and client.model_info("manual")
+        )
         assert info["spawned"] is False and info["worker_pid"] == proc.pid
         assert client.complete("manual", "hi", max_tokens=4).finish_reason == "length"
     finally:
@@ -102,14 +113,19 @@ def test_an_operator_started_worker_registers_and_serves(broker: BrokerProcess, 
 def test_status_cli_prints_phase_queue_depth_and_pending_length(broker: BrokerProcess, stub_client: Client):
     out = subprocess.run(
         [sys.executable, "-m", "erllama.cli", "--endpoint", broker.endpoint, "status"],
-        capture_output=True, text=True, timeout=30, check=True,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
     header, row = out.stdout.splitlines()[:2]
     assert header.split()[:5] == ["MODEL", "STATE", "PHASE", "QUEUE", "PENDING"]
     assert row.split()[:5] == ["stub", "ready", "idle", "0", "0"]
 
 
-def test_a_worker_stuck_in_a_decode_is_killed_and_a_request_present_at_two_crashes_fails_as_poison(client: Client):
+def test_a_worker_stuck_in_a_decode_is_killed_and_a_request_present_at_two_crashes_fails_as_poison(
+    client: Client,
+):
     # The stub sleeps 60 s in each decode: heartbeats keep coming, the decode counter does not move.
     client.load_model("stuck", backend="stub", stub_decode_ms=60_000, stall_timeout_s=2)
     first_pid = client.model_info("stuck")["worker_pid"]

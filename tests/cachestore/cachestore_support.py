@@ -48,9 +48,9 @@ class Daemon:
         ]
         for name, value in self.options.items():
             argv += [f"--{name.replace('_', '-')}", str(value)]
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=self._preexec)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            # preexec_fn: the test process has threads, but the child only sets resource limits before exec.
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=self._preexec)  # noqa: PLW1509
         self._wait_ready()
         return self
 

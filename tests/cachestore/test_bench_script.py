@@ -22,7 +22,7 @@ def test_bench_cachestore_prints_every_tier_and_the_lookup_latency(tmp_path: Pat
         timeout=600,
         check=True,
     ).stdout
-    rows = [line for line in out.splitlines() if line.startswith("|   1 MB |") or line.startswith("| 1 MB |")]
+    rows = [line for line in out.splitlines() if line.startswith(("|   1 MB |", "| 1 MB |"))]
     assert [r.split("|")[2].strip() for r in rows] == ["ram", "shm", "disk"], out
     assert rows[2].split("|")[-3].strip() == "-"  # disk files are not reused
     assert "longest_prefix with 200 rows" in out

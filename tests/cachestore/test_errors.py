@@ -20,10 +20,10 @@ from erllama.protocol import (
     CacheTier,
     ErrorCode,
     SaveOutcome,
-    encode,
 )
 from erllama.transport import make_socket
 from tests.cachestore.cachestore_support import Daemon, payload_for
+from tests.wire_support import raw_frame
 
 MIB = 1 << 20
 
@@ -44,13 +44,13 @@ BAD_MESSAGES = {
     "garbage": [b"\xc1\xff not msgpack"],
     "not a map": [msgpack.packb([1, 2, 3])],
     "wrong version": [msgpack.packb({"v": PROTOCOL_VERSION + 1, "t": "c.stats", "rid": 1})],
-    "unknown type": [encode("c.nope", rid=1)],
-    "missing field": [encode("c.exact", rid=1)],
-    "wrongly typed field": [encode("c.exact", rid=1, key="not bytes")],
-    "oversized control frame": [encode("c.stats", rid=1, pad=b"x" * (MAX_CACHE_CONTROL_BYTES + 1))],
-    "too many frames": [encode("c.stats", rid=1), b"a", b"b"],
-    "payload on a lookup": [encode("c.stats", rid=1), b"payload"],
-    "reply type as request": [encode("c.ok", rid=1)],
+    "unknown type": [raw_frame("c.nope", rid=1)],
+    "missing field": [raw_frame("c.exact", rid=1)],
+    "wrongly typed field": [raw_frame("c.exact", rid=1, key="not bytes")],
+    "oversized control frame": [raw_frame("c.stats", rid=1, pad=b"x" * (MAX_CACHE_CONTROL_BYTES + 1))],
+    "too many frames": [raw_frame("c.stats", rid=1), b"a", b"b"],
+    "payload on a lookup": [raw_frame("c.stats", rid=1), b"payload"],
+    "reply type as request": [raw_frame("c.ok", rid=1)],
 }
 
 
@@ -72,12 +72,12 @@ def test_invalid_params_are_refused(daemon: Daemon) -> None:
         {"fp": b"f", "tokens": b""},
     ):
         reply = raw_request(
-            daemon.endpoint, [encode("c.reserve", rid=7, payload_len=10, reason="cold", pid=1, **fields)]
+            daemon.endpoint, [raw_frame("c.reserve", rid=7, payload_len=10, reason="cold", pid=1, **fields)]
         )
         assert (reply["t"], reply["code"], reply["rid"]) == ("err", ErrorCode.INVALID_PARAMS, 7)
     reply = raw_request(
         daemon.endpoint,
-        [encode("c.reserve", rid=8, fp=b"f", tokens=b"\1\0\0\0", payload_len=10, reason="bored", pid=1)],
+        [raw_frame("c.reserve", rid=8, fp=b"f", tokens=b"\1\0\0\0", payload_len=10, reason="bored", pid=1)],
     )
     assert reply["code"] == ErrorCode.INVALID_PARAMS
 
@@ -204,9 +204,21 @@ def test_a_second_daemon_on_the_same_directories_refuses_to_start(daemon: Daemon
 
     daemon.start()
     second = subprocess.run(
-        [sys.executable, "-m", "erllama.cachestore.main", "--endpoint", daemon.endpoint + "2",
-         "--shm-dir", str(daemon.shm_dir), "--disk-dir", str(daemon.disk_dir)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "erllama.cachestore.main",
+            "--endpoint",
+            daemon.endpoint + "2",
+            "--shm-dir",
+            str(daemon.shm_dir),
+            "--disk-dir",
+            str(daemon.disk_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert second.returncode == 2 and "another process holds" in second.stderr
     assert daemon.client().stats()["rows"] == 0  # the first one is unharmed

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from erllama.cachestore.codec import row_key
-from erllama.protocol import CacheMsgType, CacheTier, ErllamaError, SaveOutcome
+from erllama.protocol import Ack, CacheBye, CacheTier, ErllamaError, SaveOutcome
 from tests.cachestore.cachestore_support import Daemon, payload_for, spawn_python
 
 FP = b"fingerprint-0123456789abcdef0123"
@@ -138,7 +138,7 @@ def test_commit_after_the_reservation_ended_is_dropped_not_raised(daemon: Daemon
     pending = c.begin_save(b"fp", [5], 1024, "cold")
     assert not isinstance(pending, SaveOutcome)
     pending.payload[:] = b"z" * 1024
-    c.request(CacheMsgType.BYE)  # ends this client's reservations, as a writer's death would
+    c.request(CacheBye(rid=0), Ack)  # ends this client's reservations, as a writer's death would
     assert pending.commit() is SaveOutcome.DROPPED
     assert c.stats()["counters"]["saves_dropped"] == 1
     assert c.exact(row_key(b"fp", [5])) is None

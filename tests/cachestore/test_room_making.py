@@ -10,6 +10,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from erllama.cachestore.codec import CHECKSUM_OFFSET, encode_checksum, row_key
@@ -17,7 +18,7 @@ from erllama.cachestore.config import StoreConfig
 from erllama.cachestore.publish import Publisher
 from erllama.cachestore.storage import Storage
 from erllama.cachestore.store import Store
-from erllama.protocol import CacheTier, ErllamaError, ErrorCode
+from erllama.protocol import CacheReply, CacheTier, ErllamaError, ErrorCode
 from tests.cachestore.cachestore_support import payload_for
 
 FP = b"room-fp"
@@ -54,8 +55,9 @@ class Reply:
     def __init__(self) -> None:
         self.answers: list[dict[str, Any] | ErllamaError] = []
 
-    def ok(self, frame: Any = None, **fields: Any) -> None:
-        self.answers.append(fields)
+    def ok(self, reply: CacheReply, frame: Any = None) -> None:
+        fields = msgspec.structs.asdict(reply)  # the reply's own fields, as a peer decodes them
+        self.answers.append({k: v for k, v in fields.items() if k not in ("v", "rid")})
 
     def error(self, err: ErllamaError) -> None:
         self.answers.append(err)

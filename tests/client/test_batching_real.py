@@ -47,7 +47,7 @@ def run_concurrently(endpoint: str, jobs: list[tuple[str, dict]]) -> list[list[T
         try:
             with Client(endpoint, timeout_s=120) as cl:
                 out[i] = list(cl.infer(MODEL, prompt, **params))
-        except BaseException as exc:  # re-raised in the test's thread
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(i, p, kw)) for i, (p, kw) in enumerate(jobs)]
@@ -60,7 +60,9 @@ def run_concurrently(endpoint: str, jobs: list[tuple[str, dict]]) -> list[list[T
     return out
 
 
-def test_eight_concurrent_greedy_requests_on_four_sequences_each_equal_their_solo_run(bb: BrokerProcess, reference):
+def test_eight_concurrent_greedy_requests_on_four_sequences_each_equal_their_solo_run(
+    bb: BrokerProcess, reference
+):
     results = run_concurrently(bb.endpoint, [(p, {"max_tokens": n}) for p, n in PROMPTS])
     for (prompt, n), events in zip(PROMPTS, results):
         ours = [t for e in events for t in e.token_ids]
@@ -87,7 +89,9 @@ def test_a_long_prefill_does_not_stop_other_streams(bb: BrokerProcess, c: Client
     running = c.infer(MODEL, "1, 2, 3, 4, 5, 6,", max_tokens=300)
     it = iter(running)
     first = [next(it) for _ in range(3)]
-    long_prompt = "A very long document about lighthouses and their keepers. " * 120  # ~1,300 tokens, ~20 chunks
+    long_prompt = (
+        "A very long document about lighthouses and their keepers. " * 120
+    )  # ~1,300 tokens, ~20 chunks
     long_req = c.infer(MODEL, long_prompt, max_tokens=1)
     long_events = list(long_req)
     rest = list(it)
@@ -111,11 +115,15 @@ def test_different_sampling_settings_in_one_batch_do_not_leak(bb: BrokerProcess,
     greedy = [t for e in batched[0] for t in e.token_ids]
     ref, logits = reference.greedy(reference.tokenize(jobs[0][0]), 16)
     assert_same_greedy(greedy, ref, logits)
-    assert re.fullmatch(r"Colors: (red|green|blue)(, (red|green|blue)){2}\.", "".join(e.text for e in batched[2]))
+    assert re.fullmatch(
+        r"Colors: (red|green|blue)(, (red|green|blue)){2}\.", "".join(e.text for e in batched[2])
+    )
     counted = "".join(e.text for e in batched[3])
     assert " 9," not in counted and counted.rstrip().endswith("8,")
     solo_seeded = c.complete(MODEL, jobs[1][0], **jobs[1][1]).generated
-    assert [t for e in batched[1] for t in e.token_ids][:4] == solo_seeded[:4]  # its own seed, not a neighbour's
+    assert [t for e in batched[1] for t in e.token_ids][:4] == solo_seeded[
+        :4
+    ]  # its own seed, not a neighbour's
 
 
 def test_sticky_session_turn_two_reads_turn_one_without_a_cache_lookup(c: Client):
@@ -161,7 +169,10 @@ def test_idle_sessions_pinning_every_sequence_do_not_block_new_requests(bb: Brok
 def test_a_prompt_starting_like_a_running_one_copies_its_kv_and_both_equal_their_solo_runs(
     bb: BrokerProcess, c: Client, reference
 ):
-    start = f"Logbook {uuid.uuid4().hex[:8]}. " + "The keeper climbed the stairs, trimmed the wick and wound the clock. " * 20
+    start = (
+        f"Logbook {uuid.uuid4().hex[:8]}. "
+        + "The keeper climbed the stairs, trimmed the wick and wound the clock. " * 20
+    )
     # Suffixes whose 12 greedy tokens are far from any tie (top-2 logit gap >= 3.8 measured): a
     # question here often put end-of-text and a word within 0.03 of each other, where any change of
     # batch shape may flip the first token.
@@ -171,7 +182,9 @@ def test_a_prompt_starting_like_a_running_one_copies_its_kv_and_both_equal_their
     assert first.result is not None and second.result is not None
     assert all(len(s.result.generated) == 12 for s in (first, second))
     assert second.result.cache_hit_kind == "shared"
-    assert second.result.cache_delta["read"] >= len(reference.tokenize(start)) - 2  # the start, up to a merged token
+    assert (
+        second.result.cache_delta["read"] >= len(reference.tokenize(start)) - 2
+    )  # the start, up to a merged token
     for stream, evs in zip((first, second), events):
         prompt_tokens = stream.result.context_tokens[: stream.result.stats.prompt_tokens]
         ref, logits = reference.greedy(prompt_tokens, 12)

@@ -17,8 +17,14 @@ from tests.reference import ReferenceModel, assert_same_greedy
 
 MODEL = "warm"
 # Small boundaries so that test prompts of a few hundred tokens exercise every save reason.
-OPTIONS = dict(n_ctx=2048, n_seq_max=2, cache_min_tokens=16, cold_trim_tokens=4, cold_align_tokens=16,
-               continued_interval_tokens=64)  # fmt: skip
+OPTIONS = {
+    "n_ctx": 2048,
+    "n_seq_max": 2,
+    "cache_min_tokens": 16,
+    "cold_trim_tokens": 4,
+    "cold_align_tokens": 16,
+    "continued_interval_tokens": 64,
+}
 STORY = (
     "The lighthouse keeper climbed the spiral stairs every evening at dusk. He wound the clockwork, "
     "trimmed the wick and polished the great lens until it shone. Ships passed in the night, and the "
@@ -41,7 +47,9 @@ def c(warm_broker: BrokerProcess) -> Iterator[Client]:
 
 
 def cached(c: Client, tokens: list[int], at_least: int) -> int:
-    return wait_for(lambda: (n := c.cached_prefix_len(MODEL, tokens)) >= at_least and n, 60, "the save to land")
+    return wait_for(
+        lambda: (n := c.cached_prefix_len(MODEL, tokens)) >= at_least and n, 60, "the save to land"
+    )
 
 
 def check_against_reference(reference: ReferenceModel, prompt: list[int], *generated: list[int]) -> None:
@@ -63,7 +71,9 @@ def test_an_exact_hit_restores_the_whole_prompt_and_generates_the_same_tokens(c:
 
 def test_a_longer_row_is_truncated_to_the_common_prefix(c: Client, reference):
     base = c.tokenize(MODEL, STORY * 2 + "In winter the sea froze")
-    c.complete(MODEL, base + c.tokenize(MODEL, " and the gulls left for the south.", add_special=False), max_tokens=4)
+    c.complete(
+        MODEL, base + c.tokenize(MODEL, " and the gulls left for the south.", add_special=False), max_tokens=4
+    )
     other = base + c.tokenize(MODEL, ", but the lamp burned all night", add_special=False)
     common = cached(c, other, len(base))
     warm = c.complete(MODEL, other, max_tokens=N_GEN)
@@ -83,7 +93,9 @@ def test_parent_key_resumes_from_an_earlier_finish_row(c: Client, reference):
     check_against_reference(reference, turn2, second.generated)
     # a parent_key whose row is gone (or never was) falls back to the longest-prefix lookup
     third = c.complete(MODEL, turn2, max_tokens=4, parent_key="0" * 64)
-    assert third.cache_hit_kind in ("exact", "partial") and third.cache_delta["read"] >= len(first.context_tokens)
+    assert third.cache_hit_kind in ("exact", "partial") and third.cache_delta["read"] >= len(
+        first.context_tokens
+    )
 
 
 def test_a_second_turn_that_resends_the_conversation_reads_the_first_turn_from_the_cache(c: Client):
@@ -96,7 +108,13 @@ def test_a_second_turn_that_resends_the_conversation_reads_the_first_turn_from_t
     turn1 = chat([("user", "Tell me about lighthouses. " + STORY)])
     r1 = c.complete(MODEL, c.tokenize(MODEL, turn1, parse_special=True), max_tokens=24)
     cached(c, r1.context_tokens, len(r1.context_tokens))
-    turn2 = chat([("user", "Tell me about lighthouses. " + STORY), ("assistant", r1.reply), ("user", "And the keeper?")])
+    turn2 = chat(
+        [
+            ("user", "Tell me about lighthouses. " + STORY),
+            ("assistant", r1.reply),
+            ("user", "And the keeper?"),
+        ]
+    )
     tokens2 = c.tokenize(MODEL, turn2, parse_special=True)
     r2 = c.complete(MODEL, tokens2, max_tokens=8)
     assert r2.cache_hit_kind == "partial"
@@ -106,8 +124,11 @@ def test_a_second_turn_that_resends_the_conversation_reads_the_first_turn_from_t
 def saves_after(c: Client, tokens_generated: int) -> int:
     """The worker's queued saves as of a heartbeat sent after ``tokens_generated`` tokens: a request's
     last token and its finish save happen in one tick, so that heartbeat counts every save of it."""
-    info = wait_for(lambda: (i := c.model_info(MODEL))["tokens_generated"] >= tokens_generated and i["cache"] and i, 30,
-                    "a heartbeat after the request")  # fmt: skip
+    info = wait_for(
+        lambda: (i := c.model_info(MODEL))["tokens_generated"] >= tokens_generated and i["cache"] and i,
+        30,
+        "a heartbeat after the request",
+    )
     return info["cache"]["saves_queued"]
 
 
@@ -121,12 +142,22 @@ def test_a_prompt_restored_but_for_a_few_tokens_is_saved_once_and_a_cold_one_twi
     cached(c, cold.context_tokens, len(cold.context_tokens))
     # New tokens past the restored prefix: more than the cold boundary's trim and alignment, fewer
     # than continued_interval_tokens (64).
-    turn2 = cold.context_tokens + c.tokenize(MODEL, " The keeper's daughter asked him why the ships never stopped "
-                                             "at the island, and he told her about the reef.", add_special=False)  # fmt: skip
+    turn2 = cold.context_tokens + c.tokenize(
+        MODEL,
+        " The keeper's daughter asked him why the ships never stopped "
+        "at the island, and he told her about the reef.",
+        add_special=False,
+    )
     warm = c.complete(MODEL, turn2, max_tokens=4)
     assert warm.cache_hit_kind in ("exact", "partial") and warm.cache_delta["read"] >= len(prompt)
-    boundary = (len(turn2) - OPTIONS["cold_trim_tokens"]) // OPTIONS["cold_align_tokens"] * OPTIONS["cold_align_tokens"]
-    assert warm.cache_delta["read"] < boundary < warm.cache_delta["read"] + OPTIONS["continued_interval_tokens"]
+    boundary = (
+        (len(turn2) - OPTIONS["cold_trim_tokens"])
+        // OPTIONS["cold_align_tokens"]
+        * OPTIONS["cold_align_tokens"]
+    )
+    assert (
+        warm.cache_delta["read"] < boundary < warm.cache_delta["read"] + OPTIONS["continued_interval_tokens"]
+    )
     done = info["tokens_generated"] + len(cold.generated) + len(warm.generated)
     assert saves_after(c, done) - after_cold == 1  # only the finish save
 
@@ -178,17 +209,30 @@ def test_a_killed_cache_store_costs_only_cache_misses(warm_broker: BrokerProcess
     os.kill(store.pid, signal.SIGKILL)
     results = [c.complete(MODEL, STORY + f"Ship number {i} was", max_tokens=4) for i in range(3)]
     assert all(r.finish_reason == "length" for r in results)
-    wait_for(lambda: any(is_cachestore(p) and p.pid != store.pid for p in psutil.Process(warm_broker.proc.pid).children()),
-             60, "the store's restart")  # fmt: skip
+    wait_for(
+        lambda: any(
+            is_cachestore(p) and p.pid != store.pid for p in psutil.Process(warm_broker.proc.pid).children()
+        ),
+        60,
+        "the store's restart",
+    )
 
 
 def test_a_frozen_cache_store_is_killed_and_restarted(warm_broker: BrokerProcess, c: Client):
     store = next(p for p in psutil.Process(warm_broker.proc.pid).children() if is_cachestore(p))
     os.kill(store.pid, signal.SIGSTOP)
     try:
-        assert c.complete(MODEL, STORY + "While the store was frozen,", max_tokens=4).finish_reason == "length"
-        wait_for(lambda: any(is_cachestore(p) and p.pid != store.pid for p in psutil.Process(warm_broker.proc.pid).children()),
-                 60, "a new store")  # fmt: skip
+        assert (
+            c.complete(MODEL, STORY + "While the store was frozen,", max_tokens=4).finish_reason == "length"
+        )
+        wait_for(
+            lambda: any(
+                is_cachestore(p) and p.pid != store.pid
+                for p in psutil.Process(warm_broker.proc.pid).children()
+            ),
+            60,
+            "a new store",
+        )
     finally:
         if psutil.pid_exists(store.pid):
             os.kill(store.pid, signal.SIGCONT)

@@ -24,9 +24,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def fb() -> Iterator[BrokerProcess]:
-    with serving("erl-f-", MODEL, env={"ERLLAMA_THINKING_SIGNING_KEY": "test-key"}, n_ctx=2048, n_seq_max=3,
-                 thinking_markers=THINK, tool_call_markers=TOOLS, cache_min_tokens=16, cold_align_tokens=16,
-                 cold_trim_tokens=4) as bp:  # fmt: skip
+    with serving(
+        "erl-f-",
+        MODEL,
+        env={"ERLLAMA_THINKING_SIGNING_KEY": "test-key"},
+        n_ctx=2048,
+        n_seq_max=3,
+        thinking_markers=THINK,
+        tool_call_markers=TOOLS,
+        cache_min_tokens=16,
+        cold_align_tokens=16,
+        cold_trim_tokens=4,
+    ) as bp:
         yield bp
 
 
@@ -42,8 +51,13 @@ def c(fb: BrokerProcess) -> Iterator[Client]:
 
 def test_chat_template_renders_like_llama_cpp_python(c: Client):
     template = c.model_info(MODEL)["model"]["chat_template"]
-    messages = CONVERSATION + [{"role": "assistant", "content": "Paris."}, {"role": "user", "content": "And Italy?"}]
-    expected = Jinja2ChatFormatter(template, eos_token="<|im_end|>", bos_token="<|im_start|>")(messages=messages).prompt
+    messages = CONVERSATION + [
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And Italy?"},
+    ]
+    expected = Jinja2ChatFormatter(template, eos_token="<|im_end|>", bos_token="<|im_start|>")(
+        messages=messages
+    ).prompt
     assert c.apply_chat_template(MODEL, messages) == c.tokenize(MODEL, expected, parse_special=True)
 
 
@@ -51,7 +65,10 @@ def test_chat_streams_a_reply_and_a_resent_conversation_hits_the_cache(c: Client
     first = c.chat(MODEL, CONVERSATION, max_tokens=24).collect()
     assert first.finish_reason in ("stop", "length") and first.reply
     wait_for(lambda: c.cached_prefix_len(MODEL, first.context_tokens) >= len(first.context_tokens) - 1, 60)
-    turn2 = CONVERSATION + [{"role": "assistant", "content": first.reply}, {"role": "user", "content": "And Spain?"}]
+    turn2 = CONVERSATION + [
+        {"role": "assistant", "content": first.reply},
+        {"role": "user", "content": "And Spain?"},
+    ]
     second = c.chat(MODEL, turn2, max_tokens=8).collect()
     assert second.cache_hit_kind == "partial" and second.cache_delta["read"] >= 16
 
@@ -71,13 +88,23 @@ def test_content_blocks_are_invalid_content_and_a_model_without_template_is_no_t
 
 # --- grammar --------------------------------------------------------------------------------------------
 
-COLOR_GRAMMAR = r'root ::= "Colors: " color (", " color){2} "."' + '\ncolor ::= "red" | "green" | "blue" | "yellow"'
+COLOR_GRAMMAR = (
+    r'root ::= "Colors: " color (", " color){2} "."' + '\ncolor ::= "red" | "green" | "blue" | "yellow"'
+)
 COLOR_RE = re.compile(r"^Colors: (red|green|blue|yellow)(, (red|green|blue|yellow)){2}\.$")
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_output_always_parses_under_the_grammar_with_any_sampling(c: Client, seed: int):
-    r = c.complete(MODEL, "Name three colors.", grammar=COLOR_GRAMMAR, temperature=1.0, top_k=40, seed=seed, max_tokens=40)
+    r = c.complete(
+        MODEL,
+        "Name three colors.",
+        grammar=COLOR_GRAMMAR,
+        temperature=1.0,
+        top_k=40,
+        seed=seed,
+        max_tokens=40,
+    )
     assert COLOR_RE.match(r.reply), r.reply
 
 
@@ -112,7 +139,9 @@ def test_thinking_streams_deltas_then_exactly_one_signed_end_then_the_reply(c: C
     import hashlib
     import hmac
 
-    stream = c.infer(MODEL, "Question: what is 2+2? Think first.", grammar=THINK_GRAMMAR, thinking=True, max_tokens=60)
+    stream = c.infer(
+        MODEL, "Question: what is 2+2? Think first.", grammar=THINK_GRAMMAR, thinking=True, max_tokens=60
+    )
     events = list(stream)
     kinds = [e.kind for e in events]
     assert kinds.count("thinking_end") == 1
@@ -127,12 +156,20 @@ def test_thinking_streams_deltas_then_exactly_one_signed_end_then_the_reply(c: C
 
 
 def test_a_thinking_budget_closes_the_block_early(c: Client):
-    stream = c.infer(MODEL, "Question: what is 2+2? Think first.", grammar=THINK_GRAMMAR, thinking=True,
-                     thinking_budget_tokens=3, max_tokens=60)  # fmt: skip
+    stream = c.infer(
+        MODEL,
+        "Question: what is 2+2? Think first.",
+        grammar=THINK_GRAMMAR,
+        thinking=True,
+        thinking_budget_tokens=3,
+        max_tokens=60,
+    )
     events = list(stream)
     kinds = [e.kind for e in events]
     assert kinds.count("thinking_end") == 1
-    assert sum(len(e.token_ids) for e in events[: kinds.index("thinking_end")]) <= 3 + 8  # budget + the start marker
+    assert (
+        sum(len(e.token_ids) for e in events[: kinds.index("thinking_end")]) <= 3 + 8
+    )  # budget + the start marker
 
 
 def test_a_tool_call_streams_its_exact_bytes_and_is_byte_deterministic_from_a_fixed_prefix(c: Client):
@@ -140,7 +177,9 @@ def test_a_tool_call_streams_its_exact_bytes_and_is_byte_deterministic_from_a_fi
     # tokens); from there on, syntax tokens are greedy: one spelling of the start, one call.
     calls_by_start: dict[tuple[int, ...], set[str]] = {}
     for seed in range(1, 5):
-        stream = c.infer(MODEL, "Call the weather tool.", grammar=TOOL_GRAMMAR, temperature=0.8, seed=seed, max_tokens=60)
+        stream = c.infer(
+            MODEL, "Call the weather tool.", grammar=TOOL_GRAMMAR, temperature=0.8, seed=seed, max_tokens=60
+        )
         events = list(stream)
         deltas = "".join(e.text for e in events if e.kind == "tool_call")
         (end,) = [e for e in events if e.kind == "tool_call_end"]
@@ -148,8 +187,13 @@ def test_a_tool_call_streams_its_exact_bytes_and_is_byte_deterministic_from_a_fi
         assert deltas.startswith("<tool_call>") and deltas.endswith("</tool_call>")
         start_ids = tuple(t for e in events if e.kind == "tool_call" for t in e.token_ids)
         spelled = c.detokenize(MODEL, list(start_ids))
-        start = start_ids[: next(i for i in range(1, len(start_ids) + 1)
-                                 if c.detokenize(MODEL, list(start_ids[:i])) == "<tool_call>")]  # fmt: skip
+        start = start_ids[
+            : next(
+                i
+                for i in range(1, len(start_ids) + 1)
+                if c.detokenize(MODEL, list(start_ids[:i])) == "<tool_call>"
+            )
+        ]
         assert spelled == deltas
         calls_by_start.setdefault(start, set()).add(deltas)
     assert max(len(calls) for calls in calls_by_start.values()) == 1
@@ -193,8 +237,22 @@ def test_verify_leaves_running_requests_untouched(c: Client, fb: BrokerProcess):
 @pytest.fixture(scope="module")
 def lora(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("lora") / "adapter.gguf"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_lora.py"), "--out", str(out), "--rank", "8",
-                    "--scale-init", "0.2", "--seed", "7"], check=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "make_lora.py"),
+            "--out",
+            str(out),
+            "--rank",
+            "8",
+            "--scale-init",
+            "0.2",
+            "--seed",
+            "7",
+        ],
+        check=True,
+        timeout=300,
+    )
     return out
 
 

@@ -35,7 +35,10 @@ def test_same_seed_and_temperature_give_the_same_text_and_other_seeds_differ(rea
     prompt = "Write a short poem about the sea."
     a = real_client.complete(REAL_MODEL_ID, prompt, max_tokens=24, temperature=0.9, seed=1234)
     b = real_client.complete(REAL_MODEL_ID, prompt, max_tokens=24, temperature=0.9, seed=1234)
-    others = {real_client.complete(REAL_MODEL_ID, prompt, max_tokens=24, temperature=0.9, seed=s).reply for s in (1, 2, 3)}
+    others = {
+        real_client.complete(REAL_MODEL_ID, prompt, max_tokens=24, temperature=0.9, seed=s).reply
+        for s in (1, 2, 3)
+    }
     assert a.reply == b.reply
     assert len(others | {a.reply}) > 1
 
@@ -50,7 +53,9 @@ def test_stop_string_spanning_two_tokens_is_cut_exactly(real_client: Client):
     full = real_client.complete(REAL_MODEL_ID, prompt, max_tokens=32)
     pieces = [real_client.detokenize(REAL_MODEL_ID, [t]) for t in full.generated]
     # a stop made of the end of one token and the start of the next
-    k = next(i for i in range(2, len(pieces)) if len(pieces[i - 1].strip()) >= 2 and len(pieces[i].strip()) >= 2)
+    k = next(
+        i for i in range(2, len(pieces)) if len(pieces[i - 1].strip()) >= 2 and len(pieces[i].strip()) >= 2
+    )
     stop = pieces[k - 1][-2:] + pieces[k][:2]
     expected = full.reply[: full.reply.find(stop)]
     r = real_client.complete(REAL_MODEL_ID, prompt, max_tokens=32, stop=[stop])
@@ -86,21 +91,29 @@ def test_closing_a_client_fails_its_stream_in_flight_with_client_closed_and_the_
     stream = c.infer(REAL_MODEL_ID, "1, 2, 3, 4, 5, 6,", max_tokens=400, timeout_s=600.0)  # it keeps counting
     assert error_when_closed_mid_stream(c, stream).code == "client_closed"
     # The broker cancels the orphaned request when it cannot deliver to the closed client.
-    assert real_client.complete(REAL_MODEL_ID, "The capital of France is", max_tokens=3).finish_reason == "length"
+    assert (
+        real_client.complete(REAL_MODEL_ID, "The capital of France is", max_tokens=3).finish_reason
+        == "length"
+    )
 
 
 def test_two_clients_stream_from_two_models_at_once(real_broker: BrokerProcess):
     loader = real_broker.client(timeout_s=60)
     loader.load_model("second", None, n_ctx=1024, n_seq_max=1)
     try:
-        solo = {m: loader.complete(m, p, max_tokens=16) for m, p in ((REAL_MODEL_ID, "Paris is"), ("second", "Rome is"))}
+        solo = {
+            m: loader.complete(m, p, max_tokens=16)
+            for m, p in ((REAL_MODEL_ID, "Paris is"), ("second", "Rome is"))
+        }
         got: dict[str, list[int]] = {}
 
         def run(model: str, prompt: str) -> None:
             with Client(real_broker.endpoint) as c:
                 got[model] = [t for ev in c.infer(model, prompt, max_tokens=16) for t in ev.token_ids]
 
-        threads = [threading.Thread(target=run, args=a) for a in ((REAL_MODEL_ID, "Paris is"), ("second", "Rome is"))]
+        threads = [
+            threading.Thread(target=run, args=a) for a in ((REAL_MODEL_ID, "Paris is"), ("second", "Rome is"))
+        ]
         for t in threads:
             t.start()
         for t in threads:

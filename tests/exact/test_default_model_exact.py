@@ -12,8 +12,14 @@ from tests.exactness import Exactness
 
 MODEL = "exact"
 # Small save boundaries so that prompts of a few dozen words exercise every save reason.
-OPTIONS = dict(n_ctx=1024, n_seq_max=4, cache_min_tokens=16, cold_trim_tokens=4, cold_align_tokens=16,
-               continued_interval_tokens=32)  # fmt: skip
+OPTIONS = {
+    "n_ctx": 1024,
+    "n_seq_max": 4,
+    "cache_min_tokens": 16,
+    "cold_trim_tokens": 4,
+    "cold_align_tokens": 16,
+    "continued_interval_tokens": 32,
+}
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +28,9 @@ def exact_broker() -> Iterator[BrokerProcess]:
         yield bp
 
 
-def test_every_reuse_path_generates_what_a_cold_reference_run_does(exact_broker: BrokerProcess, reference) -> None:
+def test_every_reuse_path_generates_what_a_cold_reference_run_does(
+    exact_broker: BrokerProcess, reference
+) -> None:
     with Client(exact_broker.endpoint, timeout_s=120) as c:
         info = c.model_info(MODEL)
         assert info["memory"] == "transformer" and info["exact"] is True

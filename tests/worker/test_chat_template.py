@@ -23,8 +23,14 @@ TWO_TURNS = [
     {"role": "assistant", "content": "Paris."},
     {"role": "user", "content": "And of Italy? Answer in one word, with «quotes» and ünïcode."},
 ]
-TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}  # fmt: skip
+TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
 TOOLS_AWARE = (
     "{% if tools %}TOOLS={{ tools | tojson }}\n{% endif %}"
     "{% for m in messages %}[{{ m.role }}]{{ m.content }}\n{% endfor %}"
@@ -117,8 +123,9 @@ def test_a_template_that_reads_tools_gets_them_and_no_folded_listing():
 
 def test_erllama_style_tools_are_normalized_to_openai_form():
     tools = validate_tools([{"name": "f", "description": "d", "schema": {"type": "object"}}])
-    assert tools == [{"type": "function", "function": {"name": "f", "description": "d",
-                                                       "parameters": {"type": "object"}}}]  # fmt: skip
+    assert tools == [
+        {"type": "function", "function": {"name": "f", "description": "d", "parameters": {"type": "object"}}}
+    ]
 
 
 def test_caller_messages_are_not_mutated_by_folding(smol):
@@ -134,8 +141,15 @@ def test_environment_features_of_transformers_templates_are_available():
         "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.role }}{% endfor %}|"
         "{% generation %}gen{% endgeneration %}{{ eos_token }}"
     )
-    out = render_chat(tpl, [{"role": "user", "content": "é"}, {"role": "assistant", "content": "x"}],
-                      system=None, tools=None, add_generation_prompt=False, bos_token="<s>", eos_token="</s>")  # fmt: skip
+    out = render_chat(
+        tpl,
+        [{"role": "user", "content": "é"}, {"role": "assistant", "content": "x"}],
+        system=None,
+        tools=None,
+        add_generation_prompt=False,
+        bos_token="<s>",
+        eos_token="</s>",
+    )
     assert out == f'<s>{datetime.datetime.now().year}|"é"|user|gen</s>'
 
 
@@ -159,8 +173,20 @@ def code_of(fn) -> str:
 
 @pytest.mark.parametrize("template", [None, "", "   \n"])
 def test_a_model_without_template_is_no_template(template):
-    assert code_of(lambda: render_chat(template, TWO_TURNS, system=None, tools=None,
-                                       add_generation_prompt=True, bos_token="", eos_token="")) == "no_template"  # fmt: skip
+    assert (
+        code_of(
+            lambda: render_chat(
+                template,
+                TWO_TURNS,
+                system=None,
+                tools=None,
+                add_generation_prompt=True,
+                bos_token="",
+                eos_token="",
+            )
+        )
+        == "no_template"
+    )
 
 
 def test_content_blocks_are_invalid_content(smol):
@@ -216,8 +242,15 @@ def test_non_string_system_is_invalid_params(smol):
 def test_template_raise_exception_is_invalid_params_with_its_message():
     tpl = "{% if messages[0].role != 'user' %}{{ raise_exception('first must be user') }}{% endif %}ok"
     with pytest.raises(ErllamaError) as ei:
-        render_chat(tpl, [{"role": "assistant", "content": "x"}], system=None, tools=None,
-                    add_generation_prompt=True, bos_token="", eos_token="")  # fmt: skip
+        render_chat(
+            tpl,
+            [{"role": "assistant", "content": "x"}],
+            system=None,
+            tools=None,
+            add_generation_prompt=True,
+            bos_token="",
+            eos_token="",
+        )
     assert ei.value.code == "invalid_params"
     assert "first must be user" in ei.value.message
 
@@ -235,6 +268,15 @@ def test_template_raise_exception_is_invalid_params_with_its_message():
     ],
 )
 def test_broken_or_hostile_templates_are_template_failed_not_crashes(template):
-    err = code_of(lambda: render_chat(template, TWO_TURNS, system=None, tools=None,
-                                      add_generation_prompt=True, bos_token="", eos_token=""))  # fmt: skip
+    err = code_of(
+        lambda: render_chat(
+            template,
+            TWO_TURNS,
+            system=None,
+            tools=None,
+            add_generation_prompt=True,
+            bos_token="",
+            eos_token="",
+        )
+    )
     assert err == "template_failed"

@@ -110,9 +110,22 @@ def test_every_llama_cpp_rejection_in_the_corpus_happens_before_the_worker_repor
     """The corpus covers each depth of the file: the fixed header, the KV section, the tensor infos and
     the tensor data, plus metadata that parses but does not fit the architecture."""
     names = set(corpus)
-    assert {"empty", "truncated_in_header", "truncated_in_kv", "truncated_in_tensor_info", "truncated_at_data_start",
-            "truncated_mid_data", "flipped_magic", "flipped_version", "huge_tensor_count", "kv_count_plus_one",
-            "kv_string_length_past_eof", "tensor_offset_past_eof", "tensor_wrong_shape", "missing_block_count"} <= names  # fmt: skip
+    assert {
+        "empty",
+        "truncated_in_header",
+        "truncated_in_kv",
+        "truncated_in_tensor_info",
+        "truncated_at_data_start",
+        "truncated_mid_data",
+        "flipped_magic",
+        "flipped_version",
+        "huge_tensor_count",
+        "kv_count_plus_one",
+        "kv_string_length_past_eof",
+        "tensor_offset_past_eof",
+        "tensor_wrong_shape",
+        "missing_block_count",
+    } <= names
     sizes = {n: v.path.stat().st_size for n, v in corpus.items()}
     assert sizes["empty"] == 0 and sizes["truncated_in_header"] < 24
     # Only the first few MB of each file are real: the rest is a hole, so the corpus is cheap to build.

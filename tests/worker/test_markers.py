@@ -27,8 +27,15 @@ from erllama.worker.stub_backend import StubBackend
 K = EventKind
 # A toy vocabulary: ids 0..9 are letters, 20.. are marker pieces.
 VOCAB = {i: bytes([ord("a") + i]) for i in range(10)} | {
-    20: b"<th", 21: b"ink>", 22: b"</th", 23: b"<tool>", 24: b"</tool>", 25: b"<args>", 26: b"</args>", 27: b"",
-}  # fmt: skip
+    20: b"<th",
+    21: b"ink>",
+    22: b"</th",
+    23: b"<tool>",
+    24: b"</tool>",
+    25: b"<args>",
+    26: b"</args>",
+    27: b"",
+}
 THINK = ((20, 21), (22, 21))
 TOOL = ((23,), (24,), (25,), (26,))
 
@@ -159,8 +166,16 @@ def test_budget_closes_the_block_with_one_synthetic_end_and_later_thinking_is_te
 
 def test_budget_counts_across_blocks():
     ev = run(auto(thinking_budget_tokens=3), [20, 21, 1, 2, 22, 21, 20, 21, 3, 4])
-    assert kinds(ev) == [K.THINKING_START, K.THINKING_DELTA, K.THINKING_DELTA, K.THINKING_END,
-                         K.THINKING_START, K.THINKING_DELTA, K.THINKING_END, K.TEXT]  # fmt: skip
+    assert kinds(ev) == [
+        K.THINKING_START,
+        K.THINKING_DELTA,
+        K.THINKING_DELTA,
+        K.THINKING_END,
+        K.THINKING_START,
+        K.THINKING_DELTA,
+        K.THINKING_END,
+        K.TEXT,
+    ]
     assert ev[6].synthetic
 
 
@@ -204,15 +219,28 @@ def test_tool_end_closes_an_open_payload():
     spec = MarkerSpec.from_ids(tool_call=((23,), (24,), (25,)))
     a = SpanAutomaton(spec)
     ev = run(a, [23, 1, 25, 2, 24, 3])
-    assert kinds(ev) == [K.TOOL_CALL_START, K.TOOL_CALL_DELTA, K.TOOL_CALL_DELTA, K.TOOL_CALL_DELTA,
-                         K.TOOL_CALL_END, K.TEXT]  # fmt: skip
+    assert kinds(ev) == [
+        K.TOOL_CALL_START,
+        K.TOOL_CALL_DELTA,
+        K.TOOL_CALL_DELTA,
+        K.TOOL_CALL_DELTA,
+        K.TOOL_CALL_END,
+        K.TEXT,
+    ]
     assert ev[3].role is TokenRole.TOOL_PAYLOAD and ev[4].span == b"<tool>b<args>c</tool>"
 
 
 def test_thinking_precedes_a_tool_call_and_tool_markers_inside_thinking_are_thinking():
     ev = run(auto(), [20, 21, 23, 1, 22, 21, 23, 2, 24])
-    assert kinds(ev) == [K.THINKING_START, K.THINKING_DELTA, K.THINKING_DELTA, K.THINKING_END,
-                         K.TOOL_CALL_START, K.TOOL_CALL_DELTA, K.TOOL_CALL_END]  # fmt: skip
+    assert kinds(ev) == [
+        K.THINKING_START,
+        K.THINKING_DELTA,
+        K.THINKING_DELTA,
+        K.THINKING_END,
+        K.TOOL_CALL_START,
+        K.TOOL_CALL_DELTA,
+        K.TOOL_CALL_END,
+    ]
 
 
 def test_tool_calls_off_leaves_tool_markers_as_text():
@@ -274,8 +302,9 @@ def test_markers_that_overlap_only_across_states_are_accepted():
 def test_from_text_tokenizes_erllama_style_marker_options():
     stub = StubBackend(n_ctx=64, n_seq_max=1, n_batch=8)
     tok = lambda s: stub.tokenize(s, add_special=False)
-    spec = MarkerSpec.from_text(tok, {"start": "<think>", "end": "</think>"},
-                                {"start": "<tool_call>", "end": "</tool_call>"})  # fmt: skip
+    spec = MarkerSpec.from_text(
+        tok, {"start": "<think>", "end": "</think>"}, {"start": "<tool_call>", "end": "</tool_call>"}
+    )
     assert spec.markers[MarkerKind.THINKING_START] == (tuple(tok("<think>")),)
     assert spec.has_thinking and spec.has_tool_calls
     assert MarkerKind.PAYLOAD_START not in spec.markers
@@ -293,8 +322,9 @@ def test_from_text_tokenizes_erllama_style_marker_options():
 def test_byte_level_markers_over_stub_tokens_route_a_whole_conversation():
     stub = StubBackend(n_ctx=64, n_seq_max=1, n_batch=8)
     tok = lambda s: stub.tokenize(s, add_special=False)
-    spec = MarkerSpec.from_text(tok, {"start": "<think>", "end": "</think>"},
-                                {"start": "<tool_call>", "end": "</tool_call>"})  # fmt: skip
+    spec = MarkerSpec.from_text(
+        tok, {"start": "<think>", "end": "</think>"}, {"start": "<tool_call>", "end": "</tool_call>"}
+    )
     text = 'a <th<think>x</thin k</think><tool><tool_call>{"n": 1}</tool_call>ok'
     ids = tok(text)
     ev = run(SpanAutomaton(spec, thinking=True), ids, {t: stub.token_bytes(t) for t in ids})
@@ -322,14 +352,19 @@ def test_markers_tokenized_by_the_real_vocabulary_match_the_model_spelling():
             n = L.llama_token_to_piece(vocab, t, buf, 64, 0, False)
             return buf.raw[:n]
 
-        spec = MarkerSpec.from_text(tok, {"start": "<think>", "end": "</think>"},
-                                    {"start": "<|im_start|>tool", "end": "<|im_end|>"})  # fmt: skip
+        spec = MarkerSpec.from_text(
+            tok, {"start": "<think>", "end": "</think>"}, {"start": "<|im_start|>tool", "end": "<|im_end|>"}
+        )
         assert len(spec.markers[MarkerKind.THINKING_START][0]) > 1  # multi-token in SmolLM2's vocabulary
         ids = tok("<think>") + tok("Paris is big.") + tok("</think>") + tok("\n") + tok("<|im_start|>tool")
         ids += tok('{"x": 1}') + tok("<|im_end|>") + tok("Done")
         ev = run(SpanAutomaton(spec, thinking=True), ids, {t: piece(t) for t in ids})
         assert [e.kind for e in ev if e.kind not in (K.TEXT, K.THINKING_DELTA, K.TOOL_CALL_DELTA)] == [
-            K.THINKING_START, K.THINKING_END, K.TOOL_CALL_START, K.TOOL_CALL_END]  # fmt: skip
+            K.THINKING_START,
+            K.THINKING_END,
+            K.TOOL_CALL_START,
+            K.TOOL_CALL_END,
+        ]
         assert next(e for e in ev if e.kind is K.THINKING_END).span == b"Paris is big."
         assert b"".join(e.data for e in ev if e.kind is K.TEXT) == b"\nDone"
     finally:
@@ -358,12 +393,21 @@ def reference(spec: MarkerSpec, ids: list[int], thinking: bool, budget: int | No
         )
         if hit:
             k, s = hit
-            ev = {MarkerKind.THINKING_START: K.THINKING_START, MarkerKind.THINKING_END: K.THINKING_END,
-                  MarkerKind.TOOL_START: K.TOOL_CALL_START, MarkerKind.TOOL_END: K.TOOL_CALL_END}.get(k, K.TOOL_CALL_DELTA)  # fmt: skip
+            ev = {
+                MarkerKind.THINKING_START: K.THINKING_START,
+                MarkerKind.THINKING_END: K.THINKING_END,
+                MarkerKind.TOOL_START: K.TOOL_CALL_START,
+                MarkerKind.TOOL_END: K.TOOL_CALL_END,
+            }.get(k, K.TOOL_CALL_DELTA)
             out.append((ev, s, False))
-            state = {MarkerKind.THINKING_START: "think", MarkerKind.THINKING_END: "text", MarkerKind.TOOL_START: "syntax",
-                     MarkerKind.TOOL_END: "text", MarkerKind.PAYLOAD_START: "payload",
-                     MarkerKind.PAYLOAD_END: "syntax"}[k]  # fmt: skip
+            state = {
+                MarkerKind.THINKING_START: "think",
+                MarkerKind.THINKING_END: "text",
+                MarkerKind.TOOL_START: "syntax",
+                MarkerKind.TOOL_END: "text",
+                MarkerKind.PAYLOAD_START: "payload",
+                MarkerKind.PAYLOAD_END: "syntax",
+            }[k]
             i += len(s)
             continue
         tok = (ids[i],)

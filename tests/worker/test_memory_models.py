@@ -50,7 +50,9 @@ def open_backend(path: Path, **options: Any) -> LlamaBackend:
 
 
 @pytest.fixture(scope="module", params=DECODER_ONLY)
-def decoder(request: pytest.FixtureRequest, memory_model: Callable[[str], Path]) -> Iterator[tuple[str, LlamaBackend]]:
+def decoder(
+    request: pytest.FixtureRequest, memory_model: Callable[[str], Path]
+) -> Iterator[tuple[str, LlamaBackend]]:
     be = open_backend(memory_model(request.param), n_ctx=STATE_PREFILL_TOKENS + 64)
     try:
         yield request.param, be
@@ -60,12 +62,18 @@ def decoder(request: pytest.FixtureRequest, memory_model: Callable[[str], Path])
 
 def memory_kind(be: LlamaBackend) -> tuple[bool, bool, int, bool]:
     m = be.model
-    return (bool(L.llama_model_is_recurrent(m)), bool(L.llama_model_is_hybrid(m)), int(L.llama_model_n_swa(m)),
-            bool(L.llama_model_has_encoder(m)))  # fmt: skip
+    return (
+        bool(L.llama_model_is_recurrent(m)),
+        bool(L.llama_model_is_hybrid(m)),
+        int(L.llama_model_n_swa(m)),
+        bool(L.llama_model_has_encoder(m)),
+    )
 
 
 def logits_at(be: LlamaBackend, index: int) -> np.ndarray:
-    return np.array(np.ctypeslib.as_array(L.llama_get_logits_ith(be.ctx, index), shape=(be.n_vocab,)), copy=True)
+    return np.array(
+        np.ctypeslib.as_array(L.llama_get_logits_ith(be.ctx, index), shape=(be.n_vocab,)), copy=True
+    )
 
 
 def prompts(be: LlamaBackend) -> list[list[int]]:
@@ -79,7 +87,10 @@ def greedy_together(be: LlamaBackend, prompt_tokens: Sequence[list[int]]) -> lis
     for _ in range(GREEDY_TOKENS):
         for seq, index in enumerate(be.decode(rows)):
             out[seq].append(be.argmax(index))
-        rows = [BatchRow(seq, [out[seq][-1]], len(p) + len(out[seq]) - 1, 1) for seq, p in enumerate(prompt_tokens)]
+        rows = [
+            BatchRow(seq, [out[seq][-1]], len(p) + len(out[seq]) - 1, 1)
+            for seq, p in enumerate(prompt_tokens)
+        ]
     return out
 
 
@@ -89,8 +100,16 @@ def reference_for(path: Path) -> ReferenceModel:
     default = llama_lowlevel.llama_model_default_params
     llama_lowlevel.llama_model_default_params = _params_without_extra_bufts
     try:
-        llm = L.Llama(model_path=str(path), n_ctx=N_CTX_TOKENS, n_batch=512, n_threads=1, n_threads_batch=1,
-                      flash_attn=False, logits_all=True, verbose=False)  # fmt: skip
+        llm = L.Llama(
+            model_path=str(path),
+            n_ctx=N_CTX_TOKENS,
+            n_batch=512,
+            n_threads=1,
+            n_threads_batch=1,
+            flash_attn=False,
+            logits_all=True,
+            verbose=False,
+        )
     finally:
         llama_lowlevel.llama_model_default_params = default
     return ReferenceModel(llm)
@@ -139,7 +158,9 @@ def test_each_model_generates_what_llama_cpp_pythons_llama_generates(
     assert all(len(set(t)) > 1 for t in ours)
 
 
-def test_a_state_restored_into_another_sequence_continues_with_bit_identical_logits(decoder: tuple[str, LlamaBackend]):
+def test_a_state_restored_into_another_sequence_continues_with_bit_identical_logits(
+    decoder: tuple[str, LlamaBackend],
+):
     _, be = decoder
     clear_all(be)
     tokens = be.tokenize(make_test_models.random_text(STATE_PREFILL_TOKENS, seed=100))[:STATE_PREFILL_TOKENS]
@@ -189,7 +210,9 @@ def test_a_restored_swa_state_holds_only_the_last_window_and_truncating_it_silen
 
 
 @pytest.mark.parametrize("kind", ["recurrent", "hybrid"])
-def test_recurrent_and_hybrid_memories_refuse_a_partial_truncation(kind: str, memory_model: Callable[[str], Path]):
+def test_recurrent_and_hybrid_memories_refuse_a_partial_truncation(
+    kind: str, memory_model: Callable[[str], Path]
+):
     be = open_backend(memory_model(kind))
     try:
         tokens = be.tokenize(make_test_models.random_text(PROMPT_WORDS, seed=102))
@@ -239,15 +262,23 @@ def test_the_encoder_decoder_model_decodes_after_llama_encode_in_the_backends_co
 
 
 def abort_probe(probe: str, path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(SCRIPTS_DIR / "memory_facts.py"), "--probe", probe, str(path)],
-                          capture_output=True, text=True, timeout=ABORT_TIMEOUT_S,
-                          env=os.environ | {"GGML_NO_BACKTRACE": "1"}, check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(SCRIPTS_DIR / "memory_facts.py"), "--probe", probe, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=ABORT_TIMEOUT_S,
+        env=os.environ | {"GGML_NO_BACKTRACE": "1"},
+        check=False,
+    )
 
 
-@pytest.mark.parametrize(("probe", "says"), [
-    ("decode_without_encode", "llama_encode must be called first"),
-    ("split_kv", "ggml_can_repeat"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("probe", "says"),
+    [
+        ("decode_without_encode", "llama_encode must be called first"),
+        ("split_kv", "ggml_can_repeat"),
+    ],
+)
 def test_llama_cpp_aborts_an_encoder_decoder_decoded_before_encoding_or_given_split_kv(
     probe: str, says: str, memory_model: Callable[[str], Path]
 ):

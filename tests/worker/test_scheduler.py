@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import pytest
 
 from erllama import ErllamaError
@@ -33,7 +34,7 @@ class Recorder:
         self.log.append((kind, rid))
 
     def done(self, rid, result):
-        self.results[rid] = result
+        self.results[rid] = msgspec.to_builtins(result)  # the tests read the result as the client's map
         self.log.append(("done", rid))
 
     def error(self, rid, err):
@@ -228,7 +229,9 @@ def test_a_second_request_under_a_running_request_id_is_refused_and_the_first_co
 
 # --- prompts that start like a running request's (worker/sharing.py) ------------------------------------------
 
-SHARED_START = "You are a careful assistant. Answer in one short sentence, and cite the source. " * 2  # 163 tokens
+SHARED_START = (
+    "You are a careful assistant. Answer in one short sentence, and cite the source. " * 2
+)  # 163 tokens
 
 
 def counting_decodes(be: StubBackend) -> list[tuple[int, int]]:

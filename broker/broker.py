@@ -1,0 +1,203 @@
+"""The broker: one thread, one ``zmq.Poller`` loop over the client sockets, the worker socket, the cache
+store socket, and every spawned child's pidfd and stderr pipe.
+
+The work is split by job, each part an object with its own state (see the README's Development section):
+``FrontEnd`` (client sockets, CURVE, replies), ``Requests`` (admission, dispatch, the terminal event,
+re-queue after a crash), ``WorkerSide`` (registration, heartbeats, calls, the relay of events),
+``Models`` (load, unload, what a worker's death means for its model), ``Supervisor`` (spawn, reap,
+liveness timers) and ``CacheQueries``. ``Broker`` owns the loop and wires the parts to each other.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import os
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from erllama.broker.cachequery import MAX_TOKEN_ID, CacheQueries
+from erllama.broker.config import BrokerConfig
+from erllama.broker.front import FrontEnd
+from erllama.broker.lifecycle import Requests
+from erllama.broker.models import Models
+from erllama.broker.pressure import PressureWatcher
+from erllama.broker.processes import TERMINATE_GRACE_S
+from erllama.broker.queues import QueueTotals
+from erllama.broker.registry import ModelEntry
+from erllama.broker.supervisor import Supervisor
+from erllama.broker.workers import WorkerSide
+from erllama.options import validate_prompt
+from erllama.protocol import (
+    CachedPrefixLen,
+    Call,
+    Cancel,
+    ErllamaError,
+    ErrorCode,
+    Infer,
+    ListModels,
+    LoadModel,
+    ModelInfo,
+    Ping,
+    QueueDepth,
+    Shutdown,
+    UnloadModel,
+    VramInfo,
+)
+from erllama.resources import vram_info
+from erllama.transport import BROKER_LOCK_NAME, InstanceLock, ensure_private_dir
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_MS = 100
+DRAIN_BATCH = 1000  # messages taken from one socket per wake, so a flood on one cannot starve the others
+
+
+class Broker:
+    def __init__(self, cfg: BrokerConfig):
+        self.cfg = cfg
+        self.ctx = zmq.Context()
+        self.poller = zmq.Poller()
+        self.lock = InstanceLock(cfg.runtime_dir / BROKER_LOCK_NAME)
+        self.stopping = False
+        self.totals = QueueTotals()
+        self.table: dict[str, ModelEntry] = {}
+        rids = itertools.count(1)  # the broker's ids for requests, calls and cache queries alike
+        self.front = FrontEnd(self.ctx, cfg, self.totals)
+        self.requests = Requests(
+            self.table, self.front, self.totals, lambda e, m: self.workers.send(e, m), rids
+        )
+        instance = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.workers = WorkerSide(self.ctx, self.table, self.requests, self.front, self.totals, instance)
+        self.supervisor = Supervisor(cfg, self.poller, self.table)
+        self.models = Models(
+            cfg, self.table, self.front, self.requests, self.workers, self.supervisor, self.totals, rids
+        )
+        self.cache: CacheQueries | None = None
+        if cfg.cachestore_endpoint:
+            self.cache = CacheQueries(self.ctx, cfg.cachestore_endpoint, self.front, rids)
+        self.pressure: PressureWatcher | None = None
+        self.workers.on_ready = self.models.ready
+        self.supervisor.on_worker_exit = self.models.worker_exited
+        self.front.handlers = {
+            Infer: self.requests.admit,
+            Cancel: lambda c, m: self.front.reply(
+                c, m.id, {"cancelled": self.requests.cancel_for(c, m.target)}
+            ),
+            LoadModel: self.models.load,
+            UnloadModel: self.models.unload,
+            ListModels: lambda c, m: self.front.reply(c, m.id, [e.describe() for e in self.table.values()]),
+            ModelInfo: lambda c, m: self.front.reply(c, m.id, self.models.entry(m.model).describe()),
+            QueueDepth: self.models.queue_depth,
+            Call: self.models.call,
+            CachedPrefixLen: self._cached_prefix_len,
+            Ping: lambda c, m: self.front.reply(c, m.id, self._ping()),
+            VramInfo: lambda c, m: self.front.reply(c, m.id, vram_info()),
+        }
+
+    def _cached_prefix_len(self, client: bytes, msg: CachedPrefixLen) -> None:
+        entry = self.models.entry(msg.model)
+        tokens = validate_prompt(msg.tokens, MAX_TOKEN_ID)
+        if self.cache is None or not isinstance(tokens, list):
+            self.front.reply(client, msg.id, 0)
+        else:
+            self.cache.cached_prefix_len(client, msg.id, tokens, entry)
+
+    def _ping(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "models": len(self.table),
+            "pressure": self.pressure.status() if self.pressure else None,
+        }
+
+    # --- life cycle ----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        ensure_private_dir(self.cfg.runtime_dir)
+        self.lock.acquire()
+        self.front.bind()
+        self.workers.sock.bind(self.cfg.worker_endpoint)
+        for sock in self.front.sockets:
+            self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(self.workers.sock, zmq.POLLIN)
+        if self.supervisor.runs_cachestore:
+            self.supervisor.spawn_cachestore()
+        if self.cache is not None:
+            self.poller.register(self.cache.sock, zmq.POLLIN)
+            if self.cfg.pressure.enabled:
+                self.pressure = PressureWatcher(self.cfg.pressure, self.cache.evict_bytes)
+                self.pressure.start()
+        for spec in self.cfg.models:
+            self.models.create(spec.model_id, spec.path, spec.options, waiter=None)
+
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        while not self.stopping:
+            self._poll_once(POLL_INTERVAL_MS)
+        self._shutdown()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        self._stop()
+
+    def _stop(self) -> None:
+        self.stopping = self.requests.stopping = self.supervisor.stopping = True
+
+    def _poll_once(self, timeout_ms: int) -> None:
+        for item, _ in self.poller.poll(timeout_ms):
+            if item in self.front.sockets:
+                self._drain(item, functools.partial(self.front.on_frames, self.front.sockets.index(item)))
+            elif item is self.workers.sock:
+                self._drain(self.workers.sock, self.workers.on_frames)
+            elif self.cache is not None and item is self.cache.sock:
+                self._drain(self.cache.sock, self.cache.on_frames)
+            elif isinstance(item, int) and item in self.supervisor.fds:
+                self.supervisor.on_fd(item)
+        now = time.monotonic()
+        if self.cache is not None:
+            self.cache.timers(now)
+        self.supervisor.cachestore_timers(now, self.cache)
+        self.supervisor.timers(now)
+
+    @staticmethod
+    def _drain(sock: zmq.Socket, handler: Callable[[list[bytes]], None]) -> None:
+        for _ in range(DRAIN_BATCH):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            handler(frames)
+
+    def _shutdown(self) -> None:
+        """Stop every worker (they finish with ``cancelled``), relay their last events, then close."""
+        shutting_down = ErllamaError(ErrorCode.SHUTTING_DOWN, "the broker is shutting down")
+        for entry in self.table.values():
+            self.requests.fail_waiting(entry, shutting_down)
+            self.workers.send(entry, Shutdown())
+        deadline = time.monotonic() + TERMINATE_GRACE_S
+        while any(e.worker and e.spawned for e in self.table.values()) and time.monotonic() < deadline:
+            self._poll_once(50)
+        self.supervisor.kill_all()
+        for rid in list(self.requests.table):
+            self.requests.fail(rid, shutting_down)
+        if self.pressure is not None:
+            self.pressure.stop()
+        self.supervisor.stop_cachestore()
+        self.front.close()
+        self.workers.sock.close(linger=500)
+        if self.cache is not None:
+            self.cache.close()
+        self.ctx.term()
+        for ep in (self.cfg.endpoint, self.cfg.worker_endpoint):
+            if ep.startswith("ipc://"):
+                Path(ep[len("ipc://") :]).unlink(missing_ok=True)
+        self.lock.release()
+        log.info("broker stopped")

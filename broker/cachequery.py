@@ -1,0 +1,109 @@
+"""The broker's own questions to the cache store: ``cached_prefix_len`` for clients (no worker hop), the
+stats ping that tells a live store from a frozen one, and evictions for the memory-pressure watcher.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+from collections.abc import Iterator
+from typing import Final
+
+import zmq
+
+from erllama import protocol
+from erllama.broker.front import FrontEnd
+from erllama.broker.registry import ModelEntry, Waiter
+from erllama.cachestore.client import CacheClient
+from erllama.protocol import (
+    CachePrefix,
+    CacheStats,
+    ErllamaError,
+    ErrorCode,
+    MemoryKind,
+    PrefixReply,
+    WireError,
+    as_exception,
+    encode,
+)
+from erllama.transport import make_socket
+
+log = logging.getLogger(__name__)
+
+CACHE_QUERY_TIMEOUT_S: Final = 2.0
+MAX_TOKEN_ID: Final = 2**31  # token ids travel to the cache store as u32; no vocabulary comes near this
+
+
+class CacheQueries:
+    """A DEALER to the store; answers are matched to the waiting client by ``rid``."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, front: FrontEnd, rids: Iterator[int]):
+        self.endpoint = endpoint
+        self.front = front
+        self.rids = rids
+        self.sock = make_socket(ctx, zmq.DEALER, protocol.MAX_CACHE_CONTROL_BYTES)
+        self.sock.connect(endpoint)
+        self.pending: dict[int, tuple[Waiter, float]] = {}  # rid -> who asked, deadline
+        self.heard_s = time.monotonic()  # the store's last reply: a frozen store is killed
+        self.pinged_s = 0.0
+        self._decoder = protocol.cache_reply_decoder(PrefixReply)
+        self._pressure_client: CacheClient | None = None  # used only from the watcher's thread
+
+    def cached_prefix_len(self, client: bytes, client_id: str, tokens: list[int], entry: ModelEntry) -> None:
+        """How many leading ``tokens`` (checked by the caller) the cache holds for this model: asked of
+        the store directly with the fingerprint the worker reported."""
+        try:  # it came from a worker's ready message: trust nothing about it
+            fp = bytes.fromhex(entry.fingerprint or "")
+        except ValueError:
+            fp = b""
+        if not fp:
+            self.front.reply(client, client_id, 0)
+            return
+        rid = next(self.rids)
+        # A recurrent, hybrid or sliding-window model can use only rows that are a prefix of the prompt.
+        overhang = None if entry.memory is MemoryKind.TRANSFORMER else 0
+        tokens_bytes = struct.pack(f"<{len(tokens)}I", *tokens)
+        query = CachePrefix(rid=rid, fp=fp, tokens=tokens_bytes, min_len=1, max_overhang=overhang)
+        try:
+            self.sock.send(encode(query), zmq.NOBLOCK)
+        except zmq.Again:
+            raise ErllamaError(ErrorCode.TIMEOUT, "the cache store is not accepting queries") from None
+        self.pending[rid] = (Waiter(client, client_id), time.monotonic() + CACHE_QUERY_TIMEOUT_S)
+
+    def ping(self, now: float) -> None:
+        self.pinged_s = now
+        try:
+            self.sock.send(encode(CacheStats(rid=0)), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def on_frames(self, frames: list[bytes]) -> None:
+        self.heard_s = time.monotonic()  # any reply, the pings' included, shows the store is alive
+        try:
+            msg = self._decoder.decode(frames[0])
+        except WireError:
+            return  # a stats reply (decoded as a prefix reply it lacks nothing) or garbage
+        query = self.pending.pop(msg.rid, None) if msg.rid is not None else None
+        if query is None:
+            return
+        waiter = query[0]
+        if isinstance(msg, PrefixReply):
+            self.front.answer(waiter, msg.hit.common_len if msg.hit is not None else 0)
+        else:
+            self.front.refuse(waiter, as_exception(msg))
+
+    def timers(self, now: float) -> None:
+        for rid, (waiter, deadline) in list(self.pending.items()):
+            if now > deadline:
+                del self.pending[rid]
+                self.front.refuse(waiter, ErllamaError(ErrorCode.TIMEOUT, "the cache store did not answer"))
+
+    def evict_bytes(self, nbytes: int) -> int:
+        """The memory-pressure watcher's hand on the cache (called from its thread, with its own socket)."""
+        if self._pressure_client is None:
+            self._pressure_client = CacheClient(self.endpoint)
+        return self._pressure_client.evict_bytes(nbytes)
+
+    def close(self) -> None:
+        self.sock.close(linger=500)

@@ -1,0 +1,181 @@
+"""A request's life in the broker: admission, dispatch to its model's worker, the terminal event, and
+what happens to it when its worker dies (re-queued once if it had produced nothing, else failed).
+
+``Requests`` owns the request table. It reaches clients through the front end and workers through the
+``send_worker`` callback the broker gives it, so it knows nothing of sockets.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from erllama.broker.front import FrontEnd
+from erllama.broker.queues import QueueTotals, Request
+from erllama.broker.registry import ModelEntry
+from erllama.options import parse_sampling, validate_prompt
+from erllama.protocol import (
+    CancelRun,
+    CompletionResult,
+    ErllamaError,
+    ErrorCode,
+    Infer,
+    Message,
+    ModelState,
+    Run,
+    StreamDone,
+    error_reply_of,
+)
+
+log = logging.getLogger(__name__)
+
+SendWorker = Callable[[ModelEntry, Message], bool]
+
+
+class Requests:
+    """Every request from its admission to its terminal event; ``rid`` is the broker's id for it."""
+
+    def __init__(
+        self,
+        models: dict[str, ModelEntry],
+        front: FrontEnd,
+        totals: QueueTotals,
+        send_worker: SendWorker,
+        rids: Iterator[int],
+    ):
+        self.models = models
+        self.front = front
+        self.totals = totals
+        self.send_worker = send_worker
+        self.rids = rids
+        self.table: dict[int, Request] = {}
+        self.by_client: dict[tuple[bytes, str], int] = {}
+        self.stopping = False
+
+    def get(self, rid: int) -> Request | None:
+        return self.table.get(rid)
+
+    def of(self, entry: ModelEntry, rid: int) -> Request | None:
+        """The request ``rid`` if it belongs to this model: a worker can never speak for another
+        model's requests."""
+        req = self.table.get(rid)
+        return req if req is not None and req.model_id == entry.model_id else None
+
+    # --- admission -----------------------------------------------------------------------------------------
+
+    def admit(self, client: bytes, msg: Infer) -> None:
+        """Validate an ``infer`` (parameters and prompt are checked here, once, and travel typed), queue
+        it and dispatch what the worker has room for."""
+        if self.stopping:
+            raise ErllamaError(ErrorCode.SHUTTING_DOWN, "the broker is shutting down")
+        entry = self.models.get(msg.model)
+        if entry is None:
+            raise ErllamaError(
+                ErrorCode.MODEL_NOT_FOUND, f"no model {msg.model!r} is loaded", {"model": msg.model}
+            )
+        if entry.state is ModelState.FAILED:
+            raise ErllamaError(
+                ErrorCode.MODEL_FAILED, f"model {entry.model_id!r} has failed", entry.last_error
+            )
+        if entry.state is ModelState.UNLOADING:
+            raise ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"model {entry.model_id!r} is being unloaded")
+        params = parse_sampling(msg.params)  # bad values are refused here, before they take a queue slot
+        prompt = validate_prompt(msg.prompt)
+        key = (client, msg.id)
+        if key in self.by_client:
+            raise ErllamaError(ErrorCode.PROTOCOL_ERROR, f"request id {msg.id!r} is already in flight")
+        rid = next(self.rids)
+        try:
+            entry.queue.enqueue(rid)
+        except ErllamaError:
+            self.totals.rejected_overloaded += 1
+            log.info("rid=%d refused: model %s is overloaded", rid, entry.model_id)
+            raise
+        self.table[rid] = Request(rid, client, msg.id, entry.model_id, prompt, params)
+        self.by_client[key] = rid
+        self.totals.accepted += 1
+        self.totals.depth += 1
+        log.info("rid=%d admitted: client request %s for %s", rid, msg.id, entry.model_id)
+        self.dispatch(entry)
+
+    def dispatch(self, entry: ModelEntry) -> None:
+        """Send the worker as many waiting requests as it has free sequences (its credit)."""
+        while (rid := entry.queue.next_dispatchable()) is not None:
+            req = self.table[rid]
+            queue_ms = (time.monotonic() - req.received_s) * 1000.0
+            if not self.send_worker(
+                entry, Run(rid=rid, prompt=req.prompt, params=req.params, queue_ms=queue_ms)
+            ):
+                entry.queue.running.discard(rid)
+                entry.queue.enqueue(rid, front=True)
+                return
+            req.dispatched = True
+            log.debug("rid=%d dispatched to the worker of %s after %.1f ms", rid, entry.model_id, queue_ms)
+
+    # --- cancelling and ending -----------------------------------------------------------------------------
+
+    def cancel_for(self, client: bytes, client_id: str) -> bool:
+        """Cancel a client's request by its own id; False if it is not in flight."""
+        rid = self.by_client.get((client, client_id))
+        if rid is not None:
+            self.cancel(rid)
+        return rid is not None
+
+    def cancel(self, rid: int) -> None:
+        req = self.table[rid]
+        entry = self.models.get(req.model_id)
+        log.info("rid=%d cancelled by its client", rid)
+        if not req.dispatched:
+            if entry is not None:
+                entry.queue.remove(rid)
+            # Never reached a worker: the broker ends it with an empty result of its own.
+            self.finish(rid, StreamDone(id=req.client_id, result=CompletionResult()))
+        elif entry is not None:
+            self.send_worker(entry, CancelRun(rid=rid))
+
+    def finish(self, rid: int, event: Message, failed: bool = False) -> None:
+        """Deliver a request's terminal event and forget it."""
+        req = self.table.pop(rid)
+        self.by_client.pop((req.client, req.client_id), None)
+        self.totals.depth -= 1
+        if failed:
+            self.totals.failed += 1
+        else:
+            self.totals.completed += 1
+            log.info("rid=%d finished", rid)
+        self.front.send(req.client, event, req.client_id)
+        entry = self.models.get(req.model_id)
+        if entry is not None:
+            entry.queue.remove(rid)
+            self.dispatch(entry)
+
+    def fail(self, rid: int, err: ErllamaError) -> None:
+        req = self.table.get(rid)
+        if req is not None:
+            log.info("rid=%d failed: %s", rid, err)
+            self.finish(rid, error_reply_of(err, req.client_id), failed=True)
+
+    def fail_waiting(self, entry: ModelEntry, err: ErllamaError) -> None:
+        for rid in list(entry.queue.waiting):
+            self.fail(rid, err)
+
+    def fail_all(self, entry: ModelEntry, err: ErllamaError) -> None:
+        for rid in list(entry.queue.running) + list(entry.queue.waiting):
+            self.fail(rid, err)
+
+    def worker_died(self, entry: ModelEntry, err: ErllamaError, detail: dict[str, Any]) -> None:
+        """Settle the requests a dead worker was running: one that had produced no token may have been
+        the victim rather than the cause, and is re-queued once; the others fail (``poison`` says a
+        request was present at more than one death)."""
+        for rid in sorted(entry.queue.running, reverse=True):
+            req = self.table[rid]
+            req.crashes += 1
+            entry.queue.running.discard(rid)
+            if req.tokens_sent == 0 and req.crashes == 1:
+                req.dispatched = False
+                entry.queue.enqueue(rid, front=True)
+                log.info("rid=%d re-queued after its worker died", rid)
+            else:
+                self.fail(rid, ErllamaError(err.code, err.message, detail | {"poison": req.crashes > 1}))

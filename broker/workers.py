@@ -1,0 +1,255 @@
+"""The broker's worker side: the worker ROUTER, registration, heartbeats, calls to a worker, and the
+relay of each request's events (tokens, span ends, the result, errors) to the client that asked.
+
+A message from a routing id that has not registered is either a spawned (or operator-started) worker
+reporting ``ready``, or a worker telling why its load failed; nothing else from it is believed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import zmq
+
+from erllama import protocol
+from erllama.broker.front import FrontEnd
+from erllama.broker.lifecycle import Requests
+from erllama.broker.processes import WorkerProcess
+from erllama.broker.queues import ModelQueue, QueueTotals
+from erllama.broker.registry import ModelEntry, Waiter
+from erllama.protocol import (
+    Admitted,
+    BrokerHeartbeat,
+    Done,
+    ErllamaError,
+    Error,
+    ErrorCode,
+    Heartbeat,
+    Message,
+    ModelState,
+    Op,
+    OpResult,
+    Ready,
+    SpanEnd,
+    StreamDone,
+    StreamSpanEnd,
+    StreamToken,
+    Token,
+    WorkerInfo,
+    WorkerMessage,
+    WorkerOp,
+    as_exception,
+    encode,
+    error_of,
+)
+from erllama.transport import make_socket
+
+log = logging.getLogger(__name__)
+
+
+class WorkerSide:
+    """Owns the worker socket and the table of registered workers; ``on_ready(entry)`` is called when a
+    model's worker has registered (the broker then dispatches its queue and answers its loaders)."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context,
+        models: dict[str, ModelEntry],
+        requests: Requests,
+        front: FrontEnd,
+        totals: QueueTotals,
+        instance: str,
+    ):
+        self.models = models
+        self.requests = requests
+        self.front = front
+        self.totals = totals
+        # Workers compare it across heartbeats: a new value tells an operator-started worker
+        # that the broker was restarted and it must register again.
+        self.instance = instance
+        self.sock = make_socket(ctx, zmq.ROUTER, protocol.MAX_WORKER_FRAME_BYTES)
+        self.workers: dict[bytes, ModelEntry] = {}  # routing id -> entry
+        self.calls: dict[int, tuple[Waiter, str]] = {}  # rid -> who asked, which model
+        self.on_ready: Callable[[ModelEntry], None] = lambda entry: None
+        self._decoder = protocol.worker_message_decoder()
+        self._handlers: dict[type[WorkerMessage], Callable[[ModelEntry, Any], None]] = {
+            Token: self._on_token,
+            SpanEnd: self._on_span_end,
+            Done: self._on_done,
+            Error: self._on_error,
+            OpResult: self._on_op_result,
+            Admitted: self._on_admitted,
+            Ready: lambda entry, msg: log.warning(
+                "worker of %s sent a second ready; ignored", entry.model_id
+            ),
+        }
+
+    def send(self, entry: ModelEntry, msg: Message) -> bool:
+        """Send to a model's registered worker without blocking; False if it is not reachable."""
+        if entry.worker is None or entry.worker.identity is None:
+            return False
+        try:
+            self.sock.send_multipart([entry.worker.identity, encode(msg)], zmq.NOBLOCK)
+            return True
+        except zmq.ZMQError as exc:
+            log.warning("cannot reach the worker of %s: %s", entry.model_id, exc)
+            return False
+
+    def call(self, entry: ModelEntry, waiter: Waiter, op: WorkerOp, args: dict[str, Any], rid: int) -> None:
+        """Ask the worker an operation; its answer goes to ``waiter``."""
+        if not self.send(entry, Op(rid=rid, op=op, args=args)):
+            raise ErllamaError(ErrorCode.WORKER_CRASHED, f"the worker of {entry.model_id!r} is unreachable")
+        self.calls[rid] = (waiter, entry.model_id)
+
+    def fail_calls(self, model_id: str, err: ErllamaError) -> None:
+        for rid, (waiter, owner) in list(self.calls.items()):
+            if owner == model_id:
+                del self.calls[rid]
+                self.front.refuse(waiter, err)
+
+    def forget(self, wp: WorkerProcess) -> None:
+        if wp.identity is not None:
+            self.workers.pop(wp.identity, None)
+
+    # --- receiving -----------------------------------------------------------------------------------------
+
+    def on_frames(self, frames: list[bytes]) -> None:
+        try:
+            self._on_message(frames)
+        except Exception:  # a bug of ours, or a peer we did not foresee: never the broker's death
+            self.totals.bad_messages += 1
+            log.exception("handling a worker message failed")
+
+    def _on_message(self, frames: list[bytes]) -> None:
+        identity = frames[0]
+        try:
+            if len(frames) != 2:
+                raise ErllamaError(ErrorCode.PROTOCOL_ERROR, "expected one frame")
+            msg = self._decoder.decode(frames[1])
+        except ErllamaError as err:
+            self.totals.bad_messages += 1
+            log.warning("bad worker message from %r: %s", identity, err.message)
+            return
+        if isinstance(msg, Heartbeat):
+            self._on_heartbeat(identity, msg)
+            return
+        entry = self.workers.get(identity)
+        if entry is None:
+            self._on_unknown_worker(identity, msg)
+            return
+        assert entry.worker is not None
+        entry.worker.last_seen_s = time.monotonic()
+        self._handlers[type(msg)](entry, msg)
+
+    def _on_token(self, entry: ModelEntry, msg: Token) -> None:
+        req = self.requests.of(entry, msg.rid)
+        if req is None:
+            return
+        req.tokens_sent += len(msg.token_ids)
+        event = StreamToken(
+            id=req.client_id, text=msg.text, token_ids=msg.token_ids, kind=msg.kind, ts_ns=msg.ts_ns
+        )
+        if not self.front.send(req.client, event, req.client_id):
+            self.send(entry, protocol.CancelRun(rid=req.rid))
+
+    def _on_span_end(self, entry: ModelEntry, msg: SpanEnd) -> None:
+        req = self.requests.of(entry, msg.rid)
+        if req is not None:
+            event = StreamSpanEnd(id=req.client_id, kind=msg.kind, data=msg.data, signature=msg.signature)
+            self.front.send(req.client, event, req.client_id)
+
+    def _on_done(self, entry: ModelEntry, msg: Done) -> None:
+        req = self.requests.of(entry, msg.rid)
+        if req is not None:
+            self.requests.finish(req.rid, StreamDone(id=req.client_id, result=msg.result))
+
+    def _on_error(self, entry: ModelEntry, msg: Error) -> None:
+        if msg.rid is None:
+            return
+        if self.requests.of(entry, msg.rid) is not None:
+            self.requests.fail(msg.rid, as_exception(msg))
+        elif msg.rid in self.calls and self.calls[msg.rid][1] == entry.model_id:
+            waiter, _ = self.calls.pop(msg.rid)
+            self.front.refuse(waiter, as_exception(msg))
+
+    def _on_op_result(self, entry: ModelEntry, msg: OpResult) -> None:
+        call = self.calls.get(msg.rid)
+        if call is not None and call[1] == entry.model_id:
+            del self.calls[msg.rid]
+            self.front.answer(call[0], msg.result)
+
+    def _on_admitted(self, entry: ModelEntry, msg: Admitted) -> None:
+        entry.queue.last_cache_hit = {"kind": msg.cache_hit_kind.value, "prefix_len": msg.prefix_len}
+
+    def _on_heartbeat(self, identity: bytes, msg: Heartbeat) -> None:
+        """Heartbeats come from each worker's heartbeat thread (and, on a phase change, from its main
+        socket). Those from the heartbeat thread are answered with our instance id."""
+        entry = self.models.get(msg.model)
+        wp = entry.worker if entry is not None else None
+        if identity != (wp.identity if wp else None):
+            try:
+                self.sock.send_multipart(
+                    [identity, encode(BrokerHeartbeat(instance=self.instance))], zmq.NOBLOCK
+                )
+            except zmq.ZMQError:
+                pass
+        if entry is None or wp is None or wp.pid != msg.pid:
+            return
+        now = time.monotonic()
+        wp.last_seen_s = now
+        if msg.progress != wp.progress or (msg.busy and not wp.busy):
+            wp.progress_changed_s = now
+        wp.progress = msg.progress
+        wp.busy = msg.busy
+        entry.queue.reported_phase = msg.phase
+        entry.queue.tokens_generated = msg.tokens_generated
+        if msg.cache is not None:
+            entry.cache_stats = msg.cache
+
+    def _on_unknown_worker(self, identity: bytes, msg: WorkerMessage) -> None:
+        """A worker we have not heard from: one we spawned reporting in, or an operator's."""
+        if isinstance(msg, Error) and msg.rid is None:
+            model, pid = msg.detail.get("model"), msg.detail.get("pid")
+            entry = self.models.get(model) if isinstance(model, str) else None
+            if entry is not None and entry.worker is not None and entry.worker.pid == pid:
+                entry.last_error = {"code": msg.code, "message": msg.message}
+            return
+        if isinstance(msg, Ready):
+            self._register(identity, msg)
+
+    def _register(self, identity: bytes, msg: Ready) -> None:
+        try:  # it comes from a worker: what the broker uses of it must have the types it expects
+            info = msgspec.convert(msg.info, WorkerInfo)
+        except msgspec.ValidationError as exc:
+            log.warning("worker of %s reported unusable info (%s); registering it without", msg.model, exc)
+            info = WorkerInfo()
+        model_id, pid = msg.model, msg.pid
+        entry = self.models.get(model_id)
+        if entry is None:
+            queue = ModelQueue(model_id, max_queue=protocol.DEFAULT_MAX_QUEUE)
+            entry = ModelEntry(model_id, info.path, info.options, queue, spawned=False)
+            entry.worker = WorkerProcess(model_id, pid)
+            self.models[model_id] = entry
+            log.info("operator-started worker registered %s (pid %d)", model_id, pid)
+        elif not entry.spawned and entry.state in (ModelState.FAILED, ModelState.RESTARTING):
+            entry.worker = WorkerProcess(model_id, pid)
+        elif entry.worker is None or entry.worker.pid != pid or entry.worker.identity is not None:
+            err = ErllamaError(ErrorCode.ALREADY_LOADED, f"model {model_id!r} is already served")
+            self.sock.send_multipart([identity, encode(error_of(err, None))])
+            return
+        assert entry.worker is not None
+        entry.worker.identity = identity
+        self.workers[identity] = entry
+        entry.info = msg.info
+        entry.fingerprint = info.fingerprint
+        entry.memory = info.memory
+        entry.queue.slots = msg.slots
+        entry.state = ModelState.READY
+        entry.last_error = None
+        entry.restart.reset()
+        log.info("model %s ready (pid %d, %d slots)", model_id, pid, msg.slots)
+        self.on_ready(entry)
