@@ -15,6 +15,12 @@ Three tables, each against a real ``erllama-broker`` (default model) on private 
   requests off (``share_prefix=false``: every agent prefills everything), with the cache off and
   sharing on (``sharing only``), with the cache on and the prefix never seen before (``cold
   prefix``), and with the prefix primed by an earlier ``prefill_only`` (``primed``).
+- ``exactcost``: what bit-identical output costs. The default load options (``exact``: flash
+  attention on, micro-batches of 32 tokens, the kernels whose result for a token does not depend on
+  how it is batched) against the fastest non-identical ones (``exact=false``: llama.cpp's defaults,
+  flash attention auto, micro-batches of 512), both loaded in one broker without the cache and measured
+  in alternating rounds: cold prefill tokens/s of 512, 2,048 and 4,096-token prompts (prompt tokens /
+  server-side time to first token) and decode tokens/s of 128 greedy tokens after each.
 - ``multiturn``: 12 conversations x 6 turns. Each round issues turn t of every conversation at once
   (12 requests for 4 sequences, no ``session_id``: rows must come from the cache store), each turn
   resending the whole conversation (previous prompt + generated tokens, as token ids: exact, where a
@@ -106,6 +112,9 @@ class Sizes:
     cw_reps: int = 5  # warm runs per (size, tier); the median is shown
     cw_restarts: int = 3  # full restarts for "disk after restart"; the median is shown
     cw_max_tokens: int = 1
+    ec_prompts: tuple[int, ...] = (512, 2048, 4096)
+    ec_rounds: int = 3
+    ec_decode: int = 128
     goal_size: int = 2048
     sh_agents: int = 8
     sh_prefix: int = 2000
@@ -122,6 +131,9 @@ class Sizes:
 
 QUICK = Sizes(
     cw_prompts=(256, 512),
+    ec_prompts=(256,),
+    ec_rounds=1,
+    ec_decode=16,
     cw_reps=2,
     cw_restarts=1,
     goal_size=512,
@@ -286,9 +298,10 @@ def drop_page_cache() -> bool:
 class Corpus:
     """Token ids of an English text repeated, sliced to exact lengths behind distinct leading texts."""
 
-    def __init__(self, c: Client):
+    def __init__(self, c: Client, model_id: str = MODEL_ID):
         self.c = c
-        self.tokens = c.tokenize(MODEL_ID, CORPUS_TEXT * CORPUS_REPEAT, add_special=False)
+        self.model_id = model_id
+        self.tokens = c.tokenize(model_id, CORPUS_TEXT * CORPUS_REPEAT, add_special=False)
 
     def take(self, offset: int, n: int) -> list[int]:
         size = len(self.tokens)
@@ -297,12 +310,12 @@ class Corpus:
     def prompt(self, lead: str, n: int, offset: int = 0) -> list[int]:
         """Exactly ``n`` tokens: BOS + ``lead`` + corpus text. A distinct lead keeps prompts from
         sharing more than a couple of tokens, far below ``cache_min_tokens``."""
-        head = self.c.tokenize(MODEL_ID, lead)
+        head = self.c.tokenize(self.model_id, lead)
         return head + self.take(offset, n - len(head))
 
     def more(self, lead: str, n: int, offset: int) -> list[int]:
         """Exactly ``n`` tokens to append to a conversation (no BOS)."""
-        head = self.c.tokenize(MODEL_ID, lead, add_special=False)
+        head = self.c.tokenize(self.model_id, lead, add_special=False)
         return head + self.take(offset, n - len(head))
 
 
@@ -622,6 +635,45 @@ class Conversations:
     turns: list[Turn] = field(default_factory=list)
 
 
+def exactcost(the_lab: Lab, sz: Sizes) -> None:
+    """Cold prefill and decode speed, exact kernels (the default) against the fast ones."""
+    broker = the_lab.start("exactcost", "--no-cache")
+    modes = {"exact": {}, "fast": {"exact": False}}
+    n_ctx = ctx_for(max(sz.ec_prompts) + sz.ec_decode)
+    for name, opts in modes.items():
+        broker.client.load_model(
+            name, None, n_ctx=n_ctx, n_seq_max=1, cache=False, **opts | broker.load_options
+        )
+        broker.client.complete(name, WARMUP_PROMPT, max_tokens=2)
+    broker.note_children()
+    corpus = Corpus(broker.client, "exact")
+    prefill: dict[tuple[str, int], list[float]] = {}
+    decode: dict[tuple[str, int], list[float]] = {}
+    for rnd in range(sz.ec_rounds):
+        for size in sz.ec_prompts:
+            prompt = corpus.prompt(f"Round {rnd} of {size}.", size, offset=rnd * 97)
+            for name in modes if rnd % 2 == 0 else reversed(list(modes)):
+                r = broker.client.complete(name, prompt, max_tokens=sz.ec_decode, temperature=0.0)
+                prefill.setdefault((name, size), []).append(size / (r.stats.ttft_ms / 1000.0))
+                decode.setdefault((name, size), []).append(
+                    len(r.generated) / (r.stats.generation_ms / 1000.0)
+                )
+    print(
+        f"\n## exactcost: bit-identical (exact) vs fast kernels, medians of {sz.ec_rounds} alternating rounds\n"
+    )
+    print(
+        "| prompt | prefill exact tok/s | prefill fast tok/s | exact/fast | decode exact tok/s | decode fast tok/s | exact/fast |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for size in sz.ec_prompts:
+        pe, pf = statistics.median(prefill[("exact", size)]), statistics.median(prefill[("fast", size)])
+        de, df = statistics.median(decode[("exact", size)]), statistics.median(decode[("fast", size)])
+        print(
+            f"| {size:,} | {pe:.1f} | {pf:.1f} | **{pe / pf:.2f}** | {de:.1f} | {df:.1f} | **{de / df:.2f}** |"
+        )
+    the_lab.stop(broker)
+
+
 def start_conversations(the_lab: Lab, sz: Sizes, cache: bool) -> Conversations:
     longest = sz.mt_first + (sz.mt_turns - 1) * (sz.mt_gen + sz.mt_new) + sz.mt_gen
     broker = the_lab.start("mt-on" if cache else "mt-off", *(() if cache else ("--no-cache",)))
@@ -727,6 +779,7 @@ def multiturn(the_lab: Lab, sz: Sizes) -> None:
 
 TABLES: Final[dict[str, Callable[[Lab, Sizes], None]]] = {
     "coldwarm": coldwarm,
+    "exactcost": exactcost,
     "shared": shared,
     "multiturn": multiturn,
 }

@@ -87,6 +87,7 @@ from erllama.options import SamplingParams
 from erllama.protocol import HEARTBEAT_INTERVAL_S, MODEL_LOAD_TIMEOUT_S, WORKER_SILENCE_TIMEOUT_S, ErrorCode
 from erllama.transport import CACHESTORE_SOCKET_NAME, CLIENT_SOCKET_NAME, ipc_endpoint
 from erllama.worker.backend import BatchRow
+from erllama.worker.kvrow import BadRow, RowParts
 from erllama.worker.stub_backend import STATE_MAGIC, StubBackend
 
 log = logging.getLogger("chaos")
@@ -944,8 +945,14 @@ class RealLoad(threading.Thread):
 # --- the row auditor ------------------------------------------------------------------------------------
 
 
-def stub_state_tokens(state: bytes) -> list[int] | None:
-    """The token list a stub KV state holds (``StubBackend.seq_state``), or None if it is not one."""
+def stub_state_tokens(payload: bytes) -> list[int] | None:
+    """The token list a stub row's KV state holds (a ``kvrow`` payload around ``StubBackend.seq_state``),
+    or None if it is not one."""
+    try:
+        parts = RowParts.parse(memoryview(payload))
+    except BadRow:
+        return None
+    state = payload[parts.state_offset : parts.state_offset + parts.state_len]
     head = len(STATE_MAGIC) + 4
     if not state.startswith(STATE_MAGIC) or len(state) < head:
         return None

@@ -35,7 +35,7 @@ import llama_cpp as L
 import llama_cpp.llama_cpp as llama_lowlevel
 import numpy as np
 
-from erllama.options import parse_load_options
+from erllama.options import EXACT_UBATCH_TOKENS, parse_load_options
 from erllama.worker.backend import BatchRow
 from erllama.worker.llama_backend import LlamaBackend
 
@@ -62,7 +62,7 @@ make_test_models = _load_script("make_test_models")
 def open_backend(
     path: Path, n_ctx: int, n_seq_max: int = N_SEQ_MAX, kv_unified: bool = False
 ) -> LlamaBackend:
-    opts = {"n_ctx": n_ctx, "n_seq_max": n_seq_max, "kv_unified": kv_unified, "flash_attn": "off"}
+    opts = {"n_ctx": n_ctx, "n_seq_max": n_seq_max, "kv_unified": kv_unified}
     return LlamaBackend(path, parse_load_options(opts))
 
 
@@ -276,7 +276,8 @@ def reference_llama(path: Path, n_ctx: int) -> Any:
             n_batch=512,
             n_threads=os.cpu_count(),
             n_threads_batch=os.cpu_count(),
-            flash_attn=False,
+            flash_attn=True,
+            n_ubatch=EXACT_UBATCH_TOKENS,
             logits_all=True,
             verbose=False,
         )

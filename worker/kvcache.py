@@ -31,7 +31,11 @@ LOOKUP_TIMEOUT_S: Final = 0.5
 SAVE_TIMEOUT_S: Final = 10.0
 STORE_BACKOFF_S: Final = 5.0  # after a timeout, how long the store is not asked again
 MAX_PENDING_SAVE_BYTES: Final = 512 * 1024 * 1024  # KV copies waiting for the saver thread, beyond the first
-BUDGETS_REFRESH_S: Final = 30.0  # how often the saver asks the store for its tier budgets
+BUDGETS_REFRESH_S: Final = 30.0
+# A client resending a conversation at once (an HTTP chat client, every turn) asks for the row the
+# previous turn's finish save is still handing to the store. Waiting this long at most for such a save
+# costs far less than prefilling the turn again; saves of other prompts are never waited for.
+PREFIX_SAVE_WAIT_S: Final = 0.5  # how often the saver asks the store for its tier budgets
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +142,7 @@ class KVCache:
         self._lookups = CacheClient(endpoint, timeout_s=LOOKUP_TIMEOUT_S)
         self._down_until = 0.0
         self._queue: deque[_Save] = deque()
+        self._saving: _Save | None = None  # the save the saver thread is handing over now
         self._pending_bytes = 0
         self._max_row_bytes: int | None = None  # the store's largest tier budget, once known
         self._cond = threading.Condition()
@@ -157,6 +162,7 @@ class KVCache:
         ``count_hit`` once the row is in place: a row that does not restore is no hit."""
         if time.monotonic() < self._down_until:
             return None
+        self._wait_for_prefix_saves(prompt)
         self.counters.lookups += 1
         try:
             if parent_key is not None:
@@ -178,6 +184,16 @@ class KVCache:
         if found is None:
             self.counters.misses += 1
         return found
+
+    def _wait_for_prefix_saves(self, prompt: list[int]) -> None:
+        """Let queued saves whose tokens start ``prompt`` reach the store before it is asked."""
+        deadline = time.monotonic() + PREFIX_SAVE_WAIT_S
+        with self._cond:
+            while (left := deadline - time.monotonic()) > 0 and any(
+                len(s.tokens) <= len(prompt) and prompt[: len(s.tokens)] == s.tokens
+                for s in (*self._queue, *((self._saving,) if self._saving is not None else ()))
+            ):
+                self._cond.wait(left)
 
     def _longest(self, prompt: list[int], max_len: int, limits: RowLimits) -> Found | None:
         hit = self._lookups.longest_prefix(
@@ -266,7 +282,7 @@ class KVCache:
             self._queue.append(_Save(self.fingerprint, tokens, parts, nbytes, reason))
             self._pending_bytes += nbytes
             self.counters.saves_queued += 1
-            self._cond.notify()
+            self._cond.notify_all()  # the saver thread, and not only: an admission may wait for saves
         return self.key_hex(tokens)
 
     def _save_loop(self) -> None:
@@ -274,7 +290,10 @@ class KVCache:
         budgets_at = 0.0
         try:
             while True:
-                if time.monotonic() - budgets_at >= BUDGETS_REFRESH_S:
+                with self._cond:
+                    idle = not self._queue
+                if idle and time.monotonic() - budgets_at >= BUDGETS_REFRESH_S:
+                    # Asked only while no save waits: a save must never queue behind it.
                     budgets_at = time.monotonic()
                     self._refresh_budgets(client)
                 with self._cond:
@@ -284,7 +303,7 @@ class KVCache:
                         if self._closing:
                             return
                         continue
-                    item = self._queue.popleft()
+                    item = self._saving = self._queue.popleft()
                 with about_request(item.rid):
                     try:
                         outcome = client.save(item.fingerprint, item.tokens, item.parts, item.reason)
@@ -296,6 +315,8 @@ class KVCache:
                         self._down_until = time.monotonic() + STORE_BACKOFF_S
                         log.warning("save dropped: %s", err)
                 with self._cond:
+                    self._saving = None
+                    self._cond.notify_all()  # an admission may wait for this row (_wait_for_prefix_saves)
                     self._pending_bytes -= item.nbytes
                     if outcome is SaveOutcome.STORED:
                         self.counters.saves_stored += 1

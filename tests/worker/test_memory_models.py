@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import llama_cpp as L
-import llama_cpp.llama_cpp as llama_lowlevel
 import numpy as np
 import pytest
 
@@ -24,7 +23,7 @@ from erllama.options import parse_load_options
 from erllama.worker.backend import BatchRow
 from erllama.worker.llama_backend import LlamaBackend
 from tests.memory_models import GEMMA3_270M_PACKAGE, KINDS, gemma3_270m_path, make_test_models
-from tests.reference import ReferenceModel, _params_without_extra_bufts, assert_same_greedy
+from tests.reference import ReferenceModel, assert_identical
 
 N_CTX_TOKENS: Final = 256
 N_SEQ: Final = 4
@@ -45,7 +44,7 @@ ABORT_TIMEOUT_S: Final = 120
 
 
 def open_backend(path: Path, **options: Any) -> LlamaBackend:
-    opts = {"n_ctx": N_CTX_TOKENS, "n_seq_max": N_SEQ, "flash_attn": "off", "n_threads": 1} | options
+    opts = {"n_ctx": N_CTX_TOKENS, "n_seq_max": N_SEQ, "n_threads": 1} | options
     return LlamaBackend(path, parse_load_options(opts))
 
 
@@ -95,24 +94,8 @@ def greedy_together(be: LlamaBackend, prompt_tokens: Sequence[list[int]]) -> lis
 
 
 def reference_for(path: Path) -> ReferenceModel:
-    """llama-cpp-python's ``Llama`` on ``path`` with flash attention off (``tests.reference`` builds it
-    for the default model with flash attention on)."""
-    default = llama_lowlevel.llama_model_default_params
-    llama_lowlevel.llama_model_default_params = _params_without_extra_bufts
-    try:
-        llm = L.Llama(
-            model_path=str(path),
-            n_ctx=N_CTX_TOKENS,
-            n_batch=512,
-            n_threads=1,
-            n_threads_batch=1,
-            flash_attn=False,
-            logits_all=True,
-            verbose=False,
-        )
-    finally:
-        llama_lowlevel.llama_model_default_params = default
-    return ReferenceModel(llm)
+    """llama-cpp-python's ``Llama`` on ``path``, with the worker's exact-mode kernels."""
+    return ReferenceModel.load(n_ctx=N_CTX_TOKENS, path=path)
 
 
 def prefill(be: LlamaBackend, seq: int, tokens: Sequence[int], pos: int = 0) -> np.ndarray:
@@ -146,10 +129,10 @@ def test_each_model_generates_what_llama_cpp_pythons_llama_generates(
     ref = reference_for(memory_model(kind))
     try:
         for prompt, got in zip(tokens, ours):
-            expected, ref_logits = ref.greedy(prompt, GREEDY_TOKENS)
+            expected, _ = ref.greedy(prompt, GREEDY_TOKENS)
             # The reference stops at an end-of-generation token, as the scheduler would.
             ends = [i for i, t in enumerate(got) if be.is_eog(t)]
-            assert_same_greedy(got[: ends[0]] if ends else got, expected, ref_logits)
+            assert_identical(got[: ends[0]] if ends else got, expected, kind)
     finally:
         ref.llm.close()
     # Random weights that still depend on the context: the prompts lead to different continuations,
