@@ -30,6 +30,11 @@ MAX_SEQUENCES: Final = 64
 # at a time, and larger ones in tiles that round differently (measured: n_ubatch 48 bit-identical to
 # token-by-token decoding, 64 off by 0.43). Exact mode keeps micro-batches in the first regime.
 EXACT_MAX_UBATCH_TOKENS: Final = 48
+# ggml's CPU backend multiplies K-quant and IQ weights (Q4_K_M files and the like) with a tiled kernel
+# from 8-token micro-batches on and with its dot-product kernel below: different rounding (measured on
+# Gemma 3 270M Q4_K_M: 0.25-0.48 logits). Exact mode keeps the dot-product kernel for every batch
+# (read once per process, before the first matrix product; prefill 13% slower on that model).
+EXACT_KERNELS_ENV: Final = {"GGML_CPU_TILED_MM": "0"}
 EXACT_UBATCH_TOKENS: Final = 32
 FAST_UBATCH_TOKENS: Final = 512
 MAX_TENSOR_SPLIT: Final = 16

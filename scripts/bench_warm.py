@@ -31,8 +31,8 @@ Three tables, each against a real ``erllama-broker`` (default model) on private 
 TTFT is measured by the client: from just before ``infer()`` sends the request to the arrival of the
 first token event (``TokenEvent.received_ns``, same monotonic clock); it includes queueing in the
 broker. ``srv ms`` is the result's ``stats.ttft_ms`` (broker receipt to first sampled token).
-"read" is ``cache_delta["read"]``: prompt tokens whose KV came from the cache (an exact hit reads all
-but the last prompt token, which is decoded again for fresh logits).
+"read" is ``cache_delta["read"]``: prompt tokens whose KV came from the cache (an exact hit on a row of
+exactly the prompt reads all of it; on a longer row all but the last prompt token, decoded again).
 
     python scripts/bench_warm.py [--only coldwarm shared multiturn] [--quick] [--omp-passive] [--threads N]
                                  [--mt-first-tokens N] [--mt-seqs N] [--sh-seqs N]

@@ -63,7 +63,7 @@ def open_backend(
     path: Path, n_ctx: int, n_seq_max: int = N_SEQ_MAX, kv_unified: bool = False
 ) -> LlamaBackend:
     opts = {"n_ctx": n_ctx, "n_seq_max": n_seq_max, "kv_unified": kv_unified}
-    return LlamaBackend(path, parse_load_options(opts))
+    return LlamaBackend(path, parse_load_options(opts), refuse_unsupported=False)
 
 
 def logits_at(be: LlamaBackend, index: int) -> np.ndarray:

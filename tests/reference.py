@@ -21,7 +21,7 @@ import llama_cpp.llama_cpp as llama_lowlevel
 import numpy as np
 
 from erllama.models import default_model_path
-from erllama.options import EXACT_UBATCH_TOKENS
+from erllama.options import EXACT_KERNELS_ENV, EXACT_UBATCH_TOKENS
 
 NEAR_TIE_LOGIT_GAP = 1e-3
 
@@ -35,6 +35,9 @@ def _params_without_extra_bufts():
 
 
 _default_model_params = llama_lowlevel.llama_model_default_params
+# The worker's exact mode takes ggml's dot-product kernel for every K-quant matrix product; the
+# reference must too (read once per process, at the first product).
+os.environ.update(EXACT_KERNELS_ENV)
 
 
 @dataclass

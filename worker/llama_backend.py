@@ -132,17 +132,18 @@ def context_params(options: LoadOptions) -> Any:
     return cp
 
 
-def memory_kind(model: Any) -> MemoryKind:
+def memory_kind(model: Any, refuse_unsupported: bool = True) -> MemoryKind:
     """What the model keeps per sequence. Raises ``unsupported_model`` for kinds whose decoding is not
     a causal prompt-then-generate loop (encoder-decoder models need ``llama_encode`` first and abort
-    without it; diffusion models do not decode left to right)."""
-    if L.llama_model_has_encoder(model):
+    without it; diffusion models do not decode left to right), unless ``refuse_unsupported`` is off
+    (``scripts/memory_facts.py`` probes such models through this backend)."""
+    if refuse_unsupported and L.llama_model_has_encoder(model):
         raise ErllamaError(
             ErrorCode.UNSUPPORTED_MODEL,
             "encoder-decoder models (T5 and the like) are not supported",
             {"memory": "encoder"},
         )
-    if L.llama_model_is_diffusion(model):
+    if refuse_unsupported and L.llama_model_is_diffusion(model):
         raise ErllamaError(
             ErrorCode.UNSUPPORTED_MODEL, "diffusion models are not supported", {"memory": "diffusion"}
         )
@@ -166,7 +167,7 @@ def _load_error(what: str) -> str:
 class LlamaBackend:
     """See ``erllama.worker.backend.Backend``."""
 
-    def __init__(self, path: Path, options: LoadOptions):
+    def __init__(self, path: Path, options: LoadOptions, refuse_unsupported: bool = True):
         _init_llama()
         if (options.n_gpu_layers != 0 or options.tensor_split) and not L.llama_supports_gpu_offload():
             raise ErllamaError(
@@ -194,7 +195,7 @@ class LlamaBackend:
         if not self.model:
             raise ErllamaError(ErrorCode.LOAD_FAILED, _load_error(f"llama.cpp could not load {path}"))
         try:
-            self.memory = memory_kind(self.model)
+            self.memory = memory_kind(self.model, refuse_unsupported)
         except ErllamaError:
             L.llama_model_free(self.model)
             raise

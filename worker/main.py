@@ -22,7 +22,7 @@ from erllama import protocol
 from erllama.cachestore.config import default_endpoint as default_cachestore_endpoint
 from erllama.logsetup import die_with_parent, setup_logging
 from erllama.models import check_gguf_header, default_model_path
-from erllama.options import LoadOptions, parse_load_options, validate_model_id
+from erllama.options import EXACT_KERNELS_ENV, LoadOptions, parse_load_options, validate_model_id
 from erllama.protocol import ErllamaError, ErrorCode, MemoryKind
 from erllama.transport import WORKER_SOCKET_NAME, default_runtime_dir, ipc_endpoint
 from erllama.worker.backend import Backend
@@ -55,6 +55,8 @@ def load_backend(model_path: Path | None, options: LoadOptions) -> tuple[Backend
     # (seen here: 120 s instead of an immediate SIGABRT). A worker must die at once; the abort
     # message itself still reaches stderr.
     os.environ.setdefault("GGML_NO_BACKTRACE", "1")
+    if options.exact:
+        os.environ.update(EXACT_KERNELS_ENV)
     from erllama.worker.llama_backend import LlamaBackend  # imported late: it loads libllama
 
     return LlamaBackend(path, options), path

@@ -45,7 +45,7 @@ ABORT_TIMEOUT_S: Final = 120
 
 def open_backend(path: Path, **options: Any) -> LlamaBackend:
     opts = {"n_ctx": N_CTX_TOKENS, "n_seq_max": N_SEQ, "n_threads": 1} | options
-    return LlamaBackend(path, parse_load_options(opts))
+    return LlamaBackend(path, parse_load_options(opts), refuse_unsupported=False)  # T5 is probed too
 
 
 @pytest.fixture(scope="module", params=DECODER_ONLY)
