@@ -60,9 +60,10 @@ make_test_models = _load_script("make_test_models")
 
 
 def open_backend(
-    path: Path, n_ctx: int, n_seq_max: int = N_SEQ_MAX, kv_unified: bool = False
+    path: Path, n_ctx: int, n_seq_max: int = N_SEQ_MAX, kv_unified: bool = False, exact: bool = True
 ) -> LlamaBackend:
-    opts = {"n_ctx": n_ctx, "n_seq_max": n_seq_max, "kv_unified": kv_unified}
+    """``exact=False`` for T5: llama_encode takes the whole input in one micro-batch (exact mode: 32)."""
+    opts = {"n_ctx": n_ctx, "n_seq_max": n_seq_max, "kv_unified": kv_unified, "exact": exact}
     return LlamaBackend(path, parse_load_options(opts), refuse_unsupported=False)
 
 
@@ -203,10 +204,10 @@ def child(probe: str, path: Path) -> str:
 
 def run_probe(probe: str, path: Path) -> None:
     if probe == "split_kv":
-        be = open_backend(path, n_ctx=256)
+        be = open_backend(path, n_ctx=256, exact=False)
         print("context created")
     elif probe == "decode_without_encode":
-        be = open_backend(path, n_ctx=256, n_seq_max=1)
+        be = open_backend(path, n_ctx=256, n_seq_max=1, exact=False)
         be.decode([BatchRow(0, [decoder_start(be)], 0, 1)])
         print("decoded")
     be.close()
@@ -217,7 +218,7 @@ def encdec_facts(path: Path) -> list[list[Any]]:
         ["context with split KV, n_seq_max 4", child("split_kv", path)],
         ["llama_decode before any llama_encode (n_seq_max 1)", child("decode_without_encode", path)],
     ]
-    single = open_backend(path, n_ctx=256, n_seq_max=1)
+    single = open_backend(path, n_ctx=256, n_seq_max=1, exact=False)
     try:
         a = single.tokenize(make_test_models.random_text(30, seed=2))
         b = single.tokenize(make_test_models.random_text(30, seed=3))
@@ -234,7 +235,7 @@ def encdec_facts(path: Path) -> list[list[Any]]:
         )
     finally:
         single.close()
-    be = open_backend(path, n_ctx=256, n_seq_max=2, kv_unified=True)
+    be = open_backend(path, n_ctx=256, n_seq_max=2, kv_unified=True, exact=False)
     try:
         encode(be, [0], a)
         prefill(be, 0, [start])

@@ -43,15 +43,9 @@ os.environ.update(EXACT_KERNELS_ENV)
 @dataclass
 class ReferenceModel:
     llm: llama_cpp.Llama
-    # Reuse the KV of the previous prompt's common prefix instead of starting from nothing: for long
-    # prompts on a bigger model (Gemma 3). Only where the result is the same, which is what exact mode
-    # makes true: a live (never restored) transformer or sliding-window sequence cut at any position.
-    reuse_prefix: bool = False
 
     @classmethod
-    def load(
-        cls, n_ctx: int = 2048, path: Path | None = None, exact: bool = True, reuse_prefix: bool = False
-    ) -> ReferenceModel:
+    def load(cls, n_ctx: int = 2048, path: Path | None = None, exact: bool = True) -> ReferenceModel:
         """``path`` defaults to the embedded model; ``exact`` decodes with the kernels of the worker's
         exact mode (flash attention, micro-batches of ``EXACT_UBATCH_TOKENS``), else llama.cpp's defaults."""
         llama_lowlevel.llama_model_default_params = _params_without_extra_bufts
@@ -69,7 +63,7 @@ class ReferenceModel:
             )
         finally:
             llama_lowlevel.llama_model_default_params = _default_model_params
-        return cls(llm, reuse_prefix)
+        return cls(llm)
 
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode(), add_bos=True, special=False)
@@ -77,13 +71,8 @@ class ReferenceModel:
     def greedy(self, prompt: Sequence[int], n: int) -> tuple[list[int], list[np.ndarray]]:
         """``n`` greedy tokens after ``prompt`` (stopping at end-of-generation) and the logits
         each was chosen from."""
-        keep = 0
-        if self.reuse_prefix:
-            held = list(self.llm.input_ids[: self.llm.n_tokens])
-            while keep < min(len(held), len(prompt) - 1) and held[keep] == prompt[keep]:
-                keep += 1
-        self.llm.n_tokens = keep  # eval() drops the cells from here on before it decodes
-        self.llm.eval(list(prompt[keep:]))
+        self.llm.reset()
+        self.llm.eval(list(prompt))
         out: list[int] = []
         logits: list[np.ndarray] = []
         for _ in range(n):
