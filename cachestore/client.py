@@ -57,6 +57,7 @@ from erllama.protocol import (
     ExactReply,
     LateReply,
     LoadReply,
+    PrefixHitInfo,
     PrefixReply,
     ReserveReply,
     ReserveStatus,
@@ -195,6 +196,39 @@ class CacheClient:
         """The stored row sharing the most leading tokens with ``tokens`` among the usable ones: at most
         ``max_len`` tokens long, extending at most ``max_overhang`` tokens past the shared part (0: a
         prefix of ``tokens``). None if fewer than ``min_len`` tokens are shared."""
+        reply = self._prefix(fingerprint, tokens, min_len, max_len, max_overhang, load=False)
+        return None if reply.hit is None else _hit(reply.hit)
+
+    def find(
+        self,
+        fingerprint: bytes,
+        tokens: Sequence[int],
+        min_len: int | None = None,
+        max_len: int | None = None,
+        max_overhang: int | None = None,
+    ) -> tuple[PrefixHit, LoadedRow] | None:
+        """``longest_prefix`` and ``load`` of what it finds in one round trip; None on a miss, or if the
+        row went away or is unusable."""
+        try:
+            reply = self._prefix(fingerprint, tokens, min_len, max_len, max_overhang, load=True)
+        except ErllamaError as err:
+            if err.code in (ErrorCode.NOT_FOUND, ErrorCode.CORRUPT):
+                return None  # gone between the lookup and the lease, inside the store
+            raise
+        if reply.hit is None or reply.load is None:
+            return None
+        row = self._map(reply.hit.key, reply.load)
+        return None if row is None else (_hit(reply.hit), row)
+
+    def _prefix(
+        self,
+        fingerprint: bytes,
+        tokens: Sequence[int],
+        min_len: int | None,
+        max_len: int | None,
+        max_overhang: int | None,
+        load: bool,
+    ) -> PrefixReply:
         query = CachePrefix(
             rid=0,
             fp=fingerprint,
@@ -202,11 +236,9 @@ class CacheClient:
             min_len=min_len,
             max_len=max_len,
             max_overhang=max_overhang,
+            load_pid=self._pid if load else None,
         )
-        hit = self.request(query, PrefixReply, spin_s=REPLY_SPIN_S)[0].hit
-        if hit is None:
-            return None
-        return PrefixHit(hit.key, hit.row_tokens, hit.common_len, hit.tier)
+        return self.request(query, PrefixReply, spin_s=REPLY_SPIN_S)[0]
 
     # --- reading -----------------------------------------------------------------------------------------
 
@@ -218,6 +250,10 @@ class CacheClient:
             if err.code in (ErrorCode.NOT_FOUND, ErrorCode.CORRUPT):
                 return None
             raise
+        return self._map(key, msg)
+
+    def _map(self, key: bytes, msg: LoadReply) -> LoadedRow | None:
+        """Map a leased row where the store keeps it (or read it inline where it cannot be mapped)."""
         tier, size = msg.row.tier, msg.row.size
         try:
             mapping = MAPPINGS.acquire(tier, msg.path, msg.ino, size)
@@ -354,3 +390,7 @@ class CacheClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _hit(info: PrefixHitInfo) -> PrefixHit:
+    return PrefixHit(info.key, info.row_tokens, info.common_len, info.tier)

@@ -112,7 +112,7 @@ class CacheServer:
         self._handlers: dict[type[CacheRequest], Callable[[_Reply, Any, memoryview | None], None]] = {
             CacheExact: lambda r, m, _: self.store.exact(r, m.key),
             CachePrefix: lambda r, m, _: self.store.prefix(
-                r, m.fp, m.tokens, m.min_len, m.max_len, m.max_overhang
+                r, m.fp, m.tokens, m.min_len, m.max_len, m.max_overhang, m.load_pid
             ),
             CacheLoad: lambda r, m, _: self.store.load(r, m.key, m.pid, m.inline),
             CacheRelease: lambda r, m, _: self.store.release(r, m.lease, m.bad),

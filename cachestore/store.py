@@ -195,8 +195,10 @@ class Store:
         min_len: int | None,
         max_len: int | None = None,
         max_overhang: int | None = None,
+        load_pid: int | None = None,
     ) -> None:
-        """The longest usable row for a query (see ``PrefixTree.longest_prefix`` for the limits)."""
+        """The longest usable row for a query (see ``PrefixTree.longest_prefix`` for the limits), leased
+        for ``load_pid`` in the same reply when given."""
         t0 = time.perf_counter_ns()
         if len(token_bytes) % 4:
             raise ErllamaError(ErrorCode.INVALID_PARAMS, "tokens must be u32 little-endian")
@@ -210,13 +212,11 @@ class Store:
             reply.ok(PrefixReply(hit=None))
             return
         entry, common = found
-        reply.ok(
-            PrefixReply(
-                hit=PrefixHitInfo(
-                    key=entry.key, row_tokens=entry.n_tokens, common_len=common, tier=entry.tier
-                )
-            )
-        )
+        hit = PrefixHitInfo(key=entry.key, row_tokens=entry.n_tokens, common_len=common, tier=entry.tier)
+        if load_pid is None:
+            reply.ok(PrefixReply(hit=hit))
+        else:
+            self.load(reply, entry.key, load_pid, inline=False, hit=hit)
 
     def _count_lookup(self, hit: bool, *, exact: bool, t0: int) -> None:
         c = self.counters
@@ -231,9 +231,18 @@ class Store:
 
     # --- loads and leases --------------------------------------------------------------------------------
 
-    def load(self, reply: Replier, key: bytes, pid: int, inline: bool, t0: int | None = None) -> None:
+    def load(
+        self,
+        reply: Replier,
+        key: bytes,
+        pid: int,
+        inline: bool,
+        t0: int | None = None,
+        hit: PrefixHitInfo | None = None,
+    ) -> None:
         """Lease the row and say where it is; a row not yet verified in this daemon's life is checked
-        first (the reply waits). ``t0``: when the request arrived, for ``load_ns``."""
+        first (the reply waits). ``t0``: when the request arrived, for ``load_ns``; ``hit``: the lookup
+        that found it, answered with the lease in one ``PrefixReply``."""
         t0 = time.perf_counter_ns() if t0 is None else t0
         entry = self.index.get(key)
         if entry is None:
@@ -241,12 +250,12 @@ class Store:
             return
         if entry.state is RowState.VERIFYING or (entry.state is RowState.MOVING and not entry.verified):
             self._waiters.setdefault(key, []).append(
-                lambda ok: self._retry_load(reply, key, pid, inline, ok, t0)
+                lambda ok: self._retry_load(reply, key, pid, inline, ok, t0, hit)
             )
             return
         if not entry.verified:
             self._waiters.setdefault(key, []).append(
-                lambda ok: self._retry_load(reply, key, pid, inline, ok, t0)
+                lambda ok: self._retry_load(reply, key, pid, inline, ok, t0, hit)
             )
             self._verify(entry)
             return
@@ -275,7 +284,7 @@ class Store:
         self.counters.loads += 1
         self.counters.load_ns += time.perf_counter_ns() - t0
         if not inline:
-            reply.ok(answer)
+            reply.ok(answer if hit is None else PrefixReply(hit=hit, load=answer))
             return
 
         def sent(fut: Future[bytearray]) -> None:
@@ -287,11 +296,13 @@ class Store:
 
         self.submit(self.storage.read_row, sent, self.location(entry), entry.size)
 
-    def _retry_load(self, reply: Replier, key: bytes, pid: int, inline: bool, ok: bool, t0: int) -> None:
+    def _retry_load(
+        self, reply: Replier, key: bytes, pid: int, inline: bool, ok: bool, t0: int, hit: PrefixHitInfo | None
+    ) -> None:
         if not ok:
             reply.error(ErllamaError(ErrorCode.CORRUPT, "row failed verification and was removed"))
             return
-        self.load(reply, key, pid, inline, t0)
+        self.load(reply, key, pid, inline, t0, hit)
 
     def release(self, reply: Replier, lease_id: int, bad: bool) -> None:
         lease = self.leases.get(lease_id)

@@ -9,6 +9,7 @@ were silently ignored would be worse than an error.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import os
 import re
@@ -26,18 +27,35 @@ FLASH_ATTN_MODES: Final = ("auto", "on", "off")
 BACKENDS: Final = ("llama", "stub")
 STUB_MEMORY_KINDS: Final = ("transformer", "swa", "recurrent", "hybrid")
 MAX_SEQUENCES: Final = 64
-# With flash attention on, llama.cpp's CPU kernel computes a micro-batch of up to 48 query tokens one row
-# at a time, and larger ones in tiles that round differently (measured: n_ubatch 48 bit-identical to
-# token-by-token decoding, 64 off by 0.43). Exact mode keeps micro-batches in the first regime.
-EXACT_MAX_UBATCH_TOKENS: Final = 48
+# llama.cpp's CPU flash-attention kernel has three paths for an F16 or F32 K cache: one query at a time,
+# tiles for micro-batches of 64+ queries, and, for a lone query over 512+ cells (one sequence decoding past
+# ~256 tokens), the cells split across threads and the partial sums merged. Each rounds differently, so a
+# token's logits would depend on how it was batched (measured: 1.2-3.2 on the default model and Gemma 3).
+# For any other K type (q8_0, ...) every micro-batch takes the first path: bit-identical whether a token
+# is decoded alone, beside other sequences, in a prefill of any micro-batch size, or after a restore.
+EXACT_KV_TYPE: Final = "q8_0"
+# q8_0 packs 32 values per block, so it needs heads whose size is a multiple of 32 (nearly every model;
+# not Phi-2's 80, nor the tiny test models' 16). Those get bf16: as exact, the size of f16.
+Q8_0_BLOCK_VALUES: Final = 32
+EXACT_KV_FALLBACK_TYPE: Final = "bf16"
+BATCH_DEPENDENT_K_TYPES: Final = ("f16", "f32")
 # ggml's CPU backend multiplies K-quant and IQ weights (Q4_K_M files and the like) with a tiled kernel
 # from 8-token micro-batches on and with its dot-product kernel below: different rounding (measured on
 # Gemma 3 270M Q4_K_M: 0.25-0.48 logits). Exact mode keeps the dot-product kernel for every batch
 # (read once per process, before the first matrix product; prefill 13% slower on that model).
 EXACT_KERNELS_ENV: Final = {"GGML_CPU_TILED_MM": "0"}
-EXACT_UBATCH_TOKENS: Final = 32
-FAST_UBATCH_TOKENS: Final = 512
 MAX_TENSOR_SPLIT: Final = 16
+
+
+class PrefillOrder(enum.StrEnum):
+    """Load option ``prefill_policy``: who gets a tick's prompt tokens (worker/prefill.py)."""
+
+    OLDEST = "oldest"  # admission order, each prompt to its end before the next starts
+    SHORTEST = "shortest"  # fewest prompt tokens left first; one waiting 5 s goes first anyway
+    FAIR = "fair"  # every prefilling request a slice of prefill_chunk_size per tick
+
+
+PREFILL_POLICIES: Final = tuple(o.value for o in PrefillOrder)
 MODEL_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
@@ -144,7 +162,7 @@ class LoadOptions:
     backend: str = "llama"
     n_ctx: int = 4096
     n_batch: int = 512
-    n_ubatch: int | None = None  # None: 32 in exact mode, else 512 (see ``ubatch``)
+    n_ubatch: int = 512
     n_threads: int = 0  # 0 = one per core
     n_seq_max: int = 4
     kv_unified: bool = False  # one KV buffer for all sequences instead of one stream per sequence (README)
@@ -156,16 +174,18 @@ class LoadOptions:
     use_mlock: bool = False
     # exact: a token's logits do not depend on how it is batched (alone, in a prefill chunk, beside other
     # sequences, after a restore), so warm output is bit-identical to cold. llama.cpp's CPU kernels give
-    # that only with flash attention on and micro-batches of at most EXACT_MAX_UBATCH_TOKENS (without
-    # flash attention, one-token and larger micro-batches take different matmul kernels). exact=False
-    # allows any flash_attn and n_ubatch (README, *The KV cache*: what it costs).
+    # that with flash attention on, a K cache of a type other than f16/f32 (EXACT_KV_TYPE by default) and
+    # the dot-product kernel for K-quant weights (EXACT_KERNELS_ENV). exact=False allows any flash_attn
+    # and KV types and keeps the tiled kernels (README, *The KV cache*: what it costs).
     exact: bool = True
     flash_attn: str = "auto"
-    type_k: str = "f16"
-    type_v: str = "f16"
+    type_k: str | None = None  # None: EXACT_KV_TYPE (or its fallback) in exact mode, else f16 (``kv_types``)
+    type_v: str | None = None
     use_extra_bufts: bool = False
     max_queue: int = DEFAULT_MAX_QUEUE
-    prefill_chunk_size: int = 256
+    prefill_policy: str = PrefillOrder.OLDEST.value
+    prefill_budget_tokens: int = 512  # prompt tokens per tick beside the decode rows (at most n_batch)
+    prefill_chunk_size: int = 256  # ``fair``: each prefilling request's slice of a tick
     share_prefix: bool = True  # a request starting like a running one copies its KV (worker/sharing.py)
     stub_decode_ms: int = 0  # the stub backend sleeps this long per decode, standing in for compute
     stub_memory: str = "transformer"  # the memory kind the stub backend imitates (worker/stub_backend.py)
@@ -188,15 +208,19 @@ class LoadOptions:
     def to_wire(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["tensor_split"] = list(self.tensor_split)
-        d["n_ubatch"] = self.ubatch  # resolved: model_info shows what is in effect
         return d
 
-    @property
-    def ubatch(self) -> int:
-        """The micro-batch size in effect."""
-        if self.n_ubatch is not None:
-            return self.n_ubatch
-        return min(self.n_batch, EXACT_UBATCH_TOKENS if self.exact else FAST_UBATCH_TOKENS)
+    def kv_types(self, head_dim_k: int = 0, head_dim_v: int = 0) -> tuple[str, str]:
+        """The K and V cache types in effect for a model with heads of these sizes (0: not known yet)."""
+
+        def pick(given: str | None, head_dim: int) -> str:
+            if given is not None:
+                return given
+            if not self.exact:
+                return "f16"
+            return EXACT_KV_TYPE if head_dim % Q8_0_BLOCK_VALUES == 0 else EXACT_KV_FALLBACK_TYPE
+
+        return pick(self.type_k, head_dim_k), pick(self.type_v, head_dim_v)
 
     @property
     def threads(self) -> int:
@@ -221,6 +245,7 @@ def parse_load_options(options: dict[str, Any] | None) -> LoadOptions:
         "main_gpu": (0, 64),
         "max_queue": (0, 1 << 20),
         "prefill_chunk_size": (1, 1 << 16),
+        "prefill_budget_tokens": (1, 1 << 16),
         "stub_decode_ms": (0, 60_000),
         "stall_timeout_s": (1, 86_400),
         "cache_min_tokens": (1, 1 << 20),
@@ -239,10 +264,11 @@ def parse_load_options(options: dict[str, Any] | None) -> LoadOptions:
         ("split_mode", SPLIT_MODES),
         ("flash_attn", FLASH_ATTN_MODES),
         ("stub_memory", STUB_MEMORY_KINDS),
+        ("prefill_policy", PREFILL_POLICIES),
         ("type_k", KV_TYPES),
         ("type_v", KV_TYPES),
     ):
-        if key in options:
+        if options.get(key) is not None:  # a KV type left None resolves once the model's heads are known
             o[key] = _choice(key, options[key], choices)
     if "tensor_split" in options:
         ts = options["tensor_split"]
@@ -258,17 +284,18 @@ def parse_load_options(options: dict[str, Any] | None) -> LoadOptions:
                 raise _bad(key, f"markers are strings of 1-{MAX_MARKER_CHARS} characters")
             o[key] = dict(m)
     opts = LoadOptions(**o)
-    if opts.ubatch > opts.n_batch:
-        raise _bad("n_ubatch", f"{opts.ubatch} exceeds n_batch {opts.n_batch}")
+    if opts.n_ubatch > opts.n_batch:
+        raise _bad("n_ubatch", f"{opts.n_ubatch} exceeds n_batch {opts.n_batch}")
     if opts.exact and opts.flash_attn == "off":
         raise _bad(
             "flash_attn", "exact mode needs flash attention (auto or on); set exact=false to turn it off"
         )
-    if opts.exact and opts.ubatch > EXACT_MAX_UBATCH_TOKENS:
+    type_k, type_v = opts.kv_types()
+    if opts.exact and type_k in BATCH_DEPENDENT_K_TYPES:
         raise _bad(
-            "n_ubatch",
-            f"exact mode needs micro-batches of at most {EXACT_MAX_UBATCH_TOKENS} tokens; "
-            "set exact=false for larger ones",
+            "type_k",
+            f"exact mode needs a K cache other than {' or '.join(BATCH_DEPENDENT_K_TYPES)} (flash attention "
+            f"over those rounds differently by batch shape); use {EXACT_KV_TYPE} or set exact=false",
         )
     if opts.n_seq_max > opts.n_batch:
         raise _bad(
@@ -276,6 +303,6 @@ def parse_load_options(options: dict[str, Any] | None) -> LoadOptions:
         )
     if opts.n_seq_max * 16 > opts.n_ctx:
         raise _bad("n_seq_max", f"n_ctx {opts.n_ctx} leaves fewer than 16 cells per sequence")
-    if opts.type_v != "f16" and opts.type_v != "f32" and opts.flash_attn == "off":
+    if type_v not in ("f16", "f32") and opts.flash_attn == "off":
         raise _bad("type_v", "a quantized V cache needs flash_attn (auto or on): set flash_attn too")
     return opts

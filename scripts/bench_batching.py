@@ -88,7 +88,7 @@ from erllama import Client, ErllamaError
 from erllama.models import default_model_path
 from erllama.options import LoadOptions, parse_load_options
 from erllama.transport import CLIENT_SOCKET_NAME, ipc_endpoint
-from erllama.worker.llama_backend import context_params
+from erllama.worker.llama_backend import context_params, head_dims
 
 log = logging.getLogger("bench_batching")
 
@@ -175,7 +175,10 @@ class DirectLoop:
         self.model = L.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise RuntimeError(f"llama.cpp could not load {path}")
-        self.ctx = L.llama_init_from_model(self.model, context_params(opts))  # the worker's settings
+        kv_types = opts.kv_types(*head_dims(self.model))
+        self.ctx = L.llama_init_from_model(
+            self.model, context_params(opts, kv_types)
+        )  # the worker's settings
         if not self.ctx:
             L.llama_model_free(self.model)
             raise RuntimeError("llama.cpp could not create a context")
@@ -569,7 +572,7 @@ def main() -> int:
             opts.n_ctx,
             opts.n_seq_max,
             opts.n_batch,
-            opts.ubatch,
+            opts.n_ubatch,
             opts.threads,
             opts.flash_attn,
             opts.kv_unified,

@@ -16,9 +16,9 @@ Three tables, each against a real ``erllama-broker`` (default model) on private 
   sharing on (``sharing only``), with the cache on and the prefix never seen before (``cold
   prefix``), and with the prefix primed by an earlier ``prefill_only`` (``primed``).
 - ``exactcost``: what bit-identical output costs. The default load options (``exact``: flash
-  attention on, micro-batches of 32 tokens, the kernels whose result for a token does not depend on
-  how it is batched) against the fastest non-identical ones (``exact=false``: llama.cpp's defaults,
-  flash attention auto, micro-batches of 512), both loaded in one broker without the cache and measured
+  attention on, a q8_0 KV cache and the dot-product kernel for K-quant weights, whose result for a
+  token does not depend on how it is batched) against the fastest non-identical ones (``exact=false``:
+  llama.cpp's defaults, flash attention auto, an f16 KV cache), both loaded in one broker without the cache and measured
   in alternating rounds: cold prefill tokens/s of 512, 2,048 and 4,096-token prompts (prompt tokens /
   server-side time to first token) and decode tokens/s of 128 greedy tokens after each.
 - ``multiturn``: 12 conversations x 6 turns. Each round issues turn t of every conversation at once

@@ -35,9 +35,9 @@ import llama_cpp as L
 import llama_cpp.llama_cpp as llama_lowlevel
 import numpy as np
 
-from erllama.options import EXACT_UBATCH_TOKENS, parse_load_options
+from erllama.options import parse_load_options
 from erllama.worker.backend import BatchRow
-from erllama.worker.llama_backend import LlamaBackend
+from erllama.worker.llama_backend import GGML_TYPES, LlamaBackend
 
 SCRIPTS_DIR: Final = Path(__file__).resolve().parent
 N_SEQ_MAX: Final = 4
@@ -261,7 +261,7 @@ def encdec_facts(path: Path) -> list[list[Any]]:
 # --- the worker's backend against llama-cpp-python's Llama -------------------------------------------------
 
 
-def reference_llama(path: Path, n_ctx: int) -> Any:
+def reference_llama(path: Path, n_ctx: int, kv_type: str) -> Any:
     default = llama_lowlevel.llama_model_default_params
 
     def without_extra_bufts() -> Any:
@@ -278,7 +278,8 @@ def reference_llama(path: Path, n_ctx: int) -> Any:
             n_threads=os.cpu_count(),
             n_threads_batch=os.cpu_count(),
             flash_attn=True,
-            n_ubatch=EXACT_UBATCH_TOKENS,
+            type_k=GGML_TYPES[kv_type],  # the backend's (exact mode's type for the model's heads)
+            type_v=GGML_TYPES[kv_type],
             logits_all=True,
             verbose=False,
         )
@@ -321,9 +322,10 @@ def reference_facts(name: str, path: Path) -> list[list[Any]]:
             for i in range(REFERENCE_PROMPTS)
         ]
         runs = {mode: backend_greedy(be, prompts, mode) for mode in REFERENCE_MODES}
+        kv_type = be.kv_types[0]
     finally:
         be.close()
-    llm = reference_llama(path, n_ctx)
+    llm = reference_llama(path, n_ctx, kv_type)
     rows = []
     try:
         for mode, (ours, tokens) in runs.items():

@@ -27,7 +27,7 @@ from typing import Any
 
 from erllama import Client
 from tests.conftest import wait_for
-from tests.reference import ReferenceModel, assert_identical
+from tests.reference import ReferenceModel, assert_identical, top_two_gap
 
 WORDS = [
     "able",
@@ -306,11 +306,15 @@ class Exactness:
         """``result`` (a greedy completion of ``prompt``) generated what the reference generates cold:
         the same tokens, and an end-of-generation token exactly where it stopped."""
         n = len(result.generated)
-        ref, _ = self.reference.greedy(prompt, n + 1)
+        ref, logits = self.reference.greedy(prompt, n + 1)
         if result.finish_reason == "length":
             ref = ref[:n]
+        at = next((i for i, (a, b) in enumerate(zip(result.generated, ref)) if a != b), None)
+        gap = f", reference top-2 gap there {top_two_gap(logits[at]):.4g}" if at is not None else ""
         assert_identical(
-            result.generated, ref, f"{self.model} {path} ({result.cache_hit_kind}, {len(prompt)} tokens)"
+            result.generated,
+            ref,
+            f"{self.model} {path} ({result.cache_hit_kind}, {len(prompt)} tokens{gap}; prompt {prompt})",
         )
         self.kinds[f"{path}:{result.cache_hit_kind}"] += 1
         self.compared += 1

@@ -21,9 +21,8 @@ import llama_cpp.llama_cpp as llama_lowlevel
 import numpy as np
 
 from erllama.models import default_model_path
-from erllama.options import EXACT_KERNELS_ENV, EXACT_UBATCH_TOKENS
-
-NEAR_TIE_LOGIT_GAP = 1e-3
+from erllama.options import EXACT_KERNELS_ENV, LoadOptions
+from erllama.worker.llama_backend import GGML_TYPES, head_dims
 
 
 def _params_without_extra_bufts():
@@ -40,6 +39,18 @@ _default_model_params = llama_lowlevel.llama_model_default_params
 os.environ.update(EXACT_KERNELS_ENV)
 
 
+def exact_kv_type(path: Path) -> str:
+    """The KV cache type exact mode takes for this model (its heads decide: erllama/options.py)."""
+    params = _params_without_extra_bufts()  # mapped, not read: no context is made
+    model = llama_lowlevel.llama_model_load_from_file(str(path).encode(), params)
+    try:
+        type_k, type_v = LoadOptions().kv_types(*head_dims(model))
+    finally:
+        llama_lowlevel.llama_model_free(model)
+    assert type_k == type_v, "the reference sets one type for both"
+    return type_k
+
+
 @dataclass
 class ReferenceModel:
     llm: llama_cpp.Llama
@@ -47,17 +58,22 @@ class ReferenceModel:
     @classmethod
     def load(cls, n_ctx: int = 2048, path: Path | None = None, exact: bool = True) -> ReferenceModel:
         """``path`` defaults to the embedded model; ``exact`` decodes with the kernels of the worker's
-        exact mode (flash attention, micro-batches of ``EXACT_UBATCH_TOKENS``), else llama.cpp's defaults."""
+        exact mode (flash attention, the KV cache type it picks for the model's heads), else with
+        llama.cpp's defaults. Micro-batches are llama.cpp's default size, whatever the worker uses."""
+        path = path or default_model_path()
+        kv_type = GGML_TYPES[exact_kv_type(path)] if exact else None
         llama_lowlevel.llama_model_default_params = _params_without_extra_bufts
         try:
             llm = llama_cpp.Llama(
-                model_path=str(path or default_model_path()),
+                model_path=str(path),
                 n_ctx=n_ctx,
                 n_batch=512,
-                n_ubatch=EXACT_UBATCH_TOKENS if exact else 512,
+                n_ubatch=512,
                 n_threads=os.cpu_count(),
                 n_threads_batch=os.cpu_count(),
                 flash_attn=True,
+                type_k=kv_type,
+                type_v=kv_type,
                 logits_all=True,
                 verbose=False,
             )
@@ -98,19 +114,3 @@ def assert_identical(ours: Sequence[int], ref: Sequence[int], what: str = "") ->
 def top_two_gap(row: np.ndarray) -> float:
     a, b = np.partition(row, -2)[-2:]
     return float(abs(b - a))
-
-
-def assert_same_greedy(
-    ours: Sequence[int], ref: Sequence[int], ref_logits: Sequence[np.ndarray]
-) -> int | None:
-    """Assert ``ours`` equals ``ref`` token for token, or diverges only at a near tie.
-    Returns the index of an accepted near-tie divergence, else None."""
-    for i, (a, b) in enumerate(zip(ours, ref)):
-        if a != b:
-            gap = top_two_gap(ref_logits[i])
-            assert gap < NEAR_TIE_LOGIT_GAP, (
-                f"token {i}: ours {a} != reference {b}, top-2 logit gap {gap:.4g}"
-            )
-            return i
-    assert len(ours) == len(ref), f"lengths differ: ours {len(ours)}, reference {len(ref)}"
-    return None

@@ -196,16 +196,16 @@ class KVCache:
                 self._cond.wait(left)
 
     def _longest(self, prompt: list[int], max_len: int, limits: RowLimits) -> Found | None:
-        hit = self._lookups.longest_prefix(
+        found = self._lookups.find(
             self.fingerprint,
             prompt,
             self.policy.min_tokens,
             min(max_len, limits.max_len),
             limits.max_overhang,
         )
-        row = self._lookups.load(hit.key) if hit is not None else None
-        if hit is None or row is None:
+        if found is None:
             return None
+        hit, row = found
         if row.tokens[: hit.common_len] != prompt[: hit.common_len] or row.fingerprint != self.fingerprint:
             log.error("the store answered a row that does not match the prompt; ignoring it")
             row.close()

@@ -89,10 +89,13 @@ class RequestSampler:
     """A request's sampler chain, and on demand a greedy chain for tool-call syntax that shares the
     same grammar and penalty samplers, so both paths see every token and the grammar's state."""
 
-    def __init__(self, chain: Any, shared: list[Any]):
+    def __init__(self, chain: Any, shared: list[Any], argmax_only: bool):
         self.chain = chain
         self.shared = shared
         self.greedy: Any = None
+        # Greedy with nothing that reshapes the logits: the token is their argmax, read without the chain
+        # (llama.cpp's greedy sampler would first build an n_vocab candidate array for it).
+        self.argmax_only = argmax_only
 
     def chain_for(self, greedy: bool) -> Any:
         if not greedy:
@@ -110,20 +113,34 @@ class RequestSampler:
         L.llama_sampler_free(self.chain)
 
 
-def context_params(options: LoadOptions) -> Any:
-    """The ``llama_context_params`` of a model loaded with ``options`` (also used by
-    ``scripts/bench_batching.py``, so its direct loop decodes with exactly the worker's settings)."""
+def head_dims(model: Any) -> tuple[int, int]:
+    """The sizes of the model's K and V attention heads (the GGUF's key/value_length, else n_embd/n_head)."""
+    buf = ctypes.create_string_buffer(64)
+
+    def meta(key: str) -> str | None:
+        n = L.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+        return buf.value.decode() if n >= 0 else None
+
+    arch = meta("general.architecture") or ""
+    n_head = int(L.llama_model_n_head(model))
+    default = int(L.llama_model_n_embd(model)) // n_head if n_head > 0 else 0
+    k, v = (meta(f"{arch}.attention.{what}_length") for what in ("key", "value"))
+    return int(k) if k else default, int(v) if v else default
+
+
+def context_params(options: LoadOptions, kv_types: tuple[str, str]) -> Any:
+    """The ``llama_context_params`` of a model loaded with ``options`` and KV cache ``kv_types`` (also used
+    by ``scripts/bench_batching.py``, so its direct loop decodes with exactly the worker's settings)."""
     cp = L.llama_context_default_params()
     # Every sequence may grow to n_ctx tokens: the cache holds n_ctx cells per sequence.
     cp.n_ctx = options.n_ctx * options.n_seq_max
     cp.n_batch = options.n_batch
-    cp.n_ubatch = options.ubatch
+    cp.n_ubatch = options.n_ubatch
     cp.n_seq_max = options.n_seq_max
     cp.n_threads = cp.n_threads_batch = options.threads
     # Exact mode needs the flash-attention kernel whatever "auto" would pick (options.py).
     cp.flash_attn_type = FLASH_ATTN["on" if options.exact else options.flash_attn]
-    cp.type_k = GGML_TYPES[options.type_k]
-    cp.type_v = GGML_TYPES[options.type_v]
+    cp.type_k, cp.type_v = GGML_TYPES[kv_types[0]], GGML_TYPES[kv_types[1]]
     # Split by default: with one unified buffer, a sequence's logits move (by up to ~0.9 measured
     # here) as other sequences come and go; per-sequence streams keep every sequence's arithmetic
     # independent of its neighbours, for the same memory.
@@ -200,7 +217,8 @@ class LlamaBackend:
             L.llama_model_free(self.model)
             raise
         self.n_swa = int(L.llama_model_n_swa(self.model))
-        self.ctx = L.llama_init_from_model(self.model, context_params(options))
+        self.kv_types = options.kv_types(*head_dims(self.model))
+        self.ctx = L.llama_init_from_model(self.model, context_params(options, self.kv_types))
         if not self.ctx:
             L.llama_model_free(self.model)
             raise ErllamaError(ErrorCode.LOAD_FAILED, _load_error("llama.cpp could not create a context"))
@@ -304,9 +322,16 @@ class LlamaBackend:
                 stages.append(L.llama_sampler_init_min_p(params.min_p, 1))
             seed = L.LLAMA_DEFAULT_SEED if params.seed is None else params.seed
             stages += [L.llama_sampler_init_temp(params.temperature), L.llama_sampler_init_dist(seed)]
-        return RequestSampler(_chain(shared + stages), shared)
+        return RequestSampler(
+            _chain(shared + stages), shared, argmax_only=not shared and params.temperature <= 0.0
+        )
 
     def sample(self, sampler: RequestSampler, logits: Logits, greedy: bool = False) -> int:
+        if sampler.argmax_only:
+            # The first of equal maxima, as llama.cpp's greedy sampler picks; nothing to accept.
+            if isinstance(logits, int):
+                return self.argmax(logits)
+            return int(np.argmax(np.frombuffer(logits, dtype=np.float32, count=self.n_vocab)))
         chain = sampler.chain_for(greedy)
         if isinstance(logits, int):
             # llama_sampler_sample also accepts the token into the chain (grammar state, penalty history).
@@ -449,11 +474,11 @@ class LlamaBackend:
             # Exact and fast kernels compute the same token's KV with different rounding: an exact worker
             # must never restore a row a fast one wrote.
             "kernels": "exact" if o.exact else "fast",
-            "type_k": o.type_k,
-            "type_v": o.type_v,
+            "type_k": self.kv_types[0],
+            "type_v": self.kv_types[1],
             "flash_attn": "on" if flash_on else o.flash_attn,
             "kv_streams": 1 if o.kv_unified else o.n_seq_max,  # a restore refuses a state of another count
-            "swa_full": bool(context_params(o).swa_full),
+            "swa_full": bool(context_params(o, self.kv_types).swa_full),
         }
 
     def info(self) -> dict[str, Any]:
@@ -471,6 +496,8 @@ class LlamaBackend:
             "chat_template": template.decode(errors="replace") if template else None,
             "memory": self.memory.value,
             "n_swa": self.n_swa,
+            "type_k": self.kv_types[0],  # in effect (a load option left unset resolves by mode and head size)
+            "type_v": self.kv_types[1],
             "bos_token_id": int(L.llama_vocab_bos(self.vocab)),
             "eos_token_id": int(L.llama_vocab_eos(self.vocab)),
             "gpu_offload": bool(L.llama_supports_gpu_offload()),

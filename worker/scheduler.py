@@ -1,8 +1,8 @@
 """The worker's scheduler: sequences, admission and the tick that calls ``decode`` once.
 
 Each tick packs one batch: a decode row for every generating request first (so streams keep
-flowing), then prefill chunks of requests still reading their prompt, in admission order,
-until ``n_batch`` is full. After the single ``decode`` every row that reached the end of its
+flowing), then prefill chunks of requests still reading their prompt, as the prefill policy
+(``worker/prefill.py``) hands out the rest of the tick's budget. After the single ``decode`` every row that reached the end of its
 prompt, and every decode row, samples its next token right away (``_sample``). A sampled token
 is decoded (committed to the KV cache) by the next tick, so the last token of a finished
 request is never in the cache; ``context_tokens`` reports exactly what is.
@@ -40,6 +40,7 @@ from erllama.worker.kvrow import HEAD_BYTES, pack_head
 from erllama.worker.markers import MarkerSpec, SpanAutomaton
 from erllama.worker.output import TEXT, THINKING_END, TOOL_CALL_END, RequestOutput
 from erllama.worker.placement import Placement
+from erllama.worker.prefill import PrefillPolicy
 from erllama.worker.request import ReqState, Request
 from erllama.worker.sessions import SequencePool, Session
 from erllama.worker.sharing import SHARE_MIN_TOKENS, common_prefix_len, find_donor
@@ -65,7 +66,7 @@ class Scheduler:
         self,
         backend: Backend[Any],
         emit: Emitter,
-        prefill_chunk_size: int,
+        prefill: PrefillPolicy,
         cache: KVCache | None = None,
         markers: MarkerSpec | None = None,
         signing_key: bytes = b"",
@@ -76,7 +77,7 @@ class Scheduler:
         self.cache = cache
         self.markers = markers
         self.signing_key = signing_key
-        self.prefill_chunk_size = prefill_chunk_size
+        self.prefill = prefill
         self.share_prefix = share_prefix
         self.placement = Placement(backend, cache)
         self.pool = SequencePool(backend.n_seq_max, backend.seq_clear, self._save_idle_session)
@@ -316,24 +317,26 @@ class Scheduler:
                 rows.append(BatchRow(req.seq_id, [req.pending_token], req.n_past, n_logits=1))
                 reqs.append(req)
                 req.pending_token = None
-        budget = self.backend.n_batch - len(rows)
-        for req in self.running.values():
-            if budget <= 0:
-                break
-            if req.state is not ReqState.PREFILLING or req.donor_rid is not None:
-                continue
-            # A chunk ends where a save or a waiting request's copy needs this sequence to stand, so
-            # that what is saved or copied ends exactly there (a recurrent state cannot be cut later).
-            stops = [r.share_len for r in self.running.values() if r.donor_rid == req.rid]
-            stop_at = min([len(req.prompt)] + [p for p in (req.cold_save_at, *stops) if p > req.n_past])
-            take = min(stop_at - req.n_past, self.prefill_chunk_size, budget)
+        prefilling = [
+            r for r in self.running.values() if r.state is ReqState.PREFILLING and r.donor_rid is None
+        ]
+        plan = self.prefill.plan(
+            prefilling, self._prefill_room, self.backend.n_batch - len(rows), time.monotonic()
+        )
+        for req, take in plan:
             end = req.n_past + take
             rows.append(
                 BatchRow(req.seq_id, req.prompt[req.n_past : end], req.n_past, req.logits_wanted(end))
             )
             reqs.append(req)
-            budget -= take
         return rows, reqs
+
+    def _prefill_room(self, req: Request) -> int:
+        """How many prompt tokens ``req`` may prefill before it must stop: a chunk ends where a save or a
+        waiting request's copy needs this sequence to stand, so that what is saved or copied ends exactly
+        there (a recurrent state cannot be cut later)."""
+        stops = [r.share_len for r in self.running.values() if r.donor_rid == req.rid]
+        return min([len(req.prompt)] + [p for p in (req.cold_save_at, *stops) if p > req.n_past]) - req.n_past
 
     def _sample(self, req: Request, logits: Logits) -> None:
         """Sample the request's next token from this tick's logits (or its row's stored ones) and stream it."""

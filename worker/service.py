@@ -48,6 +48,7 @@ from erllama.worker.heartbeat import Heartbeat, WorkerStatus, heartbeat_message
 from erllama.worker.kvcache import KVCache
 from erllama.worker.markers import MarkerSpec
 from erllama.worker.ops import WorkerOps
+from erllama.worker.prefill import PrefillPolicy
 from erllama.worker.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class WorkerService:
         self.scheduler = Scheduler(
             backend,
             self.emitter,
-            options.prefill_chunk_size,
+            PrefillPolicy.of(options),
             cache,
             markers,
             signing_key,

@@ -43,6 +43,8 @@ class CachePrefix(CacheCall, frozen=True, tag=CacheMsgType.PREFIX.value):
     min_len: int | None = None
     max_len: int | None = None
     max_overhang: int | None = None
+    # Also lease the row found for this process (one round trip for a hit: the reply's ``load``).
+    load_pid: int | None = None
 
 
 class CacheLoad(CacheCall, frozen=True, tag=CacheMsgType.LOAD.value):
@@ -144,16 +146,17 @@ class ExactReply(CacheReply, frozen=True):
     row: RowInfo | None = None
 
 
-class PrefixReply(CacheReply, frozen=True):
-    hit: PrefixHitInfo | None = None
-
-
 class LoadReply(CacheReply, frozen=True):
     lease: int
     path: str
     ino: int
     offset: int
     row: RowInfo
+
+
+class PrefixReply(CacheReply, frozen=True):
+    hit: PrefixHitInfo | None = None
+    load: LoadReply | None = None  # the hit's lease, when the query asked for it (``load_pid``)
 
 
 class ReserveReply(CacheReply, frozen=True):

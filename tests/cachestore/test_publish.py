@@ -43,6 +43,26 @@ def test_saved_row_loads_bit_exact_from_each_tier(daemon: Daemon, tier: CacheTie
     )
 
 
+def test_find_looks_up_and_leases_the_row_in_one_round_trip(daemon: Daemon) -> None:
+    daemon.start()
+    c = daemon.client()
+    tokens = list(range(2000, 2200))
+    payload = payload_for(2, MIB + 5)
+    assert c.save(FP, tokens, payload, "cold", tier=CacheTier.DISK) is SaveOutcome.STORED
+    sent = []
+    real_request = c.request
+    c.request = lambda msg, *a, **kw: sent.append(type(msg).__name__) or real_request(msg, *a, **kw)  # type: ignore[method-assign]
+    found = c.find(FP, tokens[:150] + [5], max_overhang=None)
+    assert found is not None and sent == ["CachePrefix"]
+    hit, row = found
+    with row:
+        assert (hit.common_len, hit.row_tokens, hit.tier) == (150, 200, CacheTier.DISK)
+        assert row.tokens == tokens and row.payload == payload
+        assert c.stats()["counters"]["loads"] == 1
+    assert c.find(FP, tokens[:150] + [5], max_overhang=0) is None  # the row runs past the common prefix
+    assert c.find(b"other-model", tokens) is None
+
+
 def test_second_writer_of_a_key_gets_conflict_until_the_first_commits(daemon: Daemon) -> None:
     daemon.start()
     writer = spawn_python(

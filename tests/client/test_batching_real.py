@@ -11,7 +11,7 @@ import pytest
 
 from erllama import Client, ErllamaError, TokenEvent
 from tests.conftest import BrokerProcess, serving, wait_for
-from tests.reference import assert_same_greedy
+from tests.reference import assert_identical
 
 MODEL = "batch"
 PROMPTS = [
@@ -28,7 +28,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def bb() -> Iterator[BrokerProcess]:
-    with serving("erl-b-", MODEL, n_ctx=2048, n_seq_max=4, prefill_chunk_size=64) as bp:
+    with serving("erl-b-", MODEL, n_ctx=2048, n_seq_max=4, prefill_budget_tokens=64) as bp:
         yield bp
 
 
@@ -66,20 +66,19 @@ def test_eight_concurrent_greedy_requests_on_four_sequences_each_equal_their_sol
     results = run_concurrently(bb.endpoint, [(p, {"max_tokens": n}) for p, n in PROMPTS])
     for (prompt, n), events in zip(PROMPTS, results):
         ours = [t for e in events for t in e.token_ids]
-        ref, logits = reference.greedy(reference.tokenize(prompt), n)
-        assert_same_greedy(ours, ref, logits)
+        assert_identical(ours, reference.greedy(reference.tokenize(prompt), n)[0], prompt)
 
 
 def test_chunked_prefill_gives_the_same_tokens_as_one_chunk(bb: BrokerProcess, c: Client, reference):
-    c.load_model("one-chunk", None, n_ctx=2048, n_seq_max=1, prefill_chunk_size=512, cache=False)
-    c.load_model("small-chunks", None, n_ctx=2048, n_seq_max=1, prefill_chunk_size=16, cache=False)
+    c.load_model("one-chunk", None, n_ctx=2048, n_seq_max=1, prefill_budget_tokens=512, cache=False)
+    c.load_model("small-chunks", None, n_ctx=2048, n_seq_max=1, prefill_budget_tokens=16, cache=False)
     try:
         prompt = "The lighthouse keeper climbed the stairs every evening and wound the clock. " * 6
         whole = c.complete("one-chunk", prompt, max_tokens=16).generated
         chunked = c.complete("small-chunks", prompt, max_tokens=16).generated
-        ref, logits = reference.greedy(reference.tokenize(prompt), 16)
-        assert_same_greedy(whole, ref, logits)
-        assert_same_greedy(chunked, ref, logits)
+        ref = reference.greedy(reference.tokenize(prompt), 16)[0]
+        assert_identical(whole, ref, "512-token ticks")
+        assert_identical(chunked, ref, "16-token ticks")
     finally:
         c.unload_model("one-chunk")
         c.unload_model("small-chunks")
@@ -113,8 +112,7 @@ def test_different_sampling_settings_in_one_batch_do_not_leak(bb: BrokerProcess,
     ]
     batched = run_concurrently(bb.endpoint, jobs)
     greedy = [t for e in batched[0] for t in e.token_ids]
-    ref, logits = reference.greedy(reference.tokenize(jobs[0][0]), 16)
-    assert_same_greedy(greedy, ref, logits)
+    assert_identical(greedy, reference.greedy(reference.tokenize(jobs[0][0]), 16)[0], jobs[0][0])
     assert re.fullmatch(
         r"Colors: (red|green|blue)(, (red|green|blue)){2}\.", "".join(e.text for e in batched[2])
     )
@@ -187,5 +185,4 @@ def test_a_prompt_starting_like_a_running_one_copies_its_kv_and_both_equal_their
     )  # the start, up to a merged token
     for stream, evs in zip((first, second), events):
         prompt_tokens = stream.result.context_tokens[: stream.result.stats.prompt_tokens]
-        ref, logits = reference.greedy(prompt_tokens, 12)
-        assert_same_greedy([t for e in evs for t in e.token_ids], ref, logits)
+        assert_identical([t for e in evs for t in e.token_ids], reference.greedy(prompt_tokens, 12)[0])

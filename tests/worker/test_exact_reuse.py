@@ -12,6 +12,7 @@ from erllama.worker.backend import BatchRow
 from erllama.worker.kvcache import CachePolicy, KVCache
 from erllama.worker.kvrow import pack_head
 from erllama.worker.placement import Placement
+from erllama.worker.prefill import PrefillPolicy
 from erllama.worker.request import Request
 from erllama.worker.scheduler import Scheduler
 from erllama.worker.stub_backend import StubBackend
@@ -30,7 +31,7 @@ def request(rid: int, prompt: list[int], **params: Any) -> Request:
 def scheduler(memory: MemoryKind, cache: KVCache | None = None) -> tuple[Scheduler, Recorder, StubBackend]:
     be = StubBackend(n_ctx=256, n_seq_max=4, n_batch=64, memory=memory)
     rec = Recorder()
-    return Scheduler(be, rec, prefill_chunk_size=16, cache=cache), rec, be
+    return Scheduler(be, rec, PrefillPolicy.fair(16), cache=cache), rec, be
 
 
 def run_all(s: Scheduler) -> None:
@@ -126,7 +127,7 @@ def test_a_state_larger_than_every_tier_is_never_copied(daemon: Daemon) -> None:
     try:
         wait_for(lambda: kv._max_row_bytes is not None, 10, "the saver to learn the tier budgets")
         be = CountingStub(n_ctx=4096, n_seq_max=1, n_batch=4096)
-        s = Scheduler(be, Recorder(), prefill_chunk_size=4096, cache=kv)
+        s = Scheduler(be, Recorder(), PrefillPolicy.fair(4096), cache=kv)
         s.submit(1, list(range(2, 12)), SamplingParams(max_tokens=2))  # a small state: saved
         run_all(s)
         small = be.copies

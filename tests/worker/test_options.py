@@ -57,13 +57,26 @@ def test_a_single_stop_string_is_accepted_as_a_list():
         {"use_mmap": "yes"},
         {"n_gpu_layers": -2},
         {"no_such_option": 1},
-        {"type_v": "q8_0", "flash_attn": "off"},
+        {"type_v": "q8_0", "flash_attn": "off", "exact": False},
+        {"flash_attn": "off"},  # exact mode needs flash attention
+        {"type_k": "f16"},  # ... and a K cache whose attention kernel does not depend on the batch shape
+        {"type_k": "f32", "type_v": "f32"},
     ],
 )
 def test_bad_load_options_are_invalid_params(opts):
     with pytest.raises(ErllamaError) as exc:
         parse_load_options(opts)
     assert exc.value.code == "invalid_params"
+
+
+def test_exact_mode_resolves_to_a_q8_0_kv_cache_bf16_for_odd_heads_and_the_fast_mode_to_f16():
+    assert parse_load_options({}).kv_types(64, 64) == ("q8_0", "q8_0")
+    assert parse_load_options({}).kv_types(80, 128) == ("bf16", "q8_0")
+    assert (
+        parse_load_options({}).to_wire()["type_k"] is None
+    )  # resolved by the worker, once it knows the heads
+    assert parse_load_options({"exact": False}).kv_types(64, 64) == ("f16", "f16")
+    assert parse_load_options({"type_k": "bf16", "type_v": "q4_0"}).kv_types(16, 16) == ("bf16", "q4_0")
 
 
 def test_use_extra_bufts_defaults_off():

@@ -10,6 +10,7 @@ import pytest
 
 from erllama import ErllamaError
 from erllama.options import SamplingParams
+from erllama.worker.prefill import PrefillPolicy
 from erllama.worker.scheduler import Scheduler
 from erllama.worker.stub_backend import StubBackend
 
@@ -44,7 +45,7 @@ class Recorder:
 def make(n_seq_max=4, n_batch=64, chunk=16, n_ctx=256) -> tuple[Scheduler, Recorder, StubBackend]:
     be = StubBackend(n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=n_batch)
     rec = Recorder()
-    return Scheduler(be, rec, chunk), rec, be
+    return Scheduler(be, rec, PrefillPolicy.fair(chunk)), rec, be
 
 
 def run_all(s: Scheduler, limit: int = 10_000) -> None:
@@ -303,7 +304,7 @@ def test_a_cancelled_donor_hands_over_what_it_prefilled_or_lets_the_waiter_prefi
 def test_with_share_prefix_off_a_request_never_waits_for_another():
     be = StubBackend(n_ctx=256, n_seq_max=4, n_batch=64)
     rec = Recorder()
-    s = Scheduler(be, rec, 16, share_prefix=False)
+    s = Scheduler(be, rec, PrefillPolicy.fair(16), share_prefix=False)
     s.submit(1, SHARED_START + "first question", SamplingParams(max_tokens=4))
     s.submit(2, SHARED_START + "second question", SamplingParams(max_tokens=4))
     s.tick()
