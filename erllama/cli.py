@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -168,12 +169,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"OpenAI API on http://{args.host}:{args.port}/v1 (broker {endpoint or 'default'})\n", sys.stderr
         )
         keys = load_api_keys(args.api_keys)
-        serve(GatewayConfig(broker=endpoint, host=args.host, port=args.port, api_keys=keys))
+        # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again with the handler
+        # found at start: these handlers turn it into an exception, so the broker below is stopped too.
+        signal.signal(signal.SIGTERM, _exit_cleanly)
+        try:
+            serve(GatewayConfig(broker=endpoint, host=args.host, port=args.port, api_keys=keys))
+        except KeyboardInterrupt:
+            pass
         return 0
     finally:
         if broker is not None:
             broker.terminate()
             broker.wait(timeout=60)
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _wait_broker(c: Client, broker: subprocess.Popen[bytes] | None) -> None:

@@ -4,11 +4,13 @@ about a model (its context size, its thinking and tool-call markers), and the me
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from erllama.client import AsyncClient
 from erllama.gateway.config import GatewayConfig
 from erllama.gateway.metrics import GatewayMetrics
+
+BROKER_CALL_TIMEOUT_S: Final = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +25,8 @@ class Backend:
 
     def __init__(self, cfg: GatewayConfig):
         self.cfg = cfg
-        self.client = AsyncClient(cfg.broker)
+        # long enough for a call that waits for a model still loading
+        self.client = AsyncClient(cfg.broker, timeout_s=BROKER_CALL_TIMEOUT_S)
         self.metrics = GatewayMetrics(cfg)
         self._facts: dict[tuple[str, float], ModelFacts] = {}
 

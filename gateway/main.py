@@ -21,6 +21,7 @@ from erllama.gateway.config import (
     load_api_keys,
 )
 from erllama.logsetup import setup_logging
+from erllama.protocol import ErllamaError
 from erllama.transport import check_tcp_bind
 
 log = logging.getLogger("erllama.gateway")
@@ -42,7 +43,12 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         "--cachestore", help="cache store endpoint for the tier metrics (default: its ipc default)"
     )
     args = ap.parse_args(argv)
-    check_tcp_bind(f"tcp://{args.host}:{args.port}", args.allow_remote)
+    try:
+        check_tcp_bind(f"tcp://{args.host}:{args.port}", args.allow_remote)
+    except ErllamaError:
+        ap.error(
+            f"--host {args.host} is not loopback; pass --allow-remote to listen there (and set API keys)"
+        )
     return GatewayConfig(
         broker=args.broker,
         host=args.host,

@@ -10,13 +10,13 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from erllama.client import AsyncInferStream
+from erllama.client import AsyncInferStream, TokenEvent
 from erllama.gateway.errors import bad_param
 from erllama.gateway.grammar import response_format_grammar
 from erllama.gateway.openai_common import backend_of, finish_reason, track, usage
 from erllama.gateway.parsing import decode_body
 from erllama.gateway.sampling import SamplingFields, infer_params
-from erllama.gateway.streaming import sse, sse_response, until_disconnected
+from erllama.gateway.streaming import opened, sse, sse_response, until_disconnected
 from erllama.gateway.tools import ToolCall, ToolPlan, parse_call, plan, strip_markers
 from erllama.protocol import CompletionResult, ErllamaError
 
@@ -106,7 +106,8 @@ async def chat_completions(request: Request) -> Response:
         def on_error(err: ErllamaError) -> None:
             backend.metrics.failed(req.model, ENDPOINT, err.code)
 
-        return sse_response(stream, _events(request, stream, reply, head, include_usage), on_error)
+        events = await opened(request, stream)
+        return sse_response(stream, _events(request, stream, events, reply, head, include_usage), on_error)
     result = await until_disconnected(request, stream.collect())
     backend.metrics.observe(req.model, ENDPOINT, result)
     return JSONResponse(_completion(result, reply, head))
@@ -130,7 +131,12 @@ def _completion(result: CompletionResult, reply: _Reply, head: dict[str, Any]) -
 
 
 async def _events(
-    request: Request, stream: AsyncInferStream, reply: _Reply, head: dict[str, Any], include_usage: bool
+    request: Request,
+    stream: AsyncInferStream,
+    events: AsyncIterator[TokenEvent],
+    reply: _Reply,
+    head: dict[str, Any],
+    include_usage: bool,
 ) -> AsyncIterator[str]:
     def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
         choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
@@ -152,7 +158,7 @@ async def _events(
 
     yield chunk({"role": "assistant", "content": ""})
     held: list[str] = []  # a forced call's JSON: sent as a call once complete
-    async for ev in stream:
+    async for ev in events:
         if ev.kind == "text" and ev.text:
             if reply.tools.forced:
                 held.append(ev.text)

@@ -9,12 +9,12 @@ from typing import Any, Final
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from erllama.client import AsyncInferStream
+from erllama.client import AsyncInferStream, TokenEvent
 from erllama.gateway.errors import bad_param
 from erllama.gateway.openai_common import backend_of, finish_reason, track, usage
 from erllama.gateway.parsing import decode_body
 from erllama.gateway.sampling import SamplingFields, infer_params
-from erllama.gateway.streaming import sse, sse_response, until_disconnected
+from erllama.gateway.streaming import opened, sse, sse_response, until_disconnected
 from erllama.protocol import ErllamaError
 
 ENDPOINT = "completions"
@@ -63,7 +63,8 @@ async def completions(request: Request) -> Response:
             backend.metrics.failed(req.model, ENDPOINT, err.code)
 
         timing = TIMING_HEADER in request.headers
-        return sse_response(stream, _events(request, stream, head, include_usage, timing), on_error)
+        events = await opened(request, stream)
+        return sse_response(stream, _events(request, stream, events, head, include_usage, timing), on_error)
     result = await until_disconnected(request, stream.collect())
     backend.metrics.observe(req.model, ENDPOINT, result)
     choice = {"index": 0, "text": result.reply, "finish_reason": finish_reason(result), "logprobs": None}
@@ -71,13 +72,18 @@ async def completions(request: Request) -> Response:
 
 
 async def _events(
-    request: Request, stream: AsyncInferStream, head: dict[str, Any], include_usage: bool, timing: bool
+    request: Request,
+    stream: AsyncInferStream,
+    events: AsyncIterator[TokenEvent],
+    head: dict[str, Any],
+    include_usage: bool,
+    timing: bool,
 ) -> AsyncIterator[str]:
     def chunk(text: str, finish: str | None = None) -> str:
         choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
         return sse({**head, "object": "text_completion", "choices": [choice]})
 
-    async for ev in stream:
+    async for ev in events:
         if ev.kind == "text" and ev.text:
             yield f": sent_ns={ev.sent_ns}\n{chunk(ev.text)}" if timing else chunk(ev.text)
     result = stream.result

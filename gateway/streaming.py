@@ -18,7 +18,7 @@ from typing import Any, Final, TypeVar
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from erllama.client import AsyncInferStream
+from erllama.client import AsyncInferStream, TokenEvent
 from erllama.gateway.errors import sse_error
 from erllama.protocol import ErllamaError
 
@@ -63,6 +63,24 @@ async def _cancel_quietly(stream: AsyncInferStream) -> None:
     except (ErllamaError, asyncio.CancelledError):
         pass
     log.info("request %s: the client left; cancelled", stream.request_id)
+
+
+async def opened(request: Request, stream: AsyncInferStream) -> AsyncIterator[TokenEvent]:
+    """The stream's events once the first has arrived. An error before it (a full queue, a prompt over
+    the context, a bad grammar) raises here, while the HTTP status can still say it."""
+    events = aiter(stream)
+    try:
+        first: TokenEvent | None = await until_disconnected(request, anext(events))
+    except StopAsyncIteration:
+        first = None
+    return _prepend(first, events)
+
+
+async def _prepend(first: TokenEvent | None, rest: AsyncIterator[TokenEvent]) -> AsyncIterator[TokenEvent]:
+    if first is not None:
+        yield first
+    async for ev in rest:
+        yield ev
 
 
 class ClientGone(Exception):

@@ -1,4 +1,4 @@
-"""One broker (the default model, with tool-call markers) and one real gateway process in front of it,
+"""One broker (the default model, with thinking and tool-call markers) and one real gateway process in front of it,
 shared by every gateway test; the ``openai`` SDK pointed at it."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ API_KEY = "sk-test-gateway"
 MAX_BODY_BYTES = 1_000_000
 GATEWAY_START_TIMEOUT_S = 60.0
 TOOL_MARKERS = {"start": "<tool_call>", "end": "</tool_call>"}
+THINK_MARKERS = {"start": "<think>", "end": "</think>"}
 SPARE_MODEL = "spare"  # one request at a time, a queue of one: for overload and crash tests
 
 
@@ -78,7 +79,14 @@ def start_gateway(broker_endpoint: str, *args: str, env: dict[str, str] | None =
 
 @pytest.fixture(scope="package")
 def gw_broker() -> Iterator[BrokerProcess]:
-    with serving("erl-gw-", REAL_MODEL_ID, n_ctx=2048, n_seq_max=4, tool_call_markers=TOOL_MARKERS) as bp:
+    with serving(
+        "erl-gw-",
+        REAL_MODEL_ID,
+        n_ctx=2048,
+        n_seq_max=4,
+        tool_call_markers=TOOL_MARKERS,
+        thinking_markers=THINK_MARKERS,
+    ) as bp:
         with bp.client(timeout_s=120) as c:
             c.load_model(SPARE_MODEL, None, n_ctx=512, n_seq_max=1, max_queue=1)
         yield bp

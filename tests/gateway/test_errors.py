@@ -51,9 +51,11 @@ def test_a_bad_parameter_is_a_400_naming_it(oai: openai.OpenAI, kwargs: dict[str
     assert error_of(exc.value)["param"] == param
 
 
-def test_a_prompt_over_the_context_is_a_400_context_length_exceeded(oai: openai.OpenAI):
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_over_the_context_is_a_400_context_length_exceeded(oai: openai.OpenAI, stream: bool):
+    # streamed too: the status waits for the request's first event, so an early refusal is still a status
     with pytest.raises(openai.BadRequestError) as exc:
-        oai.completions.create(model=SPARE_MODEL, prompt="hello " * 600, max_tokens=2)
+        oai.completions.create(model=SPARE_MODEL, prompt="hello " * 600, max_tokens=2, stream=stream)
     assert error_of(exc.value)["code"] == "context_length_exceeded"
 
 
