@@ -181,6 +181,7 @@ class Broker:
         shutting_down = ErllamaError(ErrorCode.SHUTTING_DOWN, "the broker is shutting down")
         for entry in self.table.values():
             self.requests.fail_waiting(entry, shutting_down)
+            self.models.refuse_held_calls(entry, shutting_down)
             self.workers.send(entry, Shutdown())
         deadline = time.monotonic() + TERMINATE_GRACE_S
         while any(e.worker and e.spawned for e in self.table.values()) and time.monotonic() < deadline:

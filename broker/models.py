@@ -15,7 +15,7 @@ from erllama.broker.front import FrontEnd
 from erllama.broker.lifecycle import Requests
 from erllama.broker.processes import WorkerProcess
 from erllama.broker.queues import ModelQueue, QueueTotals
-from erllama.broker.registry import ModelEntry, Waiter
+from erllama.broker.registry import HeldCall, ModelEntry, Waiter
 from erllama.broker.supervisor import Supervisor
 from erllama.broker.workers import WorkerSide
 from erllama.cachestore.config import default_disk_dir, default_shm_dir
@@ -117,9 +117,9 @@ class Models:
         if entry.state is ModelState.UNLOADING:
             return
         entry.state = ModelState.UNLOADING
-        self.requests.fail_waiting(
-            entry, ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"model {entry.model_id!r} was unloaded")
-        )
+        unloaded = ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"model {entry.model_id!r} was unloaded")
+        self.requests.fail_waiting(entry, unloaded)
+        self.refuse_held_calls(entry, unloaded)
         if entry.worker is None or not self.workers.send(entry, Shutdown()):
             if entry.worker is not None:
                 entry.worker.kill()
@@ -131,14 +131,36 @@ class Models:
         self.front.reply(client, msg.id, depth)
 
     def call(self, client: bytes, msg: Call) -> None:
+        """Send a call to the model's worker; one for a model still loading (or restarting after a crash)
+        waits for it, as an ``infer`` does."""
         entry = self.entry(msg.model)
-        if entry.state is not ModelState.READY:
-            raise ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"model {entry.model_id!r} is {entry.state.value}")
         try:
             op = WorkerOp(msg.op)
         except ValueError:
             raise ErllamaError(ErrorCode.INVALID_PARAMS, f"unknown operation {msg.op!r}") from None
+        if entry.state in (ModelState.LOADING, ModelState.RESTARTING):
+            entry.held_calls.append(HeldCall(Waiter(client, msg.id), op, msg.args))
+            return
+        if entry.state is ModelState.FAILED:
+            raise ErllamaError(
+                ErrorCode.MODEL_FAILED, f"model {entry.model_id!r} has failed", entry.last_error
+            )
+        if entry.state is not ModelState.READY:
+            raise ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"model {entry.model_id!r} is {entry.state.value}")
         self.workers.call(entry, Waiter(client, msg.id), op, msg.args, next(self.rids))
+
+    def _send_held_calls(self, entry: ModelEntry) -> None:
+        held, entry.held_calls = entry.held_calls, []
+        for h in held:
+            try:
+                self.workers.call(entry, h.waiter, h.op, h.args, next(self.rids))
+            except ErllamaError as err:
+                self.front.refuse(h.waiter, err)
+
+    def refuse_held_calls(self, entry: ModelEntry, err: ErllamaError) -> None:
+        held, entry.held_calls = entry.held_calls, []
+        for h in held:
+            self.front.refuse(h.waiter, err)
 
     # --- a registered worker, and the end of one -----------------------------------------------------------
 
@@ -146,6 +168,7 @@ class Models:
         for w in entry.load_waiters:
             self.front.answer(w, entry.describe())
         entry.load_waiters.clear()
+        self._send_held_calls(entry)
         self.requests.dispatch(entry)
 
     def worker_exited(self, wp: WorkerProcess, detail: dict[str, Any]) -> None:
@@ -179,6 +202,7 @@ class Models:
         for w in entry.load_waiters:
             self.front.refuse(w, err)
         entry.load_waiters.clear()
+        self.refuse_held_calls(entry, err)
         self.requests.fail_waiting(entry, err)
         del self.table[entry.model_id]
         log.error("loading %s failed: %s", entry.model_id, message)
@@ -198,11 +222,12 @@ class Models:
                 ErrorCode.MODEL_FAILED, f"model {entry.model_id!r} failed", entry.last_error
             )
             self.requests.fail_waiting(entry, failed)
+            self.refuse_held_calls(entry, failed)
 
     def forget(self, entry: ModelEntry) -> None:
-        self.requests.fail_all(
-            entry, ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"model {entry.model_id!r} was unloaded")
-        )
+        unloaded = ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"model {entry.model_id!r} was unloaded")
+        self.requests.fail_all(entry, unloaded)
+        self.refuse_held_calls(entry, unloaded)
         for w in entry.unload_waiters:
             self.front.answer(w, {"unloaded": entry.model_id})
         self.table.pop(entry.model_id, None)

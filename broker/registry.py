@@ -8,7 +8,7 @@ from typing import Any
 
 from erllama.broker.processes import RestartPolicy, WorkerProcess
 from erllama.broker.queues import ModelQueue
-from erllama.protocol import MemoryKind, ModelState
+from erllama.protocol import MemoryKind, ModelState, WorkerOp
 
 
 @dataclass(slots=True)
@@ -17,6 +17,15 @@ class Waiter:
 
     client: bytes
     client_id: str
+
+
+@dataclass(slots=True)
+class HeldCall:
+    """A call to a worker that is not ready yet, as ``Models.call`` will send it."""
+
+    waiter: Waiter
+    op: WorkerOp
+    args: dict[str, Any]
 
 
 @dataclass(slots=True)
@@ -31,6 +40,8 @@ class ModelEntry:
     fingerprint: str | None = None  # the model's cache fingerprint (hex), from ``ready``
     memory: MemoryKind = MemoryKind.TRANSFORMER  # from ``ready``: which cached rows the model can use
     load_waiters: list[Waiter] = field(default_factory=list)
+    # calls to the worker (tokenize, ...) that arrived while it was loading or restarting: sent once it is ready
+    held_calls: list[HeldCall] = field(default_factory=list)
     unload_waiters: list[Waiter] = field(default_factory=list)
     restart: RestartPolicy = field(default_factory=RestartPolicy)
     restart_at_s: float = 0.0

@@ -1,6 +1,7 @@
 """``erllama``: the command line for a running broker (and a self-contained demo).
 
 erllama demo ["prompt"]          start a broker if none runs, stream a reply from the default model
+erllama serve [--port 8080]      a broker (unless one runs) and the OpenAI-compatible HTTP gateway
 erllama status                   each model with its state, phase, queue depth and pending length
 erllama complete MODEL PROMPT    stream a completion
 erllama load ID [PATH] [-o k=v]  load a model (PATH omitted: the embedded default)
@@ -16,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -143,6 +145,59 @@ def cmd_demo(args: argparse.Namespace) -> int:
             tmp.cleanup()
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The broker (started here unless one already answers) and the HTTP gateway in front of it, until
+    interrupted; a broker started here stops with the gateway."""
+    from erllama.gateway.config import GatewayConfig, load_api_keys
+    from erllama.gateway.main import serve
+    from erllama.transport import check_tcp_bind
+
+    check_tcp_bind(f"tcp://{args.host}:{args.port}", args.allow_remote)
+    endpoint = args.endpoint or os.environ.get(BROKER_ENDPOINT_ENV)
+    broker: subprocess.Popen[bytes] | None = None
+    try:
+        with Client(endpoint, timeout_s=2.0) as probe:
+            probe.ping()
+    except ErllamaError:
+        _out("starting erllama-broker ...\n", sys.stderr)
+        cmd = [sys.executable, "-m", "erllama.broker.main"]
+        broker = subprocess.Popen(cmd + (["--endpoint", endpoint] if endpoint else []))
+    try:
+        with Client(endpoint, timeout_s=5.0) as c:
+            _wait_broker(c, broker)
+        _out(
+            f"OpenAI API on http://{args.host}:{args.port}/v1 (broker {endpoint or 'default'})\n", sys.stderr
+        )
+        keys = load_api_keys(args.api_keys)
+        # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again with the handler
+        # found at start: these handlers turn it into an exception, so the broker below is stopped too.
+        signal.signal(signal.SIGTERM, _exit_cleanly)
+        try:
+            serve(GatewayConfig(broker=endpoint, host=args.host, port=args.port, api_keys=keys))
+        except KeyboardInterrupt:
+            pass
+        return 0
+    finally:
+        if broker is not None:
+            broker.terminate()
+            broker.wait(timeout=60)
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _wait_broker(c: Client, broker: subprocess.Popen[bytes] | None) -> None:
+    deadline = time.monotonic() + DEMO_START_TIMEOUT_S
+    while True:
+        try:
+            c.ping()
+            return
+        except ErllamaError:
+            if time.monotonic() > deadline or (broker is not None and broker.poll() is not None):
+                raise
+
+
 def _wait_ready(c: Client, model_id: str) -> None:
     deadline = time.monotonic() + DEMO_START_TIMEOUT_S
     while True:
@@ -187,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("demo", help="stream a reply from the default model")
     p.add_argument("prompt", nargs="?", default=DEMO_PROMPT)
     p.add_argument("--max-tokens", type=int, default=96)
+    p = sub.add_parser("serve", help="broker + OpenAI-compatible HTTP gateway in one command")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--allow-remote", action="store_true", help="allow --host beyond loopback")
+    p.add_argument("--api-keys", metavar="FILE", help="bearer keys, one a line (also $ERLLAMA_API_KEYS)")
     sub.add_parser("status", help="models, phases, queue depths")
     p = sub.add_parser("complete", help="stream a completion")
     p.add_argument("model")
@@ -217,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "demo":
             return cmd_demo(args)
+        if args.cmd == "serve":
+            return cmd_serve(args)
         if args.cmd == "keys":
             return cmd_keys(args)
         with Client(args.endpoint) as c:

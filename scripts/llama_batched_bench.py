@@ -42,20 +42,51 @@ TARGET: Final = "llama-batched-bench"
 _ROW = re.compile(r"^\|\s*(\d+)\s*\|\s*(\d+)\s*\|\s*(\d+)\s*\|(?:[^|]*\|){4}\s*([\d.]+)\s*\|")
 
 
-def binary_path() -> Path:
-    """Where ``build`` puts the binary for the installed llama-cpp-python version."""
+def binary_path(target: str = TARGET) -> Path:
+    """Where ``build`` puts a tool (``llama-batched-bench``, ``llama-server``) for the installed
+    llama-cpp-python version."""
     version = importlib.metadata.version("llama_cpp_python")
-    return CACHE_DIR / f"llama-cpp-python-{version}" / "build" / "bin" / TARGET
+    return CACHE_DIR / f"llama-cpp-python-{version}" / "build" / "bin" / target
 
 
-def build() -> Path:
-    """Build (once) and return ``llama-batched-bench`` from the installed version's source."""
-    out = binary_path()
+def build(target: str = TARGET) -> Path:
+    """Build (once) and return a llama.cpp tool from the installed version's source (also used by
+    ``scripts/bench_gateway.py`` for ``llama-server``)."""
+    out = binary_path(target)
     if out.exists():
         return out
     version = importlib.metadata.version("llama_cpp_python")
     root = out.parents[2]
     root.parent.mkdir(parents=True, exist_ok=True)
+    if not (root / "vendor" / "llama.cpp").is_dir():  # another tool may have been built from it already
+        _unpack_source(version, root)
+    src = root / "vendor" / "llama.cpp"
+    build_dir = root / "build"
+    subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(src),
+            "-B",
+            str(build_dir),
+            "-DCMAKE_BUILD_TYPE=Release",
+            "-DLLAMA_CURL=OFF",
+            "-DLLAMA_OPENSSL=OFF",
+            "-DLLAMA_BUILD_TESTS=OFF",
+            "-DLLAMA_BUILD_SERVER=ON",  # only what --target names is compiled
+        ],
+        check=True,
+    )
+    jobs = str(os.cpu_count() or 1)  # a bare -j starts every compiler at once: ~30 on this tree
+    subprocess.run(["cmake", "--build", str(build_dir), "--target", target, "-j", jobs], check=True)
+    built = build_dir / "bin" / target
+    if not built.exists():
+        raise SystemExit(f"the build did not produce {built}")
+    return built
+
+
+def _unpack_source(version: str, root: Path) -> None:
+    """The llama-cpp-python source distribution of ``version``, unpacked as ``root``."""
     sdists = root.parent / "sdist"
     subprocess.run(
         [
@@ -79,29 +110,6 @@ def build() -> Path:
     if unpacked != root:
         shutil.rmtree(root, ignore_errors=True)
         unpacked.rename(root)
-    src = root / "vendor" / "llama.cpp"
-    build_dir = root / "build"
-    subprocess.run(
-        [
-            "cmake",
-            "-S",
-            str(src),
-            "-B",
-            str(build_dir),
-            "-DCMAKE_BUILD_TYPE=Release",
-            "-DLLAMA_CURL=OFF",
-            "-DLLAMA_OPENSSL=OFF",
-            "-DLLAMA_BUILD_TESTS=OFF",
-            "-DLLAMA_BUILD_SERVER=OFF",
-        ],
-        check=True,
-    )
-    jobs = str(os.cpu_count() or 1)  # a bare -j starts every compiler at once: ~30 on this tree
-    subprocess.run(["cmake", "--build", str(build_dir), "--target", TARGET, "-j", jobs], check=True)
-    built = build_dir / "bin" / TARGET
-    if not built.exists():
-        raise SystemExit(f"the build did not produce {built}")
-    return built
 
 
 def parse_decode_speeds(table: str) -> dict[int, float]:

@@ -303,9 +303,13 @@ class LlamaBackend:
                     "invalid_grammar", " | ".join(_recent_errors) or "the grammar does not parse"
                 )
             shared.append(grammar)
-        if params.repetition_penalty != 1.0:
+        if params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
             penalties = L.llama_sampler_init_penalties(
-                self.n_vocab, PENALTY_WINDOW_TOKENS, params.repetition_penalty, 0.0, 0.0
+                self.n_vocab,
+                PENALTY_WINDOW_TOKENS,
+                params.repetition_penalty,
+                params.frequency_penalty,
+                params.presence_penalty,
             )
             # Primed with the prompt before joining a chain: the grammar must not see the prompt.
             for tok in history[-PENALTY_WINDOW_TOKENS:]:

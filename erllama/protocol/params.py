@@ -38,6 +38,9 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     top_p: _Probability = 1.0
     min_p: _Probability = 0.0
     repetition_penalty: Annotated[float, Meta(ge=1e-3, le=10.0)] = 1.0  # llama.cpp needs > 0 (1 = off)
+    # OpenAI's: subtracted from a token's logit once it has appeared at all / per time it has appeared
+    presence_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Meta(ge=-2.0, le=2.0)] = 0.0
     seed: Annotated[int, Meta(ge=0, le=2**32 - 2)] | None = None  # 2**32-1 is llama.cpp's "random"
     stop: Annotated[tuple[Annotated[str, Meta(min_length=1)], ...], Meta(max_length=MAX_STOP_SEQUENCES)] = ()
     session_id: _Id | None = None
