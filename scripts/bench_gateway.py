@@ -20,9 +20,9 @@ Two tables from one run, on a private broker (default model) with an ``erllama-g
     python scripts/bench_gateway.py [--tokens 256] [--rounds 3] [--convs 4] [--turns 6] [--system-chars 6000]
                                     [--only stream multiturn] [--inexact]
 
-erllama runs in exact mode by default (micro-batches of 48 tokens: bit-identical warm and cold output),
-which prefills more slowly than llama-server's 512-token micro-batches; ``--inexact`` loads it with
-``exact=false`` to compare like with like.
+erllama runs in exact mode by default (a q8_0 KV cache and flash attention's one-query kernel:
+bit-identical warm and cold output); ``--inexact`` loads it with ``exact=false`` (llama-server's f16 KV
+cache and kernels) to compare like with like.
 """
 
 from __future__ import annotations
@@ -31,65 +31,25 @@ import argparse
 import json
 import logging
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import httpx
 from bench_warm import CORPUS_TEXT, MODEL_ID, lab, load
-from llama_batched_bench import build as build_llama_tool
+from llama_server import free_port, http_server, llama_server
 
 from erllama import Client
-from erllama.models import default_model_path
 
 log = logging.getLogger("bench_gateway")
 
 COUNTING_PROMPT: Final = "1, 2, 3, 4, 5, 6, 7, 8,"  # the model keeps counting: no early end
 N_CTX: Final = 4096
 N_SEQ: Final = 4
-START_TIMEOUT_S: Final = 120.0
 NEW_TEXT_CHARS: Final = 600  # ~150 tokens of new user text per turn
 GEN_TOKENS: Final = 32
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def http_server(cmd: list[str], url: str, ready_path: str) -> Iterator[str]:
-    """A server subprocess, once ``ready_path`` answers 200; stopped (SIGTERM, then SIGKILL) on exit."""
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                if httpx.get(url + ready_path, timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{cmd[0]} did not start (exit {proc.poll()})")
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -245,34 +205,9 @@ def run_conversations(url: str, model: str, convs: int, turns: int, system_chars
     return w
 
 
-def llama_server_cmd(binary: str, port: int, threads: int) -> list[str]:
-    return [
-        binary,
-        "-m",
-        str(default_model_path()),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "-c",
-        str(N_CTX * N_SEQ),
-        "-np",
-        str(N_SEQ),
-        "-t",
-        str(threads),
-        "-fa",
-        "on",
-        "--jinja",
-        "--alias",
-        MODEL_ID,
-    ]
-
-
 def multiturn_table(erl_url: str, convs: int, turns: int, threads: int, system_chars: int) -> None:
-    binary = str(build_llama_tool("llama-server"))
-    port = free_port()
     erl = run_conversations(erl_url, MODEL_ID, convs, turns, system_chars)
-    with http_server(llama_server_cmd(binary, port, threads), f"http://127.0.0.1:{port}", "/health") as url:
+    with llama_server(N_CTX, N_SEQ, threads, MODEL_ID) as url:
         ref = run_conversations(url, MODEL_ID, convs, turns, system_chars)
     print(
         f"\n## multiturn: {convs} conversations x {turns} turns through /v1/chat/completions, one request at a "
