@@ -74,7 +74,7 @@ class ReferenceModel:
                 flash_attn=True,
                 type_k=kv_type,
                 type_v=kv_type,
-                logits_all=True,
+                logits_all=False,  # greedy reads the last row only (Gemma 3: 262k logits a row)
                 verbose=False,
             )
         finally:
@@ -92,7 +92,8 @@ class ReferenceModel:
         out: list[int] = []
         logits: list[np.ndarray] = []
         for _ in range(n):
-            row = np.array(self.llm.scores[self.llm.n_tokens - 1], copy=True)
+            last = llama_lowlevel.llama_get_logits_ith(self.llm._ctx.ctx, -1)  # the last eval's only output
+            row = np.ctypeslib.as_array(last, shape=(self.llm.n_vocab(),)).copy()
             tok = int(np.argmax(row))
             logits.append(row)
             if llama_lowlevel.llama_vocab_is_eog(self.llm._model.vocab, tok):

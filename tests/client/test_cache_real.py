@@ -280,7 +280,7 @@ def test_rows_written_into_reused_files_restore_exactly(reference):
     and the worker reads it back through the mapping it already has. Every prompt still restores
     exactly (from RAM or disk) and generates what its cold run did."""
     openings = ("At dawn the harbour was quiet.", "Nobody remembered the storm.", "Gulls circled the rock.")
-    with serving("erl-w-", MODEL, "--cache-shm", "0", "--cache-ram", "8M", **OPTIONS) as bp:
+    with serving("erl-w-", MODEL, "--cache-shm", "0", "--cache-ram", "4M", **OPTIONS) as bp:
         c = Client(bp.endpoint, timeout_s=120)
         store = CacheClient(f"ipc://{bp.runtime_dir}/cachestore.sock", timeout_s=10)
         try:
