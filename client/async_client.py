@@ -59,6 +59,9 @@ from erllama.protocol import (
     encode,
 )
 from erllama.protocol.ops import (
+    AdapterArgs,
+    AdapterPathArgs,
+    AdapterScaleArgs,
     ChatTemplateArgs,
     DetokenizeArgs,
     EmbedArgs,
@@ -276,6 +279,15 @@ class AsyncClient:
     async def queue_depth(self, model_id: str | None = None) -> int:
         return await self._call(QueueDepth(id=new_request_id(), model=model_id), self.timeout_s)
 
+    async def pending_len(self, model_id: str) -> int:
+        return (await self.model_info(model_id))["pending_len"]
+
+    async def phase(self, model_id: str) -> str:
+        return (await self.model_info(model_id))["phase"]
+
+    async def last_cache_hit(self, model_id: str) -> dict[str, Any] | None:
+        return (await self.model_info(model_id))["last_cache_hit"]
+
     async def ping(self) -> dict[str, Any]:
         return await self._call(Ping(id=new_request_id()), self.timeout_s)
 
@@ -322,6 +334,20 @@ class AsyncClient:
         """As ``Client.embed``."""
         source = text_or_tokens if isinstance(text_or_tokens, str) else list(text_or_tokens)
         return await self._call_worker(model_id, WorkerOp.EMBED, EmbedArgs(input=source))
+
+    async def load_adapter(self, model_id: str, path: str) -> dict[str, Any]:
+        """As ``Client.load_adapter``."""
+        return await self._call_worker(model_id, WorkerOp.LOAD_ADAPTER, AdapterPathArgs(path=path))
+
+    async def unload_adapter(self, model_id: str, handle: int) -> bool:
+        return await self._call_worker(model_id, WorkerOp.UNLOAD_ADAPTER, AdapterArgs(handle=handle))
+
+    async def set_adapter_scale(self, model_id: str, handle: int, scale: float) -> dict[str, Any]:
+        args = AdapterScaleArgs(handle=handle, scale=scale)
+        return await self._call_worker(model_id, WorkerOp.SET_ADAPTER_SCALE, args)
+
+    async def list_adapters(self, model_id: str) -> list[dict[str, Any]]:
+        return await self._call_worker(model_id, WorkerOp.LIST_ADAPTERS, NoArgs())
 
     async def cached_prefix_len(self, model_id: str, prompt: str | Sequence[int]) -> int:
         tokens = (
@@ -371,6 +397,32 @@ class AsyncClient:
         """As ``Client.chat``."""
         prompt = await self.apply_chat_template(model_id, messages, system=system, tools=tools)
         return await self.infer(model_id, prompt, **params)
+
+    async def prefill_only(
+        self, model_id: str, prompt: str | Sequence[int], parent_key: str | None = None
+    ) -> CompletionResult:
+        """As ``Client.prefill_only``: prime the cache without sampling."""
+        params: dict[str, Any] = {"max_tokens": 0}
+        if parent_key is not None:
+            params["parent_key"] = parent_key
+        return await self.complete(model_id, prompt, **params)
+
+    async def draft_tokens(self, model_id: str, prefix: Sequence[int], max_tokens: int = 8) -> list[int]:
+        """As ``Client.draft_tokens``."""
+        r = await self.complete(model_id, list(prefix), max_tokens=max_tokens, temperature=0.0)
+        return r.generated
+
+    async def verify(
+        self, model_id: str, prefix: Sequence[int], candidates: Sequence[int]
+    ) -> tuple[int, int | str]:
+        """As ``Client.verify``."""
+        r = await self.complete(model_id, list(prefix), verify=list(candidates), max_tokens=1)
+        v = r.verify
+        if v is None:
+            raise ErllamaError(
+                ErrorCode.PROTOCOL_ERROR, f"verify ended without an outcome ({r.finish_reason})"
+            )
+        return v.accepted, "eos" if v.eos or v.next_token is None else v.next_token
 
     async def cancel(self, request_id: str) -> bool:
         result = await self._call(Cancel(id=new_request_id(), target=request_id), self.timeout_s)

@@ -51,21 +51,16 @@ async def embeddings(request: Request) -> Response:
     inputs = inputs_of(req.input)
     client = backend.client
     vectors = await asyncio.gather(*(client.embed(req.model, x) for x in inputs))
-    counts = await asyncio.gather(
-        *(client.tokenize(req.model, x) if isinstance(x, str) else _ids(x) for x in inputs)
-    )
+    texts = [x for x in inputs if isinstance(x, str)]
+    counted = await asyncio.gather(*(client.tokenize(req.model, t) for t in texts))
+    n = sum(len(ids) for ids in counted) + sum(len(x) for x in inputs if not isinstance(x, str))
     data = []
     for i, vec in enumerate(vectors):
         embedding: Any = vec
         if req.encoding_format == "base64":
             embedding = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
         data.append({"object": "embedding", "index": i, "embedding": embedding})
-    n = sum(len(c) for c in counts)
     backend.metrics.requests.labels(req.model, ENDPOINT, "finished").inc()
     return JSONResponse(
         {"object": "list", "data": data, "model": req.model, "usage": {"prompt_tokens": n, "total_tokens": n}}
     )
-
-
-async def _ids(tokens: list[int]) -> list[int]:
-    return tokens

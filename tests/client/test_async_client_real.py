@@ -91,6 +91,25 @@ def test_admin_calls_answer_as_client_does(real_broker: BrokerProcess, real_clie
     assert chat == real_client.apply_chat_template(REAL_MODEL_ID, [{"role": "user", "content": "hi"}])
 
 
+def test_prefill_draft_and_verify_answer_as_client_does(real_broker: BrokerProcess, real_client: Client):
+    prefix = real_client.tokenize(REAL_MODEL_ID, "Once upon a time, in a land far away, " * 12)
+
+    async def body(c: AsyncClient) -> tuple[Any, ...]:
+        primed = await c.prefill_only(REAL_MODEL_ID, prefix)
+        draft = await c.draft_tokens(REAL_MODEL_ID, prefix, 4)
+        return (
+            primed,
+            await c.cached_prefix_len(REAL_MODEL_ID, prefix),
+            draft,
+            await c.verify(REAL_MODEL_ID, prefix, draft),
+        )
+
+    primed, cached, draft, verdict = run(real_broker, body)
+    assert primed.generated == [] and cached >= len(prefix) // 2
+    assert draft == real_client.draft_tokens(REAL_MODEL_ID, prefix, 4)
+    assert verdict == real_client.verify(REAL_MODEL_ID, prefix, draft) and verdict[0] == 4
+
+
 def test_cancelling_the_awaiting_task_cancels_the_request_at_the_broker(
     real_broker: BrokerProcess, real_client: Client
 ):
