@@ -51,6 +51,8 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         m = dict(m)
         if "content" in m:
             m["content"] = _text_of(m["content"], f"messages[{i}].content")
+        if m.get("content") is None and m.get("tool_calls"):  # OpenAI sends null beside tool calls
+            m["content"] = ""
         if m.get("role") == "developer":  # OpenAI's newer name for the system role
             m["role"] = "system"
         out.append(m)

@@ -135,6 +135,12 @@ def test_the_billing_line_is_normalised_out_of_the_system_prompt(ant: anthropic.
     assert count("1") == count("22") == plain.input_tokens
 
 
+def test_the_claude_code_session_header_becomes_the_sticky_session(ant: anthropic.Anthropic, erl: Client):
+    headers = {"X-Claude-Code-Session-Id": "3f0c1a52-session"}
+    ant.messages.create(model=MODEL, messages=HELLO, max_tokens=2, extra_headers=headers, extra_body=GREEDY)
+    assert erl.end_session(MODEL, "3f0c1a52-session")  # the worker held a sequence for it
+
+
 # --- errors ---------------------------------------------------------------------------------------------
 
 

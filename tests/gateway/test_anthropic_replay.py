@@ -15,6 +15,7 @@ from typing import Any
 
 import anthropic
 import msgspec
+import openai
 import pytest
 
 from tests.conftest import REAL_MODEL_ID, BrokerProcess
@@ -175,3 +176,27 @@ def test_a_gateway_restart_between_turns_still_replays_exactly(gw: Gateway):
     r2, rec2 = turn(gw, messages, tools=[WEATHER], max_tokens=4, extra_body=GREEDY)
     assert rec2[: len(rec1)] == rec1
     assert r2.usage.cache_read_input_tokens >= 0.9 * prompt_of(r2)
+
+
+def test_openai_tool_calls_sent_back_are_replayed_exactly_too(gw: Gateway):
+    tool = {"type": "function", "function": {"name": WEATHER["name"], "parameters": WEATHER["input_schema"]}}
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "What is the weather in Rome?"},
+    ]
+    rec: list[list[int]] = []
+    with openai.OpenAI(base_url=f"{gw.proc.url}/v1", api_key=API_KEY, max_retries=0, timeout=120) as oai:
+        for choice in ({"type": "function", "function": {"name": "get_weather"}}, "none"):
+            before = gw.records()
+            r = oai.chat.completions.create(
+                model=MODEL, messages=messages, tools=[tool], tool_choice=choice, max_tokens=60, temperature=0
+            )
+            (path,) = set(gw.records()) - set(before)
+            rec.append(gw.records()[path])
+            message = r.choices[0].message
+            messages.append(message.model_dump(exclude_none=True))
+            if message.tool_calls:
+                messages.append(
+                    {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "Sunny."}
+                )
+    assert rec[1][: len(rec[0])] == rec[0]
