@@ -101,6 +101,53 @@ def test_the_stream_is_anthropics_event_sequence_and_the_same_reply(ant: anthrop
     assert final.content[0].text == text and final.stop_reason == "max_tokens"
 
 
+THINK_GRAMMAR = r'root ::= "<think>" [a-z ]{8,40} "</think>" " The answer is " [0-9] "."'
+TOOL_GRAMMAR = r'root ::= "<tool_call>{\"name\": \"get_time\", \"arguments\": {}}</tool_call>"'
+
+
+def test_a_streamed_thinking_block_ends_with_its_signature_then_the_text_block(claude: GatewayProcess):
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "What is 2+2? Think first."}],
+        "max_tokens": 60,
+        "temperature": 0,
+        "stream": True,
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "grammar": THINK_GRAMMAR,
+    }
+    events = events_of(claude, body)
+    blocks = [
+        (n, d.get("index"), (d.get("delta") or d.get("content_block") or {}).get("type")) for n, d in events
+    ]
+    assert blocks[1] == ("content_block_start", 0, "thinking")
+    stop0 = blocks.index(("content_block_stop", 0, None))
+    assert {b[2] for b in blocks[2 : stop0 - 1]} == {"thinking_delta"}
+    assert blocks[stop0 - 1] == ("content_block_delta", 0, "signature_delta")
+    assert blocks[stop0 + 1] == ("content_block_start", 1, "text")
+    assert [b[0] for b in blocks[-3:]] == ["content_block_stop", "message_delta", "message_stop"]
+    assert events[-2][1]["delta"]["stop_reason"] == "end_turn"
+
+
+def test_a_tool_call_the_model_makes_is_a_tool_use_block_streamed_as_input_json(claude: GatewayProcess):
+    tool = {"name": "get_time", "input_schema": {"type": "object", "properties": {}}}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "What time is it?"}],
+        "tools": [tool],
+        "max_tokens": 60,
+        "temperature": 0,
+        "stream": True,
+        "grammar": TOOL_GRAMMAR,  # the model "decides" to call (tool_choice auto)
+    }
+    events = events_of(claude, body)
+    start = next(d for n, d in events if n == "content_block_start")
+    assert start["content_block"]["type"] == "tool_use" and start["content_block"]["name"] == "get_time"
+    assert start["content_block"]["id"].startswith("toolu_") and start["content_block"]["input"] == {}
+    deltas = [d["delta"] for n, d in events if n == "content_block_delta"]
+    assert deltas == [{"type": "input_json_delta", "partial_json": "{}"}]
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+
 def test_aliases_serve_claude_names_and_are_listed(ant: anthropic.Anthropic, claude: GatewayProcess):
     r = ant.messages.create(model="claude-sonnet-4-5", messages=HELLO, max_tokens=2, extra_body=GREEDY)
     assert r.model == "claude-sonnet-4-5" and r.usage.output_tokens == 2
