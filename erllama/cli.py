@@ -1,7 +1,7 @@
 """``erllama``: the command line for a running broker (and a self-contained demo).
 
 erllama demo ["prompt"]          start a broker if none runs, stream a reply from the default model
-erllama serve [--port 8080]      a broker (unless one runs) and the OpenAI-compatible HTTP gateway
+erllama serve [--port 8080]      a broker (unless one runs) and the HTTP gateway (OpenAI and Anthropic APIs)
 erllama status                   each model with its state, phase, queue depth and pending length
 erllama complete MODEL PROMPT    stream a completion
 erllama load ID [PATH] [-o k=v]  load a model (PATH omitted: the embedded default)
@@ -148,7 +148,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """The broker (started here unless one already answers) and the HTTP gateway in front of it, until
     interrupted; a broker started here stops with the gateway."""
-    from erllama.gateway.config import GatewayConfig, load_api_keys
+    from erllama.gateway.config import GatewayConfig, load_api_keys, parse_aliases
     from erllama.gateway.main import serve
     from erllama.transport import check_tcp_bind
 
@@ -173,7 +173,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # found at start: these handlers turn it into an exception, so the broker below is stopped too.
         signal.signal(signal.SIGTERM, _exit_cleanly)
         try:
-            serve(GatewayConfig(broker=endpoint, host=args.host, port=args.port, api_keys=keys))
+            cfg = GatewayConfig(
+                broker=endpoint,
+                host=args.host,
+                port=args.port,
+                api_keys=keys,
+                aliases=parse_aliases(args.alias),
+            )
+            serve(cfg)
         except KeyboardInterrupt:
             pass
         return 0
@@ -247,6 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--allow-remote", action="store_true", help="allow --host beyond loopback")
     p.add_argument("--api-keys", metavar="FILE", help="bearer keys, one a line (also $ERLLAMA_API_KEYS)")
+    p.add_argument(
+        "--alias",
+        action="append",
+        default=[],
+        metavar="PATTERN=MODEL",
+        help="serve model names matching the glob (claude-*) with MODEL; repeatable",
+    )
     sub.add_parser("status", help="models, phases, queue depths")
     p = sub.add_parser("complete", help="stream a completion")
     p.add_argument("model")

@@ -20,7 +20,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from erllama.gateway import health, openai_chat, openai_completions, openai_embeddings, openai_models
+from erllama.gateway import (
+    anthropic_messages,
+    health,
+    openai_chat,
+    openai_completions,
+    openai_embeddings,
+    openai_models,
+)
+from erllama.gateway.anthropic_errors import anthropic_error_response, is_anthropic_path
 from erllama.gateway.auth import BearerAuth, BodyLimit
 from erllama.gateway.backend import Backend
 from erllama.gateway.config import GatewayConfig
@@ -39,6 +47,9 @@ OPENAI_ROUTES: Final[list[tuple[str, list[str], Handler]]] = [
     ("/embeddings", ["POST"], openai_embeddings.embeddings),
     ("/models", ["GET"], openai_models.list_models),
     ("/models/{model:path}", ["GET"], openai_models.get_model),
+    # the Anthropic Messages API: its errors render in Anthropic's shape (gateway/anthropic_errors.py)
+    ("/messages", ["POST"], anthropic_messages.messages),
+    ("/messages/count_tokens", ["POST"], anthropic_messages.count_tokens),
 ]
 CLIENT_CLOSED_REQUEST: Final = 499  # nginx's status for a client that left; nobody reads it
 
@@ -60,22 +71,26 @@ def _count_failure(request: Request, code: str) -> None:
         request.app.state.backend.metrics.failed(model, request.state.endpoint, code)
 
 
+def _render(request: Request, err: ApiError) -> Response:
+    return anthropic_error_response(err) if is_anthropic_path(request.url.path) else error_response(err)
+
+
 async def _on_api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     _count_failure(request, exc.code or str(exc.status))
-    return error_response(exc)
+    return _render(request, exc)
 
 
 async def _on_erllama_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ErllamaError)
     _count_failure(request, exc.code)
-    return error_response(from_erllama(exc))
+    return _render(request, from_erllama(exc))
 
 
 async def _on_http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    return error_response(ApiError(exc.status_code, str(exc.detail), code=code))
+    return _render(request, ApiError(exc.status_code, str(exc.detail), code=code))
 
 
 async def _on_client_gone(request: Request, exc: Exception) -> Response:
@@ -85,7 +100,7 @@ async def _on_client_gone(request: Request, exc: Exception) -> Response:
 
 async def _on_bug(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error in %s", request.url.path, exc_info=exc)
-    return error_response(ApiError(500, "Internal error in the gateway.", "server_error", code="internal"))
+    return _render(request, ApiError(500, "Internal error in the gateway.", "server_error", code="internal"))
 
 
 def create_app(cfg: GatewayConfig) -> Starlette:

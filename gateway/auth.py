@@ -7,21 +7,25 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from erllama.gateway.anthropic_errors import anthropic_body, anthropic_status, is_anthropic_path
 from erllama.gateway.errors import ApiError
 
 OPEN_PATHS = frozenset({"/health"})  # probes need no key
 
 
-async def _send_error(send: Send, err: ApiError) -> None:
-    body = json.dumps(err.body()).encode()
+async def _send_error(send: Send, err: ApiError, path: str) -> None:
+    anthropic = is_anthropic_path(path)
+    body = json.dumps(anthropic_body(err) if anthropic else err.body()).encode()
+    status = anthropic_status(err)[0] if anthropic else err.status
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
-    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
 class BearerAuth:
-    """Refuse a request whose bearer token is not one of ``keys`` (401, OpenAI's ``invalid_api_key``)."""
+    """Refuse a request whose bearer token (or ``x-api-key``, as Anthropic's clients send it) is not one
+    of ``keys`` (401, OpenAI's ``invalid_api_key``)."""
 
     def __init__(self, app: ASGIApp, keys: frozenset[str]):
         self.app = app
@@ -31,12 +35,13 @@ class BearerAuth:
         if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        token = given[7:].strip() if given[:7].lower() == b"bearer " else b""
+        headers = dict(scope["headers"])
+        given = headers.get(b"authorization", b"")
+        token = given[7:].strip() if given[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
         # compare_digest against every key: no early exit tells how much of a key matched
         if not any(hmac.compare_digest(token, k) for k in self.keys):
             err = ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
-            await _send_error(send, err)
+            await _send_error(send, err, scope["path"])
             return
         await self.app(scope, receive, send)
 
@@ -55,7 +60,7 @@ class BodyLimit:
         too_big = ApiError(413, f"The request body exceeds {self.max_bytes} bytes.", code="body_too_large")
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await _send_error(send, too_big)
+            await _send_error(send, too_big, scope["path"])
             return
         seen = 0
 

@@ -3,12 +3,14 @@ about a model (its context size, its thinking and tool-call markers), and the me
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Final
 
 from erllama.client import AsyncClient
-from erllama.gateway.config import GatewayConfig
+from erllama.gateway.config import SIGNING_KEY_ENV, GatewayConfig
 from erllama.gateway.metrics import GatewayMetrics
+from erllama.gateway.replay import open_replay
 
 BROKER_CALL_TIMEOUT_S: Final = 120.0
 
@@ -28,6 +30,9 @@ class Backend:
         # long enough for a call that waits for a model still loading
         self.client = AsyncClient(cfg.broker, timeout_s=BROKER_CALL_TIMEOUT_S)
         self.metrics = GatewayMetrics(cfg)
+        self.replay = open_replay(
+            cfg.replay_dir, cfg.signing_key or os.environ.get(SIGNING_KEY_ENV, "").encode()
+        )
         self._facts: dict[tuple[str, float], ModelFacts] = {}
 
     async def close(self) -> None:

@@ -1,6 +1,8 @@
 """``erllama-gateway``: the OpenAI-compatible HTTP server in front of a running broker.
 
 erllama-gateway [--broker URL] [--host 127.0.0.1] [--port 8080] [--api-keys FILE] [--max-body-bytes N]
+                [--alias PATTERN=MODEL ...] [--session-header NAME] [--system-normalize REGEX]
+                [--replay-dir DIR]
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ from erllama.gateway.config import (
     DEFAULT_HOST,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_PORT,
+    DEFAULT_SESSION_HEADER,
+    DEFAULT_SYSTEM_NORMALIZE,
     GatewayConfig,
     load_api_keys,
+    parse_aliases,
 )
 from erllama.logsetup import setup_logging
 from erllama.protocol import ErllamaError
@@ -42,7 +47,32 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
     ap.add_argument(
         "--cachestore", help="cache store endpoint for the tier metrics (default: its ipc default)"
     )
+    ap.add_argument(
+        "--alias",
+        action="append",
+        default=[],
+        metavar="PATTERN=MODEL",
+        help="serve requests for models matching the glob PATTERN (claude-*) with MODEL; repeatable",
+    )
+    ap.add_argument(
+        "--session-header",
+        default=DEFAULT_SESSION_HEADER,
+        help="request header whose value becomes the sticky session_id (default %(default)s)",
+    )
+    ap.add_argument(
+        "--system-normalize",
+        default=DEFAULT_SYSTEM_NORMALIZE,
+        help="regex removed from system prompts before rendering ('' for none; default: Claude Code's "
+        "billing line)",
+    )
+    ap.add_argument(
+        "--replay-dir", help="where exact-replay records live (default $XDG_CACHE_HOME/erllama/replay)"
+    )
     args = ap.parse_args(argv)
+    try:
+        aliases = parse_aliases(args.alias)
+    except ValueError as exc:
+        ap.error(str(exc))
     try:
         check_tcp_bind(f"tcp://{args.host}:{args.port}", args.allow_remote)
     except ErllamaError:
@@ -56,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         api_keys=load_api_keys(args.api_keys),
         max_body_bytes=args.max_body_bytes,
         cachestore=args.cachestore,
+        aliases=aliases,
+        session_header=args.session_header.lower(),
+        system_normalize=args.system_normalize or None,
+        replay_dir=args.replay_dir,
     )
 
 

@@ -4,7 +4,7 @@ plain or streamed, with tool calls, structured output and reasoning text."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -15,6 +15,7 @@ from erllama.gateway.errors import bad_param
 from erllama.gateway.grammar import response_format_grammar
 from erllama.gateway.openai_common import backend_of, finish_reason, track, usage
 from erllama.gateway.parsing import decode_body
+from erllama.gateway.replay_openai import openai_conversation, openai_identity
 from erllama.gateway.sampling import SamplingFields, infer_params
 from erllama.gateway.streaming import opened, sse, sse_response, until_disconnected
 from erllama.gateway.tools import ToolCall, ToolPlan, parse_call, plan, strip_markers
@@ -50,6 +51,8 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         m = dict(m)
         if "content" in m:
             m["content"] = _text_of(m["content"], f"messages[{i}].content")
+        if m.get("content") is None and m.get("tool_calls"):  # OpenAI sends null beside tool calls
+            m["content"] = ""
         if m.get("role") == "developer":  # OpenAI's newer name for the system role
             m["role"] = "system"
         out.append(m)
@@ -88,8 +91,8 @@ async def chat_completions(request: Request) -> Response:
             if grammar is not None:
                 raise bad_param(param, f"{param} cannot be combined with another output constraint.")
             grammar = other
-    messages = normalize_messages(req.messages)
-    prompt = await backend.client.apply_chat_template(req.model, messages, tools=tools.tools)
+    conv = openai_conversation(req.model, normalize_messages(req.messages), tools.tools)
+    prompt = (await backend.replay.prompt(backend.client, conv)).tokens  # exact replay of earlier replies
     facts = await backend.facts(req.model)
     limit = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = infer_params(req, limit if limit is not None else max(facts.n_ctx - len(prompt), 1))
@@ -99,6 +102,11 @@ async def chat_completions(request: Request) -> Response:
         params["thinking"] = True
     stream = await backend.client.infer(req.model, prompt, **params)
     reply = _Reply(tools, facts.tool_call_markers, facts.thinking_markers)
+
+    def remember(result: CompletionResult, message: dict[str, Any]) -> None:
+        if result.generated and result.finish_reason != "cancelled":
+            backend.replay.remember(conv, openai_identity(message), prompt, result.generated)
+
     head = {"id": f"chatcmpl-{stream.request_id}", "created": int(time.time()), "model": req.model}
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
@@ -107,10 +115,13 @@ async def chat_completions(request: Request) -> Response:
             backend.metrics.failed(req.model, ENDPOINT, err.code)
 
         events = await opened(request, stream)
-        return sse_response(stream, _events(request, stream, events, reply, head, include_usage), on_error)
+        body = _events(request, stream, events, reply, head, include_usage, remember)
+        return sse_response(stream, body, on_error)
     result = await until_disconnected(request, stream.collect())
     backend.metrics.observe(req.model, ENDPOINT, result)
-    return JSONResponse(_completion(result, reply, head))
+    completion = _completion(result, reply, head)
+    remember(result, completion["choices"][0]["message"])
+    return JSONResponse(completion)
 
 
 def _completion(result: CompletionResult, reply: _Reply, head: dict[str, Any]) -> dict[str, Any]:
@@ -137,6 +148,7 @@ async def _events(
     reply: _Reply,
     head: dict[str, Any],
     include_usage: bool,
+    remember: Callable[[CompletionResult, dict[str, Any]], None],
 ) -> AsyncIterator[str]:
     def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
         choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
@@ -158,11 +170,13 @@ async def _events(
 
     yield chunk({"role": "assistant", "content": ""})
     held: list[str] = []  # a forced call's JSON: sent as a call once complete
+    sent: list[str] = []
     async for ev in events:
         if ev.kind == "text" and ev.text:
             if reply.tools.forced:
                 held.append(ev.text)
             else:
+                sent.append(ev.text)
                 yield chunk({"content": ev.text})
         elif ev.kind == "thinking" and (text := reply.reasoning(ev.text)):
             yield chunk({"reasoning_content": text})
@@ -176,6 +190,10 @@ async def _events(
         for c in call_chunks(call) if call is not None else [chunk({"content": "".join(held)})]:
             yield c
     backend_of(request).metrics.observe(head["model"], ENDPOINT, result)
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(sent) or None}
+    if reply.calls:
+        message["tool_calls"] = [c.as_message() for c in reply.calls]
+    remember(result, message)
     yield chunk({}, reply.finish(result))
     if include_usage:
         yield sse({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage(result)})
