@@ -19,29 +19,21 @@ import argparse
 import json
 import logging
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Final
 
 import httpx
 from bench_warm import CORPUS_TEXT, MODEL_ID, lab, load
-from llama_batched_bench import build as build_llama_tool
-
-from erllama.models import default_model_path
+from llama_server import free_port, http_server, llama_server
 
 log = logging.getLogger("bench_agent")
 
 N_CTX: Final = 8192
 N_SEQ: Final = 4
-START_TIMEOUT_S: Final = 120.0
 REQUEST_TIMEOUT_S: Final = 600.0
 TOOLS: Final = [
     {
@@ -55,39 +47,6 @@ TOOLS: Final = [
     }
     for name, what in (("read_file", "Read a file"), ("list_dir", "List a directory"), ("grep", "Search"))
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def http_server(cmd: list[str], url: str, ready_path: str) -> Iterator[str]:
-    """A server subprocess, once ``ready_path`` answers 200; stopped (SIGTERM, then SIGKILL) on exit."""
-    proc = subprocess.Popen(
-        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            try:
-                if httpx.get(url + ready_path, timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{cmd[0]} did not start (exit {proc.poll()})")
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,27 +139,6 @@ def run(url: str, agents: int, turns: int, system: str, result_chars: int, gen: 
     return samples
 
 
-def llama_server_cmd(binary: str, port: int, threads: int) -> list[str]:
-    return [
-        binary,
-        "-m",
-        str(default_model_path()),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "-c",
-        str(N_CTX * N_SEQ),
-        "-np",
-        str(N_SEQ),
-        "-t",
-        str(threads),
-        "--jinja",
-        "--alias",
-        MODEL_ID,
-    ]
-
-
 def table(erl: list[Sample], ref: list[Sample], turns: int) -> None:
     print(
         "| turn | prompt tokens | erllama restored | erllama TTFT ms | llama-server restored | llama-server TTFT ms | ratio |"
@@ -264,11 +202,7 @@ def main() -> int:
         ]
         with http_server(gateway, f"http://127.0.0.1:{port}", "/health") as url:
             erl = run(url, args.agents, args.turns, system, args.result_chars, args.gen)
-    binary = str(build_llama_tool("llama-server"))
-    port = free_port()
-    with http_server(
-        llama_server_cmd(binary, port, args.threads), f"http://127.0.0.1:{port}", "/health"
-    ) as url:
+    with llama_server(N_CTX, N_SEQ, args.threads, MODEL_ID) as url:
         ref = run(url, args.agents, args.turns, system, args.result_chars, args.gen)
     print(
         f"\n## agents: {args.agents} agents x {args.turns} turns through /v1/messages (streamed), a "
