@@ -7,7 +7,7 @@ the tier is the disk, then renamed to ``<tier dir>/<hex key>.kvr`` (atomic) and 
 A reader can only ever open a complete, verified row; a crash leaves at most a temp, deleted at start.
 A RAM-tier row is a memfd. Readers keep their mappings of rows between loads (``mapping``), so:
 
-- Deleting a row truncates it to zero first, on every tier: a reader's idle mapping of a deleted file
+- Deleting a row also truncates it to zero, on every tier: a reader's idle mapping of a deleted file
   must not hold its memory or disk space. (A row still leased when it is removed, one found corrupt
   while read, is unlinked without truncation.)
 - A RAM or shm row leaving its tier can instead become the temp of the next row written there
@@ -264,11 +264,14 @@ class Storage:
         if fd is None:
             return
         try:
-            if truncate:
-                os.ftruncate(fd, 0)
+            # Unlinked before it is truncated: a daemon killed in between must not leave an empty file
+            # under a row's name (the restart would count it corrupt). The open fd still truncates it.
             os.unlink(loc.path)
         except FileNotFoundError:
             pass
+        try:
+            if truncate:
+                os.ftruncate(fd, 0)
         finally:
             os.close(fd)
 

@@ -73,7 +73,7 @@ def check_every_row(daemon: Daemon, stored: set[int], upto: int) -> None:
             continue
         with row:
             assert row.payload == payload_for(i, (2 + i % 5) << 20), f"row {i} is not what was committed"
-    assert c.stats()["counters"]["corrupt_rows"] == 0
+    assert c.stats()["counters"]["corrupt_rows"] == 0, daemon.log()
 
 
 # No RAM tier (its rows die with the daemon by design); a small shm tier so that commits and promotions

@@ -92,6 +92,8 @@ def test_a_full_queue_is_a_429_with_retry_after(oai: openai.OpenAI, erl: Client)
     next(iter(running))  # it holds the spare model's only sequence
     queued = erl.infer(SPARE_MODEL, "Hello", max_tokens=2)  # and this one its queue
     try:
+        # Two sockets race to the broker: the HTTP request must not overtake the queued one.
+        wait_for(lambda: erl.pending_len(SPARE_MODEL) == 1, what="the spare model's queue to fill")
         with pytest.raises(openai.RateLimitError) as exc:
             oai.completions.create(model=SPARE_MODEL, prompt="Hello", max_tokens=2)
         assert exc.value.response.headers["retry-after"] == "1"
