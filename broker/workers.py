@@ -37,8 +37,9 @@ from erllama.protocol import (
     SpanEnd,
     StreamDone,
     StreamSpanEnd,
-    StreamToken,
-    Token,
+    StreamStep,
+    StreamTokens,
+    Tokens,
     WorkerInfo,
     WorkerMessage,
     WorkerOp,
@@ -77,7 +78,7 @@ class WorkerSide:
         self.on_ready: Callable[[ModelEntry], None] = lambda entry: None
         self._decoder = protocol.worker_message_decoder()
         self._handlers: dict[type[WorkerMessage], Callable[[ModelEntry, Any], None]] = {
-            Token: self._on_token,
+            Tokens: self._on_tokens,
             SpanEnd: self._on_span_end,
             Done: self._on_done,
             Error: self._on_error,
@@ -145,16 +146,21 @@ class WorkerSide:
         entry.worker.last_seen_s = time.monotonic()
         self._handlers[type(msg)](entry, msg)
 
-    def _on_token(self, entry: ModelEntry, msg: Token) -> None:
-        req = self.requests.of(entry, msg.rid)
-        if req is None:
-            return
-        req.tokens_sent += len(msg.token_ids)
-        event = StreamToken(
-            id=req.client_id, text=msg.text, token_ids=msg.token_ids, kind=msg.kind, ts_ns=msg.ts_ns
-        )
-        if not self.front.send(req.client, event, req.client_id):
-            self.send(entry, protocol.CancelRun(rid=req.rid))
+    def _on_tokens(self, entry: ModelEntry, msg: Tokens) -> None:
+        """A tick's steps, regrouped by client: one message to each client whatever its stream count."""
+        by_client: dict[bytes, tuple[list[StreamStep], list[int]]] = {}
+        for step in msg.steps:
+            req = self.requests.of(entry, step.rid)
+            if req is None:
+                continue
+            req.tokens_sent += len(step.token_ids)
+            steps, rids = by_client.setdefault(req.client, ([], []))
+            steps.append(StreamStep(req.client_id, step.text, step.token_ids, step.kind, msg.ts_ns))
+            rids.append(req.rid)
+        for client, (steps, rids) in by_client.items():
+            if not self.front.send(client, StreamTokens(steps=steps), None):
+                for rid in rids:
+                    self.send(entry, protocol.CancelRun(rid=rid))
 
     def _on_span_end(self, entry: ModelEntry, msg: SpanEnd) -> None:
         req = self.requests.of(entry, msg.rid)

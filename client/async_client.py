@@ -43,7 +43,6 @@ from erllama.protocol import (
     CachedPrefixLen,
     Call,
     Cancel,
-    ClientEvent,
     ClientRequest,
     ErllamaError,
     ErrorCode,
@@ -53,6 +52,7 @@ from erllama.protocol import (
     ModelInfo,
     Ping,
     QueueDepth,
+    RequestEvent,
     UnloadModel,
     VramInfo,
     WorkerOp,
@@ -75,7 +75,7 @@ from erllama.transport import default_client_endpoint, make_socket
 log = logging.getLogger(__name__)
 
 ADMIN_TIMEOUT_S = 30.0
-Arrival = tuple[ClientEvent, int]  # a typed event and when it arrived (CLOCK_MONOTONIC ns)
+Arrival = tuple[RequestEvent, int]  # a typed event and when it arrived (CLOCK_MONOTONIC ns)
 
 
 class AsyncInferStream:
@@ -230,14 +230,13 @@ class AsyncClient:
         try:
             while True:
                 frame = await self._sock.recv()
-                event = self._decoder.decode(frame)
-                if event is None:
-                    continue
-                q = self._routes.get(event.id) if event.id is not None else None
-                if q is not None:
-                    q.put_nowait((event, time.monotonic_ns()))
-                elif isinstance(event, ErrorReply):
-                    log.warning("broker error not tied to a request: %s %s", event.code, event.message)
+                received_ns = time.monotonic_ns()
+                for event in self._decoder.decode(frame):
+                    q = self._routes.get(event.id) if event.id is not None else None
+                    if q is not None:
+                        q.put_nowait((event, received_ns))
+                    elif isinstance(event, ErrorReply):
+                        log.warning("broker error not tied to a request: %s %s", event.code, event.message)
         finally:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -20,11 +20,11 @@ import zmq.auth
 
 from erllama import protocol
 from erllama.client.wire import ReplyDecoder, connection_lost, reply_result
-from erllama.protocol import ClientEvent, ClientRequest, ErllamaError, ErrorCode, ErrorReply, encode
+from erllama.protocol import ClientRequest, ErllamaError, ErrorCode, ErrorReply, RequestEvent, encode
 from erllama.transport import make_socket
 
 # What a waiting caller receives: a typed event from the broker and when it arrived (CLOCK_MONOTONIC ns).
-Arrival = tuple[ClientEvent, int]
+Arrival = tuple[RequestEvent, int]
 
 log = logging.getLogger(__name__)
 
@@ -151,13 +151,11 @@ class Connection:
                 frame = self._sock.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            event = self._decoder.decode(frame)
-            if event is None:
-                continue
             received_ns = time.monotonic_ns()
-            with self._lock:
-                q = self._routes.get(event.id) if event.id is not None else None
-            if q is not None:
-                q.put((event, received_ns))
-            elif isinstance(event, ErrorReply):
-                log.warning("broker error not tied to a request: %s %s", event.code, event.message)
+            for event in self._decoder.decode(frame):
+                with self._lock:
+                    q = self._routes.get(event.id) if event.id is not None else None
+                if q is not None:
+                    q.put((event, received_ns))
+                elif isinstance(event, ErrorReply):
+                    log.warning("broker error not tied to a request: %s %s", event.code, event.message)

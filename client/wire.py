@@ -2,8 +2,8 @@
 
 Outgoing: ``new_request_id`` and ``infer_request`` (the other requests are the protocol's messages
 built directly, e.g. ``ListModels(id=new_request_id())``), packed with ``encode``. Incoming: a
-``ReplyDecoder`` per socket turns a frame into a typed event (or None, logged, for one the broker should
-never have sent); ``reply_result`` turns the answer to a request into its result or raises its error;
+``ReplyDecoder`` per socket turns a frame into the typed events of the requests it concerns (a tick's
+tokens for several streams come as one message; none, logged, for one the broker should never have sent); ``reply_result`` turns the answer to a request into its result or raises its error;
 ``stream_step`` turns a stream's event into a ``TokenEvent`` or, at its end, the ``CompletionResult``.
 """
 
@@ -17,15 +17,16 @@ from typing import Any
 
 from erllama.client.results import CompletionResult, TokenEvent
 from erllama.protocol import (
-    ClientEvent,
     ErllamaError,
     ErrorCode,
     ErrorReply,
     Infer,
     Reply,
+    RequestEvent,
     StreamDone,
     StreamSpanEnd,
-    StreamToken,
+    StreamStep,
+    StreamTokens,
     WireError,
     as_exception,
     client_event_decoder,
@@ -69,12 +70,13 @@ class ReplyDecoder:
     def __init__(self) -> None:
         self._decoder = client_event_decoder()
 
-    def decode(self, frame: bytes | memoryview) -> ClientEvent | None:
+    def decode(self, frame: bytes | memoryview) -> Sequence[RequestEvent]:
         try:
-            return self._decoder.decode(frame)
+            event = self._decoder.decode(frame)
         except WireError as err:
             log.warning("undecodable message from the broker: %s", err)
-            return None
+            return ()
+        return event.steps if isinstance(event, StreamTokens) else (event,)
 
 
 def connection_lost(code: ErrorCode, message: str) -> ErrorReply:
@@ -82,7 +84,7 @@ def connection_lost(code: ErrorCode, message: str) -> ErrorReply:
     return ErrorReply(id=None, code=code.value, message=message, detail={"retryable": True})
 
 
-def reply_result(event: ClientEvent) -> Any:
+def reply_result(event: RequestEvent) -> Any:
     """The ``result`` of a request's answer; its error raised."""
     if isinstance(event, ErrorReply):
         raise as_exception(event)
@@ -91,9 +93,9 @@ def reply_result(event: ClientEvent) -> Any:
     raise ErllamaError(ErrorCode.PROTOCOL_ERROR, f"unexpected {type(event).__name__} in answer to a request")
 
 
-def stream_step(event: ClientEvent, received_ns: int) -> TokenEvent | CompletionResult:
+def stream_step(event: RequestEvent, received_ns: int) -> TokenEvent | CompletionResult:
     """One event of an ``infer`` stream: a ``TokenEvent``, or the result that ends it; its error raised."""
-    if isinstance(event, StreamToken):
+    if isinstance(event, StreamStep):
         return TokenEvent(event.text, event.token_ids, event.ts_ns, received_ns, event.kind)
     if isinstance(event, StreamSpanEnd):
         return TokenEvent(event.data, [], None, received_ns, event.kind, event.signature)

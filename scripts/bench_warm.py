@@ -328,6 +328,8 @@ class Sample:
     read: int
     prompt_tokens: int
     generated: list[int]
+    lookup_ms: float = 0.0  # stats.cache_lookup_ms: the store round trip and mapping the row
+    copy_ms: float = 0.0  # stats.state_copy_ms: the restored row's state copied into llama.cpp
 
 
 def run(c: Client, prompt: list[int], max_tokens: int, start: threading.Barrier | None = None) -> Sample:
@@ -352,6 +354,8 @@ def run(c: Client, prompt: list[int], max_tokens: int, start: threading.Barrier 
         int(r.cache_delta.get("read", 0)),
         r.stats.prompt_tokens,
         r.generated,
+        r.stats.cache_lookup_ms,
+        r.stats.state_copy_ms,
     )
 
 
@@ -540,6 +544,22 @@ def coldwarm(the_lab: Lab, sz: Sizes) -> None:
             f"{statistics.median(g[1:]) if len(g) > 1 else float('nan'):6.1f} (one decode step: a hit re-decodes "
             "the last prompt token, so srv >= one step; the 1st gap also holds any save made after token 1)"
         )
+    print(
+        "An exact hit against its own state copy (p50 ms): client TTFT, the store lookup and row mapping, the "
+        "state copy into llama.cpp, one decode step (median gap above). Goal: TTFT <= 2 x copy + one step."
+    )
+    print(f"{'prompt':>6}  {'case':<19}{'ttft':>8}{'lookup':>8}{'copy':>8}{'step':>8}{'ttft/goal':>10}")
+    for n in sz.cw_prompts:
+        step = statistics.median(gaps[n][1:]) if len(gaps[n]) > 1 else float("nan")
+        for key, label, _, _ in cases:
+            ss = warm[(n, key)]
+            ttft = statistics.median(s.ttft_ms for s in ss)
+            copy = statistics.median(s.copy_ms for s in ss)
+            lookup = statistics.median(s.lookup_ms for s in ss)
+            print(
+                f"{n:>6}  {label:<19}{ttft:>8.1f}{lookup:>8.1f}{copy:>8.1f}{step:>8.1f}"
+                f"{ttft / (2 * copy + step):>10.2f}"
+            )
     for name, k in store.items():
         print(
             f"  store {name:<10} lookups {k['lookups']:>3} mean {k['lookup_ns'] / max(1, k['lookups']) / 1e3:7.1f} us,"
@@ -789,6 +809,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--only", nargs="+", choices=list(TABLES), default=list(TABLES), help="tables to run")
     ap.add_argument("--quick", action="store_true", help="small sizes, for iterating on the script")
+    ap.add_argument(
+        "--cw-prompts", type=int, nargs="+", help="coldwarm: prompt sizes (default 512 2048 4096)"
+    )
     ap.add_argument("--mt-first-tokens", type=int, help="multi-turn: tokens of the first turn (default 150)")
     ap.add_argument("--mt-seqs", type=int, help="multi-turn: n_seq_max (default 4)")
     ap.add_argument("--sh-seqs", type=int, help="shared prefix: n_seq_max (default 4)")
@@ -813,6 +836,7 @@ def main() -> int:
         mt_first=args.mt_first_tokens or sz.mt_first,
         mt_seqs=args.mt_seqs or sz.mt_seqs,
         sh_seqs=args.sh_seqs or sz.sh_seqs,
+        cw_prompts=tuple(args.cw_prompts) if args.cw_prompts else sz.cw_prompts,
     )
 
     def on_term(signum: int, _frame: Any) -> None:

@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from erllama import protocol
+from erllama.client.wire import ReplyDecoder
 from erllama.protocol import (
     PROTOCOL_VERSION,
     CacheRequest,
@@ -20,7 +21,10 @@ from erllama.protocol import (
     Ping,
     Run,
     SamplingParams,
-    Token,
+    StreamStep,
+    StreamTokens,
+    Tokens,
+    TokenStep,
     WireError,
     WorkerCommand,
     WorkerMessage,
@@ -136,5 +140,20 @@ def test_infer_parameters_travel_untyped_to_be_refused_as_invalid_params_by_the_
 
 
 def test_a_token_relay_keeps_the_fields_a_client_reads() -> None:
-    tok = protocol.worker_message_decoder().decode(encode(Token(rid=3, text="hé", token_ids=[9], ts_ns=5)))
-    assert isinstance(tok, Token) and (tok.text, tok.token_ids, tok.kind, tok.ts_ns) == ("hé", [9], "text", 5)
+    steps = [
+        TokenStep(rid=3, text="hé", token_ids=[9]),
+        TokenStep(rid=4, text="", token_ids=[7, 8], kind="thinking"),
+    ]
+    toks = protocol.worker_message_decoder().decode(encode(Tokens(steps=steps, ts_ns=5)))
+    assert isinstance(toks, Tokens) and toks.ts_ns == 5
+    assert [(s.rid, s.text, s.token_ids, s.kind) for s in toks.steps] == [
+        (3, "hé", [9], "text"),
+        (4, "", [7, 8], "thinking"),
+    ]
+
+
+def test_a_clients_tick_of_tokens_splits_into_one_event_per_request() -> None:
+    steps = [StreamStep("a", "x", [1], "text", 5), StreamStep("b", "y", [2], "text", 5)]
+    events = ReplyDecoder().decode(encode(StreamTokens(steps=steps)))
+    assert [(e.id, e.text, e.token_ids) for e in events] == [("a", "x", [1]), ("b", "y", [2])]
+    assert all(isinstance(e, StreamStep) and e.ts_ns == 5 for e in events)

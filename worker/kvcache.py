@@ -119,6 +119,8 @@ class CacheCounters:
     saves_dropped: int = 0
     saves_too_large: int = 0  # larger than any tier of the store: never copied
     restored_tokens: int = 0
+    lookup_ns: int = 0  # time in lookups and loads (store round trips, mapping the row)
+    restore_ns: int = 0  # time copying restored rows' state into llama.cpp (hits only)
 
 
 @dataclass(slots=True)
@@ -242,9 +244,10 @@ class KVCache:
             return None
         return Found(row, parts, common, kind, from_parent)
 
-    def count_hit(self, found: Found, restored_tokens: int) -> None:
-        """A row was restored and kept: count it (and the tokens it spared)."""
+    def count_hit(self, found: Found, restored_tokens: int, copy_ns: int) -> None:
+        """A row was restored and kept: count it, the tokens it spared and the time its state copy took."""
         c = self.counters
+        c.restore_ns += copy_ns
         if found.from_parent:
             c.hits_parent += 1
         elif found.kind is CacheHitKind.EXACT:

@@ -22,6 +22,7 @@ is counted; no other request is touched.
 from __future__ import annotations
 
 import logging
+import time
 
 from erllama.logsetup import for_request
 from erllama.protocol import CacheHitKind, MemoryKind
@@ -94,11 +95,16 @@ class Placement:
         """Restore the longest usable cached prefix of the prompt into the request's (empty) sequence."""
         if self.cache is None:
             return
+        t0_ns = time.perf_counter_ns()
         found = self.cache.find(req.prompt, req.params.parent_key, self.limits(req))
+        t1_ns = time.perf_counter_ns()
+        self.cache.counters.lookup_ns += t1_ns - t0_ns
+        req.cache_lookup_ms = (t1_ns - t0_ns) / 1e6
         if found is None:
             return
         try:
             self.backend.seq_restore(req.seq_id, found.state)
+            copy_ns = time.perf_counter_ns() - t1_ns
             logits = found.logits
         except BackendError as exc:
             # A row under our fingerprint that llama.cpp rejects is broken: the store drops it, so it
@@ -111,10 +117,13 @@ class Placement:
         found.close()
         if self.place(req, found.n_tokens, found.common, found.kind, logits):
             req.cache_tier = found.row.tier.value
-            self.cache.count_hit(found, req.n_past)
+            req.state_copy_ms = copy_ns / 1e6
+            self.cache.count_hit(found, req.n_past, copy_ns)
             log.info(
-                "restored %d prompt tokens from the %s tier (%s)",
+                "restored %d prompt tokens from the %s tier (%s): lookup and load %.1f ms, state copy %.1f ms",
                 req.n_past,
                 req.cache_tier,
                 found.kind.value,
+                req.cache_lookup_ms,
+                req.state_copy_ms,
             )

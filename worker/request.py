@@ -41,6 +41,8 @@ class Request:
     cache_hit_kind: CacheHitKind = CacheHitKind.COLD
     prefix_len: int = 0  # prompt tokens whose KV came from the cache, the session or a donor
     cache_tier: str | None = None  # the tier a restored row came from (ram, shm, disk)
+    cache_lookup_ms: float = 0.0
+    state_copy_ms: float = 0.0
     cold_save_at: int = 0  # prefill pauses here to save the prompt's aligned prefix (0: no cold save)
     last_save_at: int = 0  # n_past at the last save, for the continued-save interval
     cache_created: int = 0  # tokens this request added to the cache
@@ -108,6 +110,8 @@ class Request:
                 ttft_ms=self.queue_ms + (first - self.received_s) * 1000.0,
                 prefill_ms=(prefill_end - self.received_s) * 1000.0,
                 generation_ms=(now - prefill_end) * 1000.0,
+                cache_lookup_ms=self.cache_lookup_ms,
+                state_copy_ms=self.state_copy_ms,
             ),
             verify=verify,
         )

@@ -35,7 +35,8 @@ from erllama.protocol import (
     SaveReason,
     Shutdown,
     SpanEnd,
-    Token,
+    Tokens,
+    TokenStep,
     WireError,
     WorkerCommand,
     encode,
@@ -59,25 +60,35 @@ THINKING_KEY_ENV = (
 
 
 class SocketEmitter:
-    """Sends scheduler events to the broker."""
+    """Sends scheduler events to the broker. A tick's tokens are held and sent as one ``Tokens`` when the
+    tick ends (``flush``), or before any other message, so that a request's events keep their order."""
 
     def __init__(self, sock: zmq.Socket):
         self.sock = sock
+        self._steps: list[TokenStep] = []
 
     def admitted(self, rid: int, cache_hit_kind: CacheHitKind, prefix_len: int) -> None:
         log.info(
             "rid=%d admitted: cache %s, %d prompt tokens not prefilled", rid, cache_hit_kind.value, prefix_len
         )
-        self.sock.send(encode(Admitted(rid=rid, cache_hit_kind=cache_hit_kind, prefix_len=prefix_len)))
+        self._send(encode(Admitted(rid=rid, cache_hit_kind=cache_hit_kind, prefix_len=prefix_len)))
 
     def token(self, rid: int, text: str, token_ids: list[int], kind: str = "text") -> None:
-        # ts_ns lets a same-host client measure worker-to-client latency (CLOCK_MONOTONIC is system-wide).
-        self.sock.send(
-            encode(Token(rid=rid, text=text, token_ids=token_ids, kind=kind, ts_ns=time.monotonic_ns()))
-        )
+        self._steps.append(TokenStep(rid=rid, text=text, token_ids=token_ids, kind=kind))
+
+    def flush(self) -> None:
+        """Send the tokens held since the last flush."""
+        if self._steps:
+            steps, self._steps = self._steps, []
+            # ts_ns lets a same-host client measure worker-to-client latency (CLOCK_MONOTONIC is system-wide).
+            self.sock.send(encode(Tokens(steps=steps, ts_ns=time.monotonic_ns())))
+
+    def _send(self, frame: bytes) -> None:
+        self.flush()
+        self.sock.send(frame)
 
     def span_end(self, rid: int, kind: str, data: str, signature: bytes) -> None:
-        self.sock.send(encode(SpanEnd(rid=rid, kind=kind, data=data, signature=signature)))
+        self._send(encode(SpanEnd(rid=rid, kind=kind, data=data, signature=signature)))
 
     def done(self, rid: int, result: CompletionResult) -> None:
         log.info(
@@ -91,11 +102,11 @@ class SocketEmitter:
 
     def error(self, rid: int | None, err: ErllamaError) -> None:
         log.info("rid=%s failed: %s", rid, err)
-        self.sock.send(encode(error_of(err, rid)))
+        self._send(encode(error_of(err, rid)))
 
     def reply(self, rid: int, msg: Done | OpResult) -> None:
         """A request's terminal message; one the broker's socket would refuse becomes a typed error."""
-        self.sock.send(
+        self._send(
             frame_or_error(encode(msg), protocol.MAX_WORKER_FRAME_BYTES, lambda err: error_of(err, rid))
         )
 
@@ -171,6 +182,7 @@ class WorkerService:
                     self.scheduler.fail_all(
                         ErllamaError(ErrorCode.INTERNAL, "internal error in the worker's scheduler")
                     )
+                self.emitter.flush()
             self._publish_status()
             if self.heartbeat.broker_restarted.is_set():
                 self._register_again()

@@ -56,6 +56,8 @@ class Stats(msgspec.Struct, frozen=True):
     ttft_ms: float = 0.0  # broker receipt to the first sampled token
     prefill_ms: float = 0.0
     generation_ms: float = 0.0
+    cache_lookup_ms: float = 0.0  # asking the cache store and mapping the row it answered
+    state_copy_ms: float = 0.0  # copying a restored row's state into llama.cpp
 
 
 class VerifyOutcome(msgspec.Struct, frozen=True):
@@ -165,14 +167,21 @@ class Reply(Message, frozen=True, tag=MsgType.OK.value):
     result: Any = None
 
 
-class StreamToken(Message, frozen=True, tag=MsgType.TOKEN.value):
-    """One streamed step of an ``infer``; ``ts_ns`` is the worker's CLOCK_MONOTONIC when it sent it."""
+class StreamStep(msgspec.Struct, frozen=True, array_like=True):
+    """One streamed step of one ``infer``; ``ts_ns`` is the worker's CLOCK_MONOTONIC when it sent it."""
 
     id: str
     text: str
     token_ids: list[int]
     kind: str = "text"
     ts_ns: int | None = None
+
+
+class StreamTokens(Message, frozen=True, tag=MsgType.TOKEN.value):
+    """One worker tick's steps for the streams of one client: one message however many streams it runs,
+    so the per-token cost of the broker and the client falls as streams are added."""
+
+    steps: list[StreamStep]
 
 
 class StreamSpanEnd(Message, frozen=True, tag=MsgType.SPAN_END.value):
@@ -238,11 +247,17 @@ class Admitted(Message, frozen=True, tag=MsgType.ADMITTED.value):
     prefix_len: int
 
 
-class Token(Message, frozen=True, tag=MsgType.TOKEN.value):
+class TokenStep(msgspec.Struct, frozen=True, array_like=True):
     rid: int
     text: str
     token_ids: list[int]
     kind: str = "text"
+
+
+class Tokens(Message, frozen=True, tag=MsgType.TOKEN.value):
+    """Every step one tick produced (``ts_ns``: the worker's CLOCK_MONOTONIC when it sent them)."""
+
+    steps: list[TokenStep]
     ts_ns: int | None = None
 
 
@@ -322,6 +337,8 @@ ClientRequest = (
     | VramInfo
     | Ping
 )
-ClientEvent = Reply | StreamToken | StreamSpanEnd | StreamDone | ErrorReply
-WorkerMessage = Ready | Heartbeat | Admitted | Token | SpanEnd | Done | Error | OpResult
+ClientEvent = Reply | StreamTokens | StreamSpanEnd | StreamDone | ErrorReply
+# What one request's route receives: a ``StreamTokens`` is split into its steps by the client.
+RequestEvent = Reply | StreamStep | StreamSpanEnd | StreamDone | ErrorReply
+WorkerMessage = Ready | Heartbeat | Admitted | Tokens | SpanEnd | Done | Error | OpResult
 WorkerCommand = Run | CancelRun | Op | Shutdown | Error

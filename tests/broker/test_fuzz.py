@@ -574,6 +574,12 @@ def drain(
         key = reply.get(key_field)
         if t in (MsgType.HEARTBEAT, MsgType.ADMITTED, MsgType.READY, MsgType.SPAN_END):
             continue
+        if t == MsgType.TOKEN:  # a tick's steps, each [id or rid, text, token ids, kind, ...]
+            for step in reply["steps"]:
+                s = by_key.get(step[0])
+                assert s is not None and step[0] not in finished, f"tokens for no open stream: {reply}"
+                assert s.expect == "stream", f"tokens for a non-streaming {s.t}: {reply}"
+            continue
         if t == MsgType.ERROR:
             assert reply.get("code") in KNOWN_CODES, reply
             assert isinstance(reply.get("message"), str) and reply["message"], reply
@@ -589,9 +595,6 @@ def drain(
             continue
         assert s is not None, f"a reply to no message of ours: {str(reply)[:300]}"
         assert key not in finished, f"a second reply after the terminal one: {str(reply)[:300]}"
-        if t == MsgType.TOKEN:
-            assert s.expect == "stream", f"tokens for a non-streaming {s.t}: {reply}"
-            continue
         assert t in TERMINAL, reply
         if s.expect == "protocol_error":
             assert t == MsgType.ERROR and reply["code"] == ErrorCode.PROTOCOL_ERROR, (
@@ -1113,7 +1116,7 @@ def test_a_registered_worker_cannot_inject_tokens_or_results_into_another_models
                 events = iter(stream)
                 got = [t for t in next(events).token_ids]
                 for rid in range(1, 300):  # request ids are small integers: guessable
-                    intruder.send(raw_frame(MsgType.TOKEN, rid=rid, text="INJECTED", token_ids=[1]))
+                    intruder.send(raw_frame(MsgType.TOKEN, steps=[[rid, "INJECTED", [1]]]))
                     intruder.send(raw_frame(MsgType.ERROR, rid=rid, code="internal", message="INJECTED"))
                     intruder.send(raw_frame(MsgType.DONE, rid=rid, result={"reply": "INJECTED"}))
                 for ev in events:
@@ -1372,7 +1375,7 @@ def test_a_run_whose_rid_is_already_running_is_refused_and_the_first_still_compl
         while not any(e["t"] == MsgType.DONE for e in events) and time.monotonic() < deadline:
             if proxy.poll(500):
                 e = msgpack.unpackb(proxy.recv_multipart()[0], raw=False)
-                if e.get("rid") == 41 and e["t"] in (MsgType.TOKEN, MsgType.DONE, MsgType.ERROR):
+                if e.get("rid") == 41 and e["t"] in (MsgType.DONE, MsgType.ERROR):
                     events.append(e)
         errors = [e for e in events if e["t"] == MsgType.ERROR]
         done = [e for e in events if e["t"] == MsgType.DONE]

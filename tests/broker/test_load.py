@@ -227,10 +227,12 @@ def test_a_slow_consumer_and_a_client_that_never_reads_do_not_stall_other_stream
             while len(done) < len(silent_prompts):
                 assert silent.poll(int(STREAM_TIMEOUT_S * 1000)), f"silent client missing {set(got) - done}"
                 msg = msgpack.unpackb(silent.recv(), raw=False)
-                assert msg["id"] not in done, msg
                 if msg["t"] == MsgType.TOKEN:
-                    got[msg["id"]].extend(msg["token_ids"])
+                    for request_id, _, token_ids, *_ in msg["steps"]:
+                        assert request_id not in done, msg
+                        got[request_id].extend(token_ids)
                 else:
+                    assert msg["id"] not in done, msg
                     assert msg["t"] == MsgType.DONE, msg
                     assert msg["result"]["finish_reason"] == "length", msg
                     done.add(msg["id"])
