@@ -57,6 +57,7 @@ class Emitter(Protocol):
     def span_end(self, rid: int, kind: str, data: str, signature: bytes) -> None: ...
     def done(self, rid: int, result: CompletionResult) -> None: ...
     def error(self, rid: int, err: ErllamaError) -> None: ...
+    def flush(self) -> None: ...  # send the tokens held so far (they are sent as one message per flush)
 
 
 class Scheduler:
@@ -194,6 +195,7 @@ class Scheduler:
         rows, reqs = self._build_batch()
         if not rows:
             return
+        self.emit.flush()  # tokens sampled from restored logits must not wait for this decode
         for req in self.running.values():  # the last decode's logits are about to be overwritten
             req.logits_index = -1
         try:
@@ -384,6 +386,7 @@ class Scheduler:
         if self.cache is None or len(tokens) < self.cache.policy.min_tokens:
             return None
         logits = logits or b""
+        self.emit.flush()  # tokens sampled so far must not wait for the state copy
         if not self.cache.accepting(HEAD_BYTES + self.backend.seq_state_size(seq_id) + len(logits)):
             self.cache.counters.saves_dropped += 1
             return None

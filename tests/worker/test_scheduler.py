@@ -41,6 +41,9 @@ class Recorder:
     def error(self, rid, err):
         self.errors[rid] = err
 
+    def flush(self):
+        pass  # every event above is recorded as it comes
+
 
 def make(n_seq_max=4, n_batch=64, chunk=16, n_ctx=256) -> tuple[Scheduler, Recorder, StubBackend]:
     be = StubBackend(n_ctx=n_ctx, n_seq_max=n_seq_max, n_batch=n_batch)
