@@ -25,8 +25,10 @@ Three tables, each against a real ``erllama-broker`` (default model) on private 
   (12 requests for 4 sequences, no ``session_id``: rows must come from the cache store), each turn
   resending the whole conversation (previous prompt + generated tokens, as token ids: exact, where a
   client re-tokenizing text may differ at the seams) plus ~150 new tokens, generating 32. Against
-  the same run on a ``--no-cache`` broker. Goal: from turn 2 on >= 90 % of prompt tokens from the
-  cache and mean TTFT <= 1/5 of cache-off.
+  the same run on a ``--no-cache`` broker and on llama.cpp's ``llama-server --parallel 4`` (its prompt
+  cache on). Goals: from turn 2 on >= 90 % of prompt tokens from the cache and mean TTFT <= 1/5 of
+  cache-off and of llama-server's. Also printed: the floor (only each turn's new tokens prefilled, oldest
+  first, at erllama's measured prefill speed after a restored conversation) and the distance from it.
 
 TTFT is measured by the client: from just before ``infer()`` sends the request to the arrival of the
 first token event (``TokenEvent.received_ns``, same monotonic clock); it includes queueing in the
@@ -46,7 +48,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
+import json
 import logging
 import math
 import os
@@ -64,7 +68,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import httpx
 import psutil
+from llama_server import llama_server
 
 from erllama import Client, ErllamaError
 from erllama.cachestore.client import CacheClient
@@ -359,16 +365,59 @@ def run(c: Client, prompt: list[int], max_tokens: int, start: threading.Barrier 
     )
 
 
-def run_together(c: Client, prompts: Sequence[list[int]], max_tokens: int) -> list[Sample]:
-    """Issue every prompt at once (one thread each, released by a barrier)."""
+Runner = Callable[[list[int], int, threading.Barrier], Sample]
+
+
+def llama_server_run(url: str, prompt: list[int], max_tokens: int, start: threading.Barrier) -> Sample:
+    """One greedy completion streamed from ``llama-server`` (its prompt cache on, as by default)."""
+    body = {
+        "prompt": prompt,
+        "n_predict": max_tokens,
+        "stream": True,
+        "cache_prompt": True,
+        "temperature": 0.0,
+        "return_tokens": True,
+    }
+    start.wait()
+    t0 = time.monotonic_ns()
+    first_ns = 0
+    generated: list[int] = []
+    timings: dict[str, Any] = {}
+    with httpx.stream("POST", url + "/completion", json=body, timeout=REQUEST_EVENT_TIMEOUT_S) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("tokens"):
+                first_ns = first_ns or time.monotonic_ns()
+                generated += chunk["tokens"]
+            timings = chunk.get("timings", timings)
+    cached = int(timings.get("cache_n", 0))
+    return Sample(
+        ((first_ns or time.monotonic_ns()) - t0) / 1e6,
+        float(timings.get("prompt_ms", 0.0)),
+        "llama-server",
+        None,
+        cached,
+        cached + int(timings.get("prompt_n", 0)),
+        generated,
+    )
+
+
+def run_together(c: Client | Runner, prompts: Sequence[list[int]], max_tokens: int) -> list[Sample]:
+    """Issue every prompt at once (one thread each, released by a barrier), to erllama through ``c`` or
+    to another server through a runner."""
     start = threading.Barrier(len(prompts))
     results: list[Sample | Exception | None] = [None] * len(prompts)
+    runner: Runner = c if callable(c) else (lambda prompt, n, barrier: run(c, prompt, n, barrier))
 
     def one(i: int) -> None:
         try:
-            results[i] = run(c, prompts[i], max_tokens, start)
+            results[i] = runner(prompts[i], max_tokens, start)
         except (
             ErllamaError,
+            httpx.HTTPError,
             threading.BrokenBarrierError,
             RuntimeError,
             AssertionError,
@@ -646,9 +695,9 @@ class Turn:
 
 @dataclass(slots=True)
 class Conversations:
-    """One broker's copy of the multi-turn workload, advanced one round (turn) at a time."""
+    """One server's copy of the multi-turn workload, advanced one round (turn) at a time."""
 
-    broker: Broker
+    serve: Client | Runner  # an erllama broker's client, or a runner for llama-server
     corpus: Corpus
     prompts: list[list[int]]
     new: list[int]  # tokens each conversation appended for the coming turn
@@ -694,23 +743,23 @@ def exactcost(the_lab: Lab, sz: Sizes) -> None:
     the_lab.stop(broker)
 
 
-def start_conversations(the_lab: Lab, sz: Sizes, cache: bool) -> Conversations:
-    longest = sz.mt_first + (sz.mt_turns - 1) * (sz.mt_gen + sz.mt_new) + sz.mt_gen
-    broker = the_lab.start("mt-on" if cache else "mt-off", *(() if cache else ("--no-cache",)))
-    load(broker, n_ctx=ctx_for(longest), n_seq_max=sz.mt_seqs)
-    corpus = Corpus(broker.client)
-    # the same leads in both runs: the two brokers see the same prompts (their stores are separate)
+def mt_context(sz: Sizes) -> int:
+    return ctx_for(sz.mt_first + (sz.mt_turns - 1) * (sz.mt_gen + sz.mt_new) + sz.mt_gen)
+
+
+def start_conversations(serve: Client | Runner, corpus: Corpus, sz: Sizes) -> Conversations:
+    # the same leads in every run: each server sees the same prompts (their caches are separate)
     prompts = [
         corpus.prompt(f"Conversation {k + 1}. User: ", sz.mt_first, offset=131 * k)
         for k in range(sz.mt_convs)
     ]
-    return Conversations(broker, corpus, prompts, [len(p) for p in prompts])
+    return Conversations(serve, corpus, prompts, [len(p) for p in prompts])
 
 
 def next_turn(conv: Conversations, sz: Sizes, label: str) -> None:
     """Issue the coming turn of every conversation at once, then append its reply and new user text."""
     t = len(conv.turns) + 1
-    samples = run_together(conv.broker.client, conv.prompts, sz.mt_gen)
+    samples = run_together(conv.serve, conv.prompts, sz.mt_gen)
     conv.turns.append(Turn(samples, conv.new))
     log.info(
         "multi-turn %s turn %d: mean TTFT %.0f ms, read %d of %d prompt tokens",
@@ -727,67 +776,107 @@ def next_turn(conv: Conversations, sz: Sizes, label: str) -> None:
     conv.new = [len(m) for m in more]
 
 
+def prefill_speed(c: Client, conv: Conversations, sz: Sizes) -> float:
+    """Tokens/s of prefilling new tokens after a cached conversation, alone on the worker: each of three
+    conversations' last prompt, its reply and ``mt_new`` more tokens (server side: first token minus the
+    cache lookup and state copy); the median."""
+    speeds = []
+    for k in range(min(3, len(conv.prompts))):
+        last = conv.turns[-1].samples[k]
+        prompt = conv.prompts[k] + last.generated + conv.corpus.more("\nUser (probe): ", sz.mt_new, 7 * k)
+        s = run(c, prompt, 1)
+        busy_ms = s.srv_ms - s.lookup_ms - s.copy_ms
+        speeds.append((s.prompt_tokens - s.read) / busy_ms * 1000.0)
+    return statistics.median(speeds)
+
+
+def oldest_first_floor_ms(new_tokens: list[int], tokens_per_s: float) -> float:
+    """Mean time to first token if only ``new_tokens`` had to be prefilled, one request after another."""
+    done = list(itertools.accumulate(new_tokens))
+    return mean([n / tokens_per_s * 1000.0 for n in done])
+
+
 def multiturn(the_lab: Lab, sz: Sizes) -> None:
     log.info(
-        "multi-turn: %d conversations x %d turns, cache off and on, rounds alternating",
+        "multi-turn: %d conversations x %d turns; erllama cache off, on and llama-server, rounds alternating",
         sz.mt_convs,
         sz.mt_turns,
     )
-    runs = {
-        "off": start_conversations(the_lab, sz, cache=False),
-        "on": start_conversations(the_lab, sz, cache=True),
-    }
-    for _ in range(sz.mt_turns):  # alternate so that the machine's load drifts over both alike
-        for label, conv in runs.items():
-            next_turn(conv, sz, label)
-    for conv in runs.values():
-        the_lab.stop(conv.broker)
-    off, on = runs["off"].turns, runs["on"].turns
+    brokers = {"off": the_lab.start("mt-off", "--no-cache"), "on": the_lab.start("mt-on")}
+    for broker in brokers.values():
+        load(broker, n_ctx=mt_context(sz), n_seq_max=sz.mt_seqs)
+    corpus = Corpus(brokers["on"].client)
+    threads = int(the_lab.load_options.get("n_threads") or os.cpu_count() or 1)
+    with llama_server(mt_context(sz), sz.mt_seqs, threads, MODEL_ID) as url:
+        runs = {
+            "off": start_conversations(brokers["off"].client, corpus, sz),
+            "on": start_conversations(brokers["on"].client, corpus, sz),
+            "llama-server": start_conversations(functools.partial(llama_server_run, url), corpus, sz),
+        }
+        for _ in range(sz.mt_turns):  # alternate so that the machine's load drifts over all alike
+            for label, conv in runs.items():
+                next_turn(conv, sz, label)
+    speed = prefill_speed(brokers["on"].client, runs["on"], sz)
+    for broker in brokers.values():
+        the_lab.stop(broker)
+    off, on, ls = runs["off"].turns, runs["on"].turns, runs["llama-server"].turns
 
     print()
     print(
         f"Multi-turn: {sz.mt_convs} conversations x {sz.mt_turns} turns, each round issuing turn t of every "
-        f"conversation at once to n_seq_max={sz.mt_seqs}; first turn {sz.mt_first} tokens, then +{sz.mt_new} new "
-        f"tokens per turn, {sz.mt_gen} generated; no session_id. Cache-off and cache-on rounds alternate."
+        f"conversation at once to n_seq_max={sz.mt_seqs} (llama-server: --parallel {sz.mt_seqs}, its prompt "
+        f"cache on); first turn {sz.mt_first} tokens, then +{sz.mt_new} new tokens per turn, {sz.mt_gen} "
+        "generated; no session_id. Rounds alternate: erllama cache off, cache on, llama-server."
     )
     print(
         "TTFT ms (client: sent -> first token, includes queueing). 'from cache' = sum read / sum prompt tokens;"
     )
     print("'ceiling' = share of the prompt that existed before this turn (new tokens must be prefilled);")
-    print("'of reusable' = sum read / sum (prompt - new tokens).")
+    print(
+        f"'floor' = mean TTFT if only each turn's new tokens were prefilled, oldest first, at {speed:.0f} tok/s "
+        "(erllama's prefill of new tokens after a restored conversation, measured alone)."
+    )
     head = (
-        f"{'turn':>4}{'prompt':>8}{'off mean':>10}{'off p90':>9}{'on mean':>9}{'on p90':>8}{'on/off':>8}"
-        f"{'from cache':>12}{'ceiling':>9}{'of reusable':>13}"
+        f"{'turn':>4}{'prompt':>8}{'off mean':>10}{'on mean':>9}{'on p90':>8}{'on/off':>8}{'l-s mean':>10}"
+        f"{'on/l-s':>8}{'floor':>8}{'from cache':>12}{'ceiling':>9}{'l-s cache':>11}"
     )
     print(head)
     print("-" * len(head))
-    later_off: list[float] = []
-    later_on: list[float] = []
+    later: dict[str, list[float]] = {"off": [], "on": [], "ls": [], "floor": []}
     later_read = later_prompt = later_reusable = 0
-    for t, (a, b) in enumerate(zip(off, on), start=1):
+    for t, (a, b, c) in enumerate(zip(off, on, ls, strict=True), start=1):
         prompt = sum(s.prompt_tokens for s in b.samples)
         read = sum(s.read for s in b.samples)
         reusable = prompt - sum(b.new_tokens)
-        m_off, m_on = mean([s.ttft_ms for s in a.samples]), mean([s.ttft_ms for s in b.samples])
+        m_off, m_on, m_ls = (mean([s.ttft_ms for s in x.samples]) for x in (a, b, c))
+        floor = oldest_first_floor_ms(b.new_tokens, speed)
+        ls_read = sum(s.read for s in c.samples) / max(1, sum(s.prompt_tokens for s in c.samples))
         print(
-            f"{t:>4}{prompt / len(b.samples):>8.0f}{m_off:>10.0f}{p90([s.ttft_ms for s in a.samples]):>9.0f}"
-            f"{m_on:>9.0f}{p90([s.ttft_ms for s in b.samples]):>8.0f}{frac(m_on / m_off):>8}{read / prompt:>12.1%}"
-            f"{reusable / prompt:>9.1%}{(read / reusable if reusable else float('nan')):>13.1%}"
+            f"{t:>4}{prompt / len(b.samples):>8.0f}{m_off:>10.0f}{m_on:>9.0f}{p90([s.ttft_ms for s in b.samples]):>8.0f}"
+            f"{frac(m_on / m_off):>8}{m_ls:>10.0f}{m_on / m_ls:>8.2f}{floor:>8.0f}{read / prompt:>12.1%}"
+            f"{reusable / prompt:>9.1%}{ls_read:>11.1%}"
         )
         if t >= 2:
-            later_off += [s.ttft_ms for s in a.samples]
-            later_on += [s.ttft_ms for s in b.samples]
+            later["off"] += [s.ttft_ms for s in a.samples]
+            later["on"] += [s.ttft_ms for s in b.samples]
+            later["ls"] += [s.ttft_ms for s in c.samples]
+            later["floor"].append(floor)
             later_read, later_prompt, later_reusable = (
                 later_read + read,
                 later_prompt + prompt,
                 later_reusable + reusable,
             )
-    if later_on:
+    if later["on"]:
         print("-" * len(head))
-        ratio = mean(later_on) / mean(later_off)
+        ratio = mean(later["on"]) / mean(later["off"])
+        vs_ls = mean(later["on"]) / mean(later["ls"])
         share = later_read / later_prompt
         print(
             f"turns 2-{sz.mt_turns}: mean TTFT on/off {frac(ratio)} (goal <= 1/5: {'met' if ratio <= 0.2 else 'MISSED'}); "
+            f"on/llama-server {vs_ls:.2f} (goal <= 0.2: {'met' if vs_ls <= 0.2 else 'MISSED'}); "
+            f"on/floor {mean(later['on']) / mean(later['floor']):.2f}"
+        )
+        print(
             f"prompt tokens from cache {share:.1%} (goal >= 90%: {'met' if share >= 0.9 else 'MISSED'}; "
             f"ceiling {later_reusable / later_prompt:.1%}); of reusable {later_read / later_reusable:.1%}"
         )
