@@ -13,7 +13,7 @@ from typing import Any
 
 from erllama.cachestore.client import CacheClient
 from erllama.cachestore.config import parse_size
-from erllama.protocol import CacheTier, ErllamaError
+from erllama.protocol import LOCAL_TIERS, CacheTier, ErllamaError
 
 COUNTER_GROUPS = (
     ("lookups", ("lookups", "hits_exact", "hits_prefix", "misses", "lookup_ns", "loads", "load_ns")),
@@ -99,7 +99,7 @@ def run(argv: list[str]) -> int:
     st.add_argument("--json", action="store_true")
     ev = sub.add_parser("evict", help="free bytes from some tiers")
     ev.add_argument("bytes", type=parse_size)
-    ev.add_argument("--tier", action="append", choices=[t.value for t in CacheTier])
+    ev.add_argument("--tier", action="append", choices=[t.value for t in LOCAL_TIERS])
     args = ap.parse_args(argv)
     try:
         with CacheClient(args.endpoint, timeout_s=args.timeout) as client:

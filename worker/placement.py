@@ -110,7 +110,7 @@ class Placement:
             return
         found.close()
         if self.place(req, found.n_tokens, found.common, found.kind, logits):
-            req.cache_tier = found.row.tier.value
+            req.cache_tier = found.tier.value
             self.cache.count_hit(found, req.n_past)
             log.info(
                 "restored %d prompt tokens from the %s tier (%s)",
