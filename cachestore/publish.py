@@ -104,7 +104,7 @@ class Publisher:
         if current is not None and current.state is ResState.OPEN and not store.procs.alive(current.pid):
             self._expire(current, "writer died")
             current = None
-        if current is not None:
+        if current is not None or key in store.arriving:  # another writer, or a fetch from the shared tier
             store.counters.conflicts += 1
             reply.ok(ReserveReply(status=ReserveStatus.CONFLICT.value, key=key))
             return

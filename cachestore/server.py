@@ -124,6 +124,7 @@ class CacheServer:
             )
             self.store.shared = self.shared
             self.publisher.on_stored = self.shared.row_stored
+            self.shared.busy_key = self.publisher.by_key.__contains__
         self._ctx = zmq.Context()
         self._sock: zmq.Socket | None = None
         self._locks: list[InstanceLock] = []

@@ -4,8 +4,8 @@ This side runs on the daemon's loop thread; every call to the server runs on one
 own (``sharedkv``), one for writes and one for lookups, so that a slow upload never holds a lookup back
 and the loop never waits on the network.
 
-- **Writes.** Every row committed here is written behind (read on the write thread while pinned, then
-  sent), so that another host finds it at once; a row evicted from the coldest local tier that is not
+- **Writes.** Every row committed here is written behind (read by an I/O thread while pinned, then sent
+  by the write thread), so that another host finds it at once; a row evicted from the coldest local tier that is not
   known to be there yet (its write-behind was skipped or failed, or it predates the tier) is written
   before its bytes are freed. Rows fetched from the tier are not written back. A failed write is logged
   and counted, never retried: the row is still local.
@@ -116,6 +116,9 @@ class SharedTier:
         self._lookups: deque[_Lookup] = deque()
         self._write_bytes = 0
         self._ids = 0
+        self._arriving: dict[bytes, list[_Lookup]] = {}  # fetched rows being published: who waits for each
+        # Whether a writer holds a reservation for a key (``Publisher``): set by the server.
+        self.busy_key: Callable[[bytes], bool] = lambda key: False
 
     def start(self) -> None:
         """Say hello to the server (off the loop): a wrong password turns the tier off now."""
@@ -233,6 +236,14 @@ class SharedTier:
             self.counters.hits += 1
             self._answer(pending, key)
             return
+        waiting = self._arriving.get(key)
+        if waiting is not None:  # another lookup's fetch of the same row is being published
+            waiting.append(pending)
+            return
+        if self.busy_key(key):  # a writer is storing it: publishing it too would race for its name
+            self.counters.misses += 1
+            self._answer(pending, None)
+            return
         tier = store.tiers.place(size, store.index)
         if tier is None:
             log.info("a shared row of %d bytes fits no local tier: a miss", size)
@@ -240,28 +251,31 @@ class SharedTier:
             self._answer(pending, None)
             return
         store.tiers[tier].reserved_bytes += size
+        self._arriving[key] = [pending]
+        store.arriving.add(key)
         image[USAGE_OFFSET : USAGE_OFFSET + 12] = encode_usage(0, time.time_ns())  # outside the checksum
         self._ids += 1
         tag = f"s{self._ids}"
 
         def installed(fut: Future[tuple[Location, RowHeader]]) -> None:
             store.tiers[tier].reserved_bytes -= size
+            store.arriving.discard(key)
+            lookups = self._arriving.pop(key, [])
             exc = fut.exception()
             if exc is not None:
                 log.warning("could not keep shared row %s in %s: %s", key.hex()[:16], tier.value, exc)
-                self.counters.misses += 1
-                self._answer(pending, None)
+                self.counters.misses += len(lookups)
+                for waiter in lookups:
+                    self._answer(waiter, None)
                 store.relieve()
                 return
             loc, header = fut.result()
-            if key in store.index:
-                store.submit(store.storage.delete, _quiet, loc)
-            else:
-                entry = entry_from_header(header, loc, verified=True)
-                entry.shared = True
-                store.add_row(entry)
-            self.counters.hits += 1
-            self._answer(pending, key)
+            entry = entry_from_header(header, loc, verified=True)
+            entry.shared = True
+            store.add_row(entry)  # no writer could store this key meanwhile (``store.arriving``)
+            self.counters.hits += len(lookups)
+            for waiter in lookups:
+                self._answer(waiter, key)
             store.relieve()
 
         self._submit_io(install_row, installed, self.storage, tier, key, tag, offset, image)
@@ -280,7 +294,7 @@ class SharedTier:
             self.store.unpin(entry)
             self._send(entry, fut)
 
-        self._submit_put(self.storage.read_row, read, self.store.location(entry), entry.size)
+        self._submit_io(self.storage.read_row, read, self.store.location(entry), entry.size)
 
     def row_leaving(self, entry: RowEntry, free: Callable[[], None]) -> bool:
         """A row evicted from the coldest local tier that the shared tier may not have: read it, then
@@ -293,7 +307,7 @@ class SharedTier:
             free()
             self._send(entry, fut)
 
-        self._submit_put(self.storage.read_row, read, self.store.location(entry), entry.size)
+        self._submit_io(self.storage.read_row, read, self.store.location(entry), entry.size)
         return True
 
     def _may_write(self, size: int) -> bool:
@@ -350,8 +364,3 @@ def install_row(
     temp = storage.create_temp(tier, key, tag, len(image), bytes(view[:offset]))
     checksum = int.from_bytes(view[CHECKSUM_OFFSET : CHECKSUM_OFFSET + 4], "little")
     return storage.publish(temp, key, expected_crc=checksum, inline=(offset, view[offset:]))
-
-
-def _quiet(fut: Future[Any]) -> None:
-    if fut.exception() is not None:
-        log.debug("deleting a duplicate shared row failed: %s", fut.exception())

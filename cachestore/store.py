@@ -140,6 +140,7 @@ class Store:
         )
         self.leases: dict[int, Lease] = {}
         self.shared: SharedHooks | None = None  # set by the server when a shared tier is configured
+        self.arriving: set[bytes] = set()  # keys being published from the shared tier (not by a writer)
         self.procs = ProcessWatch()
         self.ids = itertools.count(1)
         self._waiters: dict[bytes, list[Callable[[bool], None]]] = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -230,3 +231,50 @@ def test_a_wrong_password_turns_the_shared_tier_off_and_the_store_still_works(
     s = shared_stats(c)
     assert (s["lookups"], s["writes"], s["writes_skipped"]) == (0, 0, 0)
     assert "refused the credentials" in d.log() and "not-the-password" not in d.log()
+
+
+def test_a_slow_server_costs_a_miss_within_the_lookup_budget_and_the_row_lands_for_the_next_one(
+    redis_server: RedisServer, daemons: Any
+) -> None:
+    a = daemons().start(shared_url=redis_server.url)
+    b = daemons().start(shared_url=redis_server.url)
+    tokens = list(range(900, 1100))
+    payload = payload_for(9, MIB)
+    save_and_share(a.client(), tokens, payload)
+    cb = b.client()
+    redis_server.client().execute_command("CLIENT", "PAUSE", 1500, "ALL")  # every command waits 1.5 s
+    assert cb.find(FP, tokens) is None  # answered after SHARED_LOOKUP_BUDGET_S, not after the pause
+    assert shared_stats(cb)["late"] == 1
+    wait_for(cb, lambda s: s["hits"] == 1, "published the fetched row")
+    found = cb.find(FP, tokens)
+    assert found is not None and found[0].tier is not CacheTier.SHARED
+    with found[1] as row:
+        assert row.payload == payload
+
+
+def test_lookups_racing_for_the_same_shared_row_publish_it_once(
+    redis_server: RedisServer, daemons: Any
+) -> None:
+    a = daemons().start(shared_url=redis_server.url)
+    b = daemons().start(shared_url=redis_server.url, ram_bytes=0)  # shm and disk: rows have file names
+    tokens = list(range(1200, 1400))
+    payload = payload_for(10, 3 * MIB)
+    save_and_share(a.client(), tokens, payload)
+    clients = [b.client() for _ in range(4)]
+    results: list[Any] = [None] * len(clients)
+
+    def look(i: int) -> None:
+        found = clients[i].find(FP, [*tokens, i])
+        if found is not None:
+            with found[1] as row:
+                results[i] = (found[0].tier, row.payload == payload)
+
+    threads = [threading.Thread(target=look, args=(i,)) for i in range(len(clients))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r is not None and r[1] for r in results), results
+    s = b.wait_quiet(clients[0])
+    assert s["rows"] == 1 and s["counters"]["corrupt_rows"] == 0
+    assert shared_stats(clients[0])["errors"] == 0
