@@ -46,6 +46,23 @@ COUNTER_GROUPS = (
 )
 
 
+SHARED_COUNTERS = (
+    "lookups",
+    "hits",
+    "misses",
+    "late",
+    "writes",
+    "writes_present",
+    "writes_failed",
+    "writes_skipped",
+    "bytes_written",
+    "bytes_read",
+    "stale_manifests",
+    "corrupt_rows",
+    "errors",
+)
+
+
 def _bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -85,6 +102,10 @@ def render(stats: dict[str, Any]) -> str:
         lines.append(f"mean lookup {c['lookup_ns'] / c['lookups'] / 1e3:.1f} us")
     if c["loads"]:
         lines.append(f"mean load grant {c['load_ns'] / c['loads'] / 1e3:.1f} us")
+    shared = stats.get("shared", {})
+    if "state" in shared:  # configured (``enabled`` is false once the server refused the password)
+        lines.append(f"shared tier {shared['url']}: {shared['state']}")
+        lines.append("shared: " + ", ".join(f"{n}={shared[n]}" for n in SHARED_COUNTERS))
     return "\n".join(lines)
 
 

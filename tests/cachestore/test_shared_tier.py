@@ -14,12 +14,13 @@ from typing import Any
 import msgspec
 import pytest
 
+from erllama.cachestore.cli import render
 from erllama.cachestore.client import CacheClient
 from erllama.cachestore.codec import row_key
 from erllama.cachestore.sharedkv import PART_BYTES, Manifest, lengths_key, manifest_key
 from erllama.protocol import CacheTier, SaveOutcome
 from tests.cachestore.cachestore_support import Daemon, payload_for
-from tests.redis_support import RedisServer
+from tests.redis_support import PASSWORD, RedisServer
 
 FP = b"fingerprint-shared-tier-0123456789"
 MIB = 1024 * 1024
@@ -92,6 +93,8 @@ def test_a_row_saved_by_one_store_is_found_by_another_through_the_shared_tier(
     save_and_share(ca, tokens, payload)
     s = shared_stats(ca)
     assert s["state"] == "up" and s["bytes_written"] > len(payload) and s["errors"] == 0
+    shown = render(ca.stats())  # erllama cache
+    assert f"shared tier redis://:***@127.0.0.1:{redis_server.port}/0: up" in shown and PASSWORD not in shown
 
     found = cb.find(FP, [*tokens, 1, 2, 3])
     assert found is not None
