@@ -170,7 +170,7 @@ def test_zero_copy_writer_fills_the_mapped_temp_through_ctypes(daemon: Daemon) -
     daemon.start()
     c = daemon.client()
     data = payload_for(7, MIB)
-    for i, tier in enumerate(CacheTier):
+    for i, tier in enumerate(LOCAL_TIERS):
         tokens = [7, i]
         pending = c.begin_save(FP, tokens, MIB, "continued", tier=tier)
         assert not isinstance(pending, SaveOutcome)
