@@ -493,16 +493,15 @@ class Store:
     def _evict(self, entry: RowEntry) -> None:
         log.debug("evicting %s from %s (%d bytes)", entry.key.hex()[:16], entry.tier.value, entry.size)
         self.counters.evictions += 1
-        if self.shared is not None and not entry.shared and entry.leases == 0:
-            # Below the coldest local tier: the row is written to the shared tier before its bytes go.
-            self.index.remove(entry.key)
-            self.tiers[entry.tier].remove_row(entry.size)
-            loc = self.location(entry)
-            if self.shared.row_leaving(entry, lambda: self._free(loc)):
-                return
-            self._free(loc)
+        if self.shared is None or entry.shared or entry.leases:
+            self._remove(entry)
             return
-        self._remove(entry)
+        # Below the coldest local tier: the row is written to the shared tier before its bytes go.
+        self.index.remove(entry.key)
+        self.tiers[entry.tier].remove_row(entry.size)
+        loc = self.location(entry)
+        if not self.shared.row_leaving(entry, lambda: self._free(loc)):
+            self._free(loc)
 
     def _move(self, entry: RowEntry, dest: CacheTier, *, promotion: bool) -> None:
         src, size = self.location(entry), entry.size
