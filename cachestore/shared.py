@@ -68,7 +68,7 @@ class SharedCounters:
     """Monotonic since the daemon started; reported under ``stats()["shared"]``."""
 
     lookups: int = 0  # local misses asked of the server
-    hits: int = 0  # rows fetched and answered
+    hits: int = 0  # lookups answered with a fetched row (and fetches that landed after a late answer)
     misses: int = 0  # asked, nothing usable there (or the server failed)
     late: int = 0  # answered without the shared tier because the budget ran out
     skipped_lookups: int = 0  # local misses not asked: tier down or too many lookups waiting

@@ -226,6 +226,9 @@ class SharedKV:
             manifest = msgspec.msgpack.decode(raw, type=Manifest)
             if manifest.v != MANIFEST_VERSION or len(manifest.parts) != len(manifest.part_sizes):
                 raise CorruptRow("unknown manifest version or shape")
+            own = f"{KEY_PREFIX}p:{key.hex()}:"
+            if not all(name.startswith(own) for name in manifest.parts):  # never touch other keys
+                raise CorruptRow("a part key that is not this row's")
         except (msgspec.DecodeError, CorruptRow) as exc:
             log.warning("shared row %s: bad manifest (%s): deleted", key.hex()[:16], exc)
             result.corrupt += 1
