@@ -12,6 +12,7 @@ Example ``erllama.toml``::
     ram_bytes = "1G"
     shm_bytes = "4G"
     disk_bytes = "50G"
+    # shared_url = "redis://:PASSWORD@10.0.0.5:6379/0"  # a Valkey/Redis shared tier below disk
     # enabled = false                 # serve without a KV cache
     # endpoint = "ipc:///path/cs.sock" # use a store someone else runs instead of spawning one
 
@@ -73,6 +74,9 @@ class CacheStoreSettings:
     enabled: bool = True
     external_endpoint: str | None = None  # a store the broker does not spawn
     flags: list[str] = field(default_factory=list)  # passed through to erllama-cachestore
+    # The shared tier's Valkey/Redis URL: handed to erllama-cachestore in its environment
+    # (ERLLAMA_SHARED_URL), not its argv, so that the password stays out of process lists.
+    shared_url: str | None = None
 
 
 CACHESTORE_FLAGS = {  # TOML key / broker flag -> erllama-cachestore flag
@@ -206,7 +210,7 @@ def _pressure(raw: dict[str, Any]) -> PressureConfig:
 
 
 def _cache_settings(raw: dict[str, Any]) -> CacheStoreSettings:
-    unknown = set(raw) - set(CACHESTORE_FLAGS) - {"enabled", "endpoint"}
+    unknown = set(raw) - set(CACHESTORE_FLAGS) - {"enabled", "endpoint", "shared_url"}
     if unknown:
         raise ErllamaError(
             ErrorCode.INVALID_PARAMS, f"unknown [cachestore] keys: {', '.join(sorted(unknown))}"
@@ -215,6 +219,12 @@ def _cache_settings(raw: dict[str, Any]) -> CacheStoreSettings:
     for key, flag in CACHESTORE_FLAGS.items():
         if raw.get(key) is not None:
             flags += [flag, str(raw[key])]
+    shared_url = raw.get("shared_url")
+    if shared_url is not None and not isinstance(shared_url, str):
+        raise ErllamaError(ErrorCode.INVALID_PARAMS, "[cachestore] shared_url must be a redis:// URL")
     return CacheStoreSettings(
-        enabled=bool(raw.get("enabled", True)), external_endpoint=raw.get("endpoint"), flags=flags
+        enabled=bool(raw.get("enabled", True)),
+        external_endpoint=raw.get("endpoint"),
+        flags=flags,
+        shared_url=shared_url or None,
     )

@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     cache.add_argument("--cache-ram", help="RAM tier budget, e.g. 1G (0 = off)")
     cache.add_argument("--cache-shm", help="shm tier budget (default: min(4G, half of /dev/shm free))")
     cache.add_argument("--cache-disk", help="disk tier budget (default 20G)")
+    cache.add_argument(
+        "--shared-url",
+        help="a Valkey/Redis server as a shared KV tier below disk, redis://:PASSWORD@HOST:PORT/DB "
+        "(also $ERLLAMA_SHARED_URL, which keeps the password out of process lists)",
+    )
     args = ap.parse_args(argv)
     cache_overrides = {
         "enabled": args.cache_enabled,
@@ -55,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         "ram_bytes": args.cache_ram,
         "shm_bytes": args.cache_shm,
         "disk_bytes": args.cache_disk,
+        "shared_url": args.shared_url,
     }
     try:
         cfg = build_config(

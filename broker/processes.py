@@ -133,9 +133,11 @@ def console_command(script: str, module: str) -> list[str]:
     return [found] if found else [sys.executable, "-m", module]
 
 
-def _popen(cmd: list[str]) -> tuple[subprocess.Popen[bytes], int, int]:
+def _popen(cmd: list[str], env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], int, int]:
     """Start a child with its stderr on a non-blocking pipe; returns it, its pidfd and that pipe."""
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+    )
     assert proc.stderr is not None
     stderr_fd = proc.stderr.fileno()
     os.set_blocking(stderr_fd, False)
@@ -174,14 +176,15 @@ def spawn_worker(
     return WorkerProcess(name=model_id, pid=proc.pid, proc=proc, pidfd=pidfd, stderr_fd=stderr_fd)
 
 
-def spawn_cachestore(args: list[str]) -> ChildProcess:
-    """Start the cache store with the broker's cache settings (``erllama-cachestore`` flags)."""
+def spawn_cachestore(args: list[str], env: dict[str, str] | None = None) -> ChildProcess:
+    """Start the cache store with the broker's cache settings (``erllama-cachestore`` flags; ``env``:
+    variables added to the broker's environment, for settings that must not show in its argv)."""
     cmd = (
         console_command("erllama-cachestore", "erllama.cachestore.main")
         + args
         + ["--parent-pid", str(os.getpid())]
     )
-    proc, pidfd, stderr_fd = _popen(cmd)
+    proc, pidfd, stderr_fd = _popen(cmd, os.environ | env if env else None)
     log.info("spawned the cache store: pid %d", proc.pid)
     return ChildProcess(name="cachestore", pid=proc.pid, proc=proc, pidfd=pidfd, stderr_fd=stderr_fd)
 

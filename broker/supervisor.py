@@ -27,6 +27,7 @@ from erllama.broker.processes import (
     spawn_worker,
 )
 from erllama.broker.registry import ModelEntry
+from erllama.cachestore.config import SHARED_URL_ENV
 from erllama.protocol import (
     HEARTBEAT_INTERVAL_S,
     MODEL_LOAD_TIMEOUT_S,
@@ -149,7 +150,8 @@ class Supervisor:
     def spawn_cachestore(self) -> None:
         endpoint = self.cfg.cachestore_endpoint or ""
         args = ["--endpoint", endpoint, "--log-level", self.cfg.log_level, *self.cfg.cache.flags]
-        self.cachestore = spawn_cachestore(args)
+        shared = self.cfg.cache.shared_url
+        self.cachestore = spawn_cachestore(args, {SHARED_URL_ENV: shared} if shared else None)
         self._watch(self.cachestore)
 
     def _cachestore_exited(self, child: ChildProcess) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from erllama.cachestore.client import CacheClient
 from erllama.cachestore.config import parse_size
-from erllama.protocol import CacheTier, ErllamaError
+from erllama.protocol import LOCAL_TIERS, CacheTier, ErllamaError
 
 COUNTER_GROUPS = (
     ("lookups", ("lookups", "hits_exact", "hits_prefix", "misses", "lookup_ns", "loads", "load_ns")),
@@ -43,6 +43,23 @@ COUNTER_GROUPS = (
             "bad_messages",
         ),
     ),
+)
+
+
+SHARED_COUNTERS = (
+    "lookups",
+    "hits",
+    "misses",
+    "late",
+    "writes",
+    "writes_present",
+    "writes_failed",
+    "writes_skipped",
+    "bytes_written",
+    "bytes_read",
+    "stale_manifests",
+    "corrupt_rows",
+    "errors",
 )
 
 
@@ -85,6 +102,10 @@ def render(stats: dict[str, Any]) -> str:
         lines.append(f"mean lookup {c['lookup_ns'] / c['lookups'] / 1e3:.1f} us")
     if c["loads"]:
         lines.append(f"mean load grant {c['load_ns'] / c['loads'] / 1e3:.1f} us")
+    shared = stats.get("shared", {})
+    if "state" in shared:  # configured (``enabled`` is false once the server refused the password)
+        lines.append(f"shared tier {shared['url']}: {shared['state']}")
+        lines.append("shared: " + ", ".join(f"{n}={shared[n]}" for n in SHARED_COUNTERS))
     return "\n".join(lines)
 
 
@@ -99,7 +120,7 @@ def run(argv: list[str]) -> int:
     st.add_argument("--json", action="store_true")
     ev = sub.add_parser("evict", help="free bytes from some tiers")
     ev.add_argument("bytes", type=parse_size)
-    ev.add_argument("--tier", action="append", choices=[t.value for t in CacheTier])
+    ev.add_argument("--tier", action="append", choices=[t.value for t in LOCAL_TIERS])
     args = ap.parse_args(argv)
     try:
         with CacheClient(args.endpoint, timeout_s=args.timeout) as client:

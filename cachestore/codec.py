@@ -237,6 +237,24 @@ def read_head(fd: int) -> RowHeader:
     return parse_head(os.pread(fd, end, 0) if end > HEADER_BYTES else fixed)
 
 
+def buffer_checksum(view: memoryview) -> int:
+    """The row checksum of a whole row held in memory (bytes [0, 32) then [48, end))."""
+    return zlib.crc32(view[HEADER_BYTES:], zlib.crc32(view[:CHECKSUM_OFFSET]))
+
+
+def verify_image(image: bytes | bytearray | memoryview, expected_key: bytes) -> RowHeader:
+    """Full verification of a whole row held in memory (one fetched from, or sent to, the shared tier):
+    head, size, key and checksum. Raises ``CorruptRow``."""
+    view = memoryview(image)
+    try:
+        header = check_row(view, expected_key)
+        if buffer_checksum(view) != header.checksum:
+            raise CorruptRow("checksum mismatch")
+    finally:
+        view.release()
+    return header
+
+
 def file_checksum(fd: int, size: int, *, use_mmap: bool) -> int:
     """The row checksum of an open row file of ``size`` bytes.
 
@@ -250,7 +268,7 @@ def file_checksum(fd: int, size: int, *, use_mmap: bool) -> int:
         with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as mm:
             view = memoryview(mm)
             try:
-                return zlib.crc32(view[HEADER_BYTES:], zlib.crc32(view[:CHECKSUM_OFFSET]))
+                return buffer_checksum(view)
             finally:
                 view.release()
     crc = zlib.crc32(os.pread(fd, CHECKSUM_OFFSET, 0))

@@ -12,6 +12,9 @@ from erllama.transport import CACHESTORE_SOCKET_NAME, default_runtime_dir, ipc_e
 CACHESTORE_ENDPOINT_ENV: Final = "ERLLAMA_CACHESTORE"
 CACHE_DIR_ENV: Final = "ERLLAMA_CACHE_DIR"
 SHM_DIR_ENV: Final = "ERLLAMA_SHM_DIR"
+# The shared tier's server, redis://[:PASSWORD@]HOST:PORT/DB (rediss:// for TLS). An environment variable
+# as well as a flag, so that a password need not appear in a process list.
+SHARED_URL_ENV: Final = "ERLLAMA_SHARED_URL"
 
 GIB: Final = 1024**3
 MIB: Final = 1024**2
@@ -61,6 +64,7 @@ class StoreConfig:
     min_prefix_tokens: int = DEFAULT_MIN_PREFIX_TOKENS
     reservation_ttl_s: float = RESERVATION_TTL_S
     lease_ttl_s: float = LEASE_TTL_S
+    shared_url: str | None = None  # a Valkey/Redis server below disk (``shared``); None: no shared tier
 
     def __post_init__(self) -> None:
         for name in ("ram_bytes", "disk_bytes"):

@@ -13,6 +13,7 @@ from erllama.cachestore.config import (
     DEFAULT_DISK_BYTES,
     DEFAULT_MIN_PREFIX_TOKENS,
     DEFAULT_RAM_BYTES,
+    SHARED_URL_ENV,
     StoreConfig,
     default_disk_dir,
     default_endpoint,
@@ -54,6 +55,7 @@ def build_config(args: argparse.Namespace) -> StoreConfig:
         shm_bytes=args.shm_bytes,
         disk_bytes=args.disk_bytes,
         min_prefix_tokens=args.min_prefix_tokens,
+        shared_url=args.shared_url or None,
     )
 
 
@@ -92,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=DEFAULT_MIN_PREFIX_TOKENS,
         help="shortest common prefix longest_prefix reports (default 1)",
+    )
+    ap.add_argument(
+        "--shared-url",
+        default=os.environ.get(SHARED_URL_ENV),
+        help="a Valkey/Redis server as a shared tier below disk: redis://:PASSWORD@HOST:PORT/DB "
+        f"(default: ${SHARED_URL_ENV}; none: no shared tier)",
     )
     ap.add_argument("--log-level", default=os.environ.get("ERLLAMA_LOG_LEVEL", "INFO"))
     ap.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)

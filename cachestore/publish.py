@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,7 @@ class Publisher:
         self.store = store
         self.by_id: dict[int, Reservation] = {}
         self.by_key: dict[bytes, Reservation] = {}
+        self.on_stored: Callable[[RowEntry], None] | None = None  # the shared tier's write-behind
 
     def reserve(
         self,
@@ -89,6 +91,8 @@ class Publisher:
             preferred = CacheTier(tier) if tier is not None else None
         except ValueError as exc:
             raise ErllamaError(ErrorCode.INVALID_PARAMS, str(exc)) from None
+        if preferred is CacheTier.SHARED:
+            raise ErllamaError(ErrorCode.INVALID_PARAMS, "rows are reserved in ram, shm or disk")
         if not 0 < payload_len <= MAX_CACHE_PAYLOAD_BYTES:
             raise ErllamaError(ErrorCode.INVALID_PARAMS, f"payload_len must be 1..{MAX_CACHE_PAYLOAD_BYTES}")
         key = row_key_bytes(fingerprint, token_bytes)
@@ -100,7 +104,7 @@ class Publisher:
         if current is not None and current.state is ResState.OPEN and not store.procs.alive(current.pid):
             self._expire(current, "writer died")
             current = None
-        if current is not None:
+        if current is not None or key in store.arriving:  # another writer, or a fetch from the shared tier
             store.counters.conflicts += 1
             reply.ok(ReserveReply(status=ReserveStatus.CONFLICT.value, key=key))
             return
@@ -203,6 +207,8 @@ class Publisher:
             entry: RowEntry = entry_from_header(header, loc, verified=True)
             store.add_row(entry)
             store.counters.count_save(res.reason)
+            if self.on_stored is not None:
+                self.on_stored(entry)
             reply.ok(CommitReply(status="stored", key=res.key, tier=loc.tier))
             store.relieve()
 

@@ -8,7 +8,9 @@ oversized or unknown message gets a typed ``err`` (when it has a return address)
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
 import queue
 import select
@@ -31,6 +33,7 @@ from erllama.cachestore.config import (
     StoreConfig,
 )
 from erllama.cachestore.publish import Publisher
+from erllama.cachestore.shared import SharedTier
 from erllama.cachestore.storage import Storage
 from erllama.cachestore.store import Store
 from erllama.cachestore.tiers import TIER_ORDER, eviction_order
@@ -104,6 +107,24 @@ class CacheServer:
         self.storage = Storage(config.shm_dir, config.disk_dir)
         self.store = Store(config, self.storage, self.submit, ram_row_limit)
         self.publisher = Publisher(self.store)
+        self.shared: SharedTier | None = None
+        self._shared_pools: list[ThreadPoolExecutor] = []
+        if config.shared_url:
+            # One thread for lookups, one for writes: an upload never holds a lookup back.
+            get = ThreadPoolExecutor(1, thread_name_prefix="cachestore-shared-get")
+            put = ThreadPoolExecutor(1, thread_name_prefix="cachestore-shared-put")
+            self._shared_pools = [get, put]
+            self.shared = SharedTier(
+                config.shared_url,
+                self.store,
+                self.storage,
+                self.submit,
+                functools.partial(self.submit_on, get),
+                functools.partial(self.submit_on, put),
+            )
+            self.store.shared = self.shared
+            self.publisher.on_stored = self.shared.row_stored
+            self.shared.busy_key = self.publisher.by_key.__contains__
         self._ctx = zmq.Context()
         self._sock: zmq.Socket | None = None
         self._locks: list[InstanceLock] = []
@@ -132,8 +153,19 @@ class CacheServer:
         self, fn: Callable[..., Any], on_done: Callable[[Future[Any]], None], *args: Any, **kw: Any
     ) -> None:
         """Run ``fn`` on an I/O thread; ``on_done(future)`` then runs on the loop thread."""
+        self.submit_on(self._pool, fn, on_done, *args, **kw)
+
+    def submit_on(
+        self,
+        pool: ThreadPoolExecutor,
+        fn: Callable[..., Any],
+        on_done: Callable[[Future[Any]], None],
+        *args: Any,
+        **kw: Any,
+    ) -> None:
+        """``submit`` on another pool (the shared tier's threads)."""
         self._pending += 1
-        fut = self._pool.submit(fn, *args, **kw)
+        fut = pool.submit(fn, *args, **kw)
         fut.add_done_callback(lambda f: self._complete(f, on_done))
 
     def _complete(self, fut: Future[Any], on_done: Callable[[Future[Any]], None]) -> None:
@@ -214,6 +246,8 @@ class CacheServer:
     def _evict(self, reply: _Reply, msg: CacheEvict, _: memoryview | None) -> None:
         try:
             tiers = [CacheTier(t) for t in msg.tiers]
+            if CacheTier.SHARED in tiers:
+                raise ValueError("the shared tier evicts by itself")
         except ValueError:
             raise ErllamaError(ErrorCode.INVALID_PARAMS, "tiers must be a list of ram, shm, disk") from None
         if msg.nbytes < 0:
@@ -236,6 +270,7 @@ class CacheServer:
             min_prefix_tokens=self.config.min_prefix_tokens,
             pending_io=self._pending,
             protocol=PROTOCOL_VERSION,
+            shared=self.shared.snapshot() if self.shared is not None else {"enabled": False},
         )
         return snap
 
@@ -262,6 +297,8 @@ class CacheServer:
             self._lock(sock_path.parent, sock_path.name + ".lock")
         self.store.restore()
         self._run_completions()
+        if self.shared is not None:
+            self.shared.start()
         self._sock = make_socket(self._ctx, zmq.ROUTER, MAX_CACHE_PAYLOAD_BYTES)
         self._sock.bind(self.config.endpoint)
         log.info(
@@ -287,7 +324,10 @@ class CacheServer:
         next_sweep = time.monotonic() + SWEEP_INTERVAL_S
         next_flush = time.monotonic() + USAGE_FLUSH_INTERVAL_S
         while not self._stopping:
-            timeout_ms = max(0, int((next_sweep - time.monotonic()) * 1000))
+            wake_at = next_sweep
+            if self.shared is not None:
+                wake_at = min(wake_at, self.shared.next_deadline() or wake_at)
+            timeout_ms = max(0, math.ceil((wake_at - time.monotonic()) * 1000))
             ready = dict(poller.poll(timeout_ms))
             if self._sock in ready:
                 for _ in range(MAX_MESSAGES_PER_WAKE):
@@ -299,6 +339,8 @@ class CacheServer:
             if self._wake_r in ready or not self._done.empty():
                 self._run_completions()
             now = time.monotonic()
+            if self.shared is not None:
+                self.shared.expire(now)
             if now >= next_sweep:
                 next_sweep = now + SWEEP_INTERVAL_S
                 self.publisher.expire(now)
@@ -328,6 +370,10 @@ class CacheServer:
         self._spill_ram(deadline)
         self.store.flush_usage(wait=True)
         self._pool.shutdown(wait=True)
+        for pool in self._shared_pools:  # writes still queued are dropped: the rows stay local
+            pool.shutdown(wait=True, cancel_futures=True)
+        if self.shared is not None:
+            self.shared.close()
         self._ctx.term()
         if self.config.endpoint.startswith("ipc://"):  # we hold its lock: the socket file is ours
             Path(self.config.endpoint[len("ipc://") :]).unlink(missing_ok=True)

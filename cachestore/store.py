@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from erllama.cachestore.codec import CorruptRow, RowHeader, encode_usage
@@ -44,6 +45,31 @@ InodeTaker = Callable[[Location | None], None]  # gets a freed row's location, o
 # have, while a new file costs a page fault per 64 KiB on first read. Disk files need no such help:
 # the page cache maps them in large folios.
 RECYCLED_TIERS: Final = (CacheTier.RAM, CacheTier.SHM)
+
+
+class SharedHooks(Protocol):
+    """What the store asks of the shared tier (``shared.SharedTier``), when one is configured."""
+
+    def lookup(self, reply: Replier, query: PrefixQuery) -> bool:
+        """Take a local miss over (True: it answers ``reply`` later) or decline (False)."""
+        ...
+
+    def row_leaving(self, entry: RowEntry, free: Callable[[], None]) -> bool:
+        """An unindexed row leaving the coldest tier: True if it is written to the shared tier first
+        (``free`` then runs once it is read), False to free it now."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixQuery:
+    """A ``c.prefix`` query as the store runs it (``min_len`` already defaulted)."""
+
+    fingerprint: bytes
+    token_bytes: bytes
+    min_len: int
+    max_len: int | None
+    max_overhang: int | None
+    load_pid: int | None
 
 
 class Replier(Protocol):
@@ -113,6 +139,8 @@ class Store:
             }
         )
         self.leases: dict[int, Lease] = {}
+        self.shared: SharedHooks | None = None  # set by the server when a shared tier is configured
+        self.arriving: set[bytes] = set()  # keys being published from the shared tier (not by a writer)
         self.procs = ProcessWatch()
         self.ids = itertools.count(1)
         self._waiters: dict[bytes, list[Callable[[bool], None]]] = {}
@@ -198,25 +226,48 @@ class Store:
         load_pid: int | None = None,
     ) -> None:
         """The longest usable row for a query (see ``PrefixTree.longest_prefix`` for the limits), leased
-        for ``load_pid`` in the same reply when given."""
+        for ``load_pid`` in the same reply when given. A local miss is handed to the shared tier, if any,
+        which answers later (``answer_prefix``)."""
         t0 = time.perf_counter_ns()
         if len(token_bytes) % 4:
             raise ErllamaError(ErrorCode.INVALID_PARAMS, "tokens must be u32 little-endian")
         if (max_len is not None and max_len < 0) or (max_overhang is not None and max_overhang < 0):
             raise ErllamaError(ErrorCode.INVALID_PARAMS, "max_len and max_overhang must not be negative")
-        found = self.index.longest_prefix(
-            fingerprint, token_bytes, min_len or self.config.min_prefix_tokens, max_len, max_overhang
+        query = PrefixQuery(
+            fingerprint,
+            token_bytes,
+            min_len or self.config.min_prefix_tokens,
+            max_len,
+            max_overhang,
+            load_pid,
         )
+        found = self._longest(query)
         self._count_lookup(found is not None, exact=False, t0=t0)
+        if found is None and self.shared is not None and self.shared.lookup(reply, query):
+            return
+        self._answer(reply, query, found, fetched=None)
+
+    def answer_prefix(self, reply: Replier, query: PrefixQuery, fetched: bytes | None) -> None:
+        """Answer a query the shared tier took over, from the index as it is now; ``fetched``: the key
+        of the row it brought in for this query, reported as a ``shared`` hit."""
+        self._answer(reply, query, self._longest(query), fetched)
+
+    def _longest(self, q: PrefixQuery) -> tuple[RowEntry, int] | None:
+        return self.index.longest_prefix(q.fingerprint, q.token_bytes, q.min_len, q.max_len, q.max_overhang)
+
+    def _answer(
+        self, reply: Replier, query: PrefixQuery, found: tuple[RowEntry, int] | None, fetched: bytes | None
+    ) -> None:
         if found is None:
             reply.ok(PrefixReply(hit=None))
             return
         entry, common = found
-        hit = PrefixHitInfo(key=entry.key, row_tokens=entry.n_tokens, common_len=common, tier=entry.tier)
-        if load_pid is None:
+        tier = CacheTier.SHARED if entry.key == fetched else entry.tier
+        hit = PrefixHitInfo(key=entry.key, row_tokens=entry.n_tokens, common_len=common, tier=tier)
+        if query.load_pid is None:
             reply.ok(PrefixReply(hit=hit))
         else:
-            self.load(reply, entry.key, load_pid, inline=False, hit=hit)
+            self.load(reply, entry.key, query.load_pid, inline=False, hit=hit)
 
     def _count_lookup(self, hit: bool, *, exact: bool, t0: int) -> None:
         c = self.counters
@@ -319,10 +370,17 @@ class Store:
         if lease is None:
             return
         entry = self.index.get(lease.key)
-        if entry is None:
-            return
+        if entry is not None:
+            self.unpin(entry)
+
+    def pin(self, entry: RowEntry) -> None:
+        """Keep a row where it is, unchanged, while the daemon itself reads it (as a lease does)."""
+        entry.leases += 1
+
+    def unpin(self, entry: RowEntry) -> None:
+        """The end of a lease or a pin: an idle row may be verified, promoted or moved out again."""
         entry.leases -= 1
-        if entry.leases == 0:
+        if entry.leases == 0 and self.index.get(entry.key) is entry:
             if not entry.verified and entry.state is RowState.READY:
                 self._verify(entry)
             else:
@@ -435,7 +493,15 @@ class Store:
     def _evict(self, entry: RowEntry) -> None:
         log.debug("evicting %s from %s (%d bytes)", entry.key.hex()[:16], entry.tier.value, entry.size)
         self.counters.evictions += 1
-        self._remove(entry)
+        if self.shared is None or entry.shared or entry.leases:
+            self._remove(entry)
+            return
+        # Below the coldest local tier: the row is written to the shared tier before its bytes go.
+        self.index.remove(entry.key)
+        self.tiers[entry.tier].remove_row(entry.size)
+        loc = self.location(entry)
+        if not self.shared.row_leaving(entry, lambda: self._free(loc)):
+            self._free(loc)
 
     def _move(self, entry: RowEntry, dest: CacheTier, *, promotion: bool) -> None:
         src, size = self.location(entry), entry.size

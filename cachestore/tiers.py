@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from typing import Final
 
 from erllama.cachestore.index import Index, RowEntry, RowState
-from erllama.protocol import CacheTier
+from erllama.protocol import LOCAL_TIERS, CacheTier
 
-TIER_ORDER: Final = (CacheTier.RAM, CacheTier.SHM, CacheTier.DISK)
+TIER_ORDER: Final = LOCAL_TIERS
 HIT_HALF_LIFE_S: Final = 3600.0
 RECENCY_SCALE_S: Final = 60.0
 SIZE_SCALE_BYTES: Final = 16 * 1024 * 1024

@@ -148,6 +148,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     """The broker (started here unless one already answers) and the HTTP gateway in front of it, until
     interrupted; a broker started here stops with the gateway."""
+    from erllama.cachestore.config import SHARED_URL_ENV
     from erllama.gateway.config import GatewayConfig, load_api_keys, parse_aliases
     from erllama.gateway.main import serve
     from erllama.transport import check_tcp_bind
@@ -161,7 +162,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ErllamaError:
         _out("starting erllama-broker ...\n", sys.stderr)
         cmd = [sys.executable, "-m", "erllama.broker.main"]
-        broker = subprocess.Popen(cmd + (["--endpoint", endpoint] if endpoint else []))
+        # The shared tier's URL travels in the environment: its password stays out of process lists.
+        env = os.environ | {SHARED_URL_ENV: args.shared_url} if args.shared_url else None
+        broker = subprocess.Popen(cmd + (["--endpoint", endpoint] if endpoint else []), env=env)
     try:
         with Client(endpoint, timeout_s=5.0) as c:
             _wait_broker(c, broker)
@@ -254,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--allow-remote", action="store_true", help="allow --host beyond loopback")
     p.add_argument("--api-keys", metavar="FILE", help="bearer keys, one a line (also $ERLLAMA_API_KEYS)")
+    p.add_argument(
+        "--shared-url",
+        metavar="URL",
+        help="the broker started here gets a Valkey/Redis shared KV tier (also $ERLLAMA_SHARED_URL)",
+    )
     p.add_argument(
         "--alias",
         action="append",

@@ -43,7 +43,7 @@ from erllama.cachestore.client import CacheClient
 from erllama.cachestore.codec import row_key, row_key_bytes, tokens_to_bytes
 from erllama.cachestore.index import Index, RowEntry
 from erllama.cachestore.mapping import MAPPINGS
-from erllama.protocol import CacheTier, ErllamaError, SaveOutcome, SaveReason
+from erllama.protocol import LOCAL_TIERS, CacheTier, ErllamaError, SaveOutcome, SaveReason
 
 MB = 1_000_000
 
@@ -152,7 +152,7 @@ def wait_idle(c: CacheClient) -> dict:
 def settle(c: CacheClient) -> None:
     """An empty, idle store: every row evicted (their files truncated, so none is reused)."""
     while True:
-        c.evict_bytes(1 << 40, tiers=list(CacheTier))
+        c.evict_bytes(1 << 40, tiers=list(LOCAL_TIERS))
         s = wait_idle(c)
         if s["rows"] == 0:
             return
@@ -231,7 +231,7 @@ def bench_size(size_mb: int, reps: int, disk_root: Path, seq: itertools.count) -
     size = size_mb * MB
     budget = int((RESIDENT_ROWS + 0.5) * (size + 64 * 1024))
     base = Baselines(size, disk_root / "bench-read.tmp")
-    series = {t: Series() for t in CacheTier}
+    series = {t: Series() for t in LOCAL_TIERS}
 
     def save(c: CacheClient, tier: CacheTier) -> bytes:
         tokens = [next(seq)] * 64
@@ -245,7 +245,7 @@ def bench_size(size_mb: int, reps: int, disk_root: Path, seq: itertools.count) -
     # New files: every row is evicted (and truncated) before the next is written.
     with Daemon(disk_root, budget, budget, 8 * budget) as c:
         for _ in range(reps):
-            for tier in CacheTier:
+            for tier in LOCAL_TIERS:
                 key = save(c, tier)
                 MAPPINGS.clear()  # as in a process that never mapped this file (a restarted worker)
                 first, again = timed_load(c, key, tier, base)
@@ -283,7 +283,7 @@ def bench_size(size_mb: int, reps: int, disk_root: Path, seq: itertools.count) -
         return f"{rate(size, times) / mcpy:.2f}" if times else "-"
 
     out = []
-    for tier in CacheTier:
+    for tier in LOCAL_TIERS:
         sr = series[tier]
         first = rate(size, sr.first_map)
         out.append(

@@ -22,7 +22,7 @@ from typing import Any, Final
 from erllama.cachestore.client import CacheClient, LoadedRow
 from erllama.cachestore.codec import row_key
 from erllama.logsetup import CURRENT_REQUEST, about_request
-from erllama.protocol import CacheHitKind, ErllamaError, SaveOutcome, SaveReason
+from erllama.protocol import CacheHitKind, CacheTier, ErllamaError, SaveOutcome, SaveReason
 from erllama.worker.kvrow import BadRow, RowParts
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class Found:
     common: int
     kind: CacheHitKind
     from_parent: bool
+    tier: CacheTier  # where the row came from: its tier, or ``shared`` if the store fetched it for us
 
     @property
     def n_tokens(self) -> int:
@@ -213,7 +214,7 @@ class KVCache:
             row.close()
             return None
         kind = CacheHitKind.EXACT if hit.common_len >= len(prompt) else CacheHitKind.PARTIAL
-        return self._open(row, hit.common_len, kind, from_parent=False)
+        return self._open(row, hit.common_len, kind, from_parent=False, tier=hit.tier)
 
     def _from_parent(self, prompt: list[int], key: bytes, limits: RowLimits) -> Found | None:
         row = self._lookups.load(key)
@@ -228,21 +229,27 @@ class KVCache:
             row.close()
             return None
         found = self._open(
-            row, n, CacheHitKind.EXACT if n == len(prompt) else CacheHitKind.PARTIAL, from_parent=True
+            row,
+            n,
+            CacheHitKind.EXACT if n == len(prompt) else CacheHitKind.PARTIAL,
+            from_parent=True,
+            tier=row.tier,
         )
         if found is not None and n == len(prompt) and limits.needs_logits and found.logits is None:
             found.close()
             return None
         return found
 
-    def _open(self, row: LoadedRow, common: int, kind: CacheHitKind, from_parent: bool) -> Found | None:
+    def _open(
+        self, row: LoadedRow, common: int, kind: CacheHitKind, from_parent: bool, tier: CacheTier
+    ) -> Found | None:
         try:
             parts = RowParts.parse(row.payload)
         except BadRow as exc:
             log.warning("row %s is not a row this worker can read (%s); dropping it", row.key.hex()[:16], exc)
             row.close(bad=True)
             return None
-        return Found(row, parts, common, kind, from_parent)
+        return Found(row, parts, common, kind, from_parent, tier)
 
     def count_hit(self, found: Found, restored_tokens: int, copy_ns: int) -> None:
         """A row was restored and kept: count it, the tokens it spared and the time its state copy took."""

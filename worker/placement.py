@@ -116,7 +116,7 @@ class Placement:
             return
         found.close()
         if self.place(req, found.n_tokens, found.common, found.kind, logits):
-            req.cache_tier = found.row.tier.value
+            req.cache_tier = found.tier.value
             req.state_copy_ms = copy_ns / 1e6
             self.cache.count_hit(found, req.n_past, copy_ns)
             log.info(

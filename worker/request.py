@@ -40,7 +40,7 @@ class Request:
     # the cache
     cache_hit_kind: CacheHitKind = CacheHitKind.COLD
     prefix_len: int = 0  # prompt tokens whose KV came from the cache, the session or a donor
-    cache_tier: str | None = None  # the tier a restored row came from (ram, shm, disk)
+    cache_tier: str | None = None  # the tier a restored row came from (ram, shm, disk, shared)
     cache_lookup_ms: float = 0.0
     state_copy_ms: float = 0.0
     cold_save_at: int = 0  # prefill pauses here to save the prompt's aligned prefix (0: no cold save)

@@ -196,6 +196,12 @@ class CacheTier(enum.StrEnum):
     RAM = "ram"  # memfds owned by the daemon: gone when it exits
     SHM = "shm"  # files under /dev/shm: survive a daemon restart
     DISK = "disk"  # files in the cache directory: survive a reboot
+    # Only in a lookup's answer: the row was fetched from the shared Valkey/Redis tier for this lookup
+    # (it then lives in one of the local tiers above). Never a tier to reserve in or evict from.
+    SHARED = "shared"
+
+
+LOCAL_TIERS: Final = (CacheTier.RAM, CacheTier.SHM, CacheTier.DISK)  # hottest first: where rows live
 
 
 class SaveReason(enum.StrEnum):

@@ -86,7 +86,7 @@ class CompletionResult(msgspec.Struct, frozen=True):
     cache_hit_kind: CacheHitKind | None = None  # None: the request never reached a worker
     # read: tokens restored or shared; created: tokens saved
     cache_delta: dict[str, int] = msgspec.field(default_factory=lambda: {"read": 0, "created": 0})
-    cache_tier: str | None = None  # where a restored row came from: ram, shm or disk
+    cache_tier: str | None = None  # where a restored row came from: ram, shm, disk, or shared (Valkey/Redis)
     thinking: list[str] = []  # each closed thinking block
     tool_calls: list[str] = []  # each tool call's exact text
     stats: Stats = Stats()

@@ -27,3 +27,15 @@ def test_bench_cachestore_prints_every_tier_and_the_lookup_latency(tmp_path: Pat
     assert rows[2].split("|")[-3].strip() == "-"  # disk files are not reused
     assert "longest_prefix with 200 rows" in out
     assert list(tmp_path.iterdir()) == []  # it removed everything it made
+
+
+def test_bench_shared_prints_the_shared_and_local_lookups_per_size() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_shared.py"), "--sizes-mb", "1", "--reps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    ).stdout
+    rows = [line for line in out.splitlines() if line.startswith("|      1 MB |")]
+    assert len(rows) == 1 and rows[0].split("|")[4].strip() == "0/1", out  # fetched, not late

@@ -14,6 +14,7 @@ import zmq
 
 from erllama.cachestore.codec import row_key
 from erllama.protocol import (
+    LOCAL_TIERS,
     MAX_CACHE_CONTROL_BYTES,
     MAX_CACHE_PAYLOAD_BYTES,
     PROTOCOL_VERSION,
@@ -93,7 +94,7 @@ def test_row_over_every_budget_is_dropped(daemon: Daemon) -> None:
 def test_wrong_checksum_at_commit_is_refused(daemon: Daemon) -> None:
     daemon.start()
     c = daemon.client()
-    for i, tier in enumerate(CacheTier):
+    for i, tier in enumerate(LOCAL_TIERS):
         pending = c.begin_save(b"fp", [3, i], MIB, "cold", tier=tier)
         pending.payload[:] = payload_for(2, MIB)
         pending._head_crc ^= 1  # the writer computes a checksum over other bytes than it wrote

@@ -7,14 +7,14 @@ import os
 import pytest
 
 from erllama.cachestore.codec import row_key
-from erllama.protocol import Ack, CacheBye, CacheTier, ErllamaError, SaveOutcome
+from erllama.protocol import LOCAL_TIERS, Ack, CacheBye, CacheTier, ErllamaError, SaveOutcome
 from tests.cachestore.cachestore_support import Daemon, payload_for, spawn_python
 
 FP = b"fingerprint-0123456789abcdef0123"
 MIB = 1024 * 1024
 
 
-@pytest.mark.parametrize("tier", list(CacheTier))
+@pytest.mark.parametrize("tier", list(LOCAL_TIERS))
 def test_saved_row_loads_bit_exact_from_each_tier(daemon: Daemon, tier: CacheTier) -> None:
     daemon.start()
     c = daemon.client()
@@ -170,7 +170,7 @@ def test_zero_copy_writer_fills_the_mapped_temp_through_ctypes(daemon: Daemon) -
     daemon.start()
     c = daemon.client()
     data = payload_for(7, MIB)
-    for i, tier in enumerate(CacheTier):
+    for i, tier in enumerate(LOCAL_TIERS):
         tokens = [7, i]
         pending = c.begin_save(FP, tokens, MIB, "continued", tier=tier)
         assert not isinstance(pending, SaveOutcome)

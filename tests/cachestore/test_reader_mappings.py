@@ -16,7 +16,7 @@ from erllama.cachestore import mapping as mapping_module
 from erllama.cachestore.client import CacheClient
 from erllama.cachestore.codec import row_key
 from erllama.cachestore.mapping import MAPPINGS, RowMapping
-from erllama.protocol import CacheTier, SaveOutcome
+from erllama.protocol import LOCAL_TIERS, CacheTier, SaveOutcome
 from tests.cachestore.cachestore_support import Daemon, payload_for, spawn_python
 
 FP = b"map-fp"
@@ -45,7 +45,7 @@ def mapping_of(c: CacheClient, key: bytes) -> RowMapping:
         return m
 
 
-@pytest.mark.parametrize("tier", list(CacheTier))
+@pytest.mark.parametrize("tier", list(LOCAL_TIERS))
 def test_a_row_loaded_again_reuses_the_mapping_the_reader_already_has(
     daemon: Daemon, tier: CacheTier
 ) -> None:
@@ -58,7 +58,7 @@ def test_a_row_loaded_again_reuses_the_mapping_the_reader_already_has(
     assert len(MAPPINGS) == 1
 
 
-@pytest.mark.parametrize("tier", list(CacheTier))
+@pytest.mark.parametrize("tier", list(LOCAL_TIERS))
 def test_a_deleted_row_is_truncated_so_a_cached_mapping_holds_no_memory(
     daemon: Daemon, tier: CacheTier
 ) -> None:
@@ -67,7 +67,7 @@ def test_a_deleted_row_is_truncated_so_a_cached_mapping_holds_no_memory(
     m = mapping_of(c, save(daemon, c, 2, tier=tier))
     assert os.fstat(m.fd).st_size > ROW
     daemon.wait_quiet(c)  # a load from shm or disk promotes the row once released
-    c.evict_bytes(1 << 40, tiers=list(CacheTier))
+    c.evict_bytes(1 << 40, tiers=list(LOCAL_TIERS))
     daemon.wait_quiet(c)
     assert c.stats()["rows"] == 0
     assert os.fstat(m.fd).st_size == 0  # the pages are gone even though this process still maps it

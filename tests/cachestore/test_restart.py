@@ -10,7 +10,7 @@ import pytest
 
 from erllama.cachestore import client as client_module
 from erllama.cachestore.codec import row_key
-from erllama.protocol import CacheTier, SaveOutcome
+from erllama.protocol import LOCAL_TIERS, CacheTier, SaveOutcome
 from tests.cachestore.cachestore_support import Daemon, payload_for
 
 MIB = 1 << 20
@@ -19,7 +19,7 @@ MIB = 1 << 20
 def store_one_per_tier(daemon: Daemon) -> dict[CacheTier, bytes]:
     c = daemon.client()
     keys = {}
-    for i, tier in enumerate(CacheTier):
+    for i, tier in enumerate(LOCAL_TIERS):
         assert c.save(b"fp", [i, 77], payload_for(i, MIB), "finish", tier=tier) is SaveOutcome.STORED
         keys[tier] = row_key(b"fp", [i, 77])
     for _ in range(3):
@@ -52,7 +52,7 @@ def test_a_clean_stop_keeps_ram_rows_and_hit_counts(daemon: Daemon) -> None:
     assert daemon.stop() == 0
     daemon.start()
     c = daemon.client()
-    for i, tier in enumerate(CacheTier):
+    for i, tier in enumerate(LOCAL_TIERS):
         meta = c.exact(keys[tier])
         assert meta is not None and meta.tier is not CacheTier.RAM
         with c.load(keys[tier]) as row:
@@ -60,7 +60,7 @@ def test_a_clean_stop_keeps_ram_rows_and_hit_counts(daemon: Daemon) -> None:
     assert c.exact(keys[CacheTier.DISK]).hits == 4  # three before the restart, one now
 
 
-@pytest.mark.parametrize("tier", list(CacheTier))
+@pytest.mark.parametrize("tier", list(LOCAL_TIERS))
 def test_rows_that_cannot_be_mapped_travel_inline(daemon: Daemon, tier: CacheTier, monkeypatch: Any) -> None:
     daemon.start()
     c = daemon.client()
