@@ -919,6 +919,7 @@ def main() -> int:
     )
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per llama-server request otherwise
     sz = QUICK if args.quick else Sizes()
     sz = dataclasses.replace(
         sz,
