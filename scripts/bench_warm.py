@@ -778,13 +778,11 @@ def next_turn(conv: Conversations, sz: Sizes, label: str) -> None:
 
 def prefill_speed(c: Client, conv: Conversations, sz: Sizes) -> float:
     """Tokens/s of prefilling new tokens after a cached conversation, alone on the worker: each of three
-    conversations' last prompt, its reply and ``mt_new`` more tokens (server side: first token minus the
-    cache lookup and state copy); the median."""
+    conversations' next turn (its last prompt, the reply and ``mt_new`` more tokens; server side: first
+    token minus the cache lookup and state copy); the median."""
     speeds = []
     for k in range(min(3, len(conv.prompts))):
-        last = conv.turns[-1].samples[k]
-        prompt = conv.prompts[k] + last.generated + conv.corpus.more("\nUser (probe): ", sz.mt_new, 7 * k)
-        s = run(c, prompt, 1)
+        s = run(c, conv.prompts[k], 1)
         busy_ms = s.srv_ms - s.lookup_ms - s.copy_ms
         speeds.append((s.prompt_tokens - s.read) / busy_ms * 1000.0)
     return statistics.median(speeds)
