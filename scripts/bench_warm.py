@@ -776,7 +776,7 @@ def next_turn(conv: Conversations, sz: Sizes, label: str) -> None:
     conv.new = [len(m) for m in more]
 
 
-def prefill_speed(c: Client, conv: Conversations, sz: Sizes) -> float:
+def prefill_speed(c: Client, conv: Conversations) -> float:
     """Tokens/s of prefilling new tokens after a cached conversation, alone on the worker: each of three
     conversations' next turn (its last prompt, the reply and ``mt_new`` more tokens; server side: first
     token minus the cache lookup and state copy); the median."""
@@ -814,7 +814,7 @@ def multiturn(the_lab: Lab, sz: Sizes) -> None:
         for _ in range(sz.mt_turns):  # alternate so that the machine's load drifts over all alike
             for label, conv in runs.items():
                 next_turn(conv, sz, label)
-    speed = prefill_speed(brokers["on"].client, runs["on"], sz)
+    speed = prefill_speed(brokers["on"].client, runs["on"])
     for broker in brokers.values():
         the_lab.stop(broker)
     off, on, ls = runs["off"].turns, runs["on"].turns, runs["llama-server"].turns
