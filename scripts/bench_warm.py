@@ -776,16 +776,12 @@ def next_turn(conv: Conversations, sz: Sizes, label: str) -> None:
     conv.new = [len(m) for m in more]
 
 
-def prefill_speed(c: Client, conv: Conversations) -> float:
-    """Tokens/s of prefilling new tokens after a cached conversation, alone on the worker: each of three
-    conversations' next turn (its last prompt, the reply and ``mt_new`` more tokens; server side: first
-    token minus the cache lookup and state copy); the median."""
-    speeds = []
-    for k in range(min(3, len(conv.prompts))):
-        s = run(c, conv.prompts[k], 1)
-        busy_ms = s.srv_ms - s.lookup_ms - s.copy_ms
-        speeds.append((s.prompt_tokens - s.read) / busy_ms * 1000.0)
-    return statistics.median(speeds)
+def prefill_speed(c: Client, conv: Conversations, n_seq: int) -> float:
+    """Tokens/s of prefilling new tokens after restored conversations, as a tick batches them: ``n_seq``
+    conversations' next turns (last prompt, reply, new tokens) sent at once to an otherwise idle worker;
+    their unrestored tokens over the server-side time until the last of them has its first token."""
+    samples = run_together(c, conv.prompts[:n_seq], 1)
+    return sum(s.prompt_tokens - s.read for s in samples) / max(s.srv_ms for s in samples) * 1000.0
 
 
 def oldest_first_floor_ms(new_tokens: list[int], tokens_per_s: float) -> float:
@@ -814,7 +810,7 @@ def multiturn(the_lab: Lab, sz: Sizes) -> None:
         for _ in range(sz.mt_turns):  # alternate so that the machine's load drifts over all alike
             for label, conv in runs.items():
                 next_turn(conv, sz, label)
-    speed = prefill_speed(brokers["on"].client, runs["on"])
+    speed = prefill_speed(brokers["on"].client, runs["on"], sz.mt_seqs)
     for broker in brokers.values():
         the_lab.stop(broker)
     off, on, ls = runs["off"].turns, runs["on"].turns, runs["llama-server"].turns
@@ -832,7 +828,7 @@ def multiturn(the_lab: Lab, sz: Sizes) -> None:
     print("'ceiling' = share of the prompt that existed before this turn (new tokens must be prefilled);")
     print(
         f"'floor' = mean TTFT if only each turn's new tokens were prefilled, oldest first, at {speed:.0f} tok/s "
-        "(erllama's prefill of new tokens after a restored conversation, measured alone)."
+        "(erllama's batched prefill of new tokens after restored conversations, measured on an idle worker)."
     )
     head = (
         f"{'turn':>4}{'prompt':>8}{'off mean':>10}{'on mean':>9}{'on p90':>8}{'on/off':>8}{'l-s mean':>10}"
