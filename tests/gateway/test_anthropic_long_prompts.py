@@ -18,7 +18,9 @@ from tests.gateway.conftest import API_KEY, LONG_MODEL, SPARE_MODEL, GatewayProc
 
 GREEDY = {"temperature": 0}  # the SDK has no sampling arguments any more; the API still takes them
 PING_INTERVAL_S = 1.0  # the gateway's, so that a prefill of a few seconds shows several
-PING_PROMPT_CHARS = 12_000  # ~2,000 tokens: ~10 s of prefill on 2 cores
+# ~1,400 tokens: three ticks of at most 512 prompt tokens (the worker's default prefill budget), so the
+# prefilled count grows between the gateway's looks; ~10 s of prefill on 2 cores
+PING_PROMPT_CHARS = 12_000
 AGENT_SYSTEM_CHARS = 30_000
 AGENT_TURNS = 5
 COUNTING = "1, 2, 3, 4, 5, 6,"
