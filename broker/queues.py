@@ -45,6 +45,7 @@ class ModelQueue:
     reported_phase: Phase = Phase.IDLE  # from the worker's heartbeats
     last_cache_hit: dict[str, Any] | None = None
     tokens_generated: int = 0
+    tokens_prefilled: int = 0  # the worker's count of prompt tokens decoded
 
     @property
     def phase(self) -> Phase:

@@ -76,6 +76,7 @@ class ModelEntry:
             "phase": q.phase.value,
             "last_cache_hit": q.last_cache_hit,
             "tokens_generated": q.tokens_generated,
+            "tokens_prefilled": q.tokens_prefilled,
             "cache": self.cache_stats,
             "restarts": self.restarts,
             "last_error": self.last_error,

@@ -213,6 +213,7 @@ class WorkerSide:
         wp.busy = msg.busy
         entry.queue.reported_phase = msg.phase
         entry.queue.tokens_generated = msg.tokens_generated
+        entry.queue.tokens_prefilled = msg.tokens_prefilled
         if msg.cache is not None:
             entry.cache_stats = msg.cache
 

@@ -25,7 +25,7 @@ from erllama.gateway.anthropic_request import (
     conversation,
     reply_identity,
 )
-from erllama.gateway.anthropic_stream import PREFILLING, Blocks, sse_body, usage
+from erllama.gateway.anthropic_stream import Blocks, PrefillWatch, sse_body, usage
 from erllama.gateway.backend import Backend
 from erllama.gateway.config import GatewayConfig
 from erllama.gateway.errors import ApiError, bad_param
@@ -176,12 +176,11 @@ async def messages(request: Request) -> Response:
         events = aiter(stream)
         first = asyncio.ensure_future(anext(events))
         await _commit_or_fail(request, stream, first)
-
-        async def prefilling() -> bool:
-            info = await backend.client.model_info(model)
-            return info.get("phase") == PREFILLING
-
-        body = sse_body(stream, first, events, blocks, message, len(prompt.tokens), prefilling, done, failed)
+        prefill = PrefillWatch(backend.client, model)
+        ping_s = backend.cfg.ping_interval_s
+        body = sse_body(
+            stream, first, events, blocks, message, len(prompt.tokens), prefill, ping_s, done, failed
+        )
         headers = {**SSE_HEADERS, REPLAYED_HEADER: str(prompt.replayed_tokens)}
         return StreamingResponse(body, media_type="text/event-stream", headers=headers)
     result = await until_disconnected(request, _collect(stream, blocks))

@@ -6,10 +6,11 @@ exact event sequence Anthropic streams: per block ``content_block_start``, its d
 indexes 0, 1, 2...; the plain response is the same blocks collected, so the two never disagree.
 
 ``sse_body`` frames them: ``message_start``, the blocks, ``message_delta`` (stop reason and usage),
-``message_stop``. Until the first token arrives it sends a ``ping`` every ``PING_INTERVAL_S`` while
-the model's worker is prefilling (a long prompt on a CPU takes minutes; the broker's supervisor
-restarts a worker whose prefill stops making progress, so "prefilling" means progress), and nothing
-while the request only waits in the queue. An error after ``message_start`` is an ``error`` event.
+``message_stop``. Until the first token arrives, every ping interval it sends a ``ping`` if the model's
+worker is prefilling and has decoded prompt tokens since the last look (``PrefillWatch``: a long prompt
+on a CPU takes minutes, and the ping tells the client that it is being worked on), and nothing while no
+prompt makes progress (the request waits behind replies being generated, or the worker is stuck). An
+error after ``message_start`` is an ``error`` event.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any, Final
 
-from erllama.client import AsyncInferStream, TokenEvent
+from erllama.client import AsyncClient, AsyncInferStream, TokenEvent
 from erllama.gateway.anthropic_errors import anthropic_error_event
 from erllama.gateway.errors import ApiError
 from erllama.gateway.tools import ToolPlan, parse_call, strip_markers
@@ -28,7 +30,6 @@ from erllama.protocol import CompletionResult, ErllamaError
 
 log = logging.getLogger(__name__)
 
-PING_INTERVAL_S: Final = 5.0
 PREFILLING: Final = "prefilling"
 
 
@@ -146,17 +147,38 @@ def usage(result: CompletionResult) -> dict[str, int]:
     }
 
 
+@dataclass(slots=True)
+class PrefillWatch:
+    """Whether a model's worker made prefill progress since the last look: it is prefilling and its
+    count of prompt tokens decoded (``model_info``'s ``tokens_prefilled``, from its heartbeats) grew."""
+
+    client: AsyncClient
+    model: str
+    seen: int | None = None  # the count at the last look; None before the first
+
+    async def progressed(self) -> bool:
+        info = await self.client.model_info(self.model)
+        count = int(info.get("tokens_prefilled", 0))
+        before, self.seen = self.seen, count
+        return info.get("phase") == PREFILLING and before is not None and count > before
+
+
 async def _with_pings(
-    first: asyncio.Future[TokenEvent], events: AsyncIterator[TokenEvent], prefilling: Callable[[], Any]
+    first: asyncio.Future[TokenEvent],
+    events: AsyncIterator[TokenEvent],
+    prefill: PrefillWatch,
+    interval_s: float,
 ) -> AsyncIterator[tuple[str, TokenEvent | None]]:
-    """The stream's events (``first`` is the pending first one), with ("ping", None) every
-    PING_INTERVAL_S before the first while the model is prefilling."""
+    """The stream's events (``first`` is the pending first one), with ("ping", None) every ``interval_s``
+    before the first while the model's prefill makes progress."""
     try:
+        if not first.done():
+            await prefill.progressed()  # the count to measure progress from
         while True:
-            done, _ = await asyncio.wait({first}, timeout=PING_INTERVAL_S)
+            done, _ = await asyncio.wait({first}, timeout=interval_s)
             if done:
                 break
-            if await prefilling():
+            if await prefill.progressed():
                 yield ("ping", None)
     finally:
         if not first.done():
@@ -176,7 +198,8 @@ async def sse_body(
     blocks: Blocks,
     message: dict[str, Any],
     prompt_tokens: int,
-    prefilling: Callable[[], Any],
+    prefill: PrefillWatch,
+    ping_interval_s: float,
     on_done: Callable[[CompletionResult], None],
     on_error: Callable[[ErllamaError | ApiError], None],
 ) -> AsyncIterator[str]:
@@ -186,7 +209,7 @@ async def sse_body(
         start_usage = {"input_tokens": prompt_tokens, "output_tokens": 0}
         yield event("message_start", {"message": {**message, "usage": start_usage}})
         try:
-            async for what, ev in _with_pings(first, events, prefilling):
+            async for what, ev in _with_pings(first, events, prefill, ping_interval_s):
                 if ev is None:
                     yield event(what, {})
                     continue

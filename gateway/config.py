@@ -18,6 +18,7 @@ DEFAULT_SYSTEM_NORMALIZE: Final = r"\Ax-anthropic-billing-header:[^\n]*\n?"
 DEFAULT_HOST: Final = "127.0.0.1"
 DEFAULT_PORT: Final = 8080
 DEFAULT_MAX_BODY_BYTES: Final = 16 * 1024 * 1024  # the broker's own frame limit: a bigger body cannot pass
+DEFAULT_PING_INTERVAL_S: Final = 5.0  # an Anthropic stream's pings while a long prompt is prefilled
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +35,7 @@ class GatewayConfig:
     system_normalize: str | None = DEFAULT_SYSTEM_NORMALIZE  # regex removed from the system prompt
     replay_dir: str | None = None  # None: $XDG_CACHE_HOME/erllama/replay
     signing_key: bytes = b""  # empty: $ERLLAMA_THINKING_SIGNING_KEY, else a key kept in replay_dir
+    ping_interval_s: float = DEFAULT_PING_INTERVAL_S
 
 
 def parse_aliases(specs: list[str]) -> tuple[tuple[str, str], ...]:

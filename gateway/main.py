@@ -2,7 +2,7 @@
 
 erllama-gateway [--broker URL] [--host 127.0.0.1] [--port 8080] [--api-keys FILE] [--max-body-bytes N]
                 [--alias PATTERN=MODEL ...] [--session-header NAME] [--system-normalize REGEX]
-                [--replay-dir DIR]
+                [--replay-dir DIR] [--ping-interval-s S]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from erllama.gateway.app import create_app
 from erllama.gateway.config import (
     DEFAULT_HOST,
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_PING_INTERVAL_S,
     DEFAULT_PORT,
     DEFAULT_SESSION_HEADER,
     DEFAULT_SYSTEM_NORMALIZE,
@@ -68,7 +69,16 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
     ap.add_argument(
         "--replay-dir", help="where exact-replay records live (default $XDG_CACHE_HOME/erllama/replay)"
     )
+    ap.add_argument(
+        "--ping-interval-s",
+        type=float,
+        default=DEFAULT_PING_INTERVAL_S,
+        help="how often an Anthropic stream sends a ping while its prompt is being prefilled "
+        "(default %(default)s)",
+    )
     args = ap.parse_args(argv)
+    if args.ping_interval_s <= 0:
+        ap.error("--ping-interval-s must be positive")
     try:
         aliases = parse_aliases(args.alias)
     except ValueError as exc:
@@ -90,6 +100,7 @@ def parse_args(argv: list[str] | None = None) -> GatewayConfig:
         session_header=args.session_header.lower(),
         system_normalize=args.system_normalize or None,
         replay_dir=args.replay_dir,
+        ping_interval_s=args.ping_interval_s,
     )
 
 

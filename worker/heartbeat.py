@@ -39,6 +39,7 @@ def heartbeat_message(model_id: str, s: WorkerStatus) -> bytes:
         running=s.running,
         waiting=s.waiting,
         tokens_generated=s.tokens_generated,
+        tokens_prefilled=s.tokens_prefilled,
         cache=s.cache,
     )
     return encode(msg)
@@ -53,6 +54,7 @@ class WorkerStatus:
     running: int = 0
     waiting: int = 0
     tokens_generated: int = 0
+    tokens_prefilled: int = 0
     cache: dict[str, int] | None = None  # the worker's cache counters (lookups, hits, saves, ...)
 
 

@@ -86,6 +86,7 @@ class Scheduler:
         self.running: dict[int, Request] = {}  # rid -> request, in admission order
         self.progress = 0  # decodes done; heartbeats carry it so a stuck decode shows
         self.tokens_generated = 0
+        self.tokens_prefilled = 0  # prompt tokens decoded: what a long prefill's progress shows
         self.adapter_epoch = 0  # bumped when the LoRA set changes
 
     # --- requests in -------------------------------------------------------------------------------------
@@ -207,6 +208,8 @@ class Scheduler:
             return
         self.progress += 1
         for row, req, idx in zip(rows, reqs, indices, strict=True):
+            if req.state is ReqState.PREFILLING:
+                self.tokens_prefilled += len(row.tokens)
             req.n_past += len(row.tokens)
             req.logits_index = idx
             if req.n_past == req.cold_save_at:

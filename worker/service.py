@@ -200,7 +200,9 @@ class WorkerService:
         s = self.scheduler
         phase = s.phase
         cache = (s.cache.stats() if s.cache is not None else {}) | {"restores_refused": s.placement.refused}
-        status = WorkerStatus(s.progress, phase, len(s.running), len(s.waiting), s.tokens_generated, cache)
+        status = WorkerStatus(
+            s.progress, phase, len(s.running), len(s.waiting), s.tokens_generated, s.tokens_prefilled, cache
+        )
         self.heartbeat.status = status
         if phase is not self._reported_phase:
             self._reported_phase = phase

@@ -238,6 +238,7 @@ class Heartbeat(Message, frozen=True, tag=MsgType.HEARTBEAT.value):
     running: int = 0
     waiting: int = 0
     tokens_generated: int = 0
+    tokens_prefilled: int = 0  # prompt tokens decoded (a prefill's progress)
     cache: dict[str, int] | None = None  # the worker's cache counters
 
 

@@ -191,6 +191,7 @@ IMPLEMENTATION_FIELDS: Final = [
     "ts_ns",
     "kind",
     "tokens_generated",
+    "tokens_prefilled",
     "running",
     "waiting",
     "busy",

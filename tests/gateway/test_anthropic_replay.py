@@ -14,12 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import httpx
 import msgspec
 import openai
+import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import REAL_MODEL_ID, BrokerProcess
-from tests.gateway.conftest import API_KEY, GatewayProcess, start_gateway
+from erllama.transport import CACHESTORE_SOCKET_NAME, ipc_endpoint
+from tests.conftest import REAL_MODEL_ID, BrokerProcess, remove_runtime, short_tmpdir, start_broker, wait_for
+from tests.gateway.conftest import API_KEY, TOOL_MARKERS, GatewayProcess, start_gateway
 
 MODEL = REAL_MODEL_ID
 SIGNING_KEY = "replay-test-key"
@@ -62,6 +66,62 @@ class Gateway:
             record = msgspec.msgpack.decode(path.read_bytes())
             out[path] = array.array("i", record["tokens"]).tolist()
         return out
+
+
+class Service(Gateway):
+    """The whole service over one runtime directory: a broker, its cache store (no shm tier: rows live
+    in RAM, then on disk), the model's worker and the gateway, its replay records beside the KV rows
+    (``<dir>/kv`` and ``<dir>/replay``, as ``~/.cache/erllama/kv`` and ``~/.cache/erllama/replay`` by
+    default). No signing key is configured: the gateway's own, kept in the replay directory, must last."""
+
+    def __init__(self, runtime_dir: Path):
+        self.runtime_dir = runtime_dir
+        super().__init__(self._start_broker(), runtime_dir / "replay")
+
+    def _start_broker(self) -> BrokerProcess:
+        bp = start_broker(self.runtime_dir, "--no-default-model", "--cache-shm", "0")
+        bp.client(timeout_s=120).load_model(
+            MODEL, None, n_ctx=2048, n_seq_max=1, tool_call_markers=TOOL_MARKERS
+        )
+        return bp
+
+    def _start(self) -> GatewayProcess:
+        return start_gateway(
+            self.broker.endpoint,
+            "--replay-dir",
+            str(self.dir),
+            "--cachestore",
+            ipc_endpoint(self.runtime_dir, CACHESTORE_SOCKET_NAME),
+            env={"ERLLAMA_API_KEYS": API_KEY},
+        )
+
+    def processes(self) -> list[psutil.Process]:
+        broker = psutil.Process(self.broker.proc.pid)
+        return [psutil.Process(self.proc.proc.pid), broker, *broker.children(recursive=True)]
+
+    def restart(self) -> None:
+        """Stop every process (the broker stops its worker and cache store), then start them all again."""
+        before = self.processes()
+        names = {p.name() for p in before}
+        assert {"erllama-worker", "erllama-cachest"} <= names and len(before) == 4, names
+        self.stop()
+        wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in before), 60)
+        self.broker = self._start_broker()
+        self.proc = self._start()
+
+    def stop(self) -> None:
+        self.proc.stop()
+        self.broker.stop()
+
+    def disk_hits(self) -> float:
+        """Cache hits served from the disk tier, from the gateway's ``/metrics``."""
+        r = httpx.get(f"{self.proc.url}/metrics", headers={"Authorization": f"Bearer {API_KEY}"})
+        return sum(
+            s.value
+            for family in text_string_to_metric_families(r.text)
+            for s in family.samples
+            if s.name == "erllama_cache_hits_total" and s.labels.get("tier") == "disk"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +260,28 @@ def test_openai_tool_calls_sent_back_are_replayed_exactly_too(gw: Gateway):
                     {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "Sunny."}
                 )
     assert rec[1][: len(rec[0])] == rec[0]
+
+
+def test_a_restart_of_the_whole_service_between_turns_still_replays_exactly_from_disk():
+    """Gateway, broker, worker and cache store all stop after turn 1 and start again over the same
+    directories: turn 2's prompt starts with turn 1's exact tokens (the replay record and the signing key
+    came back from disk) and restores them (the KV row came back from the disk tier)."""
+    rdir = short_tmpdir("erl-gwr-")
+    service = Service(rdir)
+    try:
+        messages: list[dict[str, Any]] = [{"role": "user", "content": "What is the weather in Oslo?"}]
+        call = {"type": "tool", "name": "get_weather"}
+        t1 = Turn(service, messages, tools=[WEATHER], tool_choice=call, max_tokens=100, extra_body=GREEDY)
+        (use,) = [b for b in t1.reply.content if b.type == "tool_use"]
+        service.restart()
+        messages += [
+            {"role": "assistant", "content": [b.model_dump() for b in t1.reply.content]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "Fog."}]},
+        ]
+        t2 = Turn(service, messages, tools=[WEATHER], max_tokens=4, extra_body=GREEDY)
+        assert t2.replayed == len(t1.record) and t2.record[: len(t1.record)] == t1.record
+        assert t2.reply.usage.cache_read_input_tokens >= 0.9 * prompt_of(t2.reply)
+        assert service.disk_hits() == 1
+    finally:
+        service.stop()
+        remove_runtime(rdir)
