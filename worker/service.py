@@ -17,6 +17,7 @@ from typing import Any
 import zmq
 
 from erllama import protocol
+from erllama.curve import curve_client
 from erllama.options import LoadOptions
 from erllama.protocol import (
     HEARTBEAT_INTERVAL_S,
@@ -271,10 +272,15 @@ class WorkerService:
         self.emitter.reply(msg.rid, OpResult(rid=msg.rid, result=result))
 
 
-def connect(ctx: zmq.Context, endpoint: str, model_id: str) -> zmq.Socket:
+def connect(
+    ctx: zmq.Context, endpoint: str, model_id: str, curve: tuple[str, str] | None = None
+) -> zmq.Socket:
     """A DEALER to the broker's worker socket. The routing id carries the pid so a restarted
-    worker of the same model is a new peer, never confused with the dead one."""
+    worker of the same model is a new peer, never confused with the dead one. ``curve``: (our key
+    file, the broker's public key file), for a worker a host spawned, which reaches the broker over tcp."""
     identity = f"w:{model_id}:{os.getpid()}".encode()
     sock = make_socket(ctx, zmq.DEALER, protocol.MAX_WORKER_FRAME_BYTES, identity=identity)
+    if curve is not None:
+        curve_client(sock, *curve)
     sock.connect(endpoint)
     return sock
