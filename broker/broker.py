@@ -140,6 +140,11 @@ class Broker:
             "pid": os.getpid(),
             "models": len(self.table),
             "pressure": self.pressure.status() if self.pressure else None,
+            "hosts": len(self.hosts.hosts) if self.hosts else 0,
+            # joins refused at the handshake: an unknown key (ZAP), or no CURVE at all (a monitor)
+            "hosts_refused": (self.hosts.refused + self.curve.hosts.refused)
+            if self.hosts and self.curve
+            else 0,
         }
 
     # --- life cycle ----------------------------------------------------------------------------------------
@@ -186,7 +191,7 @@ class Broker:
             elif item in self.workers.sockets:
                 self._drain(item, functools.partial(self.workers.on_frames, sock=item))
             elif self.hosts is not None and item is self.hosts.sock:
-                self._drain(self.hosts.sock, self.hosts.on_frames)
+                self.hosts.drain(DRAIN_BATCH)
             elif self.cache is not None and item is self.cache.sock:
                 self._drain(self.cache.sock, self.cache.on_frames)
             elif isinstance(item, int) and item in self.supervisor.fds:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from erllama import protocol
 from erllama.broker.hosttable import HostEntry
@@ -43,6 +44,9 @@ from erllama.transport import make_socket
 
 log = logging.getLogger(__name__)
 
+# A peer that fails the handshake never reaches ZAP when it speaks no CURVE at all: only a monitor sees it.
+HANDSHAKE_FAILED_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+
 
 def port_of(endpoint: str) -> int:
     return int(endpoint.rsplit(":", 1)[1])
@@ -69,6 +73,8 @@ class HostSide:
         self.sock = curve.secure(
             make_socket(ctx, zmq.ROUTER, protocol.MAX_CACHE_CONTROL_BYTES), HOSTS_ZAP_DOMAIN
         )
+        self.monitor = self.sock.get_monitor_socket(HANDSHAKE_FAILED_EVENTS)
+        self.refused = 0  # handshakes that failed (no CURVE, a wrong server key); unknown keys: curve.py
         self.hosts: dict[str, HostEntry] = {}
         self.on_up: Callable[[HostEntry], None] = lambda host: None
         self.on_draining: Callable[[HostEntry], None] = lambda host: None
@@ -82,6 +88,8 @@ class HostSide:
         log.info("hosts: %s (CURVE), their workers: port %d", self.endpoint, self.worker_port)
 
     def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
         self.sock.close(linger=500)
 
     # --- placing workers -----------------------------------------------------------------------------------
@@ -123,14 +131,27 @@ class HostSide:
 
     # --- receiving -----------------------------------------------------------------------------------------
 
-    def on_frames(self, frames: list[bytes]) -> None:
+    def drain(self, batch: int) -> None:
+        """Up to ``batch`` messages; each frame carries its sender's address, shown in ``list_hosts``."""
+        for _ in range(batch):
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                address: str | None = frames[-1].get("Peer-Address")
+            except zmq.ZMQError:
+                address = None
+            self.on_frames([f.bytes for f in frames], address)
+
+    def on_frames(self, frames: list[bytes], address: str | None = None) -> None:
         try:
-            self._on_message(frames)
+            self._on_message(frames, address)
         except Exception:  # a bug of ours, or a peer we did not foresee: never the broker's death
             self.totals.bad_messages += 1
             log.exception("handling a host message failed")
 
-    def _on_message(self, frames: list[bytes]) -> None:
+    def _on_message(self, frames: list[bytes], address: str | None) -> None:
         identity = frames[0]
         try:
             if len(frames) != 2:
@@ -141,7 +162,7 @@ class HostSide:
             log.warning("bad host message from %r: %s", identity, err.message)
             return
         if isinstance(msg, HostJoin):
-            self._join(identity, msg)
+            self._join(identity, msg, address)
             return
         host = next((h for h in self.hosts.values() if h.identity == identity), None)
         if host is None or not host.live:
@@ -165,7 +186,7 @@ class HostSide:
             log.info("host %s left", host.name)
             self._lose(host, HostState.LEFT, {"host": host.name, "reason": "left"})
 
-    def _join(self, identity: bytes, msg: HostJoin) -> None:
+    def _join(self, identity: bytes, msg: HostJoin, address: str | None) -> None:
         old = self.hosts.get(msg.name)
         if old is not None and old.live and old.identity != identity:
             err = ErllamaError(
@@ -176,11 +197,11 @@ class HostSide:
             return
         if old is not None and old.live:  # the same process joining again: it lost us; start afresh
             self._lose(old, HostState.DEAD, {"host": old.name, "reason": "joined again"})
-        host = HostEntry(msg.name, identity, msg.pid, msg.resources)
+        host = HostEntry(msg.name, identity, msg.pid, msg.resources, address)
         if old is not None:
             host.joins = old.joins + 1
         self.hosts[msg.name] = host
-        log.info("host %s joined (pid %d, %d cores)", msg.name, msg.pid, msg.resources.cores)
+        log.info("host %s joined from %s (pid %d, %d cores)", msg.name, address, msg.pid, msg.resources.cores)
         self._send(host, HostWelcome(instance=self.instance, worker_port=self.worker_port))
 
     def _beat(self, host: HostEntry, msg: HostBeat) -> None:
@@ -196,6 +217,7 @@ class HostSide:
 
     def timers(self, now: float) -> None:
         """A live host silent for ``HOST_SILENCE_TIMEOUT_S`` is dead (gone, or cut off by the network)."""
+        self._refusals()
         for host in list(self.hosts.values()):
             silent_s = now - host.last_seen_s
             if host.live and silent_s > HOST_SILENCE_TIMEOUT_S:
@@ -203,6 +225,20 @@ class HostSide:
                 self._lose(
                     host, HostState.DEAD, {"host": host.name, "reason": f"silent for {silent_s:.1f} s"}
                 )
+
+    def _refusals(self) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(self.monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            self.refused += 1
+            log.warning(
+                "refused a host connection on %s: the handshake failed (%s: a host without CURVE, or with "
+                "another server key)",
+                self.endpoint,
+                zmq.Event(event["event"]).name,
+            )
 
     def _lose(self, host: HostEntry, state: HostState, detail: dict[str, Any]) -> None:
         host.state = state

@@ -22,6 +22,7 @@ class HostEntry:
     identity: bytes  # its routing id on the host socket
     pid: int
     resources: HostResources
+    address: str | None  # the address its connection came from
     state: HostState = HostState.JOINING
     last_seen_s: float = field(default_factory=time.monotonic)
     joined_at: float = field(default_factory=time.time)
@@ -40,6 +41,7 @@ class HostEntry:
             "name": self.name,
             "state": self.state.value,
             "pid": self.pid,
+            "address": self.address,
             "heartbeat_age_s": round(time.monotonic() - self.last_seen_s, 3),
             "joined_at": self.joined_at,
             "joins": self.joins,
