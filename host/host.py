@@ -45,6 +45,7 @@ POLL_INTERVAL_MS: Final = 100
 STORE_STATS_TIMEOUT_S: Final = 0.25  # asked once per beat; a slow store costs one beat's free-KV figure
 HOST_DRAIN_TIMEOUT_S: Final = 600.0  # a drain whose workers the broker has not stopped by then ends anyway
 LEAVE_LINGER_MS: Final = 1000  # time for our last word (leave) to reach the broker
+JOIN_RETRY_S: Final = 5.0  # a join unanswered this long is sent again (the broker restarted meanwhile)
 EXIT_REFUSED: Final = 2
 
 
@@ -73,6 +74,7 @@ class Host:
         self.instance: str | None = None
         self.store_stats: dict[str, Any] | None = None
         self.beat_at_s = 0.0
+        self.joined_at_s = 0.0  # when our last join was sent
         self.drain_deadline_s = 0.0
         self.stop_now = False
         self.exit_code = 0
@@ -123,6 +125,8 @@ class Host:
 
     def _timers(self, now: float) -> None:
         self.sup.cachestore_timers(now)
+        if self.phase is HostPhase.JOINING and now - self.joined_at_s > JOIN_RETRY_S:
+            self._join()
         if now >= self.beat_at_s:
             self.beat_at_s = now + HEARTBEAT_INTERVAL_S
             self._beat()
@@ -148,6 +152,7 @@ class Host:
             self.sup.kill_all()
             self.sup.wait_workers(TERMINATE_GRACE_S)
         self.phase = HostPhase.JOINING
+        self.joined_at_s = time.monotonic()
         resources = host_resources(self.gpus, self.gpu_error, self.store_stats)
         self.link.send(HostJoin(name=self.settings.name, pid=os.getpid(), resources=resources))
 

@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     heartbeat = Heartbeat(ctx, endpoint, args.id, curve)
     heartbeat.start()
     service = WorkerService(args.id, backend, options, sock, heartbeat, info, cache, markers, refingerprint)
+    service.supervised = bool(args.parent_pid)
     try:
         service.run()
     finally:

@@ -154,6 +154,7 @@ class WorkerService:
             Error: self._refused,
         }
         self.stopping = False
+        self.supervised = False  # spawned by a supervisor (an erllama-host): stop when the broker restarts
         self.refused = False
         self.bad_messages = 0
         self._reported_phase = self.scheduler.phase
@@ -209,9 +210,14 @@ class WorkerService:
 
     def _register_again(self) -> None:
         """A new broker does not know our requests (their clients were the old broker's) and reuses
-        request ids: end them all, then introduce ourselves."""
+        request ids: end them all, then introduce ourselves. A worker with a supervisor (an erllama-host
+        spawned it) stops instead: its host joins the new broker afresh, and the broker places it again."""
         self.heartbeat.broker_restarted.clear()
         self.scheduler.cancel_all()
+        if self.supervised:
+            log.warning("the broker restarted; stopping (our host joins it again)")
+            self.stopping = True
+            return
         self.announce()
 
     def _drain(self) -> None:

@@ -104,7 +104,7 @@ class Cluster:
 
 
 @contextmanager
-def cluster(host_names: tuple[str, ...] = ("h1",)) -> Iterator[Cluster]:
+def cluster(host_names: tuple[str, ...] = ("h1",), *broker_args: str) -> Iterator[Cluster]:
     """A broker with a CURVE host endpoint (and no model), whose allowlist holds the keys of ``host_names``."""
     work = short_tmpdir("erl-cl-")
     keys_dir, allowed = work / "keys", work / "allowed"
@@ -124,6 +124,7 @@ def cluster(host_names: tuple[str, ...] = ("h1",)) -> Iterator[Cluster]:
         str(keys_dir / "server.key_secret"),
         "--curve-clients",
         str(allowed),
+        *broker_args,
     )
     cl = Cluster(bp, keys_dir, hosts_endpoint)
     try:

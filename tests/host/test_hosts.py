@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +42,18 @@ def test_a_host_joins_advertises_what_it_has_and_serves_a_model_placed_on_it():
         with pytest.raises(ErllamaError) as exc:
             c.load_model("nowhere", host="h9", backend="stub")
         assert exc.value.code == "host_not_found"
+
+
+def test_a_model_configured_for_a_host_is_placed_once_that_host_joins(tmp_path: Path):
+    config = tmp_path / "erllama.toml"
+    config.write_text('[[models]]\nid = "later"\nhost = "h1"\noptions = { backend = "stub", n_ctx = 128 }\n')
+    with cluster(("h1",), "--config", str(config)) as cl:
+        c = cl.client(timeout_s=30)
+        info = c.model_info("later")
+        assert (info["state"], info["host"], info["last_error"]["code"]) == ("unavailable", "h1", "host_down")
+        cl.start_host("h1", "127.0.0.2")
+        wait_for(lambda: c.model_info("later")["state"] == "ready", 30, "placed on h1")
+        assert c.complete("later", "configured", max_tokens=3).finish_reason == "length"
 
 
 def test_sigterm_drains_a_host_its_running_stream_finishes_new_requests_are_refused_then_it_leaves():
@@ -103,3 +116,18 @@ def test_a_host_without_curve_or_with_an_unknown_key_is_refused():
             assert "host_refused" in done.stderr
         assert c.list_hosts() == []
         assert c.ping()["hosts_refused"] >= 2  # and the broker logged each refusal
+
+
+def test_the_real_model_on_a_host_answers_as_on_the_brokers_machine_and_hits_the_hosts_own_cache():
+    prompt = "Notes from a long meeting about the harbour, the ferries and the fish market. " * 10
+    with cluster(("h1",)) as cl:
+        cl.start_host("h1", "127.0.0.2")
+        c = cl.client(timeout_s=120)
+        c.load_model("remote", host="h1", n_ctx=1024, n_seq_max=2)  # no path: the host's embedded model
+        c.load_model("local", n_ctx=1024, n_seq_max=2)
+        cold = c.complete("remote", prompt, max_tokens=12)
+        assert cold.generated == c.complete("local", prompt, max_tokens=12).generated
+        warm = c.complete("remote", prompt, max_tokens=12)
+        assert warm.generated == cold.generated
+        assert warm.cache_hit_kind in ("exact", "partial") and warm.cache_delta["read"] > 0
+        assert c.model_info("remote")["host"] == "h1"
