@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,14 @@ def test_a_host_joins_advertises_what_it_has_and_serves_a_model_placed_on_it():
             lambda: [w["pid"] for w in c.list_hosts()[0]["workers"]] == [pid], 10, "the worker in a beat"
         )
         assert c.list_hosts()[0]["models"] == ["remote"]
+        shown = subprocess.run(
+            [sys.executable, "-m", "erllama.cli", "--endpoint", cl.broker.endpoint, "hosts"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.split()
+        assert shown[shown.index("h1") : shown.index("h1") + 2] == ["h1", "up"] and "remote" in shown
         with pytest.raises(ErllamaError) as exc:
             c.load_model("nowhere", host="h9", backend="stub")
         assert exc.value.code == "host_not_found"
