@@ -195,7 +195,8 @@ class Host:
             log.error("%s: %s", msg.code, msg.message)
             self.exit_code = EXIT_REFUSED
             self.stop_now = True
-        elif msg.code == ErrorCode.HOST_DOWN and self.phase is not HostPhase.DRAINING:
+        elif msg.code == ErrorCode.HOST_DOWN and self.phase is HostPhase.JOINED:
+            # (beats queued while the broker was away each get this answer: one join answers them all)
             log.warning("the broker does not know us (%s); joining again", msg.message)
             self._join()
         else:
