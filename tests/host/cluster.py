@@ -57,7 +57,13 @@ class Cluster:
     broker: BrokerProcess
     keys_dir: Path
     hosts_endpoint: str
+    broker_args: tuple[str, ...]
     hosts: list[HostProcess] = field(default_factory=list)
+
+    def restart_broker(self) -> None:
+        """Stop the broker and start another on the same directories and endpoints."""
+        self.broker.stop()
+        self.broker = start_broker(self.broker.runtime_dir, *self.broker_args)
 
     def client(self, **kw: Any) -> Client:
         return self.broker.client(**kw)
@@ -115,23 +121,20 @@ def cluster(host_names: tuple[str, ...] = ("h1",), *broker_args: str) -> Iterato
         (allowed / public.name).write_bytes(public.read_bytes())
     hosts_endpoint = f"tcp://127.0.0.1:{free_port()}"
     rdir = short_tmpdir("erl-clb-")
-    bp = start_broker(
-        rdir,
+    args = (
         "--no-default-model",
         "--hosts",
         hosts_endpoint,
         "--curve-secret-key",
         str(keys_dir / "server.key_secret"),
-        "--curve-clients",
-        str(allowed),
-        *broker_args,
     )
-    cl = Cluster(bp, keys_dir, hosts_endpoint)
+    args += ("--curve-clients", str(allowed), *broker_args)
+    cl = Cluster(start_broker(rdir, *args), keys_dir, hosts_endpoint, args)
     try:
         yield cl
     finally:
         for host in cl.hosts:
             host.stop()
-        bp.stop()
+        cl.broker.stop()
         remove_runtime(rdir)
         shutil.rmtree(work, ignore_errors=True)

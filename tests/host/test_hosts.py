@@ -114,6 +114,18 @@ def test_sigkill_of_a_host_mid_stream_ends_it_with_worker_crashed_others_keep_se
         assert next(h for h in c.list_hosts() if h["name"] == "h1")["joins"] == 2
 
 
+def test_after_a_broker_restart_a_host_joins_the_new_broker_by_itself():
+    with cluster(("h1",)) as cl:
+        cl.start_host("h1", "127.0.0.2")
+        cl.client(timeout_s=30).load_model("m", host="h1", backend="stub", n_ctx=128)
+        cl.restart_broker()
+        c = cl.client(timeout_s=30)
+        wait_for(lambda: cl.state_of(c, "h1") == "up", 30, "h1 up on the new broker")
+        assert c.list_models() == []  # a model loaded at run time is loaded again, as without hosts
+        c.load_model("m", host="h1", backend="stub", n_ctx=128)
+        assert c.complete("m", "new broker", max_tokens=3).finish_reason == "length"
+
+
 def test_a_host_without_curve_or_with_an_unknown_key_is_refused():
     with cluster(("h1",)) as cl:
         keys(cl.keys_dir, "mallory")  # a key pair the broker's allowlist does not hold
