@@ -139,7 +139,7 @@ class HostSide:
             except zmq.Again:
                 return
             try:
-                address: str | None = frames[-1].get("Peer-Address")
+                address: str | None = str(frames[-1].get("Peer-Address"))
             except zmq.ZMQError:
                 address = None
             self.on_frames([f.bytes for f in frames], address)
