@@ -126,17 +126,26 @@ def test_after_a_broker_restart_a_host_joins_the_new_broker_by_itself():
         assert c.complete("m", "new broker", max_tokens=3).finish_reason == "length"
 
 
-def test_a_host_without_curve_or_with_an_unknown_key_is_refused():
+def test_a_host_without_curve_with_an_unknown_key_or_with_a_name_in_use_is_refused(tmp_path: Path):
     with cluster(("h1",)) as cl:
         keys(cl.keys_dir, "mallory")  # a key pair the broker's allowlist does not hold
         c = cl.client(timeout_s=10)
         for kw in ({"curve": False}, {"key": "mallory"}):
-            cmd = cl.host_command("intruder", "127.0.0.4", "--no-cache", **kw)
+            cmd = cl.host_command(
+                "intruder", "127.0.0.4", "--no-cache", "--runtime-dir", str(tmp_path / "i"), **kw
+            )
             done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)
             assert done.returncode == 2, done.stderr
             assert "host_refused" in done.stderr
         assert c.list_hosts() == []
         assert c.ping()["hosts_refused"] >= 2  # and the broker logged each refusal
+        cl.start_host("h1", "127.0.0.2")
+        twin = cl.host_command(
+            "h1", "127.0.0.5", "--no-cache", "--runtime-dir", str(tmp_path / "twin")
+        )  # an allowed key, but the name is taken
+        done = subprocess.run(twin, check=False, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "already joined" in done.stderr, done.stderr
+        assert [(h["name"], h["state"], h["address"]) for h in c.list_hosts()] == [("h1", "up", "127.0.0.2")]
 
 
 def test_the_real_model_on_a_host_answers_as_on_the_brokers_machine_and_hits_the_hosts_own_cache():
