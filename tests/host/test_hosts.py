@@ -3,6 +3,7 @@ refusals. Each host is its own process group on its own loopback address (tests/
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import sys
@@ -10,10 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from erllama import ErllamaError
+from erllama import AsyncClient, ErllamaError
 from tests.broker.test_curve import keys
 from tests.conftest import wait_for
 from tests.host.cluster import cluster
+
+
+async def async_hosts(endpoint: str) -> list[str]:
+    async with AsyncClient(endpoint, timeout_s=10) as c:
+        return [h["name"] for h in await c.list_hosts()]
+
 
 SLOW_STUB = {"backend": "stub", "n_ctx": 512, "stub_decode_ms": 20}
 
@@ -40,6 +47,7 @@ def test_a_host_joins_advertises_what_it_has_and_serves_a_model_placed_on_it():
             lambda: [w["pid"] for w in c.list_hosts()[0]["workers"]] == [pid], 10, "the worker in a beat"
         )
         assert c.list_hosts()[0]["models"] == ["remote"]
+        assert asyncio.run(async_hosts(cl.broker.endpoint)) == ["h1"]
         shown = subprocess.run(
             [sys.executable, "-m", "erllama.cli", "--endpoint", cl.broker.endpoint, "hosts"],
             check=True,
