@@ -5,7 +5,9 @@ The work is split by job, each part an object with its own state (see the README
 ``FrontEnd`` (client sockets, CURVE, replies), ``Requests`` (admission, dispatch, the terminal event,
 re-queue after a crash), ``WorkerSide`` (registration, heartbeats, calls, the relay of events),
 ``Models`` (load, unload, what a worker's death means for its model), ``Supervisor`` (spawn, reap,
-liveness timers) and ``CacheQueries``. ``Broker`` owns the loop and wires the parts to each other.
+liveness timers) and ``CacheQueries``; with ``--hosts``, ``HostSide`` (the hosts that join, their
+liveness) and ``Placement`` (what a host's life means for the models placed on it). ``Broker`` owns the
+loop and wires the parts to each other.
 """
 
 from __future__ import annotations
@@ -23,18 +25,22 @@ from typing import Any
 
 import zmq
 
+from erllama import protocol
 from erllama.broker.cachequery import MAX_TOKEN_ID, CacheQueries
 from erllama.broker.config import BrokerConfig
 from erllama.broker.front import FrontEnd
+from erllama.broker.hosts import HostSide
 from erllama.broker.lifecycle import Requests
 from erllama.broker.models import Models
+from erllama.broker.placement import Placement
 from erllama.broker.pressure import PressureWatcher
-from erllama.broker.processes import TERMINATE_GRACE_S
 from erllama.broker.queues import QueueTotals
 from erllama.broker.registry import ModelEntry
 from erllama.broker.supervisor import Supervisor
 from erllama.broker.workers import WorkerSide
+from erllama.curve import HOSTS_ZAP_DOMAIN, CurveServer
 from erllama.options import validate_prompt
+from erllama.processes import TERMINATE_GRACE_S
 from erllama.protocol import (
     CachedPrefixLen,
     Call,
@@ -42,6 +48,7 @@ from erllama.protocol import (
     ErllamaError,
     ErrorCode,
     Infer,
+    ListHosts,
     ListModels,
     LoadModel,
     ModelInfo,
@@ -52,7 +59,7 @@ from erllama.protocol import (
     VramInfo,
 )
 from erllama.resources import vram_info
-from erllama.transport import BROKER_LOCK_NAME, InstanceLock, ensure_private_dir
+from erllama.transport import BROKER_LOCK_NAME, InstanceLock, ensure_private_dir, make_socket
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +77,11 @@ class Broker:
         self.totals = QueueTotals()
         self.table: dict[str, ModelEntry] = {}
         rids = itertools.count(1)  # the broker's ids for requests, calls and cache queries alike
-        self.front = FrontEnd(self.ctx, cfg, self.totals)
+        self.curve: CurveServer | None = None
+        if cfg.curve is not None:
+            c = cfg.curve
+            self.curve = CurveServer(self.ctx, c.server_key_file, c.clients_dir, c.hosts_dir)
+        self.front = FrontEnd(self.ctx, cfg, self.totals, self.curve)
         self.requests = Requests(
             self.table, self.front, self.totals, lambda e, m: self.workers.send(e, m), rids
         )
@@ -84,6 +95,19 @@ class Broker:
         if cfg.cachestore_endpoint:
             self.cache = CacheQueries(self.ctx, cfg.cachestore_endpoint, self.front, rids)
         self.pressure: PressureWatcher | None = None
+        self.hosts: HostSide | None = None
+        self.placement: Placement | None = None
+        if cfg.hosts and cfg.host_workers and self.curve is not None:
+            self.hosts = HostSide(
+                self.ctx, self.curve, cfg.hosts, cfg.host_workers, self.table, self.totals, instance
+            )
+            self.supervisor.hosts = self.hosts
+            self.placement = Placement(
+                self.table, self.hosts, self.models, self.requests, self.workers, self.supervisor
+            )
+            # the workers hosts spawn reach the worker side over tcp, authenticated with their host's key
+            tcp_workers = make_socket(self.ctx, zmq.ROUTER, protocol.MAX_WORKER_FRAME_BYTES)
+            self.workers.sockets.append(self.curve.secure(tcp_workers, HOSTS_ZAP_DOMAIN))
         self.workers.on_ready = self.models.ready
         self.supervisor.on_worker_exit = self.models.worker_exited
         self.front.handlers = {
@@ -99,6 +123,7 @@ class Broker:
             Call: self.models.call,
             CachedPrefixLen: self._cached_prefix_len,
             Ping: lambda c, m: self.front.reply(c, m.id, self._ping()),
+            ListHosts: lambda c, m: self.front.reply(c, m.id, self.hosts.describe() if self.hosts else []),
             VramInfo: lambda c, m: self.front.reply(c, m.id, vram_info()),
         }
 
@@ -115,6 +140,11 @@ class Broker:
             "pid": os.getpid(),
             "models": len(self.table),
             "pressure": self.pressure.status() if self.pressure else None,
+            "hosts": len(self.hosts.hosts) if self.hosts else 0,
+            # joins refused at the handshake: an unknown key (ZAP), or no CURVE at all (a monitor)
+            "hosts_refused": (self.hosts.refused + self.curve.hosts.refused)
+            if self.hosts and self.curve
+            else 0,
         }
 
     # --- life cycle ----------------------------------------------------------------------------------------
@@ -124,9 +154,12 @@ class Broker:
         self.lock.acquire()
         self.front.bind()
         self.workers.sock.bind(self.cfg.worker_endpoint)
-        for sock in self.front.sockets:
+        if self.hosts is not None and self.cfg.host_workers:
+            self.hosts.bind()
+            self.workers.sockets[1].bind(self.cfg.host_workers)
+            self.poller.register(self.hosts.sock, zmq.POLLIN)
+        for sock in self.front.sockets + self.workers.sockets:
             self.poller.register(sock, zmq.POLLIN)
-        self.poller.register(self.workers.sock, zmq.POLLIN)
         if self.supervisor.runs_cachestore:
             self.supervisor.spawn_cachestore()
         if self.cache is not None:
@@ -135,7 +168,7 @@ class Broker:
                 self.pressure = PressureWatcher(self.cfg.pressure, self.cache.evict_bytes)
                 self.pressure.start()
         for spec in self.cfg.models:
-            self.models.create(spec.model_id, spec.path, spec.options, waiter=None)
+            self.models.create(spec.model_id, spec.path, spec.options, waiter=None, host=spec.host)
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -155,8 +188,10 @@ class Broker:
         for item, _ in self.poller.poll(timeout_ms):
             if item in self.front.sockets:
                 self._drain(item, functools.partial(self.front.on_frames, self.front.sockets.index(item)))
-            elif item is self.workers.sock:
-                self._drain(self.workers.sock, self.workers.on_frames)
+            elif item in self.workers.sockets:
+                self._drain(item, functools.partial(self.workers.on_frames, sock=item))
+            elif self.hosts is not None and item is self.hosts.sock:
+                self.hosts.drain(DRAIN_BATCH)
             elif self.cache is not None and item is self.cache.sock:
                 self._drain(self.cache.sock, self.cache.on_frames)
             elif isinstance(item, int) and item in self.supervisor.fds:
@@ -166,6 +201,9 @@ class Broker:
             self.cache.timers(now)
         self.supervisor.cachestore_timers(now, self.cache)
         self.supervisor.timers(now)
+        if self.hosts is not None and self.placement is not None:
+            self.hosts.timers(now)
+            self.placement.drain_timers()
 
     @staticmethod
     def _drain(sock: zmq.Socket, handler: Callable[[list[bytes]], None]) -> None:
@@ -193,7 +231,12 @@ class Broker:
             self.pressure.stop()
         self.supervisor.stop_cachestore()
         self.front.close()
-        self.workers.sock.close(linger=500)
+        for sock in self.workers.sockets:
+            sock.close(linger=500)
+        if self.hosts is not None:
+            self.hosts.close()
+        if self.curve is not None:
+            self.curve.stop()
         if self.cache is not None:
             self.cache.close()
         self.ctx.term()

@@ -6,6 +6,9 @@ Example ``erllama.toml``::
     endpoint = "ipc:///run/user/1000/erllama/broker.sock"   # default: ipc in the runtime dir
     tcp = "tcp://127.0.0.1:7420"                              # optional extra endpoint
     log_level = "INFO"
+    # hosts = "tcp://10.0.0.1:7421"        # where erllama-host processes join (CURVE); their workers use
+    # host_workers = "tcp://10.0.0.1:7422" # this one (default: the hosts port + 1)
+    # curve_hosts = "/etc/erllama/hosts"   # allowlist of host keys (default: curve_clients)
 
     [cachestore]                      # the broker runs erllama-cachestore with these settings
     disk_dir = "/var/cache/erllama/kv"
@@ -30,6 +33,7 @@ Example ``erllama.toml``::
     [[models]]
     id = "qwen"
     path = "/models/qwen2.5-0.5b-instruct-q4_k_m.gguf"
+    # host = "gpu1"                   # run its worker on the erllama-host named gpu1, once it joins
 
 Without a file (and without ``--no-default-model``) the broker serves the embedded default
 model under the id ``smollm2-135m``.
@@ -65,6 +69,7 @@ class ModelSpec:
     model_id: str
     path: str | None
     options: dict[str, Any]
+    host: str | None = None  # an erllama-host's name; None: the broker's own machine
 
 
 @dataclass(slots=True)
@@ -95,6 +100,7 @@ class CurveSettings:
 
     server_key_file: Path
     clients_dir: Path
+    hosts_dir: Path  # the allowlist of host keys (hosts and the workers they spawn)
 
 
 @dataclass(slots=True)
@@ -108,6 +114,8 @@ class BrokerConfig:
     cache: CacheStoreSettings = field(default_factory=CacheStoreSettings)
     curve: CurveSettings | None = None
     pressure: PressureConfig = field(default_factory=PressureConfig)
+    hosts: str | None = None  # tcp endpoint where erllama-host processes join (CURVE required)
+    host_workers: str | None = None  # tcp endpoint for the workers hosts spawn (CURVE)
 
     @property
     def worker_endpoint(self) -> str:
@@ -129,7 +137,18 @@ def _model_spec(raw: dict[str, Any]) -> ModelSpec:
     if path is not None and not isinstance(path, str):
         raise ErllamaError(ErrorCode.INVALID_PARAMS, f"models.{model_id}.path must be a string")
     options = parse_load_options(raw.get("options") or {}).to_wire()
-    return ModelSpec(model_id, path, options)
+    host = raw.get("host")
+    if host is not None:
+        host = validate_model_id(host)  # the same safe alphabet as model ids
+    return ModelSpec(model_id, path, options, host)
+
+
+def _host_workers(hosts: str, explicit: str | None) -> str:
+    """The workers' endpoint: as given, else the hosts endpoint's port + 1."""
+    if explicit:
+        return explicit
+    address, port = hosts.rsplit(":", 1)
+    return f"{address}:{int(port) + 1}"
 
 
 def build_config(
@@ -143,6 +162,8 @@ def build_config(
     cache_overrides: dict[str, Any] | None = None,
     curve_key: str | None = None,
     curve_clients: str | None = None,
+    hosts: str | None = None,
+    curve_hosts: str | None = None,
 ) -> BrokerConfig:
     """Merge flags (strongest), environment, the TOML file and defaults (weakest)."""
     file_cfg: dict[str, Any] = {}
@@ -159,7 +180,9 @@ def build_config(
     )
     tcp_ep = tcp or section.get("tcp")
     allow = allow_remote or bool(section.get("allow_remote", False))
-    for e in (ep, tcp_ep):
+    hosts_ep = hosts or section.get("hosts")
+    host_workers = _host_workers(hosts_ep, section.get("host_workers")) if hosts_ep else None
+    for e in (ep, tcp_ep, hosts_ep, host_workers):
         if e:
             check_tcp_bind(e, allow)
     models = [_model_spec(m) for m in file_cfg.get("models", [])]
@@ -171,16 +194,24 @@ def build_config(
     curve = None
     curve_key = curve_key or section.get("curve_secret_key")
     curve_clients = curve_clients or section.get("curve_clients")
+    curve_hosts = curve_hosts or section.get("curve_hosts") or curve_clients
+    if hosts_ep and not (hosts_ep.startswith("tcp://") and curve_key and curve_hosts):
+        raise ErllamaError(
+            ErrorCode.INVALID_PARAMS,
+            "--hosts needs a tcp:// endpoint, --curve-secret-key and --curve-hosts (or --curve-clients)",
+        )
     if curve_key or curve_clients:
-        if not (curve_key and curve_clients and tcp_ep):
+        if not (curve_key and curve_clients and (tcp_ep or hosts_ep)):
             raise ErllamaError(
-                ErrorCode.INVALID_PARAMS, "CURVE needs --tcp, --curve-secret-key and --curve-clients"
+                ErrorCode.INVALID_PARAMS,
+                "CURVE needs --tcp (or --hosts), --curve-secret-key and --curve-clients",
             )
-        if not Path(curve_key).is_file() or not Path(curve_clients).is_dir():
+        if not Path(curve_key).is_file() or not all(Path(d).is_dir() for d in (curve_clients, curve_hosts)):
             raise ErllamaError(
-                ErrorCode.INVALID_PARAMS, f"no key file {curve_key} or no directory {curve_clients}"
+                ErrorCode.INVALID_PARAMS,
+                f"no key file {curve_key} or no directory {curve_clients} / {curve_hosts}",
             )
-        curve = CurveSettings(Path(curve_key), Path(curve_clients))
+        curve = CurveSettings(Path(curve_key), Path(curve_clients), Path(curve_hosts or curve_clients))
     elif tcp_ep and not tcp_ep.startswith("tcp://127.") and not tcp_ep.startswith("tcp://localhost"):
         log.warning(
             "%s is reachable from other hosts without authentication; consider --curve-secret-key", tcp_ep
@@ -198,6 +229,8 @@ def build_config(
         cache=cache,
         curve=curve,
         pressure=_pressure(file_cfg.get("pressure", {})),
+        hosts=hosts_ep,
+        host_workers=host_workers,
     )
 
 

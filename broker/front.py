@@ -13,13 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
-import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
 
 from erllama import protocol
 from erllama.broker.config import BrokerConfig
 from erllama.broker.queues import QueueTotals
 from erllama.broker.registry import Waiter
+from erllama.curve import CurveServer
 from erllama.protocol import (
     ClientRequest,
     ErllamaError,
@@ -41,12 +40,12 @@ ClientHandler = Callable[[bytes, Any], None]  # (client key, the typed request)
 class FrontEnd:
     """Owns the client sockets. ``handlers`` maps each client request type to its handler."""
 
-    def __init__(self, ctx: zmq.Context, cfg: BrokerConfig, totals: QueueTotals):
+    def __init__(self, ctx: zmq.Context, cfg: BrokerConfig, totals: QueueTotals, curve: CurveServer | None):
         self.ctx = ctx
         self.cfg = cfg
         self.totals = totals
+        self.curve = curve
         self.sockets: list[zmq.Socket] = []
-        self.auth: ThreadAuthenticator | None = None
         self.handlers: dict[type[ClientRequest], ClientHandler] = {}
         self._decoder = protocol.client_request_decoder()
 
@@ -56,35 +55,19 @@ class FrontEnd:
         log.info("clients: %s", self.cfg.endpoint)
         self.sockets.append(plain)
         if self.cfg.tcp:
-            if self.cfg.curve is not None:
-                self.sockets.append(self._curve_socket(self.cfg.tcp))
+            if self.curve is not None:
+                # A ROUTER that speaks CURVE, with a ZAP allowlist: only clients whose public key is in
+                # the configured directory get in (the server key alone would let anyone who has it in).
+                sock = self.curve.secure(make_socket(self.ctx, zmq.ROUTER, protocol.MAX_CLIENT_FRAME_BYTES))
+                sock.bind(self.cfg.tcp)
+                self.sockets.append(sock)
             else:
                 plain.bind(self.cfg.tcp)
-            log.info("clients: %s%s", self.cfg.tcp, " (CURVE)" if self.cfg.curve else "")
-
-    def _curve_socket(self, endpoint: str) -> zmq.Socket:
-        """A ROUTER that speaks CURVE, with a ZAP allowlist: only clients whose public key is in the
-        configured directory get in (the server key alone would let anyone who has it connect)."""
-        assert self.cfg.curve is not None
-        self.auth = ThreadAuthenticator(self.ctx)
-        self.auth.start()
-        self.auth.configure_curve(domain="*", location=str(self.cfg.curve.clients_dir))
-        public, secret = zmq.auth.load_certificate(str(self.cfg.curve.server_key_file))
-        if secret is None:
-            raise ErllamaError(
-                ErrorCode.INVALID_PARAMS, f"{self.cfg.curve.server_key_file} holds no secret key"
-            )
-        sock = make_socket(self.ctx, zmq.ROUTER, protocol.MAX_CLIENT_FRAME_BYTES)
-        sock.curve_server = True
-        sock.curve_publickey, sock.curve_secretkey = public, secret
-        sock.bind(endpoint)
-        return sock
+            log.info("clients: %s%s", self.cfg.tcp, " (CURVE)" if self.curve else "")
 
     def close(self) -> None:
         for sock in self.sockets:
             sock.close(linger=500)
-        if self.auth is not None:
-            self.auth.stop()
 
     # --- receiving -----------------------------------------------------------------------------------------
 

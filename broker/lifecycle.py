@@ -34,6 +34,19 @@ log = logging.getLogger(__name__)
 SendWorker = Callable[[ModelEntry, Message], bool]
 
 
+def host_down(entry: ModelEntry) -> ErllamaError:
+    """The error for a model whose host is draining, dead or gone."""
+    what = "draining" if entry.state is ModelState.DRAINING else "unavailable"
+    detail = {"model": entry.model_id, "host": entry.host} | (
+        {"last_error": entry.last_error} if entry.last_error else {}
+    )
+    return ErllamaError(
+        ErrorCode.HOST_DOWN,
+        f"model {entry.model_id!r} is {what}: its host {entry.host!r} is down or draining",
+        detail,
+    )
+
+
 class Requests:
     """Every request from its admission to its terminal event; ``rid`` is the broker's id for it."""
 
@@ -81,6 +94,8 @@ class Requests:
             )
         if entry.state is ModelState.UNLOADING:
             raise ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"model {entry.model_id!r} is being unloaded")
+        if entry.state in (ModelState.DRAINING, ModelState.UNAVAILABLE):
+            raise host_down(entry)
         params = parse_sampling(msg.params)  # bad values are refused here, before they take a queue slot
         prompt = validate_prompt(msg.prompt)
         key = (client, msg.id)

@@ -32,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--curve-clients", help="directory of the client public keys allowed in over tcp")
     ap.add_argument(
+        "--hosts", help="tcp:// endpoint where erllama-host processes join (CURVE; their workers: port + 1)"
+    )
+    ap.add_argument(
+        "--curve-hosts", help="directory of the host public keys allowed to join (default: --curve-clients)"
+    )
+    ap.add_argument(
         "--runtime-dir", help="where ipc sockets and the lock live (default: $ERLLAMA_RUNTIME_DIR)"
     )
     ap.add_argument("--no-default-model", action="store_true", help="start with no model loaded")
@@ -74,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             cache_overrides=cache_overrides,
             curve_key=args.curve_secret_key,
             curve_clients=args.curve_clients,
+            hosts=args.hosts,
+            curve_hosts=args.curve_hosts,
         )
     except (ErllamaError, OSError, ValueError) as exc:
         setup_logging("INFO", "broker")

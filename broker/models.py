@@ -12,14 +12,14 @@ from typing import Any
 
 from erllama.broker.config import BrokerConfig
 from erllama.broker.front import FrontEnd
-from erllama.broker.lifecycle import Requests
-from erllama.broker.processes import WorkerProcess
+from erllama.broker.lifecycle import Requests, host_down
 from erllama.broker.queues import ModelQueue, QueueTotals
 from erllama.broker.registry import HeldCall, ModelEntry, Waiter
 from erllama.broker.supervisor import Supervisor
 from erllama.broker.workers import WorkerSide
 from erllama.cachestore.config import default_disk_dir, default_shm_dir
 from erllama.options import parse_load_options, validate_model_id
+from erllama.processes import WorkerProcess
 from erllama.protocol import (
     Call,
     ErllamaError,
@@ -75,7 +75,9 @@ class Models:
                 ErrorCode.ALREADY_LOADED, f"model {model_id!r} is already loaded", {"model": model_id}
             )
         path = msg.path
-        if path is not None:
+        if msg.host is not None:
+            self._check_host(msg.host)
+        elif path is not None:
             try:
                 p = Path(path).resolve()
                 is_file = p.is_file()
@@ -94,7 +96,20 @@ class Models:
                 )
             path = str(p)
         options = parse_load_options(msg.options).to_wire()
-        self.create(model_id, path, options, Waiter(client, msg.id))
+        self.create(model_id, path, options, Waiter(client, msg.id), msg.host)
+
+    def _check_host(self, name: str) -> None:
+        """A model placed on a host: the host must be up (its path is checked there, by the worker)."""
+        hosts = self.supervisor.hosts
+        known = hosts.hosts.get(name) if hosts is not None else None
+        if known is None:
+            raise ErllamaError(ErrorCode.HOST_NOT_FOUND, f"no host {name!r} has joined", {"host": name})
+        if hosts is None or hosts.up(name) is None:
+            raise ErllamaError(
+                ErrorCode.HOST_DOWN,
+                f"host {name!r} is {known.state.value}",
+                {"host": name, "state": known.state.value},
+            )
 
     def _private_dirs(self) -> list[Path]:
         """Where erllama keeps sockets, locks and cache rows: never a model to load."""
@@ -103,12 +118,20 @@ class Models:
         shm = Path(flags[flags.index("--shm-dir") + 1]) if "--shm-dir" in flags else default_shm_dir()
         return [d.resolve() for d in (self.cfg.runtime_dir, disk, shm)]
 
-    def create(self, model_id: str, path: str | None, options: dict[str, Any], waiter: Waiter | None) -> None:
+    def create(
+        self,
+        model_id: str,
+        path: str | None,
+        options: dict[str, Any],
+        waiter: Waiter | None,
+        host: str | None = None,
+    ) -> None:
         entry = ModelEntry(model_id, path, options, ModelQueue(model_id, max_queue=options["max_queue"]))
+        entry.host = host
         if waiter is not None:
             entry.load_waiters.append(waiter)
         self.table[model_id] = entry
-        log.info("loading model %s", model_id)
+        log.info("loading model %s%s", model_id, f" on host {host}" if host else "")
         self.supervisor.spawn(entry)
 
     def unload(self, client: bytes, msg: UnloadModel) -> None:
@@ -122,7 +145,7 @@ class Models:
         self.refuse_held_calls(entry, unloaded)
         if entry.worker is None or not self.workers.send(entry, Shutdown()):
             if entry.worker is not None:
-                entry.worker.kill()
+                self.supervisor.kill(entry.worker)
             else:
                 self.forget(entry)
 
@@ -145,7 +168,9 @@ class Models:
             raise ErllamaError(
                 ErrorCode.MODEL_FAILED, f"model {entry.model_id!r} has failed", entry.last_error
             )
-        if entry.state is not ModelState.READY:
+        if entry.state is ModelState.UNAVAILABLE:
+            raise host_down(entry)
+        if entry.state not in (ModelState.READY, ModelState.DRAINING):
             raise ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"model {entry.model_id!r} is {entry.state.value}")
         self.workers.call(entry, Waiter(client, msg.id), op, msg.args, next(self.rids))
 
@@ -183,6 +208,11 @@ class Models:
             self.forget(entry)
             return
         detail["model"] = entry.model_id
+        if entry.state is ModelState.DRAINING:  # told to shut down (or its host lost while draining)
+            gone = ErllamaError(ErrorCode.WORKER_CRASHED, f"the worker of {entry.model_id!r} ended", detail)
+            self.requests.fail_all(entry, gone)
+            self.workers.fail_calls(entry.model_id, gone)
+            return
         if entry.state is ModelState.LOADING:
             self._load_failed(entry, detail)
             return

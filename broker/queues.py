@@ -79,7 +79,8 @@ class ModelQueue:
 
     def next_dispatchable(self) -> int | None:
         """The next request to send to the worker, if it is ready and has a free slot (its credit)."""
-        if self.state is not ModelState.READY or not self.waiting or len(self.running) >= self.slots:
+        dispatching = self.state is ModelState.READY or self.state is ModelState.DRAINING
+        if not dispatching or not self.waiting or len(self.running) >= self.slots:
             return None
         rid = self.waiting.popleft()
         self.running.add(rid)

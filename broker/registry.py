@@ -6,8 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from erllama.broker.processes import RestartPolicy, WorkerProcess
 from erllama.broker.queues import ModelQueue
+from erllama.processes import RestartPolicy, WorkerProcess
 from erllama.protocol import MemoryKind, ModelState, WorkerOp
 
 
@@ -35,6 +35,7 @@ class ModelEntry:
     options: dict[str, Any]  # canonical load options, as passed to the worker
     queue: ModelQueue
     spawned: bool = True  # False for a worker an operator started; the broker cannot respawn it
+    host: str | None = None  # the erllama-host it is placed on; None: the broker's own machine
     worker: WorkerProcess | None = None
     info: dict[str, Any] = field(default_factory=dict)  # what the worker reported in ``ready``
     fingerprint: str | None = None  # the model's cache fingerprint (hex), from ``ready``
@@ -66,6 +67,7 @@ class ModelEntry:
             "state": q.state.value,
             "worker_pid": self.worker.pid if self.worker else None,
             "spawned": self.spawned,
+            "host": self.host,
             "path": self.path,
             "options": self.options,
             "n_ctx": self.info.get("n_ctx"),

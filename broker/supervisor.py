@@ -2,7 +2,9 @@
 timers (a worker that stays silent, one stuck in native code, a load that never ends, a frozen store).
 
 ``Supervisor`` decides nothing about requests or models: when a worker process has ended (or has been
-declared dead) it calls ``on_worker_exit(wp, detail)``, and the broker settles the rest.
+declared dead) it calls ``on_worker_exit(wp, detail)``, and the broker settles the rest. A model placed
+on a host (``entry.host``) is spawned and killed by that host's supervisor (the same ``processes`` code),
+at the broker's request through ``HostSide``; the timers here apply to it as to a local worker.
 """
 
 from __future__ import annotations
@@ -17,17 +19,19 @@ import zmq
 
 from erllama.broker.cachequery import CacheQueries
 from erllama.broker.config import BrokerConfig
-from erllama.broker.processes import (
+from erllama.broker.hosts import HostSide
+from erllama.broker.registry import ModelEntry
+from erllama.cachestore.config import SHARED_URL_ENV
+from erllama.processes import (
     RESTART_BACKOFF_MAX_S,
     TERMINATE_GRACE_S,
     ChildProcess,
+    FdWatch,
     RestartPolicy,
     WorkerProcess,
     spawn_cachestore,
     spawn_worker,
 )
-from erllama.broker.registry import ModelEntry
-from erllama.cachestore.config import SHARED_URL_ENV
 from erllama.protocol import (
     HEARTBEAT_INTERVAL_S,
     MODEL_LOAD_TIMEOUT_S,
@@ -47,16 +51,28 @@ class Supervisor:
         self.cfg = cfg
         self.poller = poller
         self.models = models
-        self.fds: dict[int, ChildProcess] = {}
+        self.watcher = FdWatch(poller)
+        self.fds = self.watcher.fds
         self.cachestore: ChildProcess | None = None
         self.cachestore_restart = RestartPolicy()
         self.cachestore_restart_at_s = 0.0
         self.stopping = False
+        self.hosts: HostSide | None = None
         self.on_worker_exit: Callable[[WorkerProcess, dict[str, Any]], None] = lambda wp, detail: None
+        # a model placed on a host that is not up: the broker marks it unavailable until the host joins
+        self.on_unplaceable: Callable[[ModelEntry], None] = lambda entry: None
 
     # --- workers -------------------------------------------------------------------------------------------
 
     def spawn(self, entry: ModelEntry) -> None:
+        if entry.host is not None:
+            if self.hosts is not None and self.hosts.spawn(entry):
+                # the pid comes from the host's report (or the worker's own ready, whichever is first)
+                entry.worker = WorkerProcess(name=entry.model_id, pid=0, host=entry.host)
+            else:
+                entry.worker = None
+                self.on_unplaceable(entry)
+            return
         wp = spawn_worker(
             entry.model_id,
             entry.path,
@@ -70,12 +86,10 @@ class Supervisor:
         self._watch(wp)
 
     def on_fd(self, fd: int) -> None:
-        child = self.fds[fd]
-        if fd == child.stderr_fd:
-            if not child.read_stderr():
-                self.poller.unregister(fd)
-                del self.fds[fd]
-        elif child is self.cachestore:
+        child = self.watcher.on_fd(fd)
+        if child is None:
+            return
+        if child is self.cachestore:
             self._cachestore_exited(child)
         else:
             assert isinstance(child, WorkerProcess)
@@ -88,26 +102,30 @@ class Supervisor:
         wp.close_fds()
         self.on_worker_exit(wp, detail)
 
+    def kill(self, wp: WorkerProcess) -> None:
+        """SIGKILL a worker: ours directly, a host's through its host (then it counts as gone at once:
+        the host's own report of the exit, if it comes, finds nothing left to settle)."""
+        if wp.host is None:
+            wp.kill()
+            return
+        if self.hosts is not None:
+            self.hosts.stop(wp.host, wp.model_id, wp.pid)
+        self.reap(wp)
+
     def kill_all(self) -> None:
         """Last resort at shutdown: workers that did not exit within the grace period."""
         for entry in list(self.models.values()):
             if entry.worker is not None:
-                entry.worker.kill()
-                self.reap(entry.worker)
+                wp = entry.worker
+                self.kill(wp)
+                if wp.host is None:
+                    self.reap(wp)
 
     def _watch(self, child: ChildProcess) -> None:
-        for fd in (child.pidfd, child.stderr_fd):
-            self.fds[fd] = child
-            self.poller.register(fd, zmq.POLLIN)
+        self.watcher.watch(child)
 
     def _unwatch(self, child: ChildProcess) -> None:
-        if child.stderr_fd >= 0:
-            while child.read_stderr():
-                pass
-        for fd in (child.pidfd, child.stderr_fd):
-            if fd in self.fds:
-                self.poller.unregister(fd)
-                del self.fds[fd]
+        self.watcher.unwatch(child)
 
     def timers(self, now: float) -> None:
         """Restart crashed workers when their backoff ends; kill loads that never end and workers that
@@ -125,7 +143,7 @@ class Supervisor:
             elif wp is not None and wp.identity is None and now - wp.started_s > MODEL_LOAD_TIMEOUT_S:
                 message = f"no ready within {MODEL_LOAD_TIMEOUT_S:.0f} s"
                 entry.last_error = {"code": ErrorCode.TIMEOUT, "message": message}
-                wp.kill()
+                self.kill(wp)
             elif wp is not None and wp.identity is not None and wp.kill_reason is None:
                 stall_s = entry.options.get("stall_timeout_s", WORKER_STALL_TIMEOUT_S)
                 if now - wp.last_seen_s > WORKER_SILENCE_TIMEOUT_S:
@@ -136,8 +154,8 @@ class Supervisor:
                 else:
                     continue
                 log.error("worker of %s: %s; declaring it dead", entry.model_id, wp.kill_reason)
-                if wp.spawned:
-                    wp.kill()  # its pidfd fires next and reap settles its requests
+                if wp.spawned or wp.host is not None:
+                    self.kill(wp)  # its pidfd fires next and reap settles its requests (a host's: now)
                 else:
                     self.reap(wp)  # not our child: we cannot kill it, only stop using it
 

@@ -18,9 +18,9 @@ import zmq
 from erllama import protocol
 from erllama.broker.front import FrontEnd
 from erllama.broker.lifecycle import Requests
-from erllama.broker.processes import WorkerProcess
 from erllama.broker.queues import ModelQueue, QueueTotals
 from erllama.broker.registry import ModelEntry, Waiter
+from erllama.processes import WorkerProcess
 from erllama.protocol import (
     Admitted,
     BrokerHeartbeat,
@@ -73,6 +73,9 @@ class WorkerSide:
         # that the broker was restarted and it must register again.
         self.instance = instance
         self.sock = make_socket(ctx, zmq.ROUTER, protocol.MAX_WORKER_FRAME_BYTES)
+        # [the ipc socket, the CURVE tcp socket for workers that hosts spawn]; a routing id is known on one
+        self.sockets: list[zmq.Socket] = [self.sock]
+        self.via: dict[bytes, zmq.Socket] = {}  # routing id -> the socket it came through
         self.workers: dict[bytes, ModelEntry] = {}  # routing id -> entry
         self.calls: dict[int, tuple[Waiter, str]] = {}  # rid -> who asked, which model
         self.on_ready: Callable[[ModelEntry], None] = lambda entry: None
@@ -93,8 +96,9 @@ class WorkerSide:
         """Send to a model's registered worker without blocking; False if it is not reachable."""
         if entry.worker is None or entry.worker.identity is None:
             return False
+        identity = entry.worker.identity
         try:
-            self.sock.send_multipart([entry.worker.identity, encode(msg)], zmq.NOBLOCK)
+            self.via.get(identity, self.sock).send_multipart([identity, encode(msg)], zmq.NOBLOCK)
             return True
         except zmq.ZMQError as exc:
             log.warning("cannot reach the worker of %s: %s", entry.model_id, exc)
@@ -115,17 +119,19 @@ class WorkerSide:
     def forget(self, wp: WorkerProcess) -> None:
         if wp.identity is not None:
             self.workers.pop(wp.identity, None)
+            self.via.pop(wp.identity, None)
 
     # --- receiving -----------------------------------------------------------------------------------------
 
-    def on_frames(self, frames: list[bytes]) -> None:
+    def on_frames(self, frames: list[bytes], sock: zmq.Socket | None = None) -> None:
+        """One message from a worker, through ``sock`` (default: the ipc socket)."""
         try:
-            self._on_message(frames)
+            self._on_message(frames, sock or self.sock)
         except Exception:  # a bug of ours, or a peer we did not foresee: never the broker's death
             self.totals.bad_messages += 1
             log.exception("handling a worker message failed")
 
-    def _on_message(self, frames: list[bytes]) -> None:
+    def _on_message(self, frames: list[bytes], sock: zmq.Socket) -> None:
         identity = frames[0]
         try:
             if len(frames) != 2:
@@ -136,11 +142,11 @@ class WorkerSide:
             log.warning("bad worker message from %r: %s", identity, err.message)
             return
         if isinstance(msg, Heartbeat):
-            self._on_heartbeat(identity, msg)
+            self._on_heartbeat(identity, msg, sock)
             return
         entry = self.workers.get(identity)
         if entry is None:
-            self._on_unknown_worker(identity, msg)
+            self._on_unknown_worker(identity, msg, sock)
             return
         assert entry.worker is not None
         entry.worker.last_seen_s = time.monotonic()
@@ -191,16 +197,14 @@ class WorkerSide:
     def _on_admitted(self, entry: ModelEntry, msg: Admitted) -> None:
         entry.queue.last_cache_hit = {"kind": msg.cache_hit_kind.value, "prefix_len": msg.prefix_len}
 
-    def _on_heartbeat(self, identity: bytes, msg: Heartbeat) -> None:
+    def _on_heartbeat(self, identity: bytes, msg: Heartbeat, sock: zmq.Socket) -> None:
         """Heartbeats come from each worker's heartbeat thread (and, on a phase change, from its main
         socket). Those from the heartbeat thread are answered with our instance id."""
         entry = self.models.get(msg.model)
         wp = entry.worker if entry is not None else None
         if identity != (wp.identity if wp else None):
             try:
-                self.sock.send_multipart(
-                    [identity, encode(BrokerHeartbeat(instance=self.instance))], zmq.NOBLOCK
-                )
+                sock.send_multipart([identity, encode(BrokerHeartbeat(instance=self.instance))], zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
         if entry is None or wp is None or wp.pid != msg.pid:
@@ -217,7 +221,7 @@ class WorkerSide:
         if msg.cache is not None:
             entry.cache_stats = msg.cache
 
-    def _on_unknown_worker(self, identity: bytes, msg: WorkerMessage) -> None:
+    def _on_unknown_worker(self, identity: bytes, msg: WorkerMessage, sock: zmq.Socket) -> None:
         """A worker we have not heard from: one we spawned reporting in, or an operator's."""
         if isinstance(msg, Error) and msg.rid is None:
             model, pid = msg.detail.get("model"), msg.detail.get("pid")
@@ -226,9 +230,9 @@ class WorkerSide:
                 entry.last_error = {"code": msg.code, "message": msg.message}
             return
         if isinstance(msg, Ready):
-            self._register(identity, msg)
+            self._register(identity, msg, sock)
 
-    def _register(self, identity: bytes, msg: Ready) -> None:
+    def _register(self, identity: bytes, msg: Ready, sock: zmq.Socket) -> None:
         try:  # it comes from a worker: what the broker uses of it must have the types it expects
             info = msgspec.convert(msg.info, WorkerInfo)
         except msgspec.ValidationError as exc:
@@ -244,18 +248,28 @@ class WorkerSide:
             log.info("operator-started worker registered %s (pid %d)", model_id, pid)
         elif not entry.spawned and entry.state in (ModelState.FAILED, ModelState.RESTARTING):
             entry.worker = WorkerProcess(model_id, pid)
+        elif (
+            entry.worker is not None
+            and entry.worker.host is not None
+            and entry.worker.pid == 0
+            and entry.worker.identity is None
+            and sock is not self.sock
+        ):
+            entry.worker.pid = pid  # placed on a host whose report of the pid has not arrived yet
         elif entry.worker is None or entry.worker.pid != pid or entry.worker.identity is not None:
             err = ErllamaError(ErrorCode.ALREADY_LOADED, f"model {model_id!r} is already served")
-            self.sock.send_multipart([identity, encode(error_of(err, None))])
+            sock.send_multipart([identity, encode(error_of(err, None))])
             return
         assert entry.worker is not None
         entry.worker.identity = identity
         self.workers[identity] = entry
+        self.via[identity] = sock
         entry.info = msg.info
         entry.fingerprint = info.fingerprint
         entry.memory = info.memory
         entry.queue.slots = msg.slots
-        entry.state = ModelState.READY
+        if entry.state is not ModelState.DRAINING:  # a host that drains keeps its models draining
+            entry.state = ModelState.READY
         entry.last_error = None
         entry.restart.reset()
         log.info("model %s ready (pid %d, %d slots)", model_id, pid, msg.slots)

@@ -47,6 +47,7 @@ from erllama.protocol import (
     ErllamaError,
     ErrorCode,
     ErrorReply,
+    ListHosts,
     ListModels,
     LoadModel,
     ModelInfo,
@@ -260,10 +261,10 @@ class AsyncClient:
     # --- models --------------------------------------------------------------------------------------------
 
     async def load_model(
-        self, model_id: str, model_path: str | None = None, **options: Any
+        self, model_id: str, model_path: str | None = None, *, host: str | None = None, **options: Any
     ) -> dict[str, Any]:
         """As ``Client.load_model``."""
-        request = LoadModel(id=new_request_id(), model=model_id, path=model_path, options=options)
+        request = LoadModel(id=new_request_id(), model=model_id, path=model_path, options=options, host=host)
         return await self._call(request, MODEL_LOAD_TIMEOUT_S)
 
     async def unload_model(self, model_id: str) -> None:
@@ -271,6 +272,10 @@ class AsyncClient:
 
     async def list_models(self) -> list[dict[str, Any]]:
         return await self._call(ListModels(id=new_request_id()), self.timeout_s)
+
+    async def list_hosts(self) -> list[dict[str, Any]]:
+        """As ``Client.list_hosts``."""
+        return await self._call(ListHosts(id=new_request_id()), self.timeout_s)
 
     async def model_info(self, model_id: str) -> dict[str, Any]:
         return await self._call(ModelInfo(id=new_request_id(), model=model_id), self.timeout_s)

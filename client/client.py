@@ -32,6 +32,7 @@ from erllama.protocol import (
     Cancel,
     ErllamaError,
     ErrorCode,
+    ListHosts,
     ListModels,
     LoadModel,
     ModelInfo,
@@ -154,10 +155,13 @@ class Client:
 
     # --- models --------------------------------------------------------------------------------------------
 
-    def load_model(self, model_id: str, model_path: str | None = None, **options: Any) -> dict[str, Any]:
+    def load_model(
+        self, model_id: str, model_path: str | None = None, *, host: str | None = None, **options: Any
+    ) -> dict[str, Any]:
         """Start a worker for a model file (None: the embedded default) and wait until it is ready.
-        Options are llama.cpp and erllama load options (``n_ctx``, ``n_seq_max``, ``type_k``, ...)."""
-        request = LoadModel(id=new_request_id(), model=model_id, path=model_path, options=options)
+        Options are llama.cpp and erllama load options (``n_ctx``, ``n_seq_max``, ``type_k``, ...).
+        ``host``: the name of a joined ``erllama-host`` to run the worker on (the path is on that machine)."""
+        request = LoadModel(id=new_request_id(), model=model_id, path=model_path, options=options, host=host)
         return self._conn.call(request, MODEL_LOAD_TIMEOUT_S)
 
     def unload_model(self, model_id: str) -> None:
@@ -165,6 +169,11 @@ class Client:
 
     def list_models(self) -> list[dict[str, Any]]:
         return self._conn.call(ListModels(id=new_request_id()), self.timeout_s)
+
+    def list_hosts(self) -> list[dict[str, Any]]:
+        """The hosts that joined: name, state (``joining``/``up``/``draining``/``left``/``dead``), pid,
+        ``heartbeat_age_s``, resources (cores, memory, GPUs, free KV bytes), workers and models placed."""
+        return self._conn.call(ListHosts(id=new_request_id()), self.timeout_s)
 
     def model_info(self, model_id: str) -> dict[str, Any]:
         """State, worker pid, options, n_ctx, slots, queue depth, pending length, phase, last cache hit."""

@@ -4,9 +4,10 @@ erllama demo ["prompt"]          start a broker if none runs, stream a reply fro
 erllama serve [--port 8080]      a broker (unless one runs) and the HTTP gateway (OpenAI and Anthropic APIs)
 erllama status                   each model with its state, phase, queue depth and pending length
 erllama complete MODEL PROMPT    stream a completion
-erllama load ID [PATH] [-o k=v]  load a model (PATH omitted: the embedded default)
+erllama load ID [PATH] [-o k=v] [--host NAME]  load a model (PATH omitted: the embedded default)
 erllama unload ID
 erllama info ID                  model_info as JSON
+erllama hosts                    the hosts that joined (erllama-host): state, heartbeat age, resources
 erllama cache [...]              the cache store's counters (see ``erllama cache --help``)
 erllama keys DIR [--name NAME]   a CURVE key pair for tcp: NAME.key (public), NAME.key_secret
 """
@@ -96,9 +97,35 @@ def cmd_complete(c: Client, args: argparse.Namespace) -> int:
     return stream_reply(c, args.model, args.prompt, **params)
 
 
+def cmd_hosts(c: Client, args: argparse.Namespace) -> int:
+    rows = [("HOST", "STATE", "BEAT AGE S", "CORES", "MEM AVAIL GB", "GPUS", "KV FREE GB", "MODELS")]
+    for h in c.list_hosts():
+        r = h["resources"]
+        kv = r.get("kv_free_bytes")
+        gpus = str(len(r["gpus"])) if r["gpus"] else (r.get("gpu_error") or "0")
+        rows.append(
+            (
+                h["name"],
+                h["state"],
+                f"{h['heartbeat_age_s']:.1f}",
+                str(r["cores"]),
+                f"{r['memory_available_bytes'] / 1e9:.1f}",
+                gpus,
+                "-" if kv is None else f"{kv / 1e9:.1f}",
+                ",".join(h["models"]) or "-",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        _out("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() + "\n")
+    return 0
+
+
 def cmd_load(c: Client, args: argparse.Namespace) -> int:
     options = dict(kv.split("=", 1) for kv in args.option)
-    info = c.load_model(args.id, args.path, **{k: _parse_value(v) for k, v in options.items()})
+    info = c.load_model(
+        args.id, args.path, host=args.host, **{k: _parse_value(v) for k, v in options.items()}
+    )
     _out(json.dumps(info, indent=2, default=str) + "\n")
     return 0
 
@@ -279,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("id")
     p.add_argument("path", nargs="?")
     p.add_argument("-o", "--option", action="append", default=[], help="load option key=value (repeatable)")
+    p.add_argument("--host", help="run the worker on this joined erllama-host (the path is on that machine)")
+    sub.add_parser("hosts", help="the hosts that joined: state, heartbeat age, resources, models")
     p = sub.add_parser("unload", help="unload a model")
     p.add_argument("id")
     p = sub.add_parser("info", help="model_info as JSON")
@@ -295,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         "load": cmd_load,
         "unload": cmd_unload,
         "info": cmd_info,
+        "hosts": cmd_hosts,
     }
     try:
         if args.cmd == "demo":

@@ -27,6 +27,40 @@ def _nvml() -> Any:
     return pynvml
 
 
+def gpu_devices() -> list[dict[str, Any]]:
+    """Each NVIDIA device: ``index``, ``name``, ``total_bytes``, ``free_bytes``. Raises ``no_gpu`` as
+    ``vram_info`` does."""
+    nvml = _nvml()
+    try:
+        nvml.nvmlInit()
+    except nvml.NVMLError as exc:
+        raise ErllamaError(ErrorCode.NO_GPU, f"NVML is unavailable: {exc}") from None
+    try:
+        devices = []
+        for i in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(i)
+            name = nvml.nvmlDeviceGetName(handle)
+            mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+            devices.append(
+                {
+                    "index": i,
+                    "name": name.decode() if isinstance(name, bytes) else str(name),
+                    "total_bytes": int(mem.total),
+                    "free_bytes": int(mem.free),
+                }
+            )
+        if not devices:
+            raise ErllamaError(ErrorCode.NO_GPU, "NVML found no GPU")
+        return devices
+    except nvml.NVMLError as exc:
+        raise ErllamaError(ErrorCode.NO_GPU, f"NVML query failed: {exc}") from None
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except nvml.NVMLError as exc:
+            log.debug("nvmlShutdown: %s", exc)
+
+
 def vram_info() -> dict[str, int]:
     """GPU memory summed over every NVIDIA device: ``total_b``, ``free_b``, ``used_b`` (bytes), ``devices``.
 

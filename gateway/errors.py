@@ -52,6 +52,7 @@ _MAPPING: Final[dict[str, tuple[int, str, str, bool]]] = {
     ErrorCode.OVERLOADED: (429, "rate_limit_error", "overloaded", True),
     ErrorCode.WORKER_CRASHED: (503, SERVER_ERROR, "worker_crashed", True),
     ErrorCode.MODEL_FAILED: (503, SERVER_ERROR, "model_failed", True),
+    ErrorCode.HOST_DOWN: (503, SERVER_ERROR, "host_down", True),
     ErrorCode.SHUTTING_DOWN: (503, SERVER_ERROR, "shutting_down", True),
     ErrorCode.BROKER_LOST: (503, SERVER_ERROR, "broker_unavailable", True),
     ErrorCode.TIMEOUT: (503, SERVER_ERROR, "broker_timeout", True),

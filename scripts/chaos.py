@@ -79,11 +79,11 @@ from typing import Any, Final, TextIO
 import psutil
 
 from erllama import Client, ErllamaError
-from erllama.broker.processes import CRASH_WINDOW_S, MAX_CRASHES_IN_WINDOW, RESTART_BACKOFF_MAX_S
 from erllama.cachestore.client import CacheClient
 from erllama.cachestore.codec import row_key
 from erllama.client.results import CompletionResult
 from erllama.options import SamplingParams
+from erllama.processes import CRASH_WINDOW_S, MAX_CRASHES_IN_WINDOW, RESTART_BACKOFF_MAX_S
 from erllama.protocol import HEARTBEAT_INTERVAL_S, MODEL_LOAD_TIMEOUT_S, WORKER_SILENCE_TIMEOUT_S, ErrorCode
 from erllama.transport import CACHESTORE_SOCKET_NAME, CLIENT_SOCKET_NAME, ipc_endpoint
 from erllama.worker.backend import BatchRow

@@ -17,6 +17,8 @@ from erllama.protocol import (
     ClientEvent,
     ClientRequest,
     ErrorCode,
+    HostCommand,
+    HostMessage,
     Infer,
     Ping,
     Run,
@@ -38,10 +40,12 @@ DECODERS = {
     WorkerMessage: protocol.worker_message_decoder,
     WorkerCommand: protocol.worker_command_decoder,
     CacheRequest: protocol.cache_request_decoder,
+    HostMessage: protocol.host_message_decoder,
+    HostCommand: protocol.host_command_decoder,
 }
 
 
-def example(cls: type[protocol.Message]) -> protocol.Message:
+def example(cls: type[msgspec.Struct]) -> typing.Any:
     """A message of ``cls`` with every required field set to a value of its type."""
     samples: dict[type, typing.Any] = {
         msgspec.inspect.StrType: "x",
@@ -63,7 +67,7 @@ def example(cls: type[protocol.Message]) -> protocol.Message:
         if isinstance(t, msgspec.inspect.EnumType):
             fields[f.name] = next(iter(t.cls))
         elif isinstance(t, msgspec.inspect.StructType):
-            fields[f.name] = t.cls()
+            fields[f.name] = example(t.cls)  # a nested struct (a host's resources), built the same way
         else:
             fields[f.name] = samples[type(t)]
     return cls(**fields)

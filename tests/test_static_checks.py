@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # The folders that install as erllama.<name> (pyproject's package-dir).
-SUBPACKAGES = ("broker", "worker", "client", "cachestore", "gateway")
+SUBPACKAGES = ("broker", "worker", "client", "cachestore", "gateway", "host")
 
 
 def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:

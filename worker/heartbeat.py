@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import zmq
 
 from erllama import protocol
+from erllama.curve import curve_client
 from erllama.protocol import BROKER_SILENCE_TIMEOUT_S, HEARTBEAT_INTERVAL_S, Phase, WireError, encode
 from erllama.protocol import Heartbeat as HeartbeatMsg
 from erllama.transport import make_socket
@@ -59,7 +60,7 @@ class WorkerStatus:
 
 
 class Heartbeat(threading.Thread):
-    def __init__(self, ctx: zmq.Context, endpoint: str, model_id: str):
+    def __init__(self, ctx: zmq.Context, endpoint: str, model_id: str, curve: tuple[str, str] | None = None):
         super().__init__(name="erllama-heartbeat", daemon=True)
         self.model_id = model_id
         self.status = WorkerStatus()
@@ -70,6 +71,8 @@ class Heartbeat(threading.Thread):
         self._decoder = protocol.broker_heartbeat_decoder()
         identity = f"h:{model_id}:{os.getpid()}".encode()
         self._sock = make_socket(ctx, zmq.DEALER, protocol.MAX_CACHE_CONTROL_BYTES, identity=identity)
+        if curve is not None:
+            curve_client(self._sock, *curve)
         self._sock.connect(endpoint)
 
     def stop(self) -> None:

@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         "--cachestore", help="cache store endpoint (default: $ERLLAMA_CACHESTORE, else the runtime dir's)"
     )
     ap.add_argument("--no-cache", action="store_true", help="serve without the KV cache")
+    ap.add_argument("--curve-key", help="our CURVE key file (with its secret), for a tcp broker endpoint")
+    ap.add_argument("--curve-server-key", help="the broker's public CURVE key file")
     ap.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--log-level", default=os.environ.get("ERLLAMA_LOG_LEVEL", "INFO"))
     args = ap.parse_args(argv)
@@ -124,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
 
     runtime_dir = Path(args.runtime_dir) if args.runtime_dir else default_runtime_dir()
     endpoint = args.broker or ipc_endpoint(runtime_dir, WORKER_SOCKET_NAME)
+    curve = (args.curve_key, args.curve_server_key) if args.curve_key and args.curve_server_key else None
     ctx = zmq.Context()
-    sock = connect(ctx, endpoint, args.id)
+    sock = connect(ctx, endpoint, args.id, curve)
     try:
         validate_model_id(args.id)
         options = parse_load_options(json.loads(args.options))
@@ -163,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         # Whether warm greedy output is bit-identical to cold (options.py ``exact``, README).
         "exact": options.exact,
     }
-    heartbeat = Heartbeat(ctx, endpoint, args.id)
+    heartbeat = Heartbeat(ctx, endpoint, args.id, curve)
     heartbeat.start()
     service = WorkerService(args.id, backend, options, sock, heartbeat, info, cache, markers, refingerprint)
+    service.supervised = bool(args.parent_pid)
     try:
         service.run()
     finally:

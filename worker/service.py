@@ -17,6 +17,7 @@ from typing import Any
 import zmq
 
 from erllama import protocol
+from erllama.curve import curve_client
 from erllama.options import LoadOptions
 from erllama.protocol import (
     HEARTBEAT_INTERVAL_S,
@@ -153,6 +154,7 @@ class WorkerService:
             Error: self._refused,
         }
         self.stopping = False
+        self.supervised = False  # spawned by a supervisor (an erllama-host): stop when the broker restarts
         self.refused = False
         self.bad_messages = 0
         self._reported_phase = self.scheduler.phase
@@ -210,9 +212,14 @@ class WorkerService:
 
     def _register_again(self) -> None:
         """A new broker does not know our requests (their clients were the old broker's) and reuses
-        request ids: end them all, then introduce ourselves."""
+        request ids: end them all, then introduce ourselves. A worker with a supervisor (an erllama-host
+        spawned it) stops instead: its host joins the new broker afresh, and the broker places it again."""
         self.heartbeat.broker_restarted.clear()
         self.scheduler.cancel_all()
+        if self.supervised:
+            log.warning("the broker restarted; stopping (our host joins it again)")
+            self.stopping = True
+            return
         self.announce()
 
     def _drain(self) -> None:
@@ -273,10 +280,15 @@ class WorkerService:
         self.emitter.reply(msg.rid, OpResult(rid=msg.rid, result=result))
 
 
-def connect(ctx: zmq.Context, endpoint: str, model_id: str) -> zmq.Socket:
+def connect(
+    ctx: zmq.Context, endpoint: str, model_id: str, curve: tuple[str, str] | None = None
+) -> zmq.Socket:
     """A DEALER to the broker's worker socket. The routing id carries the pid so a restarted
-    worker of the same model is a new peer, never confused with the dead one."""
+    worker of the same model is a new peer, never confused with the dead one. ``curve``: (our key
+    file, the broker's public key file), for a worker a host spawned, which reaches the broker over tcp."""
     identity = f"w:{model_id}:{os.getpid()}".encode()
     sock = make_socket(ctx, zmq.DEALER, protocol.MAX_WORKER_FRAME_BYTES, identity=identity)
+    if curve is not None:
+        curve_client(sock, *curve)
     sock.connect(endpoint)
     return sock

@@ -4,6 +4,7 @@
 - ``params``: ``SamplingParams``, the per-request parameters (validated where they are decoded);
 - ``messages``: client <-> broker <-> worker messages and the final ``CompletionResult``;
 - ``cache``: requests to the cache store and its replies;
+- ``hosts``: broker <-> ``erllama-host`` (join, heartbeats, placing and stopping workers, drain);
 - ``codec``: ``encode`` and the one typed ``Decoder`` per socket (a typed ``protocol_error`` otherwise).
 
 Every message is one msgpack map in one ZeroMQ frame (the cache store's inline fallback may append a raw
@@ -13,5 +14,6 @@ payload frame) with a protocol version ``v`` and a type ``t``. Nothing here impo
 from erllama.protocol.cache import *
 from erllama.protocol.codec import *
 from erllama.protocol.codes import *
+from erllama.protocol.hosts import *
 from erllama.protocol.messages import *
 from erllama.protocol.params import *

@@ -15,7 +15,15 @@ from typing import Any, Generic, TypeVar, cast, get_args
 import msgspec
 
 from erllama.protocol.cache import CacheReply, CacheRequest
-from erllama.protocol.codes import PROTOCOL_VERSION, CacheMsgType, ErllamaError, ErrorCode, MsgType
+from erllama.protocol.codes import (
+    PROTOCOL_VERSION,
+    CacheMsgType,
+    ErllamaError,
+    ErrorCode,
+    HostMsgType,
+    MsgType,
+)
+from erllama.protocol.hosts import HostCommand, HostMessage
 from erllama.protocol.messages import (
     MISSING_VERSION,
     BrokerHeartbeat,
@@ -33,7 +41,11 @@ M = TypeVar("M", bound=Message)
 # What decoding hostile bytes can raise: msgspec's own errors, our ext_hook's ValueError, and
 # RecursionError for containers nested past the interpreter's limit.
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError)
-KNOWN_TYPES = frozenset(t.value for t in MsgType) | frozenset(t.value for t in CacheMsgType)
+KNOWN_TYPES = (
+    frozenset(t.value for t in MsgType)
+    | frozenset(t.value for t in CacheMsgType)
+    | frozenset(t.value for t in HostMsgType)
+)
 
 _encode = msgspec.msgpack.Encoder().encode
 
@@ -129,6 +141,16 @@ def worker_command_decoder() -> Decoder[WorkerCommand]:
 def broker_heartbeat_decoder() -> Decoder[BrokerHeartbeat]:
     """A worker's heartbeat socket."""
     return Decoder(BrokerHeartbeat)
+
+
+def host_message_decoder() -> Decoder[HostMessage]:
+    """The broker's host socket."""
+    return Decoder(HostMessage)
+
+
+def host_command_decoder() -> Decoder[HostCommand]:
+    """A host's socket to the broker."""
+    return Decoder(HostCommand)
 
 
 def cache_request_decoder() -> Decoder[CacheRequest]:

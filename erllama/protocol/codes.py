@@ -33,6 +33,9 @@ WORKER_SILENCE_TIMEOUT_S: Final = 10.0
 # tick is one llama_decode of at most n_batch tokens: seconds on a CPU, never minutes.
 WORKER_STALL_TIMEOUT_S: Final = 120.0
 BROKER_SILENCE_TIMEOUT_S: Final = 10.0
+# A host (erllama-host) beats every HEARTBEAT_INTERVAL_S from its own loop, which never blocks on a
+# model: five missed beats is a dead host (process gone, machine down, or the network between us cut).
+HOST_SILENCE_TIMEOUT_S: Final = 5.0
 MODEL_LOAD_TIMEOUT_S: Final = 300.0
 DEFAULT_REQUEST_TIMEOUT_S: Final = 600.0
 
@@ -62,6 +65,9 @@ class ErrorCode(enum.StrEnum):
     NOT_SUPPORTED = "not_supported"
     NO_GPU = "no_gpu"
     UNSUPPORTED_MODEL = "unsupported_model"  # a model kind erllama cannot serve (encoder-decoder, diffusion)
+    HOST_NOT_FOUND = "host_not_found"  # load_model(host=...) names a host that has not joined
+    HOST_DOWN = "host_down"  # the model's host is dead, draining or gone: the model is unavailable
+    HOST_REFUSED = "host_refused"  # a host's join was refused (unknown key, no CURVE, a name in use)
     INTERNAL = "internal"
     # cache store
     NOT_FOUND = "not_found"
@@ -98,6 +104,7 @@ class MsgType(enum.StrEnum):
     CACHED_PREFIX_LEN = "cached_prefix_len"  # answered by the cache store, no worker hop
     VRAM_INFO = "vram_info"  # answered by the broker (pynvml); no_gpu without one
     PING = "ping"
+    LIST_HOSTS = "list_hosts"  # the host table: resources, state, heartbeat age
     # broker -> client (TOKEN, DONE, ERROR also flow worker -> broker)
     OK = "ok"
     TOKEN = "tok"
@@ -144,6 +151,32 @@ class ModelState(enum.StrEnum):
     RESTARTING = "restarting"
     FAILED = "failed"
     UNLOADING = "unloading"
+    DRAINING = "draining"  # its host drains: accepted requests finish, new ones are refused
+    UNAVAILABLE = "unavailable"  # its host is dead or gone; placed again when the host joins again
+
+
+class HostMsgType(enum.StrEnum):
+    """Message types between the broker and an ``erllama-host``."""
+
+    # host -> broker
+    JOIN = "host_join"
+    BEAT = "host_beat"
+    SPAWNED = "host_spawned"  # a worker process started for a placement (its pid)
+    EXITED = "host_exited"  # a worker process ended (exit status or signal, stderr tail)
+    DRAIN = "host_drain"  # SIGTERM: no new placements; the host leaves once its workers are gone
+    LEAVE = "host_leave"
+    # broker -> host
+    WELCOME = "host_welcome"
+    SPAWN = "host_spawn"
+    STOP = "host_stop"
+
+
+class HostState(enum.StrEnum):
+    JOINING = "joining"  # joined; not yet reported its cache store up
+    UP = "up"
+    DRAINING = "draining"
+    LEFT = "left"
+    DEAD = "dead"  # silent for HOST_SILENCE_TIMEOUT_S
 
 
 class FinishReason(enum.StrEnum):

@@ -111,8 +111,9 @@ class Cancel(Message, frozen=True, tag=MsgType.CANCEL.value):
 class LoadModel(Message, frozen=True, tag=MsgType.LOAD_MODEL.value):
     id: Id
     model: Id
-    path: str | None = None
+    path: str | None = None  # on ``host``, a path on that machine
     options: dict[str, Any] = {}
+    host: Id | None = None  # the joined host to run the worker on; None: the broker's own machine
 
 
 class UnloadModel(Message, frozen=True, tag=MsgType.UNLOAD_MODEL.value):
@@ -154,6 +155,10 @@ class VramInfo(Message, frozen=True, tag=MsgType.VRAM_INFO.value):
 
 
 class Ping(Message, frozen=True, tag=MsgType.PING.value):
+    id: Id
+
+
+class ListHosts(Message, frozen=True, tag=MsgType.LIST_HOSTS.value):
     id: Id
 
 
@@ -337,6 +342,7 @@ ClientRequest = (
     | CachedPrefixLen
     | VramInfo
     | Ping
+    | ListHosts
 )
 ClientEvent = Reply | StreamTokens | StreamSpanEnd | StreamDone | ErrorReply
 # What one request's route receives: a ``StreamTokens`` is split into its steps by the client.

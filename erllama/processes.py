@@ -1,10 +1,12 @@
-"""Child processes the broker watches (the workers and the cache store): spawning, stderr, exit details.
+"""Child processes a supervisor watches (the workers and the cache store): spawning, stderr, exit details.
 
-The broker is the parent of the workers it spawns, so it learns of a death from the kernel
-(a pidfd becomes readable) rather than from a missed heartbeat: a ``GGML_ASSERT`` abort is
-seen within one poll. Each worker's stderr is a pipe the broker reads without blocking; the
-lines are passed through to the broker's own stderr and the tail is kept for crash reports.
-Operator-started workers have no pidfd; their death or hang shows as silence.
+One supervision code for every machine: the broker (for its own machine) and each ``erllama-host``
+(for the machine it runs on) spawn workers and their cache store through these functions. The parent
+learns of a death from the kernel (a pidfd becomes readable) rather than from a missed heartbeat: a
+``GGML_ASSERT`` abort is seen within one poll. Each child's stderr is a pipe read without blocking; the
+lines are passed through to the parent's own stderr and the tail is kept for crash reports.
+Operator-started workers have no pidfd; their death or hang shows as silence. A worker placed on
+another host is known to the broker by ``host`` and pid only: that host's supervisor watches it.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
+
+import zmq
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +122,44 @@ class WorkerProcess(ChildProcess):
     progress: int = 0
     progress_changed_s: float = field(default_factory=time.monotonic)
     busy: bool = False
+    host: str | None = None  # the host whose supervisor runs it; None: this machine (or an operator)
 
     @property
     def model_id(self) -> str:
         return self.name
+
+
+@dataclass(slots=True)
+class FdWatch:
+    """The pidfds and stderr pipes of a supervisor's children, registered with its poller."""
+
+    poller: zmq.Poller
+    fds: dict[int, ChildProcess] = field(default_factory=dict)
+
+    def watch(self, child: ChildProcess) -> None:
+        for fd in (child.pidfd, child.stderr_fd):
+            self.fds[fd] = child
+            self.poller.register(fd, zmq.POLLIN)
+
+    def unwatch(self, child: ChildProcess) -> None:
+        """Stop watching ``child`` (after reading what is left of its stderr)."""
+        if child.stderr_fd >= 0:
+            while child.read_stderr():
+                pass
+        for fd in (child.pidfd, child.stderr_fd):
+            if fd in self.fds:
+                self.poller.unregister(fd)
+                del self.fds[fd]
+
+    def on_fd(self, fd: int) -> ChildProcess | None:
+        """Pass its stderr through; returns the child if ``fd`` is its pidfd (it has ended)."""
+        child = self.fds[fd]
+        if fd == child.stderr_fd:
+            if not child.read_stderr():
+                self.poller.unregister(fd)
+                del self.fds[fd]
+            return None
+        return child
 
 
 def console_command(script: str, module: str) -> list[str]:
@@ -152,8 +190,10 @@ def spawn_worker(
     runtime_dir: Path,
     log_level: str,
     cachestore: str | None,
+    curve: tuple[str, str] | None = None,
 ) -> WorkerProcess:
-    """Start a worker process; the caller polls its pidfd and stderr."""
+    """Start a worker process; the caller polls its pidfd and stderr. ``curve``: (this machine's key file
+    with its secret, the broker's public key file) for a worker that reaches the broker over tcp."""
     cmd = console_command("erllama-worker", "erllama.worker.main") + [
         "--id",
         model_id,
@@ -171,6 +211,8 @@ def spawn_worker(
     if model_path:
         cmd += ["--model", model_path]
     cmd += ["--cachestore", cachestore] if cachestore else ["--no-cache"]
+    if curve is not None:
+        cmd += ["--curve-key", curve[0], "--curve-server-key", curve[1]]
     proc, pidfd, stderr_fd = _popen(cmd)
     log.info("spawned worker for %s: pid %d", model_id, proc.pid)
     return WorkerProcess(name=model_id, pid=proc.pid, proc=proc, pidfd=pidfd, stderr_fd=stderr_fd)
