@@ -77,7 +77,12 @@ def test_every_reuse_path_on_every_memory_kind_generates_what_a_cold_reference_r
         assert after["cache"]["restores_refused"] == 0
 
 
-def test_gemma3_past_its_sliding_window_serves_warm_requests_exactly() -> None:
+# Each prompt runs every reuse path past Gemma 3's window (~35 s per prompt on 2 cores): a few in the
+# default suite, many more behind ``-m slow``; different seeds, so the slow run adds new prompts.
+@pytest.mark.parametrize(
+    ("n_prompts", "seed"), [(5, 3), pytest.param(20, 11, marks=pytest.mark.slow)], ids=["default", "many"]
+)
+def test_gemma3_past_its_sliding_window_serves_warm_requests_exactly(n_prompts: int, seed: int) -> None:
     """The issue's case: a prompt, a reply, and the same prompt again, where prompt + reply pass the
     512-token window (a restored row keeps only the window), then every other path."""
     path = gemma3_270m_path()
@@ -85,9 +90,9 @@ def test_gemma3_past_its_sliding_window_serves_warm_requests_exactly() -> None:
     with serving("erl-g-", MODEL, model_path=path, **OPTIONS | {"n_ctx": 2048, "n_seq_max": 2}) as bp:
         c = bp.client(timeout_s=300)
         assert c.model_info(MODEL)["memory"] == "swa"
-        run = Exactness(c, MODEL, reference, seed=3, n_gen=6, long_reply=64)
-        run.run(10, words=(430, 480))
-        check_paths(run, 10, "swa")
+        run = Exactness(c, MODEL, reference, seed=seed, n_gen=6, long_reply=64)
+        run.run(n_prompts, words=(430, 480))
+        check_paths(run, n_prompts, "swa")
         assert c.model_info(MODEL)["cache"]["restores_refused"] == 0
 
 

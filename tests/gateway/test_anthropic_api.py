@@ -239,7 +239,11 @@ def test_a_full_queue_is_a_529_overloaded_error(ant: anthropic.Anthropic, erl: C
 
 def test_a_worker_crash_mid_stream_is_an_error_event(ant: anthropic.Anthropic, erl: Client):
     stream = ant.messages.create(
-        model=SPARE_MODEL, messages=[{"role": "user", "content": COUNTING}], max_tokens=400, stream=True
+        model=SPARE_MODEL,
+        messages=[{"role": "user", "content": COUNTING}],
+        max_tokens=400,
+        stream=True,
+        extra_body=GREEDY,  # greedy, it counts on to its 400 tokens; sampled, it may end at once
     )
     started = threading.Event()
 

@@ -115,7 +115,9 @@ def _spare_worker_dies_mid_request(erl: Client, started: threading.Event) -> Non
 
 
 def test_a_worker_crash_mid_stream_is_an_error_event_then_done(oai: openai.OpenAI, erl: Client):
-    stream = oai.completions.create(model=SPARE_MODEL, prompt=COUNTING, max_tokens=400, stream=True)
+    stream = oai.completions.create(
+        model=SPARE_MODEL, prompt=COUNTING, max_tokens=400, stream=True, temperature=0
+    )  # greedy, it counts on to its 400 tokens; sampled, it may end at once
     started = threading.Event()
     killer = threading.Thread(target=_spare_worker_dies_mid_request, args=(erl, started))
     killer.start()
@@ -134,7 +136,7 @@ def test_a_worker_crash_before_the_reply_is_a_503_with_retry_after(gateway: Gate
     killer.start()
     r = httpx.post(
         f"{gateway.url}/v1/completions",
-        json={"model": SPARE_MODEL, "prompt": COUNTING, "max_tokens": 400},
+        json={"model": SPARE_MODEL, "prompt": COUNTING, "max_tokens": 400, "temperature": 0},
         headers=auth(),
         timeout=120,
     )
@@ -145,7 +147,7 @@ def test_a_worker_crash_before_the_reply_is_a_503_with_retry_after(gateway: Gate
 
 
 def test_a_client_that_leaves_a_stream_cancels_its_request(gateway: GatewayProcess, erl: Client):
-    body = {"model": MODEL, "prompt": COUNTING, "max_tokens": 1000, "stream": True}
+    body = {"model": MODEL, "prompt": COUNTING, "max_tokens": 1000, "stream": True, "temperature": 0}
     with httpx.stream("POST", f"{gateway.url}/v1/completions", json=body, headers=auth(), timeout=120) as r:
         for line in r.iter_lines():
             if line.startswith("data:"):
@@ -155,7 +157,7 @@ def test_a_client_that_leaves_a_stream_cancels_its_request(gateway: GatewayProce
 
 
 def test_a_client_that_leaves_before_a_plain_reply_cancels_its_request(gateway: GatewayProcess, erl: Client):
-    body = json.dumps({"model": MODEL, "prompt": COUNTING, "max_tokens": 1000}).encode()
+    body = json.dumps({"model": MODEL, "prompt": COUNTING, "max_tokens": 1000, "temperature": 0}).encode()
     host, port = gateway.url.removeprefix("http://").split(":")
     head = (
         f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
