@@ -23,6 +23,7 @@ import pytest
 from erllama import Client, ErllamaError, InferStream
 from erllama.protocol import DEFAULT_MODEL_ID
 from erllama.transport import CLIENT_SOCKET_NAME, ipc_endpoint
+from tests.redis_support import RedisServer
 
 T = TypeVar("T")
 BROKER_START_TIMEOUT_S = 30.0
@@ -184,6 +185,16 @@ def memory_model() -> Callable[[str], Path]:
     from tests.memory_models import memory_model_path
 
     return memory_model_path
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real ``redis-server`` of its own (password, ``maxmemory``, ``allkeys-lru``), killed after."""
+    server = RedisServer(tmp_path).start()
+    try:
+        yield server
+    finally:
+        server.kill()
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@ environment: the store uses the server, and the password is not on any command l
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -15,15 +13,6 @@ from erllama.protocol import ErllamaError
 from erllama.transport import CACHESTORE_SOCKET_NAME, ipc_endpoint
 from tests.conftest import BrokerProcess, remove_runtime, short_tmpdir, start_broker, wait_for
 from tests.redis_support import PASSWORD, RedisServer
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path).start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def shared_state(bp: BrokerProcess) -> dict[str, Any]:

@@ -28,15 +28,6 @@ WAIT_S = 60.0  # a bound on waiting for background work, not a performance asser
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path).start()
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
-@pytest.fixture
 def daemons() -> Iterator[list[Daemon]]:
     """Daemons on private directories (each its own runtime, shm and disk), killed after the test."""
     made: list[Daemon] = []

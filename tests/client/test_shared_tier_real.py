@@ -4,11 +4,7 @@ without a prefill, and generates what the cold run generated."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from erllama.cachestore.client import CacheClient
 from erllama.transport import CACHESTORE_SOCKET_NAME, ipc_endpoint
@@ -30,15 +26,6 @@ PROMPT = (
     "She traced the northern road with one finger and said that the pass would be closed by snow"
 )
 N_GEN = 16
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path).start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 def store_stats(bp: BrokerProcess) -> dict[str, Any]:
