@@ -10,7 +10,6 @@ at the broker's request through ``HostSide``; the timers here apply to it as to 
 from __future__ import annotations
 
 import logging
-import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -213,12 +212,7 @@ class Supervisor:
         cs = self.cachestore
         if cs is None or cs.proc is None:
             return
-        cs.terminate()
-        try:
-            cs.proc.wait(timeout=TERMINATE_GRACE_S + 5)
-        except subprocess.TimeoutExpired:
-            cs.kill()
-            cs.proc.wait()
+        cs.stop(TERMINATE_GRACE_S + 5)
         self._unwatch(cs)
         cs.close_fds()
         self.cachestore = None

@@ -106,6 +106,17 @@ class ChildProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
 
+    def stop(self, grace_s: float) -> None:
+        """SIGTERM, wait up to ``grace_s``, then SIGKILL; returns once the process has exited."""
+        if self.proc is None:
+            return
+        self.terminate()
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self.proc.wait()
+
     def close_fds(self) -> None:
         for fd in (self.pidfd, self.stderr_fd):
             if fd >= 0:

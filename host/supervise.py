@@ -154,12 +154,7 @@ class HostSupervisor:
         cs = self.cachestore
         if cs is None or cs.proc is None:
             return
-        cs.terminate()
-        try:
-            cs.proc.wait(timeout=TERMINATE_GRACE_S + 5)
-        except subprocess.TimeoutExpired:
-            cs.kill()
-            cs.proc.wait()
+        cs.stop(TERMINATE_GRACE_S + 5)
         self.watcher.unwatch(cs)
         cs.close_fds()
         self.cachestore = None
