@@ -19,7 +19,7 @@ from zmq.utils.monitor import parse_monitor_message
 from erllama import protocol
 from erllama.broker.hosttable import HostEntry
 from erllama.broker.queues import QueueTotals
-from erllama.broker.registry import ModelEntry
+from erllama.broker.registry import ModelEntry, Replica
 from erllama.curve import HOSTS_ZAP_DOMAIN, CurveServer
 from erllama.protocol import (
     HOST_SILENCE_TIMEOUT_S,
@@ -98,12 +98,15 @@ class HostSide:
         host = self.hosts.get(name)
         return host if host is not None and host.state is HostState.UP else None
 
-    def spawn(self, entry: ModelEntry) -> bool:
-        """Ask the model's host to start its worker; False if the host is not up to take it."""
-        host = self.up(entry.host or "")
+    def spawn(self, entry: ModelEntry, replica: Replica) -> bool:
+        """Ask the replica's host to start its worker; False if the host is not up to take it."""
+        host = self.up(replica.host or "")
         if host is None:
             return False
-        return self._send(host, SpawnWorker(model=entry.model_id, path=entry.path, options=entry.options))
+        spawn = SpawnWorker(
+            model=entry.model_id, path=entry.path, options=entry.options, replica=replica.index
+        )
+        return self._send(host, spawn)
 
     def stop(self, name: str, model_id: str, pid: int) -> None:
         """SIGKILL a worker on its host (one the broker gave up on); its exit is reported as usual."""
@@ -114,8 +117,9 @@ class HostSide:
     def describe(self) -> list[dict[str, Any]]:
         placed: dict[str, list[str]] = {}
         for e in self.models.values():
-            if e.host is not None:
-                placed.setdefault(e.host, []).append(e.model_id)
+            for host in e.hosts:
+                if host is not None:
+                    placed.setdefault(host, []).append(e.model_id)
         return [h.describe(placed.get(h.name, [])) for h in self.hosts.values()]
 
     def _send(self, host: HostEntry, msg: Message) -> bool:

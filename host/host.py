@@ -209,7 +209,7 @@ class Host:
             self.link.send(WorkerExited(model=msg.model, pid=0, detail={"refused": reason}))
             return
         try:
-            wp = self.sup.spawn(msg.model, msg.path, msg.options, self.worker_port)
+            wp = self.sup.spawn(msg.model, msg.path, msg.options, self.worker_port, msg.replica)
         except OSError as exc:
             self.link.send(WorkerExited(model=msg.model, pid=0, detail={"spawn_failed": str(exc)}))
             return

@@ -97,6 +97,7 @@ class SpawnWorker(Message, frozen=True, tag=HostMsgType.SPAWN.value):
     model: Id
     path: str | None
     options: dict[str, Any]
+    replica: int = 0  # which of the model's replicas (a host runs at most one of each model)
 
 
 class StopWorker(Message, frozen=True, tag=HostMsgType.STOP.value):
