@@ -237,11 +237,17 @@ class Models:
     # --- a registered worker, and the end of one -----------------------------------------------------------
 
     def ready(self, entry: ModelEntry, replica: Replica) -> None:
+        self.answer_loaders(entry)
+        self._send_held_calls(entry)
+        self.requests.dispatch(entry)
+
+    def answer_loaders(self, entry: ModelEntry) -> None:
+        """A load is answered once no replica is still loading (requests are served from the first)."""
+        if any(r.state is ModelState.LOADING for r in entry.replicas):
+            return
         for w in entry.load_waiters:
             self.front.answer(w, entry.describe())
         entry.load_waiters.clear()
-        self._send_held_calls(entry)
-        self.requests.dispatch(entry)
 
     def worker_exited(self, wp: WorkerProcess, detail: dict[str, Any]) -> None:
         """Decide a replica's future after its worker ended: forgotten (unloading, shutting down), failed
@@ -290,6 +296,7 @@ class Models:
         replica.last_error = {"code": code, "message": message}
         log.error("loading %s (replica %d) failed: %s", entry.model_id, replica.index, message)
         if entry.state is not ModelState.FAILED:
+            self.answer_loaders(entry)  # the others serve; model_info shows this one failed
             return
         err = ErllamaError(code, message, detail)
         for w in entry.load_waiters:

@@ -129,6 +129,7 @@ class Placement:
             replica.host,
         )
         if entry.state is not ModelState.UNAVAILABLE:
+            self.models.answer_loaders(entry)
             self.requests.dispatch(entry)
             return
         err = host_down(entry)

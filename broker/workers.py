@@ -200,7 +200,7 @@ class WorkerSide:
             self.front.answer(call[0], msg.result)
 
     def _on_admitted(self, entry: ModelEntry, replica: Replica, msg: Admitted) -> None:
-        hit = {"kind": msg.cache_hit_kind.value, "prefix_len": msg.prefix_len, "replica": replica.index}
+        hit = {"kind": msg.cache_hit_kind.value, "prefix_len": msg.prefix_len}
         entry.queue.last_cache_hit = replica.last_cache_hit = hit
 
     def _on_heartbeat(self, identity: bytes, msg: Heartbeat, sock: zmq.Socket) -> None:
