@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from erllama.protocol.codes import HostMsgType
+from erllama.protocol.kvevents import KvEventBatch
 from erllama.protocol.messages import Error, Id, Message
 
 
@@ -60,6 +61,7 @@ class HostBeat(Message, frozen=True, tag=HostMsgType.BEAT.value):
     resources: HostResources
     workers: list[HostWorker] = msgspec.field(default_factory=list)
     cachestore_up: bool = False
+    kv: KvEventBatch | None = None  # the store's KV events since the last beat (``kvevents``)
 
 
 class WorkerSpawned(Message, frozen=True, tag=HostMsgType.SPAWNED.value):
@@ -106,5 +108,11 @@ class StopWorker(Message, frozen=True, tag=HostMsgType.STOP.value):
     pid: int
 
 
+class HostKvResync(Message, frozen=True, tag=HostMsgType.KV_RESYNC.value):
+    """The broker's index of our store's rows has a gap: read the store from a snapshot again."""
+
+    name: Id
+
+
 HostMessage = HostJoin | HostBeat | WorkerSpawned | WorkerExited | HostDrain | HostLeave
-HostCommand = HostWelcome | SpawnWorker | StopWorker | Error
+HostCommand = HostWelcome | SpawnWorker | StopWorker | HostKvResync | Error
