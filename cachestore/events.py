@@ -22,14 +22,21 @@ from erllama.protocol import CacheKvEvents, CacheTier, KvEvent, KvEventBatch, Kv
 
 MAX_KV_RING_EVENTS: Final = 8192
 MAX_KV_BATCH_EVENTS: Final = 4096
-# 8-9 bytes each on the wire: a batch stays well under MAX_CACHE_CONTROL_BYTES (a beat carries one).
-MAX_KV_BATCH_BLOCKS: Final = 32768
+# What a batch may take on the wire (estimated): well under MAX_CACHE_CONTROL_BYTES, for a beat carries one.
+MAX_KV_BATCH_BYTES: Final = 384 * 1024
+_EVENT_OVERHEAD_BYTES: Final = 24  # the array, kind, n_tokens, tiers
+_BLOCK_BYTES: Final = 9  # a msgpack uint64
 MAX_KEPT_SNAPSHOTS: Final = 4  # snapshots in parts kept for readers still fetching them
 
 
 def publisher_id() -> str:
     """A new publisher id: one per daemon start, so that a reader tells a restarted store."""
     return uuid.uuid4().hex[:12]
+
+
+def wire_bytes(fingerprint: bytes, blocks: list[int]) -> int:
+    """About what one event takes in a batch's msgpack (an upper bound)."""
+    return _EVENT_OVERHEAD_BYTES + len(fingerprint) + _BLOCK_BYTES * len(blocks)
 
 
 class KvEventLog:
@@ -76,12 +83,12 @@ class KvEventLog:
 
     def _events_after(self, since_seq: int) -> KvEventBatch:
         events: list[KvEvent] = []
-        last, blocks = since_seq, 0
+        last, nbytes = since_seq, 0
         if since_seq < self.seq:
             start = since_seq + 1 - self._ring[0][0]
             for seq, event in itertools.islice(self._ring, start, None):
-                blocks += len(event.blocks)
-                if events and (len(events) >= MAX_KV_BATCH_EVENTS or blocks > MAX_KV_BATCH_BLOCKS):
+                nbytes += wire_bytes(event.fingerprint, event.blocks)
+                if events and (len(events) >= MAX_KV_BATCH_EVENTS or nbytes > MAX_KV_BATCH_BYTES):
                     break
                 events.append(event)
                 last = seq
@@ -89,16 +96,17 @@ class KvEventLog:
 
     def _snapshot(self, rows: Iterable[RowEntry]) -> KvEventBatch:
         parts: list[list[KvEvent]] = [[]]
-        blocks = 0
+        nbytes = 0
         for entry in rows:
             if not entry.blocks:
                 continue
             part = parts[-1]
-            blocks += len(entry.blocks)
-            if part and (len(part) >= MAX_KV_BATCH_EVENTS or blocks > MAX_KV_BATCH_BLOCKS):
+            size = wire_bytes(entry.fingerprint, entry.blocks)
+            nbytes += size
+            if part and (len(part) >= MAX_KV_BATCH_EVENTS or nbytes > MAX_KV_BATCH_BYTES):
                 part = []
                 parts.append(part)
-                blocks = len(entry.blocks)
+                nbytes = size
             part.append(
                 KvEvent(KvEventKind.STORED, entry.fingerprint, entry.blocks, entry.n_tokens, entry.tier)
             )

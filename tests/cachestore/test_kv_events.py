@@ -3,8 +3,10 @@ a reader that fell behind or knew an earlier daemon gets a snapshot; batches are
 
 from __future__ import annotations
 
+import msgspec
+
 from erllama.blockhash import KV_BLOCK_TOKENS, block_hashes
-from erllama.cachestore.events import MAX_KV_BATCH_EVENTS, KvEventCursor, KvEventLog
+from erllama.cachestore.events import MAX_KV_BATCH_BYTES, MAX_KV_BATCH_EVENTS, KvEventCursor, KvEventLog
 from erllama.cachestore.index import RowEntry
 from erllama.protocol import CacheKvEvents, CacheTier, KvEventBatch, KvEventKind, SaveOutcome, SaveReason
 from tests.cachestore.cachestore_support import Daemon, payload_for
@@ -151,6 +153,7 @@ def test_batches_and_snapshots_are_bounded_and_a_snapshot_comes_in_consistent_pa
     after = ask(log, fresh, rows[1:])
     assert not after.snapshot and [e.kind for e in after.events] == [KvEventKind.REMOVED]
 
-    big = [entry(i, blocks=1000) for i in range(40)]  # 40,000 blocks: over the per-batch block budget
+    big = [entry(i, blocks=1000) for i in range(80)]  # 80,000 blocks: over the per-batch byte budget
     snap = log.batch(CacheKvEvents(rid=0), big)
-    assert snap.parts == 2 and 0 < len(snap.events) < 40
+    assert snap.parts > 1 and 0 < len(snap.events) < 80
+    assert len(msgspec.msgpack.encode(snap)) <= MAX_KV_BATCH_BYTES
