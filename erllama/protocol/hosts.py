@@ -7,7 +7,8 @@ and reports the pid (``WorkerSpawned``) and later the end (``WorkerExited``) fro
 On SIGTERM the host drains (``HostDrain``): no new placements, the broker lets the host's models finish
 what they accepted and stops their workers, then the host leaves (``HostLeave``). A refused or unknown
 host gets ``Error`` with ``host_refused`` (or ``host_down`` to a host the broker declared dead, which
-then joins again).
+then joins again). Beats carry the host's cache store's KV events (``kvevents``); when they leave a gap
+the broker asks for a snapshot (``HostKvResync``).
 """
 
 from __future__ import annotations
