@@ -30,6 +30,7 @@ from erllama.broker.cachequery import MAX_TOKEN_ID, CacheQueries
 from erllama.broker.config import BrokerConfig
 from erllama.broker.front import FrontEnd
 from erllama.broker.hosts import HostSide
+from erllama.broker.kvindex import KvIndex
 from erllama.broker.lifecycle import Requests
 from erllama.broker.models import Models
 from erllama.broker.placement import Placement
@@ -94,9 +95,12 @@ class Broker:
         self.models = Models(
             cfg, self.table, self.front, self.requests, self.workers, self.supervisor, self.totals, rids
         )
+        self.kv_index = KvIndex()  # which store holds which prefix blocks, from their KV events
+        self.router.index = self.kv_index
         self.cache: CacheQueries | None = None
         if cfg.cachestore_endpoint:
             self.cache = CacheQueries(self.ctx, cfg.cachestore_endpoint, self.front, rids)
+            self.cache.on_kv_events = self.kv_index.apply
         self.pressure: PressureWatcher | None = None
         self.hosts: HostSide | None = None
         self.placement: Placement | None = None
@@ -105,6 +109,8 @@ class Broker:
                 self.ctx, self.curve, cfg.hosts, cfg.host_workers, self.table, self.totals, instance
             )
             self.supervisor.hosts = self.hosts
+            self.hosts.on_kv_events = lambda host, batch: self.kv_index.apply(host.name, batch)
+            self.hosts.on_kv_lost = lambda host: self.kv_index.drop(host.name)
             self.placement = Placement(
                 self.table, self.hosts, self.models, self.requests, self.workers, self.supervisor
             )
@@ -145,6 +151,7 @@ class Broker:
             "pressure": self.pressure.status() if self.pressure else None,
             "hosts": len(self.hosts.hosts) if self.hosts else 0,
             "routing": dict(self.router.decisions),
+            "kv_index": self.kv_index.describe(),
             # joins refused at the handshake: an unknown key (ZAP), or no CURVE at all (a monitor)
             "hosts_refused": (self.hosts.refused + self.curve.hosts.refused)
             if self.hosts and self.curve
@@ -203,6 +210,7 @@ class Broker:
         now = time.monotonic()
         if self.cache is not None:
             self.cache.timers(now)
+            self.cache.poll_kv_events(now)
         self.supervisor.cachestore_timers(now, self.cache)
         self.supervisor.timers(now)
         if self.hosts is not None and self.placement is not None:

@@ -28,10 +28,12 @@ from erllama.protocol import (
     HostBeat,
     HostDrain,
     HostJoin,
+    HostKvResync,
     HostLeave,
     HostMessage,
     HostState,
     HostWelcome,
+    KvEventBatch,
     Message,
     SpawnWorker,
     StopWorker,
@@ -81,6 +83,10 @@ class HostSide:
         self.on_lost: Callable[[HostEntry, dict[str, Any]], None] = lambda host, detail: None
         self.on_worker_spawned: Callable[[HostEntry, WorkerSpawned], None] = lambda host, msg: None
         self.on_worker_exited: Callable[[HostEntry, WorkerExited], None] = lambda host, msg: None
+        # A beat's KV events for the routing index (``KvIndex.apply``): False means a gap, and the host
+        # is asked to send a snapshot (``resync``). ``on_kv_lost``: forget a dead or departed host's.
+        self.on_kv_events: Callable[[HostEntry, KvEventBatch], bool] = lambda host, batch: True
+        self.on_kv_lost: Callable[[HostEntry], None] = lambda host: None
         self._decoder = protocol.host_message_decoder()
 
     def bind(self) -> None:
@@ -113,6 +119,11 @@ class HostSide:
         host = self.hosts.get(name)
         if host is not None and host.live:
             self._send(host, StopWorker(model=model_id, pid=pid))
+
+    def resync(self, host: HostEntry) -> None:
+        """Ask ``host`` to read its cache store's KV events from a snapshot again."""
+        if host.live:
+            self._send(host, HostKvResync(name=host.name))
 
     def describe(self) -> list[dict[str, Any]]:
         placed: dict[str, list[str]] = {}
@@ -212,6 +223,8 @@ class HostSide:
         host.resources = msg.resources
         host.workers = msg.workers
         host.cachestore_up = msg.cachestore_up
+        if msg.kv is not None and not self.on_kv_events(host, msg.kv):
+            self.resync(host)
         if host.state is HostState.JOINING and msg.cachestore_up:
             host.state = HostState.UP
             log.info("host %s is up", host.name)
@@ -248,4 +261,5 @@ class HostSide:
         host.state = state
         host.workers = []
         host.last_error = {"code": ErrorCode.HOST_DOWN.value, "detail": detail}
+        self.on_kv_lost(host)
         self.on_lost(host, detail)

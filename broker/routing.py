@@ -27,7 +27,6 @@ import itertools
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -120,11 +119,11 @@ class Router:
     def __init__(
         self,
         requests: dict[int, Request],
-        index: Callable[[], PrefixIndex | None] = lambda: None,
+        index: PrefixIndex | None = None,
         shared_tier: bool = False,
     ):
         self.requests = requests
-        self.index = index
+        self.index = index  # the cache stores' KV events (broker/kvindex.py)
         self.shared_tier = shared_tier
         self.live: dict[tuple[str, int], LiveBlocks] = {}  # (model, replica index) -> what it ran
         self.blocks: dict[int, list[int]] = {}  # rid -> its prompt's block hashes, computed once
@@ -225,9 +224,8 @@ class Router:
             if tokens > 0 and (have is None or tokens > have[0]):
                 found[index] = (tokens, tier)
 
-        index = self.index()
         fp = bytes.fromhex(entry.fingerprint or "")
-        by_source = index.match(fp, blocks) if index is not None else {}
+        by_source = self.index.match(fp, blocks) if self.index is not None else {}
         widest = max((n for n, _ in by_source.values()), default=0)
         for r in entry.replicas:
             live = self.live.get((entry.model_id, r.index))
