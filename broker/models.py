@@ -102,6 +102,7 @@ class Models:
             path = str(p)
         options = parse_load_options(msg.options).to_wire()
         self.create(model_id, path, options, Waiter(client, msg.id), places)
+        self.table[model_id].floating = msg.replicas is not None and any(places)
 
     def _places(self, msg: LoadModel) -> list[str | None]:
         """Where the model's replicas run: a host name each, None for the broker's own machine."""

@@ -67,6 +67,10 @@ class Placement:
                 log.info("placing %s (replica %d) on host %s again", entry.model_id, replica.index, host.name)
                 replica.state = ModelState.RESTARTING
                 self.supervisor.spawn(entry, replica)
+        for entry in list(self.table.values()):  # replicas placed by count that wait for any host
+            for replica in entry.replicas:
+                if entry.floating and replica.state is ModelState.UNAVAILABLE and replica.worker is None:
+                    self._move(entry, replica)
 
     def host_draining(self, host: HostEntry) -> None:
         for entry, replica in self.on(host):
@@ -111,6 +115,26 @@ class Placement:
                 and replica.state is not ModelState.UNAVAILABLE
             ):
                 self.unavailable(entry, replica)
+            if entry.floating and entry.model_id in self.table and replica.state is ModelState.UNAVAILABLE:
+                self._move(entry, replica)
+
+    def _move(self, entry: ModelEntry, replica: Replica) -> None:
+        """Place a replica that was placed by count on another host that is up and has none of the model."""
+        taken = set(entry.hosts)
+        free = [h for h in self.hosts.hosts.values() if self.hosts.up(h.name) and h.name not in taken]
+        if not free:
+            return  # it stays unavailable; it is placed again when its host comes back
+        target = max(free, key=lambda h: h.resources.memory_available_bytes)
+        log.info(
+            "moving %s replica %d from host %s to %s",
+            entry.model_id,
+            replica.index,
+            replica.host,
+            target.name,
+        )
+        replica.host = target.name
+        replica.state = ModelState.RESTARTING
+        self.supervisor.spawn(entry, replica)
 
     def unavailable(self, entry: ModelEntry, replica: Replica) -> None:
         """No host to run the replica on, until its host joins again; with no other replica left to serve,

@@ -122,6 +122,8 @@ class ModelEntry:
     replicas: list[Replica] = field(default_factory=list)
     spawned: bool = True  # False for a worker an operator started; the broker cannot respawn it
     unloading: bool = False
+    # placed by count (``replicas=N``), not on named hosts: a replica whose host is lost moves to another
+    floating: bool = False
     info: dict[str, Any] = field(default_factory=dict)  # what the first worker reported in ``ready``
     fingerprint: str | None = None  # the model's cache fingerprint (hex), from ``ready``
     memory: MemoryKind = MemoryKind.TRANSFORMER  # from ``ready``: which cached rows the model can use

@@ -102,3 +102,19 @@ def test_replicas_by_count_are_placed_on_the_hosts_that_are_up():
         with pytest.raises(ErllamaError) as exc:
             c.load_model("too-many", replicas=3, backend="stub", n_ctx=256)
         assert exc.value.code == "invalid_params" and exc.value.detail["hosts_up"]
+
+
+def test_a_replica_placed_by_count_moves_to_another_host_when_its_host_dies():
+    with cluster(("h1", "h2", "h3")) as cl:
+        procs = {name: cl.start_host(name, f"127.0.0.{i + 2}") for i, name in enumerate(("h1", "h2", "h3"))}
+        c = cl.client(timeout_s=60)
+        info = c.load_model("m", replicas=2, backend="stub", n_ctx=256)
+        placed = [r["host"] for r in info["replicas"]]
+        spare = ({"h1", "h2", "h3"} - set(placed)).pop()
+        procs[placed[0]].signal_group(signal.SIGKILL)
+        wait_for(lambda: cl.state_of(c, placed[0]) == "dead", 30, "its host declared dead")
+        moved = wait_for(
+            lambda: (r := c.model_info("m")["replicas"][0])["state"] == "ready" and r, 60, "replica moved"
+        )
+        assert moved["host"] == spare and c.model_info("m")["replicas"][1]["host"] == placed[1]
+        assert c.complete("m", "served after the move", max_tokens=3).finish_reason == "length"
