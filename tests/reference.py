@@ -11,6 +11,7 @@ reference's own logits.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,6 +102,39 @@ class ReferenceModel:
             out.append(tok)
             self.llm.eval([tok])
         return out, logits
+
+    def greedy_under_grammar(self, prompt: Sequence[int], n: int, grammar: str) -> list[int]:
+        """``n`` greedy tokens after ``prompt`` under ``grammar``, the way llama.cpp constrains them: the
+        grammar applied to the whole vocabulary at every step, then the first of the largest logits left."""
+        vocab = self.llm._model.vocab
+        sampler = llama_lowlevel.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+        n_vocab = self.llm.n_vocab()
+        cand = np.zeros(n_vocab, dtype=[("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+        out: list[int] = []
+        self.llm.reset()
+        self.llm.eval(list(prompt))
+        try:
+            for _ in range(n):
+                last = llama_lowlevel.llama_get_logits_ith(self.llm._ctx.ctx, -1)
+                cand["id"] = np.arange(n_vocab, dtype=np.int32)
+                cand["logit"] = np.ctypeslib.as_array(last, shape=(n_vocab,))
+                cand["p"] = 0.0
+                arr = llama_lowlevel.llama_token_data_array(
+                    data=cand.ctypes.data_as(ctypes.POINTER(llama_lowlevel.llama_token_data)),
+                    size=n_vocab,
+                    selected=-1,
+                    sorted=False,
+                )
+                llama_lowlevel.llama_sampler_apply(sampler, ctypes.byref(arr))
+                tok = int(np.argmax(cand["logit"]))
+                if llama_lowlevel.llama_vocab_is_eog(vocab, tok):
+                    break
+                llama_lowlevel.llama_sampler_accept(sampler, tok)
+                out.append(tok)
+                self.llm.eval([tok])
+        finally:
+            llama_lowlevel.llama_sampler_free(sampler)
+        return out
 
 
 def assert_identical(ours: Sequence[int], ref: Sequence[int], what: str = "") -> None:

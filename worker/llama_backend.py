@@ -89,13 +89,17 @@ class RequestSampler:
     """A request's sampler chain, and on demand a greedy chain for tool-call syntax that shares the
     same grammar and penalty samplers, so both paths see every token and the grammar's state."""
 
-    def __init__(self, chain: Any, shared: list[Any], argmax_only: bool):
+    def __init__(self, chain: Any, shared: list[Any], argmax_only: bool, grammar: Any, greedy_default: bool):
         self.chain = chain
         self.shared = shared
         self.greedy: Any = None
         # Greedy with nothing that reshapes the logits: the token is their argmax, read without the chain
         # (llama.cpp's greedy sampler would first build an n_vocab candidate array for it).
         self.argmax_only = argmax_only
+        # Greedy under a grammar and nothing else: the argmax is tried against the grammar alone first
+        # (``LlamaBackend.sample``); None when penalties also reshape the logits.
+        self.grammar = grammar
+        self.greedy_default = greedy_default  # temperature 0: every token is greedy
 
     def chain_for(self, greedy: bool) -> Any:
         if not greedy:
@@ -234,6 +238,7 @@ class LlamaBackend:
         self._embed_ctx: Any = None  # created on the first embed()
         self._piece_buf = ctypes.create_string_buffer(PIECE_BUFFER_BYTES)
         self._candidates = np.zeros(self.n_vocab, dtype=_TOKEN_DATA)  # reused for stored logits
+        self._one_candidate = np.zeros(1, dtype=_TOKEN_DATA)  # one token checked against a grammar
 
     # --- text ----------------------------------------------------------------------------------------------
 
@@ -326,9 +331,9 @@ class LlamaBackend:
                 stages.append(L.llama_sampler_init_min_p(params.min_p, 1))
             seed = L.LLAMA_DEFAULT_SEED if params.seed is None else params.seed
             stages += [L.llama_sampler_init_temp(params.temperature), L.llama_sampler_init_dist(seed)]
-        return RequestSampler(
-            _chain(shared + stages), shared, argmax_only=not shared and params.temperature <= 0.0
-        )
+        greedy = params.temperature <= 0.0
+        grammar_only = shared[0] if len(shared) == 1 and params.grammar is not None else None
+        return RequestSampler(_chain(shared + stages), shared, not shared and greedy, grammar_only, greedy)
 
     def sample(self, sampler: RequestSampler, logits: Logits, greedy: bool = False) -> int:
         if sampler.argmax_only:
@@ -337,6 +342,11 @@ class LlamaBackend:
                 return self.argmax(logits)
             return int(np.argmax(np.frombuffer(logits, dtype=np.float32, count=self.n_vocab)))
         chain = sampler.chain_for(greedy)
+        if sampler.grammar is not None and (greedy or sampler.greedy_default):
+            token = self._grammar_argmax(sampler.grammar, logits)
+            if token is not None:
+                L.llama_sampler_accept(chain, token)  # the grammar's state advances as the chain's would
+                return token
         if isinstance(logits, int):
             # llama_sampler_sample also accepts the token into the chain (grammar state, penalty history).
             return int(L.llama_sampler_sample(chain, self.ctx, logits))
@@ -356,6 +366,23 @@ class LlamaBackend:
         token = int(arr.data[arr.selected].id)
         L.llama_sampler_accept(chain, token)
         return token
+
+    def _grammar_argmax(self, grammar: Any, logits: Logits) -> int | None:
+        """The argmax of ``logits`` if the grammar allows it, else None. Greedy under a grammar picks the
+        first of the largest logits among the tokens the grammar allows; when the overall argmax is
+        allowed that is the argmax itself, so checking that one token (instead of the grammar over the
+        whole vocabulary, milliseconds a token) gives the same token."""
+        if isinstance(logits, int):
+            token = self.argmax(logits)
+        else:
+            token = int(np.argmax(np.frombuffer(logits, dtype=np.float32, count=self.n_vocab)))
+        one = self._one_candidate
+        one["id"], one["logit"], one["p"] = token, 0.0, 0.0
+        arr = L.llama_token_data_array(
+            data=one.ctypes.data_as(ctypes.POINTER(L.llama_token_data)), size=1, selected=-1, sorted=False
+        )
+        L.llama_sampler_apply(grammar, ctypes.byref(arr))
+        return token if np.isfinite(one["logit"][0]) else None
 
     def logits_blob(self, logits_index: int) -> bytes:
         return ctypes.string_at(L.llama_get_logits_ith(self.ctx, logits_index), self.n_vocab * 4)

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import random
 import re
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from erllama import Client, ErllamaError
 from tests.conftest import BrokerProcess, serving, wait_for
+from tests.exactness import random_text
+from tests.reference import assert_identical
 
 MODEL = "feat"
 THINK = {"start": "<think>", "end": "</think>"}
@@ -106,6 +110,23 @@ def test_output_always_parses_under_the_grammar_with_any_sampling(c: Client, see
         max_tokens=40,
     )
     assert COLOR_RE.match(r.reply), r.reply
+
+
+WORDS_GRAMMAR = r'root ::= ([a-z]+ " "){3,12} [a-z]+ "."'
+
+
+def test_greedy_under_a_grammar_matches_the_reference_token_for_token(c: Client, reference: Any):
+    """Greedy sampling tries the argmax against the grammar before constraining the whole vocabulary;
+    the tokens must be those of llama.cpp's full constraint, on prompts of random words."""
+    rng = random.Random(20261202)
+    for i in range(6):
+        prompt = reference.tokenize(random_text(rng, 40))
+        result = c.complete(MODEL, prompt, grammar=WORDS_GRAMMAR, temperature=0, max_tokens=32)
+        n = len(result.generated)
+        ref = reference.greedy_under_grammar(prompt, n + 1, WORDS_GRAMMAR)  # up to its end-of-generation
+        assert_identical(
+            result.generated, ref[:n] if result.finish_reason == "length" else ref, f"prompt {i}"
+        )
 
 
 def test_a_bad_grammar_is_invalid_grammar_at_admission_and_the_worker_keeps_serving(c: Client):
