@@ -257,6 +257,7 @@ def calibrate() -> tuple[int, int]:
             )
             rates.append(r.stats.prompt_tokens / (r.stats.ttft_ms / 1000.0))
             steps.append(r.stats.generation_ms / max(1, len(r.generated) - 1))
+        c.unload_model(CALIBRATION_MODEL_ID)  # before the host goes: a clean stop, not a lost host
     prefill_tok_s, step_ms = max(rates), min(steps)
     us_per_token = round(1e6 / prefill_tok_s)
     decode_ms = max(0, round(step_ms - us_per_token / 1000.0))
