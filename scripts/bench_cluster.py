@@ -23,7 +23,8 @@ The model is the stub backend with a prefill cost per token (``stub_prefill_us_p
 decode step (``stub_decode_ms``), both calibrated first from the real default model (SmolLM2) on one
 host: prefill tokens/s of a ~1,000-token prompt and one decode step, so that 3 hosts fit on 2 cores.
 ``--no-calibrate`` uses ``--prefill-us`` and ``--decode-ms``. ``--real`` runs the real model instead,
-smaller (2 hosts, 6 conversations x 3 turns, short prompts).
+smaller (2 hosts, 6 conversations x 3 turns, short prompts), each replica with its share of the cores
+(``n_threads``) and ``OMP_WAIT_POLICY=PASSIVE``.
 
 Until the broker runs replicas (``load_model(..., hosts=[...])``), each host gets a model of its own
 and this script routes: ``round_robin`` in turn, ``least_loaded`` to the fewest requests in flight,
@@ -41,6 +42,7 @@ import argparse
 import inspect
 import itertools
 import logging
+import os
 import sys
 import tempfile
 import threading
@@ -53,7 +55,7 @@ from typing import Any, Final
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_warm import Corpus, Sample, mean, p90, run
+from bench_warm import Corpus, Sample, ctx_for, mean, p90, run
 
 from erllama import Client, ErllamaError
 from tests.host.cluster import Cluster, cluster
@@ -70,7 +72,6 @@ CALIBRATION_DECODE_TOKENS: Final = 17
 CALIBRATION_ROUNDS: Final = 2
 DEFAULT_PREFILL_US_PER_TOKEN: Final = 4500  # the default model on this 2-core VM, exact mode (README)
 DEFAULT_DECODE_MS: Final = 10
-CTX_MARGIN_TOKENS: Final = 64
 QUIET: Final = ("--log-level", "WARNING")  # the broker's and hosts' logs: only what goes wrong
 BROKER_ROUTES: Final = "hosts" in inspect.signature(Client.load_model).parameters
 
@@ -86,7 +87,7 @@ class Workload:
 
     def n_ctx(self) -> int:
         longest = self.system_tokens + self.conv_tokens + (self.turns - 1) * (self.gen + self.new_tokens)
-        return longest + self.gen + CTX_MARGIN_TOKENS
+        return ctx_for(longest + self.gen)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +111,12 @@ class Outcome:
     def restored(self) -> float:
         later = self.later()
         return sum(s.read for s in later) / max(1, sum(s.prompt_tokens for s in later))
+
+    def from_shared(self) -> float:
+        """The share of prompt tokens (turns 2+) restored from rows fetched from the shared tier."""
+        later = self.later()
+        read = sum(s.read for s in later if s.tier == "shared")
+        return read / max(1, sum(s.prompt_tokens for s in later))
 
     def mean_ttft(self) -> float:
         return mean([s.ttft_ms for s in self.later()])
@@ -167,6 +174,8 @@ def start_hosts(cl: Cluster, n: int, shared_url: str | None) -> Hosts:
 def deploy(hosts: Hosts, setup: Setup, options: dict[str, Any]) -> Router:
     c, names = hosts.client, hosts.names[: setup.hosts]
     opts = options | {"n_seq_max": setup.seqs}
+    if options.get("backend") != "stub":  # the hosts share this machine's cores: each gets its part
+        opts["n_threads"] = max(1, (os.cpu_count() or 1) // setup.hosts)
     if len(names) == 1:
         c.load_model(MODEL_ID, None, host=names[0], **opts)
         return Router([MODEL_ID], None)
@@ -286,13 +295,17 @@ def table(outcomes: list[Outcome], work: Workload) -> None:
         f"{work.conv_tokens} own tokens, then +{work.gen} generated +{work.new_tokens} new per turn. "
         "TTFT: client, request sent -> first token event (includes queueing); turns 2+.\n"
     )
-    print("| configuration | restored | mean TTFT ms | p90 TTFT ms | turn 1 mean TTFT ms | wall s |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(
+        "| configuration | restored | of which shared tier | mean TTFT ms | p90 TTFT ms "
+        "| turn 1 mean TTFT ms | wall s |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for o in outcomes:
         first = mean([s.ttft_ms for t, s in o.samples if t == 1])
         ttfts = [s.ttft_ms for s in o.later()]
         print(
-            f"| {o.setup.label} | {100 * o.restored():.1f}% | {mean(ttfts):,.0f} | {p90(ttfts):,.0f} "
+            f"| {o.setup.label} | {100 * o.restored():.1f}% | {100 * o.from_shared():.1f}% "
+            f"| {mean(ttfts):,.0f} | {p90(ttfts):,.0f} "
             f"| {first:,.0f} | {o.wall_s:.1f} |"
         )
     by_label = {o.setup.label: o for o in outcomes}
@@ -353,6 +366,9 @@ def main() -> int:
     work = Workload(args.convs, args.turns, args.system_tokens, args.conv_tokens, args.new_tokens, args.gen)
     if args.real:
         options: dict[str, Any] = {"n_ctx": work.n_ctx()}
+        # several llama.cpp processes on a few cores: OpenMP's spinning barriers stall each other's
+        # steps for seconds (see scripts/bench_warm.py --omp-passive); the workers inherit this
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     else:
         us, ms = (args.prefill_us, args.decode_ms) if args.no_calibrate else calibrate()
         options = {
