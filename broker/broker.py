@@ -30,6 +30,7 @@ from erllama.broker.cachequery import MAX_TOKEN_ID, CacheQueries
 from erllama.broker.config import BrokerConfig
 from erllama.broker.front import FrontEnd
 from erllama.broker.hosts import HostSide
+from erllama.broker.kvindex import KvIndex
 from erllama.broker.lifecycle import Requests
 from erllama.broker.models import Models
 from erllama.broker.placement import Placement
@@ -83,17 +84,23 @@ class Broker:
             self.curve = CurveServer(self.ctx, c.server_key_file, c.clients_dir, c.hosts_dir)
         self.front = FrontEnd(self.ctx, cfg, self.totals, self.curve)
         self.requests = Requests(
-            self.table, self.front, self.totals, lambda e, m: self.workers.send(e, m), rids
+            self.table, self.front, self.totals, lambda r, m: self.workers.send(r, m), rids
         )
+        self.router = self.requests.router
+        # with a shared tier (the hosts are given the same URL), any replica can restore any host's rows
+        self.router.shared_tier = bool(cfg.cache.shared_url)
         instance = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.workers = WorkerSide(self.ctx, self.table, self.requests, self.front, self.totals, instance)
         self.supervisor = Supervisor(cfg, self.poller, self.table)
         self.models = Models(
             cfg, self.table, self.front, self.requests, self.workers, self.supervisor, self.totals, rids
         )
+        self.kv_index = KvIndex()  # which store holds which prefix blocks, from their KV events
+        self.router.index = self.kv_index
         self.cache: CacheQueries | None = None
         if cfg.cachestore_endpoint:
             self.cache = CacheQueries(self.ctx, cfg.cachestore_endpoint, self.front, rids)
+            self.cache.on_kv_events = self.kv_index.apply
         self.pressure: PressureWatcher | None = None
         self.hosts: HostSide | None = None
         self.placement: Placement | None = None
@@ -102,6 +109,8 @@ class Broker:
                 self.ctx, self.curve, cfg.hosts, cfg.host_workers, self.table, self.totals, instance
             )
             self.supervisor.hosts = self.hosts
+            self.hosts.on_kv_events = lambda host, batch: self.kv_index.apply(host.name, batch)
+            self.hosts.on_kv_lost = lambda host: self.kv_index.drop(host.name)
             self.placement = Placement(
                 self.table, self.hosts, self.models, self.requests, self.workers, self.supervisor
             )
@@ -141,6 +150,8 @@ class Broker:
             "models": len(self.table),
             "pressure": self.pressure.status() if self.pressure else None,
             "hosts": len(self.hosts.hosts) if self.hosts else 0,
+            "routing": dict(self.router.decisions),
+            "kv_index": self.kv_index.describe(),
             # joins refused at the handshake: an unknown key (ZAP), or no CURVE at all (a monitor)
             "hosts_refused": (self.hosts.refused + self.curve.hosts.refused)
             if self.hosts and self.curve
@@ -168,7 +179,7 @@ class Broker:
                 self.pressure = PressureWatcher(self.cfg.pressure, self.cache.evict_bytes)
                 self.pressure.start()
         for spec in self.cfg.models:
-            self.models.create(spec.model_id, spec.path, spec.options, waiter=None, host=spec.host)
+            self.models.create(spec.model_id, spec.path, spec.options, None, list(spec.places))
 
     def run(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -199,6 +210,7 @@ class Broker:
         now = time.monotonic()
         if self.cache is not None:
             self.cache.timers(now)
+            self.cache.poll_kv_events(now)
         self.supervisor.cachestore_timers(now, self.cache)
         self.supervisor.timers(now)
         if self.hosts is not None and self.placement is not None:
@@ -220,9 +232,13 @@ class Broker:
         for entry in self.table.values():
             self.requests.fail_waiting(entry, shutting_down)
             self.models.refuse_held_calls(entry, shutting_down)
-            self.workers.send(entry, Shutdown())
+            for replica in entry.replicas:
+                self.workers.send(replica, Shutdown())
         deadline = time.monotonic() + TERMINATE_GRACE_S
-        while any(e.worker and e.spawned for e in self.table.values()) and time.monotonic() < deadline:
+        while (
+            any(r.worker for e in self.table.values() if e.spawned for r in e.replicas)
+            and time.monotonic() < deadline
+        ):
             self._poll_once(50)
         self.supervisor.kill_all()
         for rid in list(self.requests.table):

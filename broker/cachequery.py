@@ -1,5 +1,6 @@
 """The broker's own questions to the cache store: ``cached_prefix_len`` for clients (no worker hop), the
-stats ping that tells a live store from a frozen one, and evictions for the memory-pressure watcher.
+stats ping that tells a live store from a frozen one, evictions for the memory-pressure watcher, and the
+store's KV events for the routing index (source ``""``: this machine).
 """
 
 from __future__ import annotations
@@ -7,20 +8,24 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Final
 
+import msgspec
 import zmq
 
 from erllama import protocol
 from erllama.broker.front import FrontEnd
 from erllama.broker.registry import ModelEntry, Waiter
 from erllama.cachestore.client import CacheClient
+from erllama.cachestore.events import KvEventCursor
 from erllama.protocol import (
     CachePrefix,
     CacheStats,
     ErllamaError,
     ErrorCode,
+    KvEventBatch,
+    KvEventsReply,
     MemoryKind,
     PrefixReply,
     WireError,
@@ -33,6 +38,13 @@ log = logging.getLogger(__name__)
 
 CACHE_QUERY_TIMEOUT_S: Final = 2.0
 MAX_TOKEN_ID: Final = 2**31  # token ids travel to the cache store as u32; no vocabulary comes near this
+KV_POLL_INTERVAL_S: Final = 1.0  # as often as a host relays its store's events (once per beat)
+
+
+class _ReplyHead(msgspec.Struct):
+    """Enough of a reply to tell the answer to a KV events query from the others."""
+
+    rid: int | None = None
 
 
 class CacheQueries:
@@ -49,6 +61,15 @@ class CacheQueries:
         self.pinged_s = 0.0
         self._decoder = protocol.cache_reply_decoder(PrefixReply)
         self._pressure_client: CacheClient | None = None  # used only from the watcher's thread
+        self._head = msgspec.msgpack.Decoder(_ReplyHead)
+        self._kv_decoder = protocol.cache_reply_decoder(KvEventsReply)
+        self.kv_cursor = KvEventCursor()
+        self._kv_rid: int | None = None  # the KV events query under way
+        self._kv_deadline_s = 0.0
+        self._kv_next_s = 0.0
+        # The batches for the routing index (``KvIndex.apply("", batch)``); False: a gap, read the store
+        # from a snapshot again.
+        self.on_kv_events: Callable[[str, KvEventBatch], bool] = lambda source, batch: True
 
     def cached_prefix_len(self, client: bytes, client_id: str, tokens: list[int], entry: ModelEntry) -> None:
         """How many leading ``tokens`` (checked by the caller) the cache holds for this model: asked of
@@ -78,8 +99,44 @@ class CacheQueries:
         except zmq.Again:
             pass
 
+    def poll_kv_events(self, now: float) -> None:
+        """Ask the store for its KV events once per ``KV_POLL_INTERVAL_S`` (at once while it has more)."""
+        if now < self._kv_next_s or (self._kv_rid is not None and now < self._kv_deadline_s):
+            return
+        rid = next(self.rids)
+        try:
+            self.sock.send(encode(self.kv_cursor.query(rid)), zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        self._kv_rid, self._kv_deadline_s = rid, now + CACHE_QUERY_TIMEOUT_S
+        self._kv_next_s = now + KV_POLL_INTERVAL_S
+
+    def _on_kv_reply(self, frame: bytes) -> None:
+        self._kv_rid = None
+        try:
+            msg = self._kv_decoder.decode(frame)
+        except WireError:
+            return
+        if not isinstance(msg, KvEventsReply):
+            log.warning("the cache store refused a KV events query: %s", as_exception(msg))
+            return
+        self.kv_cursor.advance(msg.batch)
+        applied = self.on_kv_events("", msg.batch)
+        if not applied:  # a gap: a snapshot next
+            self.kv_cursor.reset()
+        if msg.batch.more or not applied:
+            self._kv_next_s = 0.0
+
     def on_frames(self, frames: list[bytes]) -> None:
         self.heard_s = time.monotonic()  # any reply, the pings' included, shows the store is alive
+        if self._kv_rid is not None:
+            try:
+                rid = self._head.decode(frames[0]).rid
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                rid = None
+            if rid == self._kv_rid:
+                self._on_kv_reply(frames[0])
+                return
         try:
             msg = self._decoder.decode(frames[0])
         except WireError:

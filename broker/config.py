@@ -34,6 +34,8 @@ Example ``erllama.toml``::
     id = "qwen"
     path = "/models/qwen2.5-0.5b-instruct-q4_k_m.gguf"
     # host = "gpu1"                   # run its worker on the erllama-host named gpu1, once it joins
+    # hosts = ["gpu1", "gpu2"]        # or one replica on each of these hosts
+    # replicas = 2                    # or two replicas on this machine
 
 Without a file (and without ``--no-default-model``) the broker serves the embedded default
 model under the id ``smollm2-135m``.
@@ -69,7 +71,7 @@ class ModelSpec:
     model_id: str
     path: str | None
     options: dict[str, Any]
-    host: str | None = None  # an erllama-host's name; None: the broker's own machine
+    places: tuple[str | None, ...] = (None,)  # one replica on each: an erllama-host's name, None for here
 
 
 @dataclass(slots=True)
@@ -137,10 +139,23 @@ def _model_spec(raw: dict[str, Any]) -> ModelSpec:
     if path is not None and not isinstance(path, str):
         raise ErllamaError(ErrorCode.INVALID_PARAMS, f"models.{model_id}.path must be a string")
     options = parse_load_options(raw.get("options") or {}).to_wire()
-    host = raw.get("host")
+    host, hosts, replicas = raw.get("host"), raw.get("hosts"), raw.get("replicas")
+    if sum(x is not None for x in (host, hosts, replicas)) > 1:
+        raise ErllamaError(
+            ErrorCode.INVALID_PARAMS, f"models.{model_id}: give one of host, hosts and replicas"
+        )
     if host is not None:
-        host = validate_model_id(host)  # the same safe alphabet as model ids
-    return ModelSpec(model_id, path, options, host)
+        hosts = [host]
+    if hosts is not None:
+        if not isinstance(hosts, list) or not hosts or len(set(map(str, hosts))) != len(hosts):
+            raise ErllamaError(ErrorCode.INVALID_PARAMS, f"models.{model_id}.hosts: a list of distinct names")
+        # the same safe alphabet as model ids
+        return ModelSpec(model_id, path, options, tuple(validate_model_id(h) for h in hosts))
+    if replicas is not None:
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or not 1 <= replicas <= 64:
+            raise ErllamaError(ErrorCode.INVALID_PARAMS, f"models.{model_id}.replicas: 1-64")
+        return ModelSpec(model_id, path, options, (None,) * replicas)
+    return ModelSpec(model_id, path, options)
 
 
 def _host_workers(hosts: str, explicit: str | None) -> str:

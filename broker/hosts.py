@@ -19,7 +19,7 @@ from zmq.utils.monitor import parse_monitor_message
 from erllama import protocol
 from erllama.broker.hosttable import HostEntry
 from erllama.broker.queues import QueueTotals
-from erllama.broker.registry import ModelEntry
+from erllama.broker.registry import ModelEntry, Replica
 from erllama.curve import HOSTS_ZAP_DOMAIN, CurveServer
 from erllama.protocol import (
     HOST_SILENCE_TIMEOUT_S,
@@ -28,10 +28,12 @@ from erllama.protocol import (
     HostBeat,
     HostDrain,
     HostJoin,
+    HostKvResync,
     HostLeave,
     HostMessage,
     HostState,
     HostWelcome,
+    KvEventBatch,
     Message,
     SpawnWorker,
     StopWorker,
@@ -81,6 +83,10 @@ class HostSide:
         self.on_lost: Callable[[HostEntry, dict[str, Any]], None] = lambda host, detail: None
         self.on_worker_spawned: Callable[[HostEntry, WorkerSpawned], None] = lambda host, msg: None
         self.on_worker_exited: Callable[[HostEntry, WorkerExited], None] = lambda host, msg: None
+        # A beat's KV events for the routing index (``KvIndex.apply``): False means a gap, and the host
+        # is asked to send a snapshot (``resync``). ``on_kv_lost``: forget a dead or departed host's.
+        self.on_kv_events: Callable[[HostEntry, KvEventBatch], bool] = lambda host, batch: True
+        self.on_kv_lost: Callable[[HostEntry], None] = lambda host: None
         self._decoder = protocol.host_message_decoder()
 
     def bind(self) -> None:
@@ -98,12 +104,15 @@ class HostSide:
         host = self.hosts.get(name)
         return host if host is not None and host.state is HostState.UP else None
 
-    def spawn(self, entry: ModelEntry) -> bool:
-        """Ask the model's host to start its worker; False if the host is not up to take it."""
-        host = self.up(entry.host or "")
+    def spawn(self, entry: ModelEntry, replica: Replica) -> bool:
+        """Ask the replica's host to start its worker; False if the host is not up to take it."""
+        host = self.up(replica.host or "")
         if host is None:
             return False
-        return self._send(host, SpawnWorker(model=entry.model_id, path=entry.path, options=entry.options))
+        spawn = SpawnWorker(
+            model=entry.model_id, path=entry.path, options=entry.options, replica=replica.index
+        )
+        return self._send(host, spawn)
 
     def stop(self, name: str, model_id: str, pid: int) -> None:
         """SIGKILL a worker on its host (one the broker gave up on); its exit is reported as usual."""
@@ -111,11 +120,17 @@ class HostSide:
         if host is not None and host.live:
             self._send(host, StopWorker(model=model_id, pid=pid))
 
+    def resync(self, host: HostEntry) -> None:
+        """Ask ``host`` to read its cache store's KV events from a snapshot again."""
+        if host.live:
+            self._send(host, HostKvResync(name=host.name))
+
     def describe(self) -> list[dict[str, Any]]:
         placed: dict[str, list[str]] = {}
         for e in self.models.values():
-            if e.host is not None:
-                placed.setdefault(e.host, []).append(e.model_id)
+            for host in e.hosts:
+                if host is not None:
+                    placed.setdefault(host, []).append(e.model_id)
         return [h.describe(placed.get(h.name, [])) for h in self.hosts.values()]
 
     def _send(self, host: HostEntry, msg: Message) -> bool:
@@ -208,6 +223,8 @@ class HostSide:
         host.resources = msg.resources
         host.workers = msg.workers
         host.cachestore_up = msg.cachestore_up
+        if msg.kv is not None and not self.on_kv_events(host, msg.kv):
+            self.resync(host)
         if host.state is HostState.JOINING and msg.cachestore_up:
             host.state = HostState.UP
             log.info("host %s is up", host.name)
@@ -244,4 +261,5 @@ class HostSide:
         host.state = state
         host.workers = []
         host.last_error = {"code": ErrorCode.HOST_DOWN.value, "detail": detail}
+        self.on_kv_lost(host)
         self.on_lost(host, detail)

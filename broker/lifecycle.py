@@ -1,5 +1,6 @@
-"""A request's life in the broker: admission, dispatch to its model's worker, the terminal event, and
-what happens to it when its worker dies (re-queued once if it had produced nothing, else failed).
+"""A request's life in the broker: admission, dispatch to one of its model's replicas (chosen by
+``Router``), the terminal event, and what happens to it when its worker dies (re-queued once if it had
+produced nothing, else failed).
 
 ``Requests`` owns the request table. It reaches clients through the front end and workers through the
 ``send_worker`` callback the broker gives it, so it knows nothing of sockets.
@@ -14,7 +15,8 @@ from typing import Any
 
 from erllama.broker.front import FrontEnd
 from erllama.broker.queues import QueueTotals, Request
-from erllama.broker.registry import ModelEntry
+from erllama.broker.registry import ModelEntry, Replica
+from erllama.broker.routing import Router
 from erllama.options import parse_sampling, validate_prompt
 from erllama.protocol import (
     CancelRun,
@@ -31,19 +33,19 @@ from erllama.protocol import (
 
 log = logging.getLogger(__name__)
 
-SendWorker = Callable[[ModelEntry, Message], bool]
+SendWorker = Callable[[Replica, Message], bool]
 
 
 def host_down(entry: ModelEntry) -> ErllamaError:
-    """The error for a model whose host is draining, dead or gone."""
+    """The error for a model whose hosts are draining, dead or gone."""
     what = "draining" if entry.state is ModelState.DRAINING else "unavailable"
-    detail = {"model": entry.model_id, "host": entry.host} | (
+    hosts = [h for h in entry.hosts if h is not None]
+    detail = {"model": entry.model_id, "host": hosts[0] if len(hosts) == 1 else hosts} | (
         {"last_error": entry.last_error} if entry.last_error else {}
     )
+    where = f"its host {hosts[0]!r} is" if len(hosts) == 1 else f"its hosts {hosts} are"
     return ErllamaError(
-        ErrorCode.HOST_DOWN,
-        f"model {entry.model_id!r} is {what}: its host {entry.host!r} is down or draining",
-        detail,
+        ErrorCode.HOST_DOWN, f"model {entry.model_id!r} is {what}: {where} down or draining", detail
     )
 
 
@@ -64,17 +66,20 @@ class Requests:
         self.send_worker = send_worker
         self.rids = rids
         self.table: dict[int, Request] = {}
+        self.router = Router(self.table)
         self.by_client: dict[tuple[bytes, str], int] = {}
         self.stopping = False
 
     def get(self, rid: int) -> Request | None:
         return self.table.get(rid)
 
-    def of(self, entry: ModelEntry, rid: int) -> Request | None:
-        """The request ``rid`` if it belongs to this model: a worker can never speak for another
-        model's requests."""
+    def of(self, entry: ModelEntry, replica: Replica, rid: int) -> Request | None:
+        """The request ``rid`` if it runs on this replica of this model: a worker can never speak for
+        another worker's requests."""
         req = self.table.get(rid)
-        return req if req is not None and req.model_id == entry.model_id else None
+        if req is None or req.model_id != entry.model_id or req.replica != replica.index:
+            return None
+        return req
 
     # --- admission -----------------------------------------------------------------------------------------
 
@@ -116,18 +121,31 @@ class Requests:
         self.dispatch(entry)
 
     def dispatch(self, entry: ModelEntry) -> None:
-        """Send the worker as many waiting requests as it has free sequences (its credit)."""
-        while (rid := entry.queue.next_dispatchable()) is not None:
+        """Send waiting requests to replicas with free sequences (their credit), each to the replica
+        the router picks."""
+        while (route := self.router.choose(entry)) is not None:
+            rid, replica = route.rid, route.replica
             req = self.table[rid]
             queue_ms = (time.monotonic() - req.received_s) * 1000.0
+            entry.queue.remove(rid)
+            replica.running.add(rid)
+            req.replica = replica.index
             if not self.send_worker(
-                entry, Run(rid=rid, prompt=req.prompt, params=req.params, queue_ms=queue_ms)
+                replica, Run(rid=rid, prompt=req.prompt, params=req.params, queue_ms=queue_ms)
             ):
-                entry.queue.running.discard(rid)
+                replica.running.discard(rid)
+                req.replica = None
                 entry.queue.enqueue(rid, front=True)
                 return
             req.dispatched = True
-            log.debug("rid=%d dispatched to the worker of %s after %.1f ms", rid, entry.model_id, queue_ms)
+            self.router.dispatched(entry, route)
+            log.debug(
+                "rid=%d dispatched to replica %d of %s after %.1f ms",
+                rid,
+                replica.index,
+                entry.model_id,
+                queue_ms,
+            )
 
     # --- cancelling and ending -----------------------------------------------------------------------------
 
@@ -147,8 +165,8 @@ class Requests:
                 entry.queue.remove(rid)
             # Never reached a worker: the broker ends it with an empty result of its own.
             self.finish(rid, StreamDone(id=req.client_id, result=CompletionResult()))
-        elif entry is not None:
-            self.send_worker(entry, CancelRun(rid=rid))
+        elif entry is not None and req.replica is not None:
+            self.send_worker(entry.replicas[req.replica], CancelRun(rid=rid))
 
     def finish(self, rid: int, event: Message, failed: bool = False) -> None:
         """Deliver a request's terminal event and forget it."""
@@ -162,8 +180,15 @@ class Requests:
             log.info("rid=%d finished", rid)
         self.front.send(req.client, event, req.client_id)
         entry = self.models.get(req.model_id)
+        self.router.forget(rid)
         if entry is not None:
             entry.queue.remove(rid)
+            if req.replica is not None:
+                replica = entry.replicas[req.replica]
+                replica.running.discard(rid)
+                self.router.finished(
+                    entry, replica, rid, event.result if isinstance(event, StreamDone) else None
+                )
             self.dispatch(entry)
 
     def fail(self, rid: int, err: ErllamaError) -> None:
@@ -177,19 +202,28 @@ class Requests:
             self.fail(rid, err)
 
     def fail_all(self, entry: ModelEntry, err: ErllamaError) -> None:
-        for rid in list(entry.queue.running) + list(entry.queue.waiting):
+        for replica in entry.replicas:
+            self.fail_running(replica, err)
+        self.fail_waiting(entry, err)
+
+    def fail_running(self, replica: Replica, err: ErllamaError) -> None:
+        for rid in list(replica.running):
             self.fail(rid, err)
 
-    def worker_died(self, entry: ModelEntry, err: ErllamaError, detail: dict[str, Any]) -> None:
+    def worker_died(
+        self, entry: ModelEntry, replica: Replica, err: ErllamaError, detail: dict[str, Any]
+    ) -> None:
         """Settle the requests a dead worker was running: one that had produced no token may have been
         the victim rather than the cause, and is re-queued once; the others fail (``poison`` says a
         request was present at more than one death)."""
-        for rid in sorted(entry.queue.running, reverse=True):
+        self.router.replaced(entry, replica)
+        for rid in sorted(replica.running, reverse=True):
             req = self.table[rid]
             req.crashes += 1
-            entry.queue.running.discard(rid)
+            replica.running.discard(rid)
             if req.tokens_sent == 0 and req.crashes == 1:
                 req.dispatched = False
+                req.replica = None
                 entry.queue.enqueue(rid, front=True)
                 log.info("rid=%d re-queued after its worker died", rid)
             else:

@@ -1,5 +1,6 @@
-"""The model table: loading and unloading models, what a model's worker death means for the model
-(restart with backoff, or failed), and the client requests answered from the table.
+"""The model table: loading and unloading models (each on one or more replicas), what a worker's death
+means for its replica (restart with backoff, or failed) and for the model, and the client requests
+answered from the table.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from erllama.broker.config import BrokerConfig
 from erllama.broker.front import FrontEnd
 from erllama.broker.lifecycle import Requests, host_down
 from erllama.broker.queues import ModelQueue, QueueTotals
-from erllama.broker.registry import HeldCall, ModelEntry, Waiter
+from erllama.broker.registry import HeldCall, ModelEntry, Replica, Waiter
 from erllama.broker.supervisor import Supervisor
 from erllama.broker.workers import WorkerSide
 from erllama.cachestore.config import default_disk_dir, default_shm_dir
@@ -33,6 +34,8 @@ from erllama.protocol import (
 )
 
 log = logging.getLogger(__name__)
+
+MAX_REPLICAS = 64
 
 
 class Models:
@@ -75,8 +78,10 @@ class Models:
                 ErrorCode.ALREADY_LOADED, f"model {model_id!r} is already loaded", {"model": model_id}
             )
         path = msg.path
-        if msg.host is not None:
-            self._check_host(msg.host)
+        places = self._places(msg)
+        if any(places):
+            for name in places:
+                self._check_host(name or "")
         elif path is not None:
             try:
                 p = Path(path).resolve()
@@ -96,7 +101,38 @@ class Models:
                 )
             path = str(p)
         options = parse_load_options(msg.options).to_wire()
-        self.create(model_id, path, options, Waiter(client, msg.id), msg.host)
+        self.create(model_id, path, options, Waiter(client, msg.id), places)
+        self.table[model_id].floating = msg.replicas is not None and any(places)
+
+    def _places(self, msg: LoadModel) -> list[str | None]:
+        """Where the model's replicas run: a host name each, None for the broker's own machine."""
+        given = sum(x is not None for x in (msg.host, msg.hosts, msg.replicas))
+        if given > 1:
+            raise ErllamaError(ErrorCode.INVALID_PARAMS, "give one of host, hosts and replicas")
+        if msg.host is not None:
+            return [msg.host]
+        if msg.hosts is not None:
+            if not 1 <= len(msg.hosts) <= MAX_REPLICAS or len(set(msg.hosts)) != len(msg.hosts):
+                raise ErllamaError(
+                    ErrorCode.INVALID_PARAMS,
+                    f"hosts: 1-{MAX_REPLICAS} distinct host names (one replica each)",
+                )
+            return list(msg.hosts)
+        n = msg.replicas if msg.replicas is not None else 1
+        if not 1 <= n <= MAX_REPLICAS:
+            raise ErllamaError(ErrorCode.INVALID_PARAMS, f"replicas: 1-{MAX_REPLICAS}")
+        hosts = self.supervisor.hosts
+        up = [h for h in hosts.hosts.values() if hosts.up(h.name)] if hosts is not None and n > 1 else []
+        if not up:
+            return [None] * n  # no hosts: every replica on the broker's own machine
+        if len(up) < n:
+            raise ErllamaError(
+                ErrorCode.INVALID_PARAMS,
+                f"replicas={n} needs {n} hosts that are up; {len(up)} are",
+                {"hosts_up": [h.name for h in up]},
+            )
+        up.sort(key=lambda h: -h.resources.memory_available_bytes)
+        return [h.name for h in up[:n]]
 
     def _check_host(self, name: str) -> None:
         """A model placed on a host: the host must be up (its path is checked there, by the worker)."""
@@ -124,33 +160,35 @@ class Models:
         path: str | None,
         options: dict[str, Any],
         waiter: Waiter | None,
-        host: str | None = None,
+        places: list[str | None],
     ) -> None:
         entry = ModelEntry(model_id, path, options, ModelQueue(model_id, max_queue=options["max_queue"]))
-        entry.host = host
+        entry.replicas = [Replica(model_id, i, host) for i, host in enumerate(places)]
         if waiter is not None:
             entry.load_waiters.append(waiter)
         self.table[model_id] = entry
-        log.info("loading model %s%s", model_id, f" on host {host}" if host else "")
-        self.supervisor.spawn(entry)
+        where = ", ".join(h or "this machine" for h in places)
+        log.info("loading model %s: %d replica(s) on %s", model_id, len(places), where)
+        for replica in entry.replicas:
+            self.supervisor.spawn(entry, replica)
 
     def unload(self, client: bytes, msg: UnloadModel) -> None:
         entry = self.entry(msg.model)
         entry.unload_waiters.append(Waiter(client, msg.id))
-        if entry.state is ModelState.UNLOADING:
+        if entry.unloading:
             return
-        entry.state = ModelState.UNLOADING
+        entry.unloading = True
         unloaded = ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"model {entry.model_id!r} was unloaded")
         self.requests.fail_waiting(entry, unloaded)
         self.refuse_held_calls(entry, unloaded)
-        if entry.worker is None or not self.workers.send(entry, Shutdown()):
-            if entry.worker is not None:
-                self.supervisor.kill(entry.worker)
-            else:
-                self.forget(entry)
+        for replica in entry.replicas:
+            if replica.worker is not None and not self.workers.send(replica, Shutdown()):
+                self.supervisor.kill(replica.worker)
+        if all(r.worker is None for r in entry.replicas):
+            self.forget(entry)
 
     def queue_depth(self, client: bytes, msg: QueueDepth) -> None:
-        depth = self.entry(msg.model).queue.depth if msg.model else self.totals.depth
+        depth = self.entry(msg.model).depth if msg.model else self.totals.depth
         self.front.reply(client, msg.id, depth)
 
     def call(self, client: bytes, msg: Call) -> None:
@@ -172,13 +210,23 @@ class Models:
             raise host_down(entry)
         if entry.state not in (ModelState.READY, ModelState.DRAINING):
             raise ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"model {entry.model_id!r} is {entry.state.value}")
-        self.workers.call(entry, Waiter(client, msg.id), op, msg.args, next(self.rids))
+        self.workers.call(
+            self._replica_for(entry, msg.args), Waiter(client, msg.id), op, msg.args, next(self.rids)
+        )
+
+    @staticmethod
+    def _replica_for(entry: ModelEntry, args: dict[str, Any]) -> Replica:
+        """A call about a session goes to the replica holding it; any other to the first serving one."""
+        serving = entry.serving()
+        sid = args.get("session_id")
+        index = entry.sessions.get(sid) if isinstance(sid, str) else None
+        return next((r for r in serving if r.index == index), serving[0])
 
     def _send_held_calls(self, entry: ModelEntry) -> None:
         held, entry.held_calls = entry.held_calls, []
         for h in held:
             try:
-                self.workers.call(entry, h.waiter, h.op, h.args, next(self.rids))
+                self.workers.call(self._replica_for(entry, h.args), h.waiter, h.op, h.args, next(self.rids))
             except ErllamaError as err:
                 self.front.refuse(h.waiter, err)
 
@@ -189,45 +237,68 @@ class Models:
 
     # --- a registered worker, and the end of one -----------------------------------------------------------
 
-    def ready(self, entry: ModelEntry) -> None:
-        for w in entry.load_waiters:
-            self.front.answer(w, entry.describe())
-        entry.load_waiters.clear()
+    def ready(self, entry: ModelEntry, replica: Replica) -> None:
+        self.answer_loaders(entry)
         self._send_held_calls(entry)
         self.requests.dispatch(entry)
 
+    def answer_loaders(self, entry: ModelEntry) -> None:
+        """A load is answered once no replica is still loading (requests are served from the first)."""
+        if any(r.state is ModelState.LOADING for r in entry.replicas):
+            return
+        for w in entry.load_waiters:
+            self.front.answer(w, entry.describe())
+        entry.load_waiters.clear()
+
     def worker_exited(self, wp: WorkerProcess, detail: dict[str, Any]) -> None:
-        """Decide a model's future after its worker ended: forgotten (unloading, shutting down), failed to
-        load, or crashed (its requests settled, then restarted with backoff or failed for good)."""
+        """Decide a replica's future after its worker ended: forgotten (unloading, shutting down), failed
+        to load, or crashed (its requests settled, then restarted with backoff or failed for good)."""
         self.workers.forget(wp)
         entry = self.table.get(wp.model_id)
-        if entry is None or entry.worker is not wp:
+        replica = (
+            entry.replicas[wp.replica] if entry is not None and wp.replica < len(entry.replicas) else None
+        )
+        if entry is None or replica is None or replica.worker is not wp:
             return
-        entry.worker = None
-        if entry.state is ModelState.UNLOADING or self.supervisor.stopping:
-            self.forget(entry)
+        replica.worker = None
+        if entry.unloading or self.supervisor.stopping:
+            if all(r.worker is None for r in entry.replicas):
+                self.forget(entry)
             return
         detail["model"] = entry.model_id
-        if entry.state is ModelState.DRAINING:  # told to shut down (or its host lost while draining)
+        detail["replica"] = replica.index
+        if replica.state is ModelState.DRAINING:  # told to shut down (or its host lost while draining)
             gone = ErllamaError(ErrorCode.WORKER_CRASHED, f"the worker of {entry.model_id!r} ended", detail)
-            self.requests.fail_all(entry, gone)
-            self.workers.fail_calls(entry.model_id, gone)
+            self.requests.router.replaced(entry, replica)
+            self.requests.fail_running(replica, gone)
+            self.workers.fail_calls(replica, gone)
             return
-        if entry.state is ModelState.LOADING:
-            self._load_failed(entry, detail)
+        if replica.state is ModelState.LOADING:
+            self._load_failed(entry, replica, detail)
             return
         log.error(
-            "worker of %s died: %s", entry.model_id, {k: v for k, v in detail.items() if k != "stderr_tail"}
+            "worker of %s (replica %d) died: %s",
+            entry.model_id,
+            replica.index,
+            {k: v for k, v in detail.items() if k != "stderr_tail"},
         )
-        self._crashed(entry, detail)
+        self._crashed(entry, replica, detail)
 
-    def _load_failed(self, entry: ModelEntry, detail: dict[str, Any]) -> None:
-        reported = entry.last_error or {}
+    def _load_failed(self, entry: ModelEntry, replica: Replica, detail: dict[str, Any]) -> None:
+        """A replica that never became ready has failed; the model fails with it when no replica is left
+        that serves or may still."""
+        reported = replica.last_error or {}
         code = reported.get("code", ErrorCode.LOAD_FAILED)
         message = (
             reported.get("message")
             or f"the worker exited while loading: {detail.get('stderr_tail', '')[-500:]}"
         )
+        replica.state = ModelState.FAILED
+        replica.last_error = {"code": code, "message": message}
+        log.error("loading %s (replica %d) failed: %s", entry.model_id, replica.index, message)
+        if entry.state is not ModelState.FAILED:
+            self.answer_loaders(entry)  # the others serve; model_info shows this one failed
+            return
         err = ErllamaError(code, message, detail)
         for w in entry.load_waiters:
             self.front.refuse(w, err)
@@ -235,24 +306,26 @@ class Models:
         self.refuse_held_calls(entry, err)
         self.requests.fail_waiting(entry, err)
         del self.table[entry.model_id]
-        log.error("loading %s failed: %s", entry.model_id, message)
 
-    def _crashed(self, entry: ModelEntry, detail: dict[str, Any]) -> None:
+    def _crashed(self, entry: ModelEntry, replica: Replica, detail: dict[str, Any]) -> None:
         err = ErllamaError(ErrorCode.WORKER_CRASHED, f"the worker of {entry.model_id!r} died", detail)
-        self.requests.worker_died(entry, err, detail)
-        self.workers.fail_calls(entry.model_id, err)
-        entry.last_error = {"code": err.code, "message": err.message, "detail": detail}
+        self.requests.worker_died(entry, replica, err, detail)
+        self.workers.fail_calls(replica, err)
+        replica.last_error = {"code": err.code, "message": err.message, "detail": detail}
         now = time.monotonic()
-        if entry.spawned and entry.restart.record_crash(now):
-            entry.state = ModelState.RESTARTING
-            entry.restart_at_s = now + entry.restart.next_delay()
+        if entry.spawned and replica.restart.record_crash(now):
+            replica.state = ModelState.RESTARTING
+            replica.restart_at_s = now + replica.restart.next_delay()
         else:
-            entry.state = ModelState.FAILED
+            replica.state = ModelState.FAILED
+        if entry.state is ModelState.FAILED:
             failed = ErllamaError(
                 ErrorCode.MODEL_FAILED, f"model {entry.model_id!r} failed", entry.last_error
             )
             self.requests.fail_waiting(entry, failed)
             self.refuse_held_calls(entry, failed)
+        else:
+            self.requests.dispatch(entry)  # what it re-queued may run on another replica
 
     def forget(self, entry: ModelEntry) -> None:
         unloaded = ErllamaError(ErrorCode.MODEL_NOT_FOUND, f"model {entry.model_id!r} was unloaded")

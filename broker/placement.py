@@ -1,13 +1,17 @@
-"""Models placed on hosts: what a host joining, draining, leaving or dying means for its models, and the
-host's reports of its workers (spawned, exited), settled as the death of a local worker is.
+"""Replicas placed on hosts: what a host joining, draining, leaving or dying means for the replicas on it,
+and the host's reports of its workers (spawned, exited), settled as the death of a local worker is. A
+model is as good as its best replica (``ModelEntry.state``), so these rules reach requests only when no
+other replica serves the model:
 
-- A model whose host is not up (it has not joined yet, is dead, has left) is ``unavailable``: requests
-  and calls are refused with ``host_down``; when the host joins again its models are placed again.
-- A host that drains makes its models ``draining``: new requests are refused with ``host_down``, accepted
-  ones are still dispatched and finish, and once a model has none left its worker is told to shut down.
+- A replica whose host is not up (it has not joined yet, is dead, has left) is ``unavailable``; when the
+  host joins again it is placed again. A model with no other replica refuses requests and calls with
+  ``host_down``.
+- A host that drains makes its replicas ``draining``: they take no new requests while another replica
+  serves (a model with none refuses new ones with ``host_down`` and still dispatches what it accepted);
+  once a draining replica has nothing left its worker is told to shut down.
 - A host declared dead: its workers count as crashed (running requests get ``worker_crashed``; those
-  that had produced nothing are re-queued once, as for any dead worker), then, with nowhere to run, the
-  models are unavailable and what waits gets ``host_down``.
+  that had produced nothing are re-queued once, as for any dead worker, and may run on another replica),
+  then the replicas are unavailable.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from erllama.broker.hosts import HostSide
 from erllama.broker.hosttable import HostEntry
 from erllama.broker.lifecycle import Requests, host_down
 from erllama.broker.models import Models
-from erllama.broker.registry import ModelEntry
+from erllama.broker.registry import ModelEntry, Replica
 from erllama.broker.supervisor import Supervisor
 from erllama.broker.workers import WorkerSide
 from erllama.protocol import ErrorCode, ModelState, Shutdown, WorkerExited, WorkerSpawned
@@ -43,7 +47,8 @@ class Placement:
         self.requests = requests
         self.workers = workers
         self.supervisor = supervisor
-        self.draining_sent: set[str] = set()  # models whose worker was told to shut down for a drain
+        # replicas whose worker was told to shut down for a drain: (model, replica index)
+        self.draining_sent: set[tuple[str, int]] = set()
         hosts.on_up = self.host_up
         hosts.on_draining = self.host_draining
         hosts.on_lost = self.host_lost
@@ -51,47 +56,53 @@ class Placement:
         hosts.on_worker_exited = self.worker_exited
         supervisor.on_unplaceable = self.unavailable
 
-    def on(self, host: HostEntry) -> list[ModelEntry]:
-        return [e for e in self.table.values() if e.host == host.name]
+    def on(self, host: HostEntry) -> list[tuple[ModelEntry, Replica]]:
+        return [(e, r) for e in self.table.values() for r in e.replicas if r.host == host.name]
 
     # --- a host's life -------------------------------------------------------------------------------------
 
     def host_up(self, host: HostEntry) -> None:
-        for entry in self.on(host):
-            if entry.state is ModelState.UNAVAILABLE and entry.worker is None:
-                log.info("placing %s on host %s again", entry.model_id, host.name)
-                entry.state = ModelState.RESTARTING
-                self.supervisor.spawn(entry)
+        for entry, replica in self.on(host):
+            if replica.state is ModelState.UNAVAILABLE and replica.worker is None:
+                log.info("placing %s (replica %d) on host %s again", entry.model_id, replica.index, host.name)
+                replica.state = ModelState.RESTARTING
+                self.supervisor.spawn(entry, replica)
+        for entry in list(self.table.values()):  # replicas placed by count that wait for any host
+            for replica in entry.replicas:
+                if entry.floating and replica.state is ModelState.UNAVAILABLE and replica.worker is None:
+                    self._move(entry, replica)
 
     def host_draining(self, host: HostEntry) -> None:
-        for entry in self.on(host):
-            if entry.state in (ModelState.READY, ModelState.LOADING, ModelState.RESTARTING):
-                entry.state = ModelState.DRAINING
-                self.models.refuse_held_calls(entry, host_down(entry))
+        for entry, replica in self.on(host):
+            if replica.state in (ModelState.READY, ModelState.LOADING, ModelState.RESTARTING):
+                replica.state = ModelState.DRAINING
+                if entry.state is ModelState.DRAINING:  # no other replica serves: calls cannot wait
+                    self.models.refuse_held_calls(entry, host_down(entry))
         self.drain_timers()
 
     def drain_timers(self) -> None:
-        """Shut down the worker of each draining model that has nothing left to finish."""
+        """Shut down the worker of each draining replica that has nothing left to finish. While the
+        model has no other replica serving, what waits in its queue is still served there."""
         for entry in list(self.table.values()):
-            if (
-                entry.state is not ModelState.DRAINING
-                or entry.queue.depth
-                or entry.model_id in self.draining_sent
-            ):
-                continue
-            self.draining_sent.add(entry.model_id)
-            if entry.worker is None:
-                self.unavailable(entry)
-            elif not self.workers.send(entry, Shutdown()):
-                self.supervisor.kill(entry.worker)  # still loading: nothing to save
+            for replica in entry.replicas:
+                key = (entry.model_id, replica.index)
+                if replica.state is not ModelState.DRAINING or replica.running or key in self.draining_sent:
+                    continue
+                if entry.state is ModelState.DRAINING and entry.queue.waiting:
+                    continue
+                self.draining_sent.add(key)
+                if replica.worker is None:
+                    self.unavailable(entry, replica)
+                elif not self.workers.send(replica, Shutdown()):
+                    self.supervisor.kill(replica.worker)  # still loading: nothing to save
 
     def host_lost(self, host: HostEntry, detail: dict[str, Any]) -> None:
         """The host is dead or gone: its workers with it."""
-        for entry in self.on(host):
-            wp = entry.worker
+        for entry, replica in self.on(host):
+            wp = replica.worker
             if wp is not None:
-                if entry.state is ModelState.LOADING:
-                    entry.last_error = {
+                if replica.state is ModelState.LOADING:
+                    replica.last_error = {
                         "code": ErrorCode.HOST_DOWN.value,
                         "message": f"host {host.name!r} was lost",
                     }
@@ -100,44 +111,81 @@ class Placement:
                 )
             if (
                 entry.model_id in self.table
-                and entry.worker is None
-                and entry.state is not ModelState.UNAVAILABLE
+                and replica.worker is None
+                and replica.state is not ModelState.UNAVAILABLE
             ):
-                self.unavailable(entry)
+                self.unavailable(entry, replica)
+            if entry.floating and entry.model_id in self.table and replica.state is ModelState.UNAVAILABLE:
+                self._move(entry, replica)
 
-    def unavailable(self, entry: ModelEntry) -> None:
-        """No host to run on: refuse what waits, until the host joins again."""
-        self.draining_sent.discard(entry.model_id)
-        entry.state = ModelState.UNAVAILABLE
-        entry.last_error = {"code": ErrorCode.HOST_DOWN.value, "message": f"host {entry.host!r} is not up"}
+    def _move(self, entry: ModelEntry, replica: Replica) -> None:
+        """Place a replica that was placed by count on another host that is up and has none of the model."""
+        taken = set(entry.hosts)
+        free = [h for h in self.hosts.hosts.values() if self.hosts.up(h.name) and h.name not in taken]
+        if not free:
+            return  # it stays unavailable; it is placed again when its host comes back
+        target = max(free, key=lambda h: h.resources.memory_available_bytes)
+        log.info(
+            "moving %s replica %d from host %s to %s",
+            entry.model_id,
+            replica.index,
+            replica.host,
+            target.name,
+        )
+        replica.host = target.name
+        replica.state = ModelState.RESTARTING
+        self.supervisor.spawn(entry, replica)
+
+    def unavailable(self, entry: ModelEntry, replica: Replica) -> None:
+        """No host to run the replica on, until its host joins again; with no other replica left to serve,
+        what waits for the model is refused."""
+        self.draining_sent.discard((entry.model_id, replica.index))
+        self.requests.router.replaced(entry, replica)
+        replica.state = ModelState.UNAVAILABLE
+        replica.last_error = {
+            "code": ErrorCode.HOST_DOWN.value,
+            "message": f"host {replica.host!r} is not up",
+        }
+        log.warning(
+            "model %s replica %d is unavailable: host %s is not up",
+            entry.model_id,
+            replica.index,
+            replica.host,
+        )
+        if entry.state is not ModelState.UNAVAILABLE:
+            self.models.answer_loaders(entry)
+            self.requests.dispatch(entry)
+            return
         err = host_down(entry)
         for w in entry.load_waiters:
             self.models.front.refuse(w, err)
         entry.load_waiters.clear()
         self.models.refuse_held_calls(entry, err)
         self.requests.fail_waiting(entry, err)
-        log.warning("model %s is unavailable: host %s is not up", entry.model_id, entry.host)
 
     # --- a host's reports about its workers ----------------------------------------------------------------
 
-    def _placed(self, host: HostEntry, model_id: str, pid: int) -> ModelEntry | None:
+    def _placed(self, host: HostEntry, model_id: str, pid: int) -> Replica | None:
         entry = self.table.get(model_id)
-        if entry is None or entry.host != host.name or entry.worker is None:
+        if entry is None:
             return None
-        return entry if entry.worker.pid in (pid, 0) else None
+        for replica in entry.replicas:
+            if replica.host == host.name and replica.worker is not None and replica.worker.pid in (pid, 0):
+                return replica
+        return None
 
     def worker_spawned(self, host: HostEntry, msg: WorkerSpawned) -> None:
-        entry = self._placed(host, msg.model, msg.pid)
-        if entry is not None and entry.worker is not None:
-            entry.worker.pid = msg.pid
+        replica = self._placed(host, msg.model, msg.pid)
+        if replica is not None and replica.worker is not None:
+            replica.worker.pid = msg.pid
             log.info("host %s spawned the worker of %s: pid %d", host.name, msg.model, msg.pid)
 
     def worker_exited(self, host: HostEntry, msg: WorkerExited) -> None:
-        entry = self._placed(host, msg.model, msg.pid)
-        if entry is None or entry.worker is None:
+        replica = self._placed(host, msg.model, msg.pid)
+        if replica is None or replica.worker is None:
             return
-        wp = entry.worker
-        drained = entry.state is ModelState.DRAINING
-        self.models.worker_exited(wp, msg.detail | {"pid": msg.pid, "host": host.name})
-        if drained and entry.model_id in self.table and entry.worker is None:
-            self.unavailable(entry)
+        entry = self.table[msg.model]
+        drained = replica.state is ModelState.DRAINING
+        self.models.worker_exited(replica.worker, msg.detail | {"pid": msg.pid, "host": host.name})
+        if drained and entry.model_id in self.table and replica.worker is None:
+            self.unavailable(entry, replica)

@@ -1,9 +1,10 @@
-"""Where a request is queued: one bounded FIFO per model, and credit-based dispatch.
+"""Where a request is queued: one bounded FIFO per model, whatever its number of replicas.
 
 The broker owns every queue, so queue depth, pending length, phase and the last cache hit
-are answered from these tables in O(1) with no worker round-trip. A worker advertises its
-sequence slots when it registers; it is never sent more requests than it has slots, so a
-request that waits, waits here, where it can be counted, cancelled and re-queued.
+are answered from its tables with no worker round-trip. Each replica's worker advertises its
+sequence slots when it registers and is never sent more requests than it has slots (its credit), so
+a request that waits, waits here, where it can be counted, cancelled, re-queued and routed
+(``broker/routing.py`` picks the replica when a slot frees).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from erllama.protocol import ErllamaError, ErrorCode, ModelState, Phase, SamplingParams
+from erllama.protocol import ErllamaError, ErrorCode, SamplingParams
 
 
 @dataclass(slots=True)
@@ -30,39 +31,21 @@ class Request:
     dispatched: bool = False
     tokens_sent: int = 0
     crashes: int = 0  # worker deaths this request was present at
+    replica: int | None = None  # the replica it was dispatched to
 
 
 @dataclass(slots=True)
 class ModelQueue:
-    """The broker's view of one model: its queue, its running set and what its worker reports."""
+    """One model's waiting requests, oldest first (the replicas hold what runs)."""
 
     model_id: str
     max_queue: int
-    state: ModelState = ModelState.LOADING
-    slots: int = 0
     waiting: deque[int] = field(default_factory=deque)
-    running: set[int] = field(default_factory=set)
-    reported_phase: Phase = Phase.IDLE  # from the worker's heartbeats
     last_cache_hit: dict[str, Any] | None = None
-    tokens_generated: int = 0
-    tokens_prefilled: int = 0  # the worker's count of prompt tokens decoded
-
-    @property
-    def phase(self) -> Phase:
-        """The worker's reported phase, corrected for what the broker knows first: nothing running
-        means idle, and a request dispatched before the worker reported starts by prefilling."""
-        if not self.running:
-            return Phase.IDLE
-        return Phase.PREFILLING if self.reported_phase is Phase.IDLE else self.reported_phase
 
     @property
     def pending_len(self) -> int:
         return len(self.waiting)
-
-    @property
-    def depth(self) -> int:
-        """Requests accepted and not yet finished: waiting plus running."""
-        return len(self.waiting) + len(self.running)
 
     def enqueue(self, rid: int, front: bool = False) -> None:
         """Append a request; ``front`` re-queues one that lost its worker before any token."""
@@ -77,20 +60,8 @@ class ModelQueue:
         else:
             self.waiting.append(rid)
 
-    def next_dispatchable(self) -> int | None:
-        """The next request to send to the worker, if it is ready and has a free slot (its credit)."""
-        dispatching = self.state is ModelState.READY or self.state is ModelState.DRAINING
-        if not dispatching or not self.waiting or len(self.running) >= self.slots:
-            return None
-        rid = self.waiting.popleft()
-        self.running.add(rid)
-        return rid
-
     def remove(self, rid: int) -> bool:
-        """Forget a request wherever it is. Returns True if it was waiting (never dispatched)."""
-        if rid in self.running:
-            self.running.discard(rid)
-            return False
+        """Take a request out of the queue. Returns True if it was waiting (never dispatched)."""
         try:
             self.waiting.remove(rid)
         except ValueError:

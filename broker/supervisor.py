@@ -3,7 +3,7 @@ timers (a worker that stays silent, one stuck in native code, a load that never 
 
 ``Supervisor`` decides nothing about requests or models: when a worker process has ended (or has been
 declared dead) it calls ``on_worker_exit(wp, detail)``, and the broker settles the rest. A model placed
-on a host (``entry.host``) is spawned and killed by that host's supervisor (the same ``processes`` code),
+on a host (``Replica.host``) is spawned and killed by that host's supervisor (the same ``processes`` code),
 at the broker's request through ``HostSide``; the timers here apply to it as to a local worker.
 """
 
@@ -19,7 +19,7 @@ import zmq
 from erllama.broker.cachequery import CacheQueries
 from erllama.broker.config import BrokerConfig
 from erllama.broker.hosts import HostSide
-from erllama.broker.registry import ModelEntry
+from erllama.broker.registry import ModelEntry, Replica
 from erllama.cachestore.config import SHARED_URL_ENV
 from erllama.processes import (
     RESTART_BACKOFF_MAX_S,
@@ -58,19 +58,21 @@ class Supervisor:
         self.stopping = False
         self.hosts: HostSide | None = None
         self.on_worker_exit: Callable[[WorkerProcess, dict[str, Any]], None] = lambda wp, detail: None
-        # a model placed on a host that is not up: the broker marks it unavailable until the host joins
-        self.on_unplaceable: Callable[[ModelEntry], None] = lambda entry: None
+        # a replica placed on a host that is not up: the broker marks it unavailable until the host joins
+        self.on_unplaceable: Callable[[ModelEntry, Replica], None] = lambda entry, replica: None
 
     # --- workers -------------------------------------------------------------------------------------------
 
-    def spawn(self, entry: ModelEntry) -> None:
-        if entry.host is not None:
-            if self.hosts is not None and self.hosts.spawn(entry):
+    def spawn(self, entry: ModelEntry, replica: Replica) -> None:
+        if replica.host is not None:
+            if self.hosts is not None and self.hosts.spawn(entry, replica):
                 # the pid comes from the host's report (or the worker's own ready, whichever is first)
-                entry.worker = WorkerProcess(name=entry.model_id, pid=0, host=entry.host)
+                replica.worker = WorkerProcess(
+                    name=entry.model_id, pid=0, host=replica.host, replica=replica.index
+                )
             else:
-                entry.worker = None
-                self.on_unplaceable(entry)
+                replica.worker = None
+                self.on_unplaceable(entry, replica)
             return
         wp = spawn_worker(
             entry.model_id,
@@ -80,8 +82,9 @@ class Supervisor:
             self.cfg.runtime_dir,
             self.cfg.log_level,
             self.cfg.cachestore_endpoint,
+            replica=replica.index,
         )
-        entry.worker = wp
+        replica.worker = wp
         self._watch(wp)
 
     def on_fd(self, fd: int) -> None:
@@ -114,11 +117,12 @@ class Supervisor:
     def kill_all(self) -> None:
         """Last resort at shutdown: workers that did not exit within the grace period."""
         for entry in list(self.models.values()):
-            if entry.worker is not None:
-                wp = entry.worker
-                self.kill(wp)
-                if wp.host is None:
-                    self.reap(wp)
+            for replica in entry.replicas:
+                wp = replica.worker
+                if wp is not None:
+                    self.kill(wp)
+                    if wp.host is None:
+                        self.reap(wp)
 
     def _watch(self, child: ChildProcess) -> None:
         self.watcher.watch(child)
@@ -129,19 +133,19 @@ class Supervisor:
     def timers(self, now: float) -> None:
         """Restart crashed workers when their backoff ends; kill loads that never end and workers that
         are silent or stuck in native code."""
-        for entry in list(self.models.values()):
-            wp = entry.worker
+        for entry, replica in [(e, r) for e in self.models.values() for r in e.replicas]:
+            wp = replica.worker
             if (
-                entry.state is ModelState.RESTARTING
+                replica.state is ModelState.RESTARTING
                 and wp is None
                 and entry.spawned
-                and now >= entry.restart_at_s
+                and now >= replica.restart_at_s
             ):
-                entry.restarts += 1
-                self.spawn(entry)
+                replica.restarts += 1
+                self.spawn(entry, replica)
             elif wp is not None and wp.identity is None and now - wp.started_s > MODEL_LOAD_TIMEOUT_S:
                 message = f"no ready within {MODEL_LOAD_TIMEOUT_S:.0f} s"
-                entry.last_error = {"code": ErrorCode.TIMEOUT, "message": message}
+                replica.last_error = {"code": ErrorCode.TIMEOUT, "message": message}
                 self.kill(wp)
             elif wp is not None and wp.identity is not None and wp.kill_reason is None:
                 stall_s = entry.options.get("stall_timeout_s", WORKER_STALL_TIMEOUT_S)

@@ -19,7 +19,7 @@ from erllama import protocol
 from erllama.broker.front import FrontEnd
 from erllama.broker.lifecycle import Requests
 from erllama.broker.queues import ModelQueue, QueueTotals
-from erllama.broker.registry import ModelEntry, Waiter
+from erllama.broker.registry import ModelEntry, Replica, Waiter
 from erllama.processes import WorkerProcess
 from erllama.protocol import (
     Admitted,
@@ -53,8 +53,8 @@ log = logging.getLogger(__name__)
 
 
 class WorkerSide:
-    """Owns the worker socket and the table of registered workers; ``on_ready(entry)`` is called when a
-    model's worker has registered (the broker then dispatches its queue and answers its loaders)."""
+    """Owns the worker socket and the table of registered workers; ``on_ready(entry, replica)`` is called
+    when a replica's worker has registered (the broker then dispatches the queue and answers loaders)."""
 
     def __init__(
         self,
@@ -76,43 +76,45 @@ class WorkerSide:
         # [the ipc socket, the CURVE tcp socket for workers that hosts spawn]; a routing id is known on one
         self.sockets: list[zmq.Socket] = [self.sock]
         self.via: dict[bytes, zmq.Socket] = {}  # routing id -> the socket it came through
-        self.workers: dict[bytes, ModelEntry] = {}  # routing id -> entry
-        self.calls: dict[int, tuple[Waiter, str]] = {}  # rid -> who asked, which model
-        self.on_ready: Callable[[ModelEntry], None] = lambda entry: None
+        self.workers: dict[bytes, tuple[ModelEntry, Replica]] = {}  # routing id -> whose worker
+        self.calls: dict[int, tuple[Waiter, str, int]] = {}  # rid -> who asked, which model, which replica
+        self.on_ready: Callable[[ModelEntry, Replica], None] = lambda entry, replica: None
         self._decoder = protocol.worker_message_decoder()
-        self._handlers: dict[type[WorkerMessage], Callable[[ModelEntry, Any], None]] = {
+        self._handlers: dict[type[WorkerMessage], Callable[[ModelEntry, Replica, Any], None]] = {
             Tokens: self._on_tokens,
             SpanEnd: self._on_span_end,
             Done: self._on_done,
             Error: self._on_error,
             OpResult: self._on_op_result,
             Admitted: self._on_admitted,
-            Ready: lambda entry, msg: log.warning(
+            Ready: lambda entry, replica, msg: log.warning(
                 "worker of %s sent a second ready; ignored", entry.model_id
             ),
         }
 
-    def send(self, entry: ModelEntry, msg: Message) -> bool:
-        """Send to a model's registered worker without blocking; False if it is not reachable."""
-        if entry.worker is None or entry.worker.identity is None:
+    def send(self, replica: Replica, msg: Message) -> bool:
+        """Send to a replica's registered worker without blocking; False if it is not reachable."""
+        if replica.worker is None or replica.worker.identity is None:
             return False
-        identity = entry.worker.identity
+        identity = replica.worker.identity
         try:
             self.via.get(identity, self.sock).send_multipart([identity, encode(msg)], zmq.NOBLOCK)
             return True
         except zmq.ZMQError as exc:
-            log.warning("cannot reach the worker of %s: %s", entry.model_id, exc)
+            log.warning(
+                "cannot reach the worker of %s (replica %d): %s", replica.model_id, replica.index, exc
+            )
             return False
 
-    def call(self, entry: ModelEntry, waiter: Waiter, op: WorkerOp, args: dict[str, Any], rid: int) -> None:
-        """Ask the worker an operation; its answer goes to ``waiter``."""
-        if not self.send(entry, Op(rid=rid, op=op, args=args)):
-            raise ErllamaError(ErrorCode.WORKER_CRASHED, f"the worker of {entry.model_id!r} is unreachable")
-        self.calls[rid] = (waiter, entry.model_id)
+    def call(self, replica: Replica, waiter: Waiter, op: WorkerOp, args: dict[str, Any], rid: int) -> None:
+        """Ask a replica's worker an operation; its answer goes to ``waiter``."""
+        if not self.send(replica, Op(rid=rid, op=op, args=args)):
+            raise ErllamaError(ErrorCode.WORKER_CRASHED, f"the worker of {replica.model_id!r} is unreachable")
+        self.calls[rid] = (waiter, replica.model_id, replica.index)
 
-    def fail_calls(self, model_id: str, err: ErllamaError) -> None:
-        for rid, (waiter, owner) in list(self.calls.items()):
-            if owner == model_id:
+    def fail_calls(self, replica: Replica, err: ErllamaError) -> None:
+        for rid, (waiter, owner, index) in list(self.calls.items()):
+            if owner == replica.model_id and index == replica.index:
                 del self.calls[rid]
                 self.front.refuse(waiter, err)
 
@@ -144,21 +146,24 @@ class WorkerSide:
         if isinstance(msg, Heartbeat):
             self._on_heartbeat(identity, msg, sock)
             return
-        entry = self.workers.get(identity)
-        if entry is None:
+        known = self.workers.get(identity)
+        if known is None:
             self._on_unknown_worker(identity, msg, sock)
             return
-        assert entry.worker is not None
-        entry.worker.last_seen_s = time.monotonic()
-        self._handlers[type(msg)](entry, msg)
+        entry, replica = known
+        assert replica.worker is not None
+        replica.worker.last_seen_s = time.monotonic()
+        self._handlers[type(msg)](entry, replica, msg)
 
-    def _on_tokens(self, entry: ModelEntry, msg: Tokens) -> None:
+    def _on_tokens(self, entry: ModelEntry, replica: Replica, msg: Tokens) -> None:
         """A tick's steps, regrouped by client: one message to each client whatever its stream count."""
         by_client: dict[bytes, tuple[list[StreamStep], list[int]]] = {}
         for step in msg.steps:
-            req = self.requests.of(entry, step.rid)
+            req = self.requests.of(entry, replica, step.rid)
             if req is None:
                 continue
+            if req.tokens_sent == 0:
+                self.requests.router.first_token(replica, req.rid)
             req.tokens_sent += len(step.token_ids)
             steps, rids = by_client.setdefault(req.client, ([], []))
             steps.append(StreamStep(req.client_id, step.text, step.token_ids, step.kind, msg.ts_ns))
@@ -166,48 +171,50 @@ class WorkerSide:
         for client, (steps, rids) in by_client.items():
             if not self.front.send(client, StreamTokens(steps=steps), None):
                 for rid in rids:
-                    self.send(entry, protocol.CancelRun(rid=rid))
+                    self.send(replica, protocol.CancelRun(rid=rid))
 
-    def _on_span_end(self, entry: ModelEntry, msg: SpanEnd) -> None:
-        req = self.requests.of(entry, msg.rid)
+    def _on_span_end(self, entry: ModelEntry, replica: Replica, msg: SpanEnd) -> None:
+        req = self.requests.of(entry, replica, msg.rid)
         if req is not None:
             event = StreamSpanEnd(id=req.client_id, kind=msg.kind, data=msg.data, signature=msg.signature)
             self.front.send(req.client, event, req.client_id)
 
-    def _on_done(self, entry: ModelEntry, msg: Done) -> None:
-        req = self.requests.of(entry, msg.rid)
+    def _on_done(self, entry: ModelEntry, replica: Replica, msg: Done) -> None:
+        req = self.requests.of(entry, replica, msg.rid)
         if req is not None:
             self.requests.finish(req.rid, StreamDone(id=req.client_id, result=msg.result))
 
-    def _on_error(self, entry: ModelEntry, msg: Error) -> None:
+    def _on_error(self, entry: ModelEntry, replica: Replica, msg: Error) -> None:
         if msg.rid is None:
             return
-        if self.requests.of(entry, msg.rid) is not None:
+        if self.requests.of(entry, replica, msg.rid) is not None:
             self.requests.fail(msg.rid, as_exception(msg))
-        elif msg.rid in self.calls and self.calls[msg.rid][1] == entry.model_id:
-            waiter, _ = self.calls.pop(msg.rid)
+        elif self.calls.get(msg.rid, (None, "", -1))[1:] == (entry.model_id, replica.index):
+            waiter, _, _ = self.calls.pop(msg.rid)
             self.front.refuse(waiter, as_exception(msg))
 
-    def _on_op_result(self, entry: ModelEntry, msg: OpResult) -> None:
+    def _on_op_result(self, entry: ModelEntry, replica: Replica, msg: OpResult) -> None:
         call = self.calls.get(msg.rid)
-        if call is not None and call[1] == entry.model_id:
+        if call is not None and call[1:] == (entry.model_id, replica.index):
             del self.calls[msg.rid]
             self.front.answer(call[0], msg.result)
 
-    def _on_admitted(self, entry: ModelEntry, msg: Admitted) -> None:
-        entry.queue.last_cache_hit = {"kind": msg.cache_hit_kind.value, "prefix_len": msg.prefix_len}
+    def _on_admitted(self, entry: ModelEntry, replica: Replica, msg: Admitted) -> None:
+        hit = {"kind": msg.cache_hit_kind.value, "prefix_len": msg.prefix_len}
+        entry.queue.last_cache_hit = replica.last_cache_hit = hit
 
     def _on_heartbeat(self, identity: bytes, msg: Heartbeat, sock: zmq.Socket) -> None:
         """Heartbeats come from each worker's heartbeat thread (and, on a phase change, from its main
         socket). Those from the heartbeat thread are answered with our instance id."""
         entry = self.models.get(msg.model)
-        wp = entry.worker if entry is not None else None
+        replica = entry.replica_of_pid(msg.pid) if entry is not None and msg.pid else None
+        wp = replica.worker if replica is not None else None
         if identity != (wp.identity if wp else None):
             try:
                 sock.send_multipart([identity, encode(BrokerHeartbeat(instance=self.instance))], zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
-        if entry is None or wp is None or wp.pid != msg.pid:
+        if replica is None or wp is None:
             return
         now = time.monotonic()
         wp.last_seen_s = now
@@ -215,19 +222,22 @@ class WorkerSide:
             wp.progress_changed_s = now
         wp.progress = msg.progress
         wp.busy = msg.busy
-        entry.queue.reported_phase = msg.phase
-        entry.queue.tokens_generated = msg.tokens_generated
-        entry.queue.tokens_prefilled = msg.tokens_prefilled
+        replica.reported_phase = msg.phase
+        replica.tokens_generated = msg.tokens_generated
+        replica.tokens_prefilled = msg.tokens_prefilled
         if msg.cache is not None:
-            entry.cache_stats = msg.cache
+            replica.cache_stats = msg.cache
 
     def _on_unknown_worker(self, identity: bytes, msg: WorkerMessage, sock: zmq.Socket) -> None:
         """A worker we have not heard from: one we spawned reporting in, or an operator's."""
         if isinstance(msg, Error) and msg.rid is None:
             model, pid = msg.detail.get("model"), msg.detail.get("pid")
             entry = self.models.get(model) if isinstance(model, str) else None
-            if entry is not None and entry.worker is not None and entry.worker.pid == pid:
-                entry.last_error = {"code": msg.code, "message": msg.message}
+            replica = (
+                entry.replica_of_pid(pid) if entry is not None and isinstance(pid, int) and pid else None
+            )
+            if replica is not None:
+                replica.last_error = {"code": msg.code, "message": msg.message}
             return
         if isinstance(msg, Ready):
             self._register(identity, msg, sock)
@@ -243,34 +253,37 @@ class WorkerSide:
         if entry is None:
             queue = ModelQueue(model_id, max_queue=protocol.DEFAULT_MAX_QUEUE)
             entry = ModelEntry(model_id, info.path, info.options, queue, spawned=False)
-            entry.worker = WorkerProcess(model_id, pid)
+            entry.replicas.append(Replica(model_id, 0, None, worker=WorkerProcess(model_id, pid)))
             self.models[model_id] = entry
             log.info("operator-started worker registered %s (pid %d)", model_id, pid)
-        elif not entry.spawned and entry.state in (ModelState.FAILED, ModelState.RESTARTING):
-            entry.worker = WorkerProcess(model_id, pid)
+        replica = entry.replicas[msg.replica] if 0 <= msg.replica < len(entry.replicas) else None
+        wp = replica.worker if replica is not None else None
+        if replica is None:
+            pass
+        elif not entry.spawned and replica.state in (ModelState.FAILED, ModelState.RESTARTING):
+            wp = replica.worker = WorkerProcess(model_id, pid)
         elif (
-            entry.worker is not None
-            and entry.worker.host is not None
-            and entry.worker.pid == 0
-            and entry.worker.identity is None
+            wp is not None
+            and wp.host is not None
+            and wp.pid == 0
+            and wp.identity is None
             and sock is not self.sock
         ):
-            entry.worker.pid = pid  # placed on a host whose report of the pid has not arrived yet
-        elif entry.worker is None or entry.worker.pid != pid or entry.worker.identity is not None:
+            wp.pid = pid  # placed on a host whose report of the pid has not arrived yet
+        if replica is None or wp is None or wp.pid != pid or wp.identity is not None:
             err = ErllamaError(ErrorCode.ALREADY_LOADED, f"model {model_id!r} is already served")
             sock.send_multipart([identity, encode(error_of(err, None))])
             return
-        assert entry.worker is not None
-        entry.worker.identity = identity
-        self.workers[identity] = entry
+        wp.identity = identity
+        self.workers[identity] = (entry, replica)
         self.via[identity] = sock
         entry.info = msg.info
         entry.fingerprint = info.fingerprint
         entry.memory = info.memory
-        entry.queue.slots = msg.slots
-        if entry.state is not ModelState.DRAINING:  # a host that drains keeps its models draining
-            entry.state = ModelState.READY
-        entry.last_error = None
-        entry.restart.reset()
-        log.info("model %s ready (pid %d, %d slots)", model_id, pid, msg.slots)
-        self.on_ready(entry)
+        replica.slots = msg.slots
+        if replica.state is not ModelState.DRAINING:  # a host that drains keeps its replicas draining
+            replica.state = ModelState.READY
+        replica.last_error = None
+        replica.restart.reset()
+        log.info("model %s ready: replica %d (pid %d, %d slots)", model_id, replica.index, pid, msg.slots)
+        self.on_ready(entry, replica)

@@ -43,6 +43,7 @@ from erllama.protocol import (
     CacheCall,
     CacheEvict,
     CacheExact,
+    CacheKvEvents,
     CacheLoad,
     CachePrefix,
     CacheRelease,
@@ -55,6 +56,8 @@ from erllama.protocol import (
     ErrorCode,
     EvictReply,
     ExactReply,
+    KvEventBatch,
+    KvEventsReply,
     LateReply,
     LoadReply,
     PrefixHitInfo,
@@ -368,6 +371,12 @@ class CacheClient:
 
     def stats(self) -> dict[str, Any]:
         return self.request(CacheStats(rid=0), StatsReply)[0].stats
+
+    def kv_events(self, since_seq: int = 0, publisher: str | None = None, part: int = 0) -> KvEventBatch:
+        """The store's KV events after ``since_seq`` of ``publisher``, or a snapshot part (see
+        ``protocol.kvevents``; ``cachestore.events.KvEventCursor`` keeps a reader's place)."""
+        query = CacheKvEvents(rid=0, since_seq=since_seq, publisher=publisher, part=part)
+        return self.request(query, KvEventsReply)[0].batch
 
     def evict_bytes(self, nbytes: int, tiers: Sequence[CacheTier] = (CacheTier.RAM, CacheTier.SHM)) -> int:
         """Free at least ``nbytes`` from ``tiers`` (rows move to a colder tier not listed, else go).

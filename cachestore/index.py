@@ -50,6 +50,7 @@ class RowEntry:
     usage_dirty: bool = False  # hit count / last use not yet written back to the file
     promote_pending: bool = False  # hit on a lower tier: promote once its leases are gone
     shared: bool = False  # a copy is in the shared tier (written there by us, or fetched from it)
+    blocks: list[int] = field(default_factory=list, repr=False)  # block hashes (``erllama.blockhash``)
     node: _Node | None = field(default=None, repr=False)
 
     @property

@@ -25,8 +25,15 @@ from erllama.cachestore.codec import (
     row_key_bytes,
 )
 from erllama.cachestore.index import RowEntry
-from erllama.cachestore.storage import Location, TempRow
-from erllama.cachestore.store import RECYCLED_TIERS, Replier, Store, as_error, entry_from_header
+from erllama.cachestore.storage import Location, Storage, TempRow
+from erllama.cachestore.store import (
+    RECYCLED_TIERS,
+    Replier,
+    Store,
+    as_error,
+    entry_from_header,
+    header_blocks,
+)
 from erllama.protocol import (
     MAX_CACHE_PAYLOAD_BYTES,
     Ack,
@@ -195,7 +202,7 @@ class Publisher:
         res.state = ResState.COMMITTING
         temp = res.temp
 
-        def published(fut: Future[tuple[Location, RowHeader]]) -> None:
+        def published(fut: Future[tuple[Location, RowHeader, list[int]]]) -> None:
             self._forget(res)
             exc = fut.exception()
             if exc is not None:
@@ -203,8 +210,8 @@ class Publisher:
                 log.warning("commit of %s refused: %s", res.key.hex()[:16], exc)
                 reply.error(as_error(exc))
                 return
-            loc, header = fut.result()
-            entry: RowEntry = entry_from_header(header, loc, verified=True)
+            loc, header, blocks = fut.result()
+            entry: RowEntry = entry_from_header(header, loc, verified=True, blocks=blocks)
             store.add_row(entry)
             store.counters.count_save(res.reason)
             if self.on_stored is not None:
@@ -213,8 +220,9 @@ class Publisher:
             store.relieve()
 
         store.submit(
-            store.storage.publish,
+            publish_named,
             published,
+            store.storage,
             temp,
             res.key,
             expected_crc=crc,
@@ -272,6 +280,14 @@ class Publisher:
         for res in list(self.by_id.values()):
             if res.state is not ResState.COMMITTING:
                 self._release(res)
+
+
+def publish_named(
+    storage: Storage, temp: TempRow, key: bytes, **kw: Any
+) -> tuple[Location, RowHeader, list[int]]:
+    """``Storage.publish``, and the row's block hashes (on the same I/O thread, not the loop)."""
+    loc, header = storage.publish(temp, key, **kw)
+    return loc, header, header_blocks(header)
 
 
 def _quiet(fut: Future[Any]) -> None:

@@ -48,6 +48,7 @@ from erllama.protocol import (
     CacheCommit,
     CacheEvict,
     CacheExact,
+    CacheKvEvents,
     CacheLoad,
     CachePrefix,
     CacheRelease,
@@ -59,6 +60,7 @@ from erllama.protocol import (
     ErllamaError,
     ErrorCode,
     EvictReply,
+    KvEventsReply,
     StatsReply,
     WireError,
     cache_request_decoder,
@@ -145,6 +147,9 @@ class CacheServer:
             CacheStats: lambda r, m, _: r.ok(StatsReply(stats=self.stats())),
             CacheEvict: self._evict,
             CacheBye: self._bye,
+            CacheKvEvents: lambda r, m, _: r.ok(
+                KvEventsReply(batch=self.store.events.batch(m, self.store.index.rows.values()))
+            ),
         }
 
     # --- background work ---------------------------------------------------------------------------------
@@ -271,6 +276,7 @@ class CacheServer:
             pending_io=self._pending,
             protocol=PROTOCOL_VERSION,
             shared=self.shared.snapshot() if self.shared is not None else {"enabled": False},
+            kv_events={"publisher": self.store.events.publisher, "seq": self.store.events.seq},
         )
         return snap
 

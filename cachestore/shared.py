@@ -42,7 +42,7 @@ from erllama.cachestore.sharedkv import (
     redact,
 )
 from erllama.cachestore.storage import Location, Storage
-from erllama.cachestore.store import PrefixQuery, Replier, Store, entry_from_header
+from erllama.cachestore.store import PrefixQuery, Replier, Store, entry_from_header, header_blocks
 from erllama.protocol import MAX_ROW_TOKENS, CacheTier
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ class SharedTier:
         self._ids += 1
         tag = f"s{self._ids}"
 
-        def installed(fut: Future[tuple[Location, RowHeader]]) -> None:
+        def installed(fut: Future[tuple[Location, RowHeader, list[int]]]) -> None:
             store.tiers[tier].reserved_bytes -= size
             store.arriving.discard(key)
             lookups = self._arriving.pop(key, [])
@@ -269,8 +269,8 @@ class SharedTier:
                     self._answer(waiter, None)
                 store.relieve()
                 return
-            loc, header = fut.result()
-            entry = entry_from_header(header, loc, verified=True)
+            loc, header, blocks = fut.result()
+            entry = entry_from_header(header, loc, verified=True, blocks=blocks)
             entry.shared = True
             store.add_row(entry)  # no writer could store this key meanwhile (``store.arriving``)
             self.counters.hits += len(lookups)
@@ -358,9 +358,11 @@ class SharedTier:
 
 def install_row(
     storage: Storage, tier: CacheTier, key: bytes, tag: str, offset: int, image: bytearray
-) -> tuple[Location, RowHeader]:
-    """Write a fetched row image into a temp of ``tier`` and publish it (verified again, atomically)."""
+) -> tuple[Location, RowHeader, list[int]]:
+    """Write a fetched row image into a temp of ``tier`` and publish it (verified again, atomically);
+    with the row's block hashes, computed here rather than on the loop."""
     view = memoryview(image)
     temp = storage.create_temp(tier, key, tag, len(image), bytes(view[:offset]))
     checksum = int.from_bytes(view[CHECKSUM_OFFSET : CHECKSUM_OFFSET + 4], "little")
-    return storage.publish(temp, key, expected_crc=checksum, inline=(offset, view[offset:]))
+    loc, header = storage.publish(temp, key, expected_crc=checksum, inline=(offset, view[offset:]))
+    return loc, header, header_blocks(header)

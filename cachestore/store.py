@@ -15,8 +15,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+from erllama.blockhash import block_hashes_of_bytes
 from erllama.cachestore.codec import CorruptRow, RowHeader, encode_usage
 from erllama.cachestore.config import SHM_TIER_MIN_BYTES, StoreConfig, auto_shm_budget
+from erllama.cachestore.events import KvEventLog
 from erllama.cachestore.index import Index, RowEntry, RowState
 from erllama.cachestore.leases import Lease, ProcessWatch
 from erllama.cachestore.stats import Counters
@@ -82,7 +84,12 @@ class Replier(Protocol):
     def error(self, err: ErllamaError) -> None: ...
 
 
-def entry_from_header(header: RowHeader, loc: Location, *, verified: bool) -> RowEntry:
+def entry_from_header(
+    header: RowHeader, loc: Location, *, verified: bool, blocks: list[int] | None = None
+) -> RowEntry:
+    """The index entry of a row; ``blocks``: its block hashes if already computed (off the loop)."""
+    if blocks is None:
+        blocks = header_blocks(header)
     return RowEntry(
         key=header.key,
         fingerprint=header.fingerprint,
@@ -99,7 +106,13 @@ def entry_from_header(header: RowHeader, loc: Location, *, verified: bool) -> Ro
         fd=loc.fd,
         ino=loc.ino,
         verified=verified,
+        blocks=blocks,
     )
+
+
+def header_blocks(header: RowHeader) -> list[int]:
+    """A row's block hashes (about 2 ms for 30,000 tokens: computed on an I/O thread where it can be)."""
+    return block_hashes_of_bytes(header.fingerprint, header.token_bytes)
 
 
 def row_info(entry: RowEntry) -> RowInfo:
@@ -142,6 +155,7 @@ class Store:
         self.shared: SharedHooks | None = None  # set by the server when a shared tier is configured
         self.arriving: set[bytes] = set()  # keys being published from the shared tier (not by a writer)
         self.procs = ProcessWatch()
+        self.events = KvEventLog()  # rows stored, removed and moved, for the broker's routing index
         self.ids = itertools.count(1)
         self._waiters: dict[bytes, list[Callable[[bool], None]]] = {}
         self._move_cancelled: set[bytes] = set()
@@ -453,6 +467,7 @@ class Store:
 
     def _remove(self, entry: RowEntry) -> None:
         self.index.remove(entry.key)
+        self.events.removed(entry)
         self.tiers[entry.tier].remove_row(entry.size)
         if entry.leases:  # found corrupt while read: its reader keeps a valid mapping until it lets go
             self.submit(self.storage.delete, _ignore, self.location(entry), False)
@@ -487,8 +502,10 @@ class Store:
             waiters.pop(res_id)(None)
 
     def add_row(self, entry: RowEntry) -> None:
+        """A new row becomes visible (committed by a writer, or fetched from the shared tier)."""
         self.index.add(entry)
         self.tiers[entry.tier].add_row(entry.size)
+        self.events.stored(entry)
 
     def _evict(self, entry: RowEntry) -> None:
         log.debug("evicting %s from %s (%d bytes)", entry.key.hex()[:16], entry.tier.value, entry.size)
@@ -498,6 +515,7 @@ class Store:
             return
         # Below the coldest local tier: the row is written to the shared tier before its bytes go.
         self.index.remove(entry.key)
+        self.events.removed(entry)
         self.tiers[entry.tier].remove_row(entry.size)
         loc = self.location(entry)
         if not self.shared.row_leaving(entry, lambda: self._free(loc)):
@@ -539,6 +557,7 @@ class Store:
             else:
                 self.tiers[src.tier].remove_row(size)
                 self.index.relocate(entry, dest, new.path, new.fd, new.ino)
+                self.events.moved(entry, src.tier)
                 self.tiers[dest].add_row(size)
                 entry.verified = True
                 entry.usage_dirty = dest is not CacheTier.RAM

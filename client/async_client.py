@@ -261,10 +261,25 @@ class AsyncClient:
     # --- models --------------------------------------------------------------------------------------------
 
     async def load_model(
-        self, model_id: str, model_path: str | None = None, *, host: str | None = None, **options: Any
+        self,
+        model_id: str,
+        model_path: str | None = None,
+        *,
+        host: str | None = None,
+        hosts: list[str] | None = None,
+        replicas: int | None = None,
+        **options: Any,
     ) -> dict[str, Any]:
         """As ``Client.load_model``."""
-        request = LoadModel(id=new_request_id(), model=model_id, path=model_path, options=options, host=host)
+        request = LoadModel(
+            id=new_request_id(),
+            model=model_id,
+            path=model_path,
+            options=options,
+            host=host,
+            hosts=hosts,
+            replicas=replicas,
+        )
         return await self._call(request, MODEL_LOAD_TIMEOUT_S)
 
     async def unload_model(self, model_id: str) -> None:

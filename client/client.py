@@ -156,12 +156,30 @@ class Client:
     # --- models --------------------------------------------------------------------------------------------
 
     def load_model(
-        self, model_id: str, model_path: str | None = None, *, host: str | None = None, **options: Any
+        self,
+        model_id: str,
+        model_path: str | None = None,
+        *,
+        host: str | None = None,
+        hosts: list[str] | None = None,
+        replicas: int | None = None,
+        **options: Any,
     ) -> dict[str, Any]:
         """Start a worker for a model file (None: the embedded default) and wait until it is ready.
         Options are llama.cpp and erllama load options (``n_ctx``, ``n_seq_max``, ``type_k``, ...).
-        ``host``: the name of a joined ``erllama-host`` to run the worker on (the path is on that machine)."""
-        request = LoadModel(id=new_request_id(), model=model_id, path=model_path, options=options, host=host)
+        ``host``: the name of a joined ``erllama-host`` to run the worker on (the path is on that machine);
+        ``hosts``: one replica on each of these hosts; ``replicas``: that many replicas, on the hosts that
+        are up with the most memory free (or all on the broker's machine when no host has joined). The
+        load option ``routing`` picks a replica per request (README, Several machines)."""
+        request = LoadModel(
+            id=new_request_id(),
+            model=model_id,
+            path=model_path,
+            options=options,
+            host=host,
+            hosts=hosts,
+            replicas=replicas,
+        )
         return self._conn.call(request, MODEL_LOAD_TIMEOUT_S)
 
     def unload_model(self, model_id: str) -> None:

@@ -124,7 +124,12 @@ def cmd_hosts(c: Client, args: argparse.Namespace) -> int:
 def cmd_load(c: Client, args: argparse.Namespace) -> int:
     options = dict(kv.split("=", 1) for kv in args.option)
     info = c.load_model(
-        args.id, args.path, host=args.host, **{k: _parse_value(v) for k, v in options.items()}
+        args.id,
+        args.path,
+        host=args.host,
+        hosts=args.hosts.split(",") if args.hosts else None,
+        replicas=args.replicas,
+        **{k: _parse_value(v) for k, v in options.items()},
     )
     _out(json.dumps(info, indent=2, default=str) + "\n")
     return 0
@@ -306,7 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("id")
     p.add_argument("path", nargs="?")
     p.add_argument("-o", "--option", action="append", default=[], help="load option key=value (repeatable)")
-    p.add_argument("--host", help="run the worker on this joined erllama-host (the path is on that machine)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument(
+        "--host", help="run the worker on this joined erllama-host (the path is on that machine)"
+    )
+    where.add_argument("--hosts", help="one replica on each of these hosts (comma-separated names)")
+    where.add_argument("--replicas", type=int, help="this many replicas, on the hosts that are up")
     sub.add_parser("hosts", help="the hosts that joined: state, heartbeat age, resources, models")
     p = sub.add_parser("unload", help="unload a model")
     p.add_argument("id")

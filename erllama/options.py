@@ -56,6 +56,16 @@ class PrefillOrder(enum.StrEnum):
 
 
 PREFILL_POLICIES: Final = tuple(o.value for o in PrefillOrder)
+
+
+class RoutingPolicy(enum.StrEnum):
+    """How the broker picks one of a model's replicas for a request (broker/routing.py)."""
+
+    CACHE_AWARE = "cache_aware"  # the lowest expected time to first token, from what each replica holds
+    LEAST_LOADED = "least_loaded"  # the replica with the most free sequences
+    ROUND_ROBIN = "round_robin"  # each in turn
+
+
 MODEL_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 
@@ -187,6 +197,7 @@ class LoadOptions:
     prefill_budget_tokens: int = 512  # prompt tokens per tick beside the decode rows (at most n_batch)
     prefill_chunk_size: int = 256  # ``fair``: each prefilling request's slice of a tick
     share_prefix: bool = True  # a request starting like a running one copies its KV (worker/sharing.py)
+    routing: str = RoutingPolicy.CACHE_AWARE.value  # how the broker picks a replica (broker/routing.py)
     stub_decode_ms: int = 0  # the stub backend sleeps this long per decode, standing in for compute
     stub_prefill_us_per_token: int = 0  # and this much more per token of the batch: a prefill's cost
     stub_memory: str = "transformer"  # the memory kind the stub backend imitates (worker/stub_backend.py)
@@ -267,6 +278,7 @@ def parse_load_options(options: dict[str, Any] | None) -> LoadOptions:
         ("flash_attn", FLASH_ATTN_MODES),
         ("stub_memory", STUB_MEMORY_KINDS),
         ("prefill_policy", PREFILL_POLICIES),
+        ("routing", tuple(r.value for r in RoutingPolicy)),
         ("type_k", KV_TYPES),
         ("type_v", KV_TYPES),
     ):

@@ -134,6 +134,7 @@ class WorkerProcess(ChildProcess):
     progress_changed_s: float = field(default_factory=time.monotonic)
     busy: bool = False
     host: str | None = None  # the host whose supervisor runs it; None: this machine (or an operator)
+    replica: int = 0  # which of the model's replicas it serves
 
     @property
     def model_id(self) -> str:
@@ -202,9 +203,11 @@ def spawn_worker(
     log_level: str,
     cachestore: str | None,
     curve: tuple[str, str] | None = None,
+    replica: int = 0,
 ) -> WorkerProcess:
     """Start a worker process; the caller polls its pidfd and stderr. ``curve``: (this machine's key file
-    with its secret, the broker's public key file) for a worker that reaches the broker over tcp."""
+    with its secret, the broker's public key file) for a worker that reaches the broker over tcp;
+    ``replica``: which of the model's replicas it is."""
     cmd = console_command("erllama-worker", "erllama.worker.main") + [
         "--id",
         model_id,
@@ -218,6 +221,8 @@ def spawn_worker(
         str(os.getpid()),
         "--log-level",
         log_level,
+        "--replica",
+        str(replica),
     ]
     if model_path:
         cmd += ["--model", model_path]
@@ -226,7 +231,9 @@ def spawn_worker(
         cmd += ["--curve-key", curve[0], "--curve-server-key", curve[1]]
     proc, pidfd, stderr_fd = _popen(cmd)
     log.info("spawned worker for %s: pid %d", model_id, proc.pid)
-    return WorkerProcess(name=model_id, pid=proc.pid, proc=proc, pidfd=pidfd, stderr_fd=stderr_fd)
+    return WorkerProcess(
+        name=model_id, pid=proc.pid, proc=proc, pidfd=pidfd, stderr_fd=stderr_fd, replica=replica
+    )
 
 
 def spawn_cachestore(args: list[str], env: dict[str, str] | None = None) -> ChildProcess:

@@ -17,6 +17,7 @@ from typing import Any, Final
 import zmq
 
 from erllama.cachestore.client import CacheClient
+from erllama.cachestore.events import KvEventCursor
 from erllama.host.link import BrokerLink
 from erllama.host.resources import gpus, host_resources
 from erllama.host.supervise import HostSettings, HostSupervisor
@@ -30,9 +31,11 @@ from erllama.protocol import (
     HostCommand,
     HostDrain,
     HostJoin,
+    HostKvResync,
     HostLeave,
     HostWelcome,
     HostWorker,
+    KvEventBatch,
     SpawnWorker,
     StopWorker,
     WorkerExited,
@@ -73,6 +76,7 @@ class Host:
         self.worker_port = 0
         self.instance: str | None = None
         self.store_stats: dict[str, Any] | None = None
+        self.kv_cursor = KvEventCursor()  # where our beats are in the store's KV events
         self.beat_at_s = 0.0
         self.joined_at_s = 0.0  # when our last join was sent
         self.drain_deadline_s = 0.0
@@ -152,6 +156,7 @@ class Host:
             self.sup.kill_all()
             self.sup.wait_workers(TERMINATE_GRACE_S)
         self.phase = HostPhase.JOINING
+        self.kv_cursor.reset()  # the broker's index starts us from a snapshot
         self.joined_at_s = time.monotonic()
         resources = host_resources(self.gpus, self.gpu_error, self.store_stats)
         self.link.send(HostJoin(name=self.settings.name, pid=os.getpid(), resources=resources))
@@ -168,11 +173,28 @@ class Host:
             return
         workers = [HostWorker(model=m, pid=wp.pid) for m, wp in self.sup.workers.items()]
         resources = host_resources(self.gpus, self.gpu_error, self.store_stats)
+        kv = self._kv_events() if cachestore_up and self.store is not None else None
         self.link.send(
             HostBeat(
-                name=self.settings.name, resources=resources, workers=workers, cachestore_up=cachestore_up
+                name=self.settings.name,
+                resources=resources,
+                workers=workers,
+                cachestore_up=cachestore_up,
+                kv=kv,
             )
         )
+
+    def _kv_events(self) -> KvEventBatch | None:
+        """The store's KV events since the last beat's, for the broker's routing index (a snapshot
+        after a join or a resync); None if the store did not answer in time (asked again next beat)."""
+        assert self.store is not None
+        cur = self.kv_cursor
+        try:
+            batch = self.store.kv_events(cur.since_seq, cur.publisher, cur.part)
+        except ErllamaError:
+            return None
+        cur.advance(batch)  # a beat lost on the way is a gap the broker sees: it asks for a resync
+        return batch
 
     def _on_command(self, msg: HostCommand) -> None:
         if isinstance(msg, HostWelcome):
@@ -187,6 +209,9 @@ class Host:
             self._spawn(msg)
         elif isinstance(msg, StopWorker):
             self.sup.kill(msg.model, msg.pid)
+        elif isinstance(msg, HostKvResync):
+            log.info("the broker asks for our cache store's KV events from a snapshot")
+            self.kv_cursor.reset()
         elif isinstance(msg, Error):
             self._on_error(msg)
 
@@ -209,7 +234,7 @@ class Host:
             self.link.send(WorkerExited(model=msg.model, pid=0, detail={"refused": reason}))
             return
         try:
-            wp = self.sup.spawn(msg.model, msg.path, msg.options, self.worker_port)
+            wp = self.sup.spawn(msg.model, msg.path, msg.options, self.worker_port, msg.replica)
         except OSError as exc:
             self.link.send(WorkerExited(model=msg.model, pid=0, detail={"spawn_failed": str(exc)}))
             return

@@ -68,7 +68,7 @@ class HostSupervisor:
     # --- workers -------------------------------------------------------------------------------------------
 
     def spawn(
-        self, model_id: str, path: str | None, options: dict[str, Any], worker_port: int
+        self, model_id: str, path: str | None, options: dict[str, Any], worker_port: int, replica: int = 0
     ) -> WorkerProcess:
         s = self.settings
         wp = spawn_worker(
@@ -80,6 +80,7 @@ class HostSupervisor:
             s.log_level,
             s.cachestore_endpoint,
             s.curve,
+            replica,
         )
         self.workers[model_id] = wp
         self.watcher.watch(wp)

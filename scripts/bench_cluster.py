@@ -26,9 +26,11 @@ host: prefill tokens/s of a ~1,000-token prompt and one decode step, so that 3 h
 smaller (2 hosts, 6 conversations x 3 turns, short prompts), each replica with its share of the cores
 (``n_threads``) and ``OMP_WAIT_POLICY=PASSIVE``.
 
-Until the broker runs replicas (``load_model(..., hosts=[...])``), each host gets a model of its own
-and this script routes: ``round_robin`` in turn, ``least_loaded`` to the fewest requests in flight,
-``cache_aware`` to where the conversation's previous turn went (the first turn: least loaded).
+The model is loaded once with a replica per host (``load_model(..., hosts=[...], routing=...)``) and
+the broker routes. With a client whose ``load_model`` has no ``hosts`` (a broker before replicas), each
+host gets a model of its own and this script routes: ``round_robin`` in turn, ``least_loaded`` to the
+fewest requests in flight, ``cache_aware`` to where the conversation's previous turn went (the first
+turn: least loaded).
 
 Each configuration's prompts start with a text of their own, so rows one left behind in a host's
 store never match another's: one cluster serves all the configurations of a tier setting.
@@ -389,8 +391,10 @@ def main() -> int:
         redis = RedisServer(Path(redis_dir)).start() if "on" in args.tiers else None
         try:
             for shared, group in setups(args).items():
-                with cluster(names, *QUIET) as cl:
-                    hosts = start_hosts(cl, args.hosts, redis.url if shared and redis else None)
+                url = redis.url if shared and redis else None
+                # the broker's routing counts shared-tier rows only when it knows the tier too
+                with cluster(names, *QUIET, *(("--shared-url", url) if url else ())) as cl:
+                    hosts = start_hosts(cl, args.hosts, url)
                     outcomes += [run_setup(hosts, s, work, options) for s in group]
         finally:
             if redis is not None:

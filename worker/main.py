@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--curve-key", help="our CURVE key file (with its secret), for a tcp broker endpoint")
     ap.add_argument("--curve-server-key", help="the broker's public CURVE key file")
     ap.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--replica", type=int, default=0, help="which of the model's replicas this is")
     ap.add_argument("--log-level", default=os.environ.get("ERLLAMA_LOG_LEVEL", "INFO"))
     args = ap.parse_args(argv)
     setup_logging(args.log_level, f"worker[{args.id}]")
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     heartbeat.start()
     service = WorkerService(args.id, backend, options, sock, heartbeat, info, cache, markers, refingerprint)
     service.supervised = bool(args.parent_pid)
+    service.replica = args.replica
     try:
         service.run()
     finally:

@@ -155,13 +155,22 @@ class WorkerService:
         }
         self.stopping = False
         self.supervised = False  # spawned by a supervisor (an erllama-host): stop when the broker restarts
+        self.replica = 0  # which of the model's replicas this worker is, echoed in ``ready``
         self.refused = False
         self.bad_messages = 0
         self._reported_phase = self.scheduler.phase
 
     def announce(self) -> None:
         self.sock.send(
-            encode(Ready(model=self.model_id, pid=os.getpid(), slots=self.backend.n_seq_max, info=self.info))
+            encode(
+                Ready(
+                    model=self.model_id,
+                    pid=os.getpid(),
+                    slots=self.backend.n_seq_max,
+                    info=self.info,
+                    replica=self.replica,
+                )
+            )
         )
 
     def run(self) -> None:

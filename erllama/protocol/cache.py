@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from erllama.protocol.codes import CacheMsgType, CacheTier
+from erllama.protocol.kvevents import KvEventBatch
 from erllama.protocol.messages import Message
 
 # --- requests -------------------------------------------------------------------------------------------
@@ -99,6 +100,15 @@ class CacheBye(CacheCall, frozen=True, tag=CacheMsgType.BYE.value):
     """The client is closing: end its leases and reservations now."""
 
 
+class CacheKvEvents(CacheCall, frozen=True, tag=CacheMsgType.KV_EVENTS.value):
+    """The KV events after ``since_seq`` of ``publisher`` (None: a reader starting afresh gets a
+    snapshot); ``part``: the next part of the snapshot at ``since_seq`` (see ``kvevents.KvEventBatch``)."""
+
+    since_seq: int = 0
+    publisher: str | None = None
+    part: int = 0
+
+
 CacheRequest = (
     CacheExact
     | CachePrefix
@@ -110,6 +120,7 @@ CacheRequest = (
     | CacheStats
     | CacheEvict
     | CacheBye
+    | CacheKvEvents
 )
 
 # --- replies --------------------------------------------------------------------------------------------
@@ -187,6 +198,10 @@ class EvictReply(CacheReply, frozen=True):
 
 class StatsReply(CacheReply, frozen=True):
     stats: dict[str, Any]
+
+
+class KvEventsReply(CacheReply, frozen=True):
+    batch: KvEventBatch
 
 
 class Ack(CacheReply, frozen=True):

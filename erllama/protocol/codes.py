@@ -169,6 +169,7 @@ class HostMsgType(enum.StrEnum):
     WELCOME = "host_welcome"
     SPAWN = "host_spawn"
     STOP = "host_stop"
+    KV_RESYNC = "host_kv_resync"  # the broker's index lost track of our store: send a snapshot next
 
 
 class HostState(enum.StrEnum):
@@ -221,6 +222,7 @@ class CacheMsgType(enum.StrEnum):
     STATS = "c.stats"
     EVICT = "c.evict"  # free bytes in some tiers (memory-pressure watcher)
     BYE = "c.bye"  # the client is closing: end its leases and reservations now
+    KV_EVENTS = "c.kv_events"  # what rows appeared, left or moved since a sequence number (or a snapshot)
     OK = "c.ok"
     ERROR = "err"  # same wire value as MsgType.ERROR (the ``Error`` message)
 
@@ -235,6 +237,14 @@ class CacheTier(enum.StrEnum):
 
 
 LOCAL_TIERS: Final = (CacheTier.RAM, CacheTier.SHM, CacheTier.DISK)  # hottest first: where rows live
+
+
+class KvEventKind(enum.StrEnum):
+    """What happened to a row, in a cache store's KV events (``kvevents``)."""
+
+    STORED = "stored"  # became visible: committed, or fetched from the shared tier
+    REMOVED = "removed"  # evicted or deleted
+    MOVED = "moved"  # changed tier (demotion or promotion)
 
 
 class SaveReason(enum.StrEnum):

@@ -7,7 +7,8 @@ and reports the pid (``WorkerSpawned``) and later the end (``WorkerExited``) fro
 On SIGTERM the host drains (``HostDrain``): no new placements, the broker lets the host's models finish
 what they accepted and stops their workers, then the host leaves (``HostLeave``). A refused or unknown
 host gets ``Error`` with ``host_refused`` (or ``host_down`` to a host the broker declared dead, which
-then joins again).
+then joins again). Beats carry the host's cache store's KV events (``kvevents``); when they leave a gap
+the broker asks for a snapshot (``HostKvResync``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import msgspec
 
 from erllama.protocol.codes import HostMsgType
+from erllama.protocol.kvevents import KvEventBatch
 from erllama.protocol.messages import Error, Id, Message
 
 
@@ -60,6 +62,7 @@ class HostBeat(Message, frozen=True, tag=HostMsgType.BEAT.value):
     resources: HostResources
     workers: list[HostWorker] = msgspec.field(default_factory=list)
     cachestore_up: bool = False
+    kv: KvEventBatch | None = None  # the store's KV events since the last beat (``kvevents``)
 
 
 class WorkerSpawned(Message, frozen=True, tag=HostMsgType.SPAWNED.value):
@@ -97,6 +100,7 @@ class SpawnWorker(Message, frozen=True, tag=HostMsgType.SPAWN.value):
     model: Id
     path: str | None
     options: dict[str, Any]
+    replica: int = 0  # which of the model's replicas (a host runs at most one of each model)
 
 
 class StopWorker(Message, frozen=True, tag=HostMsgType.STOP.value):
@@ -106,5 +110,11 @@ class StopWorker(Message, frozen=True, tag=HostMsgType.STOP.value):
     pid: int
 
 
+class HostKvResync(Message, frozen=True, tag=HostMsgType.KV_RESYNC.value):
+    """The broker's index of our store's rows has a gap: read the store from a snapshot again."""
+
+    name: Id
+
+
 HostMessage = HostJoin | HostBeat | WorkerSpawned | WorkerExited | HostDrain | HostLeave
-HostCommand = HostWelcome | SpawnWorker | StopWorker | Error
+HostCommand = HostWelcome | SpawnWorker | StopWorker | HostKvResync | Error

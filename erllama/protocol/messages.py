@@ -114,6 +114,8 @@ class LoadModel(Message, frozen=True, tag=MsgType.LOAD_MODEL.value):
     path: str | None = None  # on ``host``, a path on that machine
     options: dict[str, Any] = {}
     host: Id | None = None  # the joined host to run the worker on; None: the broker's own machine
+    hosts: list[Id] | None = None  # one replica on each of these hosts
+    replicas: int | None = None  # this many replicas, on the hosts that are up (or this machine)
 
 
 class UnloadModel(Message, frozen=True, tag=MsgType.UNLOAD_MODEL.value):
@@ -230,6 +232,7 @@ class Ready(Message, frozen=True, tag=MsgType.READY.value):
     pid: int
     slots: int
     info: dict[str, Any]
+    replica: int = 0  # which of the model's replicas it is (its ``--replica``)
 
 
 class Heartbeat(Message, frozen=True, tag=MsgType.HEARTBEAT.value):

@@ -14,11 +14,12 @@ from typing import Any
 import msgspec
 import pytest
 
+from erllama.blockhash import block_hashes
 from erllama.cachestore.cli import render
 from erllama.cachestore.client import CacheClient
 from erllama.cachestore.codec import row_key
 from erllama.cachestore.sharedkv import PART_BYTES, Manifest, lengths_key, manifest_key
-from erllama.protocol import CacheTier, SaveOutcome
+from erllama.protocol import LOCAL_TIERS, CacheTier, KvEventKind, SaveOutcome
 from tests.cachestore.cachestore_support import Daemon, payload_for
 from tests.redis_support import PASSWORD, RedisServer
 
@@ -87,6 +88,7 @@ def test_a_row_saved_by_one_store_is_found_by_another_through_the_shared_tier(
     shown = render(ca.stats())  # erllama cache
     assert f"shared tier redis://:***@127.0.0.1:{redis_server.port}/0: up" in shown and PASSWORD not in shown
 
+    before = cb.kv_events()  # B's KV events start empty
     found = cb.find(FP, [*tokens, 1, 2, 3])
     assert found is not None
     hit, row = found
@@ -94,6 +96,10 @@ def test_a_row_saved_by_one_store_is_found_by_another_through_the_shared_tier(
         assert hit.tier is CacheTier.SHARED and hit.common_len == len(tokens)
         assert row.tokens == tokens and row.fingerprint == FP
         assert row.payload == payload
+    # The fetched row is announced as B's own, in the local tier it landed in.
+    [stored] = cb.kv_events(before.last_seq, before.publisher).events
+    assert (stored.kind, stored.blocks) == (KvEventKind.STORED, block_hashes(FP, tokens))
+    assert stored.tier in LOCAL_TIERS
     s = shared_stats(cb)
     assert (s["hits"], s["misses"], s["errors"]) == (1, 0, 0) and s["bytes_read"] > len(payload)
     # Now it is B's own: the next lookup is a local hit, and B does not write it back.
