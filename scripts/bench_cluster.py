@@ -27,10 +27,7 @@ smaller (2 hosts, 6 conversations x 3 turns, short prompts), each replica with i
 (``n_threads``) and ``OMP_WAIT_POLICY=PASSIVE``.
 
 The model is loaded once with a replica per host (``load_model(..., hosts=[...], routing=...)``) and
-the broker routes. With a client whose ``load_model`` has no ``hosts`` (a broker before replicas), each
-host gets a model of its own and this script routes: ``round_robin`` in turn, ``least_loaded`` to the
-fewest requests in flight, ``cache_aware`` to where the conversation's previous turn went (the first
-turn: least loaded).
+the broker routes each request.
 
 Each configuration's prompts start with a text of their own, so rows one left behind in a host's
 store never match another's: one cluster serves all the configurations of a tier setting.
@@ -41,7 +38,6 @@ store never match another's: one cluster serves all the configurations of a tier
 from __future__ import annotations
 
 import argparse
-import inspect
 import itertools
 import logging
 import os
@@ -49,7 +45,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -75,7 +70,6 @@ CALIBRATION_ROUNDS: Final = 2
 DEFAULT_PREFILL_US_PER_TOKEN: Final = 4500  # the default model on this 2-core VM, exact mode (README)
 DEFAULT_DECODE_MS: Final = 10
 QUIET: Final = ("--log-level", "WARNING")  # the broker's and hosts' logs: only what goes wrong
-BROKER_ROUTES: Final = "hosts" in inspect.signature(Client.load_model).parameters
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +100,7 @@ class Outcome:
     setup: Setup
     samples: list[tuple[int, Sample]]  # (turn, sample)
     wall_s: float
+    routed: list[int]  # requests the broker sent to each replica
 
     def later(self) -> list[Sample]:
         return [s for t, s in self.samples if t >= 2]
@@ -122,37 +117,6 @@ class Outcome:
 
     def mean_ttft(self) -> float:
         return mean([s.ttft_ms for s in self.later()])
-
-
-class Router:
-    """Where each request goes. With replicas in the broker: the one model, and the broker picks the
-    replica. Before that: one model per host, picked here by the same policy names."""
-
-    def __init__(self, models: Sequence[str], routing: str | None):
-        self.models = list(models)
-        self.routing = routing
-        self._lock = threading.Lock()
-        self._turn = itertools.cycle(self.models)
-        self._in_flight = dict.fromkeys(self.models, 0)
-        self._last: dict[int, str] = {}  # conversation -> the model its previous turn ran on
-
-    def pick(self, conv: int) -> str:
-        with self._lock:
-            if len(self.models) == 1:
-                model = self.models[0]
-            elif self.routing == "round_robin":
-                model = next(self._turn)
-            elif self.routing == "cache_aware" and conv in self._last:
-                model = self._last[conv]
-            else:
-                model = min(self.models, key=lambda m: self._in_flight[m])
-            self._in_flight[model] += 1
-            self._last[conv] = model
-            return model
-
-    def done(self, model: str) -> None:
-        with self._lock:
-            self._in_flight[model] -= 1
 
 
 @dataclass(slots=True)
@@ -173,34 +137,24 @@ def start_hosts(cl: Cluster, n: int, shared_url: str | None) -> Hosts:
     return Hosts(cl, cl.client(timeout_s=CLIENT_TIMEOUT_S), names)
 
 
-def deploy(hosts: Hosts, setup: Setup, options: dict[str, Any]) -> Router:
+def deploy(hosts: Hosts, setup: Setup, options: dict[str, Any]) -> None:
+    """One replica of the model on each of the setup's hosts, routed by the broker."""
     c, names = hosts.client, hosts.names[: setup.hosts]
     opts = options | {"n_seq_max": setup.seqs}
     if options.get("backend") != "stub":  # the hosts share this machine's cores: each gets its part
         opts["n_threads"] = max(1, (os.cpu_count() or 1) // setup.hosts)
-    if len(names) == 1:
+    if setup.routing is None:
         c.load_model(MODEL_ID, None, host=names[0], **opts)
-        return Router([MODEL_ID], None)
-    if BROKER_ROUTES:
-        c.load_model(MODEL_ID, None, hosts=names, routing=setup.routing, **opts)
-        info = c.model_info(MODEL_ID)
-        log.info("%s: replicas %s, routing %s", setup.label, info.get("replicas"), info.get("routing"))
-        return Router([MODEL_ID], setup.routing)
-    models = [f"{MODEL_ID}-{name}" for name in names]
-    for model, name in zip(models, names, strict=True):
-        c.load_model(model, None, host=name, **opts)
-    return Router(models, setup.routing)
-
-
-def undeploy(c: Client, router: Router) -> None:
-    for model in router.models:
-        c.unload_model(model)
+        return
+    c.load_model(MODEL_ID, None, hosts=names, routing=setup.routing, **opts)
+    info = c.model_info(MODEL_ID)
+    log.info("%s: replicas %s, routing %s", setup.label, info.get("replicas"), info.get("routing"))
 
 
 def run_setup(hosts: Hosts, setup: Setup, work: Workload, options: dict[str, Any]) -> Outcome:
     c = hosts.client
-    router = deploy(hosts, setup, options)
-    corpus = Corpus(c, router.models[0])
+    deploy(hosts, setup, options)
+    corpus = Corpus(c, MODEL_ID)
     salt = next(hosts.runs)  # a lead of its own: no row of an earlier configuration matches
     system = corpus.prompt(
         f"Run {salt}. System: you answer questions about the harbour. ", work.system_tokens
@@ -218,11 +172,7 @@ def run_setup(hosts: Hosts, setup: Setup, work: Workload, options: dict[str, Any
         try:
             start.wait()
             for t in range(1, work.turns + 1):
-                model = router.pick(k)
-                try:
-                    s = run(c, prompt, work.gen, model_id=model)
-                finally:
-                    router.done(model)
+                s = run(c, prompt, work.gen, model_id=MODEL_ID)
                 samples.append((t, s))  # list.append is atomic
                 more = corpus.more(f"\nUser (turn {t + 1}): ", work.new_tokens, 131 * k + 389 * t)
                 prompt = prompt + s.generated + more
@@ -237,10 +187,11 @@ def run_setup(hosts: Hosts, setup: Setup, work: Workload, options: dict[str, Any
     for th in threads:
         th.join()
     wall_s = time.monotonic() - t0
-    undeploy(c, router)
+    routed = [int(r.get("routed", 0)) for r in c.model_info(MODEL_ID).get("replicas", [])]
+    c.unload_model(MODEL_ID)
     if failures:
         raise RuntimeError(f"{len(failures)} conversations failed in {setup.label}") from failures[0]
-    out = Outcome(setup, samples, wall_s)
+    out = Outcome(setup, samples, wall_s, routed)
     log.info(
         "%s: restored %.1f%%, mean TTFT %.0f ms, %.1f s",
         setup.label,
@@ -299,16 +250,16 @@ def table(outcomes: list[Outcome], work: Workload) -> None:
     )
     print(
         "| configuration | restored | of which shared tier | mean TTFT ms | p90 TTFT ms "
-        "| turn 1 mean TTFT ms | wall s |"
+        "| turn 1 mean TTFT ms | wall s | requests per replica |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for o in outcomes:
         first = mean([s.ttft_ms for t, s in o.samples if t == 1])
         ttfts = [s.ttft_ms for s in o.later()]
         print(
             f"| {o.setup.label} | {100 * o.restored():.1f}% | {100 * o.from_shared():.1f}% "
             f"| {mean(ttfts):,.0f} | {p90(ttfts):,.0f} "
-            f"| {first:,.0f} | {o.wall_s:.1f} |"
+            f"| {first:,.0f} | {o.wall_s:.1f} | {'/'.join(map(str, o.routed)) or '-'} |"
         )
     by_label = {o.setup.label: o for o in outcomes}
     single = next(o for o in outcomes if o.setup.routing is None)
@@ -380,11 +331,6 @@ def main() -> int:
             "stub_decode_ms": ms,
         }
         print(f"stub model: stub_prefill_us_per_token={us}, stub_decode_ms={ms}")
-    print(
-        "routing by the broker (replicas)"
-        if BROKER_ROUTES
-        else "routing by this script over one model per host (the broker has no replicas yet)"
-    )
     outcomes: list[Outcome] = []
     names = tuple(f"h{i + 1}" for i in range(args.hosts))
     with tempfile.TemporaryDirectory(prefix="erl-bc-redis-") as redis_dir:
