@@ -148,7 +148,8 @@ def deploy(hosts: Hosts, setup: Setup, options: dict[str, Any]) -> None:
         return
     c.load_model(MODEL_ID, None, hosts=names, routing=setup.routing, **opts)
     info = c.model_info(MODEL_ID)
-    log.info("%s: replicas %s, routing %s", setup.label, info.get("replicas"), info.get("routing"))
+    replicas = [(r["host"], r["state"], r["slots"]) for r in info.get("replicas", [])]
+    log.info("%s: replicas (host, state, slots) %s, routing %s", setup.label, replicas, info.get("routing"))
 
 
 def run_setup(hosts: Hosts, setup: Setup, work: Workload, options: dict[str, Any]) -> Outcome:
