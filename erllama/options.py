@@ -199,6 +199,7 @@ class LoadOptions:
     share_prefix: bool = True  # a request starting like a running one copies its KV (worker/sharing.py)
     routing: str = RoutingPolicy.CACHE_AWARE.value  # how the broker picks a replica (broker/routing.py)
     stub_decode_ms: int = 0  # the stub backend sleeps this long per decode, standing in for compute
+    stub_prefill_us_per_token: int = 0  # and this much more per token of the batch: a prefill's cost
     stub_memory: str = "transformer"  # the memory kind the stub backend imitates (worker/stub_backend.py)
     stall_timeout_s: int = int(
         WORKER_STALL_TIMEOUT_S
@@ -258,6 +259,7 @@ def parse_load_options(options: dict[str, Any] | None) -> LoadOptions:
         "prefill_chunk_size": (1, 1 << 16),
         "prefill_budget_tokens": (1, 1 << 16),
         "stub_decode_ms": (0, 60_000),
+        "stub_prefill_us_per_token": (0, 1_000_000),
         "stall_timeout_s": (1, 86_400),
         "cache_min_tokens": (1, 1 << 20),
         "cold_trim_tokens": (0, 1 << 20),

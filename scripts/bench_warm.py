@@ -338,12 +338,18 @@ class Sample:
     copy_ms: float = 0.0  # stats.state_copy_ms: the restored row's state copied into llama.cpp
 
 
-def run(c: Client, prompt: list[int], max_tokens: int, start: threading.Barrier | None = None) -> Sample:
+def run(
+    c: Client,
+    prompt: list[int],
+    max_tokens: int,
+    start: threading.Barrier | None = None,
+    model_id: str = MODEL_ID,
+) -> Sample:
     if start is not None:
         start.wait()
     t0 = time.monotonic_ns()
     stream = c.infer(
-        MODEL_ID, prompt, max_tokens=max_tokens, temperature=0.0, timeout_s=REQUEST_EVENT_TIMEOUT_S
+        model_id, prompt, max_tokens=max_tokens, temperature=0.0, timeout_s=REQUEST_EVENT_TIMEOUT_S
     )
     first_ns = 0
     for ev in stream:

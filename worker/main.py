@@ -43,9 +43,15 @@ def load_backend(model_path: Path | None, options: LoadOptions) -> tuple[Backend
         from erllama.worker.stub_backend import StubBackend
 
         memory = MemoryKind(options.stub_memory)
-        return StubBackend(
-            options.n_ctx, options.n_seq_max, options.n_batch, options.stub_decode_ms, memory
-        ), model_path
+        backend = StubBackend(
+            options.n_ctx,
+            options.n_seq_max,
+            options.n_batch,
+            options.stub_decode_ms,
+            memory,
+            prefill_us_per_token=options.stub_prefill_us_per_token,
+        )
+        return backend, model_path
     path = model_path or default_model_path()
     if not path.is_file():
         raise ErllamaError(ErrorCode.LOAD_FAILED, f"model file {path} does not exist")

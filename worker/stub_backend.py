@@ -45,7 +45,9 @@ class StubSampler:
 
 
 class StubBackend:
-    """See the module docstring. ``decode_ms`` sleeps per decode to stand in for compute."""
+    """See the module docstring. ``decode_ms`` sleeps per decode to stand in for compute, and
+    ``prefill_us_per_token`` more per token of the batch: a model whose time to first token grows with
+    the prompt tokens not restored from a cache (benchmarks calibrate both from the real model)."""
 
     def __init__(
         self,
@@ -54,6 +56,7 @@ class StubBackend:
         n_batch: int,
         decode_ms: int = 0,
         memory: MemoryKind = MemoryKind.TRANSFORMER,
+        prefill_us_per_token: int = 0,
     ):
         self.memory = memory
         self.n_swa = STUB_SWA_TOKENS if memory is MemoryKind.SWA else 0
@@ -63,6 +66,7 @@ class StubBackend:
         self.n_batch = n_batch
         self.n_vocab = N_VOCAB
         self._decode_s = decode_ms / 1000.0
+        self._token_s = prefill_us_per_token / 1e6
         self._kv: list[list[int]] = [[] for _ in range(n_seq_max)]
         self._logits: list[tuple[int, ...]] = []  # per logits index: the history it was computed from
         self._seed_counter = 0
@@ -81,7 +85,8 @@ class StubBackend:
         return token == EOS_ID
 
     def decode(self, rows: Sequence[BatchRow]) -> list[int]:
-        if sum(len(r.tokens) for r in rows) > self.n_batch:
+        n_tokens = sum(len(r.tokens) for r in rows)
+        if n_tokens > self.n_batch:
             raise BackendError("batch_overflow", "more tokens than n_batch")
         self._logits = []
         out: list[int] = []
@@ -103,8 +108,8 @@ class StubBackend:
                     )
                 self._logits.append(history)
             out.append(len(self._logits) - 1 if n else -1)
-        if self._decode_s:
-            time.sleep(self._decode_s)
+        if self._decode_s or self._token_s:
+            time.sleep(self._decode_s + n_tokens * self._token_s)
         return out
 
     def new_sampler(self, params: SamplingParams, history: Sequence[int]) -> StubSampler:

@@ -94,3 +94,22 @@ def test_bad_prompts_are_invalid_params(prompt):
     with pytest.raises(ErllamaError) as exc:
         validate_prompt(prompt, n_vocab=1000)
     assert exc.value.code == "invalid_params"
+
+
+def test_the_stub_prefill_cost_is_a_sleep_per_batch_token_on_top_of_the_decode_sleep(monkeypatch):
+    from erllama.worker import stub_backend
+    from erllama.worker.backend import BatchRow
+    from erllama.worker.main import load_backend
+
+    options = parse_load_options(
+        {"backend": "stub", "n_ctx": 256, "stub_decode_ms": 2, "stub_prefill_us_per_token": 500}
+    )
+    backend, _ = load_backend(None, options)
+    slept: list[float] = []
+    monkeypatch.setattr(stub_backend.time, "sleep", slept.append)
+    backend.decode([BatchRow(seq_id=0, tokens=list(range(2, 102)), pos=0, n_logits=1)])
+    backend.decode([BatchRow(seq_id=0, tokens=[5], pos=100, n_logits=1)])
+    assert slept == pytest.approx([0.002 + 100 * 0.0005, 0.002 + 0.0005])
+    with pytest.raises(ErllamaError) as exc:
+        parse_load_options({"stub_prefill_us_per_token": -1})
+    assert exc.value.code == "invalid_params"
