@@ -33,6 +33,7 @@ from erllama.client.wire import (
     ReplyDecoder,
     connection_lost,
     infer_request,
+    load_request,
     new_request_id,
     reply_result,
     stream_step,
@@ -49,7 +50,6 @@ from erllama.protocol import (
     ErrorReply,
     ListHosts,
     ListModels,
-    LoadModel,
     ModelInfo,
     Ping,
     QueueDepth,
@@ -271,15 +271,7 @@ class AsyncClient:
         **options: Any,
     ) -> dict[str, Any]:
         """As ``Client.load_model``."""
-        request = LoadModel(
-            id=new_request_id(),
-            model=model_id,
-            path=model_path,
-            options=options,
-            host=host,
-            hosts=hosts,
-            replicas=replicas,
-        )
+        request = load_request(model_id, model_path, host, hosts, replicas, options)
         return await self._call(request, MODEL_LOAD_TIMEOUT_S)
 
     async def unload_model(self, model_id: str) -> None:

@@ -23,7 +23,7 @@ import msgspec
 
 from erllama.client.connection import Arrival, Connection
 from erllama.client.results import CompletionResult, Stats, TokenEvent
-from erllama.client.wire import infer_request, new_request_id, stream_step
+from erllama.client.wire import infer_request, load_request, new_request_id, stream_step
 from erllama.protocol import (
     DEFAULT_REQUEST_TIMEOUT_S,
     MODEL_LOAD_TIMEOUT_S,
@@ -34,7 +34,6 @@ from erllama.protocol import (
     ErrorCode,
     ListHosts,
     ListModels,
-    LoadModel,
     ModelInfo,
     Ping,
     QueueDepth,
@@ -171,15 +170,7 @@ class Client:
         ``hosts``: one replica on each of these hosts; ``replicas``: that many replicas, on the hosts that
         are up with the most memory free (or all on the broker's machine when no host has joined). The
         load option ``routing`` picks a replica per request (README, Several machines)."""
-        request = LoadModel(
-            id=new_request_id(),
-            model=model_id,
-            path=model_path,
-            options=options,
-            host=host,
-            hosts=hosts,
-            replicas=replicas,
-        )
+        request = load_request(model_id, model_path, host, hosts, replicas, options)
         return self._conn.call(request, MODEL_LOAD_TIMEOUT_S)
 
     def unload_model(self, model_id: str) -> None:

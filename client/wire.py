@@ -1,6 +1,6 @@
 """The client's wire code, shared by every client whatever its I/O (the threaded ``Client``, an asyncio one).
 
-Outgoing: ``new_request_id`` and ``infer_request`` (the other requests are the protocol's messages
+Outgoing: ``new_request_id``, ``infer_request`` and ``load_request`` (the other requests are the protocol's messages
 built directly, e.g. ``ListModels(id=new_request_id())``), packed with ``encode``. Incoming: a
 ``ReplyDecoder`` per socket turns a frame into the typed events of the requests it concerns (a tick's
 tokens for several streams come as one message; none, logged, for one the broker should never have sent); ``reply_result`` turns the answer to a request into its result or raises its error;
@@ -21,6 +21,7 @@ from erllama.protocol import (
     ErrorCode,
     ErrorReply,
     Infer,
+    LoadModel,
     Reply,
     RequestEvent,
     StreamDone,
@@ -40,6 +41,7 @@ __all__ = [
     "connection_lost",
     "encode",
     "infer_request",
+    "load_request",
     "new_request_id",
     "reply_result",
     "stream_step",
@@ -62,6 +64,26 @@ def infer_request(
     except TypeError:
         raise ErllamaError(ErrorCode.INVALID_PARAMS, "prompt: token ids must be integers") from None
     return Infer(id=request_id, model=model_id, prompt=wire_prompt, params=params)
+
+
+def load_request(
+    model_id: str,
+    model_path: str | None,
+    host: str | None,
+    hosts: list[str] | None,
+    replicas: int | None,
+    options: dict[str, Any],
+) -> LoadModel:
+    """A ``load_model`` (placement and options are checked by the broker)."""
+    return LoadModel(
+        id=new_request_id(),
+        model=model_id,
+        path=model_path,
+        options=options,
+        host=host,
+        hosts=hosts,
+        replicas=replicas,
+    )
 
 
 class ReplyDecoder:
