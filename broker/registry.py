@@ -167,7 +167,7 @@ class ModelEntry:
     def describe(self) -> dict[str, Any]:
         """``model_info``: everything from the broker's own tables, no worker round-trip. The top-level
         worker fields are the first replica's (a model loaded without replicas has just that one)."""
-        first = self.replicas[0] if self.replicas else Replica(self.model_id, 0, None, ModelState.FAILED)
+        first = self.replicas[0]  # a model has at least one replica from its creation on
         running = sum(len(r.running) for r in self.replicas)
         return {
             "id": self.model_id,

@@ -143,13 +143,14 @@ class Router:
         policy = RoutingPolicy(entry.options.get("routing", RoutingPolicy.CACHE_AWARE.value))
         now = time.monotonic()
         best: tuple[float, Route] | None = None
+        backlog = {r.index: sum(r.prefill_backlog.values()) for r in room}  # tokens routed, not prefilled
         for rid in itertools.islice(entry.queue.waiting, ROUTING_WINDOW):
             req = self.requests[rid]
-            pinned = self._session_replica(entry, req)
+            pinned = self._session_replica(entry, req, serving)
             if pinned is not None:
                 route = Route(rid, pinned, "session") if pinned in room else None
             elif policy is RoutingPolicy.CACHE_AWARE:
-                route = self._cheapest(entry, req, room)
+                route = self._cheapest(entry, req, room, backlog)
             elif policy is RoutingPolicy.LEAST_LOADED:
                 route = Route(rid, min(room, key=lambda r: (r.load, r.index)), "least_loaded")
             else:
@@ -177,13 +178,13 @@ class Router:
         )
         return route
 
-    def _session_replica(self, entry: ModelEntry, req: Request) -> Replica | None:
+    def _session_replica(self, entry: ModelEntry, req: Request, serving: list[Replica]) -> Replica | None:
         sid = req.params.session_id
         index = entry.sessions.get(sid) if sid is not None else None
         if index is None or index >= len(entry.replicas):
             return None
         replica = entry.replicas[index]
-        return replica if replica in entry.serving() else None
+        return replica if replica in serving else None
 
     def _next_in_turn(self, entry: ModelEntry, room: list[Replica]) -> Replica:
         turn = self.turns.setdefault(entry.model_id, itertools.cycle(range(len(entry.replicas))))
@@ -193,15 +194,16 @@ class Router:
                 return entry.replicas[index]
         return room[0]
 
-    def _cheapest(self, entry: ModelEntry, req: Request, room: list[Replica]) -> Route:
+    def _cheapest(
+        self, entry: ModelEntry, req: Request, room: list[Replica], backlog: dict[int, int]
+    ) -> Route:
         held = self._held(entry, req)
         n_prompt = len(req.prompt) if isinstance(req.prompt, list) else 0
         best: Route | None = None
         for r in room:
             cached, tier = held.get(r.index, (0, None))
             speed = max(r.prefill_tokens_per_s, 1.0)
-            backlog = sum(r.prefill_backlog.values())
-            seconds = (max(n_prompt - cached, 0) + backlog) / speed
+            seconds = (max(n_prompt - cached, 0) + backlog[r.index]) / speed
             if tier is not None:
                 seconds += cached / RESTORE_TOKENS_PER_S[tier]
             ms = seconds * 1000.0

@@ -258,9 +258,11 @@ class WorkerSide:
             log.info("operator-started worker registered %s (pid %d)", model_id, pid)
         replica = entry.replicas[msg.replica] if 0 <= msg.replica < len(entry.replicas) else None
         wp = replica.worker if replica is not None else None
-        if replica is None:
-            pass
-        elif not entry.spawned and replica.state in (ModelState.FAILED, ModelState.RESTARTING):
+        if (
+            replica is not None
+            and not entry.spawned
+            and replica.state in (ModelState.FAILED, ModelState.RESTARTING)
+        ):
             wp = replica.worker = WorkerProcess(model_id, pid)
         elif (
             wp is not None
