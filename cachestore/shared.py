@@ -9,11 +9,12 @@ and the loop never waits on the network.
   known to be there yet (its write-behind was skipped or failed, or it predates the tier) is written
   before its bytes are freed. Rows fetched from the tier are not written back. A failed write is logged
   and counted, never retried: the row is still local.
-- **Lookups.** A prefix lookup that misses locally is held while the lookup thread asks the server for
-  the longest stored row that is a prefix of the query; a row found is verified, published into a local
+- **Lookups.** A prefix lookup that misses locally, or whose local hit is a block or more shorter than
+  the query, is held while the lookup thread asks the server for the longest stored row that is a
+  prefix of the query and longer than the local hit; a row found is verified, published into a local
   tier through the usual temp -> verify -> rename path, and the query is answered from the index with
   ``tier = shared``. If that takes longer than ``SHARED_LOOKUP_BUDGET_S`` the query is answered from the
-  index as it is (a miss, most likely) and the fetch completes for the next one.
+  index as it is (the local hit, or a miss) and the fetch completes for the next one.
 - **Faults.** Unreachable or slow: the tier is down for ``SHARED_RETRY_S`` (lookups miss at once, writes
   are skipped), then the next call is the reconnection. Wrong password: off for the daemon's life.
   Every fault is a miss or a dropped write, never an error to a worker.
@@ -170,8 +171,9 @@ class SharedTier:
 
     # --- lookups -------------------------------------------------------------------------------------------
 
-    def lookup(self, reply: Replier, query: PrefixQuery) -> bool:
-        """A local miss: ask the server (True: ``reply`` is answered later), or decline (False)."""
+    def lookup(self, reply: Replier, query: PrefixQuery, longer_than: int) -> bool:
+        """Ask the server for a row longer than the local hit's ``longer_than`` tokens (True: ``reply``
+        is answered later), or decline (False)."""
         if not self._usable() or len(self._lookups) >= MAX_PENDING_LOOKUPS:
             if self.state is not SharedState.OFF:
                 self.counters.skipped_lookups += 1
@@ -185,7 +187,7 @@ class SharedTier:
             lambda fut: self._fetched(pending, fut),
             query.fingerprint,
             query.token_bytes,
-            query.min_len,
+            max(query.min_len, longer_than + 1),
             max_len,
         )
         return True

@@ -113,6 +113,38 @@ def test_a_row_saved_by_one_store_is_found_by_another_through_the_shared_tier(
     assert (s["misses"], s["errors"]) == (1, 0)
 
 
+def test_a_longer_row_on_the_shared_tier_wins_over_a_shorter_local_hit(
+    redis_server: RedisServer, daemons: Any
+) -> None:
+    """Every host holds the shared system prompt's row: a conversation saved on another host must still
+    be found, so a local hit a block or more shorter than the query asks the shared tier too."""
+    a = daemons().start(shared_url=redis_server.url)
+    b = daemons().start(shared_url=redis_server.url)
+    ca, cb = a.client(), b.client()
+    system = list(range(7000, 7128))
+    conversation = [*system, *range(8000, 8300)]
+    save_and_share(cb, system, payload_for(3, MIB))  # B's own row of the system prompt
+    save_and_share(ca, conversation, payload_for(4, 2 * MIB + 7))  # the conversation, saved on A
+
+    found = cb.find(FP, [*conversation, *range(9500, 9600)])
+    assert found is not None
+    hit, row = found
+    with row:
+        assert hit.tier is CacheTier.SHARED and hit.common_len == len(conversation)
+        assert row.tokens == conversation and row.payload == payload_for(4, 2 * MIB + 7)
+    asked = shared_stats(cb)["lookups"]
+    # A local hit that leaves less than a block of the query uncovered is answered without asking.
+    found = cb.find(FP, [*system, *range(9700, 9710)])
+    assert found is not None and found[0].common_len == len(system) and found[0].tier is not CacheTier.SHARED
+    found[1].close()
+    # Nothing longer on the server: the shorter local hit is the answer, not a miss.
+    found = cb.find(FP, [*system, *range(9800, 9900)])
+    assert found is not None and found[0].common_len == len(system) and found[0].tier is not CacheTier.SHARED
+    found[1].close()
+    s = shared_stats(cb)
+    assert s["lookups"] == asked + 1 and s["errors"] == 0
+
+
 def test_a_row_evicted_from_disk_is_written_to_the_shared_tier_before_it_goes(
     redis_server: RedisServer, daemons: Any
 ) -> None:
