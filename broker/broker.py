@@ -213,6 +213,7 @@ class Broker:
             self.cache.poll_kv_events(now)
         self.supervisor.cachestore_timers(now, self.cache)
         self.supervisor.timers(now)
+        self.requests.recheck(now)
         if self.hosts is not None and self.placement is not None:
             self.hosts.timers(now)
             self.placement.drain_timers()

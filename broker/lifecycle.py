@@ -16,7 +16,7 @@ from typing import Any
 from erllama.broker.front import FrontEnd
 from erllama.broker.queues import QueueTotals, Request
 from erllama.broker.registry import ModelEntry, Replica
-from erllama.broker.routing import Router
+from erllama.broker.routing import ROUTING_RECHECK_S, Router
 from erllama.options import parse_sampling, validate_prompt
 from erllama.protocol import (
     CancelRun,
@@ -69,6 +69,7 @@ class Requests:
         self.router = Router(self.table)
         self.by_client: dict[tuple[bytes, str], int] = {}
         self.stopping = False
+        self.rechecked_s = 0.0
 
     def get(self, rid: int) -> Request | None:
         return self.table.get(rid)
@@ -146,6 +147,17 @@ class Requests:
                 entry.model_id,
                 queue_ms,
             )
+
+    def recheck(self, now: float) -> None:
+        """Routing by cache may hold requests for a full replica while another has room; its estimates
+        change with time (a request running past its expected end), so the held ones are routed again
+        every ``ROUTING_RECHECK_S`` even when no event comes."""
+        if now - self.rechecked_s < ROUTING_RECHECK_S:
+            return
+        self.rechecked_s = now
+        for entry in self.models.values():
+            if entry.queue.waiting:
+                self.dispatch(entry)
 
     # --- cancelling and ending -----------------------------------------------------------------------------
 

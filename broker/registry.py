@@ -23,7 +23,8 @@ _STATE_ORDER = (
 )
 SERVING_STATES = (ModelState.READY, ModelState.DRAINING)  # a replica in these takes dispatched requests
 PREFILL_TOKENS_PER_S_DEFAULT = 500.0  # a replica's speed until its first results measure it (this CPU)
-SPEED_EWMA_WEIGHT = 0.3  # each new measurement's share of a replica's running speed estimate
+SERVICE_S_DEFAULT = 2.0  # how long a request holds a sequence, until the replica's first result says
+SPEED_EWMA_WEIGHT = 0.3  # each new measurement's share of a replica's running estimates
 
 
 @dataclass(slots=True)
@@ -66,8 +67,11 @@ class Replica:
     restarts: int = 0
     last_error: dict[str, Any] | None = None
     prefill_tokens_per_s: float = PREFILL_TOKENS_PER_S_DEFAULT  # measured from its results
+    service_s: float = SERVICE_S_DEFAULT  # measured: dispatch to the end of a request
+    measured: bool = False  # whether the two figures above come from results yet (else the defaults)
     # rid -> the tokens routing expected it to prefill here, until its first token: this replica's backlog
     prefill_backlog: dict[int, int] = field(default_factory=dict)
+    started_s: dict[int, float] = field(default_factory=dict)  # rid -> when it was dispatched here
     routed: int = 0  # requests dispatched to it
 
     @property
@@ -87,11 +91,24 @@ class Replica:
         """The share of its sequences in use (1.0 when it has none to offer)."""
         return len(self.running) / self.slots if self.slots else 1.0
 
-    def measured_prefill(self, tokens: int, prefill_ms: float) -> None:
-        if tokens >= 64 and prefill_ms > 0:  # too few tokens measure the step's overhead, not the speed
-            speed = tokens * 1000.0 / prefill_ms
-            w = SPEED_EWMA_WEIGHT
+    def measured_result(self, prefilled: int, prefill_ms: float, service_s: float) -> None:
+        """Learn from a finished request: its prefill speed (``prefilled`` tokens in ``prefill_ms``) and
+        how long it held its sequence. The first result replaces the defaults, which are guesses."""
+        w = SPEED_EWMA_WEIGHT if self.measured else 1.0
+        if prefilled >= 64 and prefill_ms > 0:  # too few tokens measure the step's overhead, not the speed
+            speed = prefilled * 1000.0 / prefill_ms
             self.prefill_tokens_per_s = (1 - w) * self.prefill_tokens_per_s + w * speed
+        self.service_s = (1 - w) * self.service_s + w * service_s
+        self.measured = True
+
+    def slot_wait_s(self, now: float) -> float:
+        """The expected time until one of its sequences frees: none while one is free, else the least
+        expected remaining time of those running. One that has run past its expected time is expected
+        to take as much longer again as it has overrun, so a replica stuck on a long request stops
+        looking like it frees soon."""
+        if self.free_slots > 0 or not self.started_s:
+            return 0.0
+        return min(abs(self.service_s - (now - t)) for t in self.started_s.values())
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -106,6 +123,7 @@ class Replica:
             "tokens_generated": self.tokens_generated,
             "tokens_prefilled": self.tokens_prefilled,
             "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 1),
+            "service_s": round(self.service_s, 3),
             "routed": self.routed,
             "cache": self.cache_stats,
             "restarts": self.restarts,

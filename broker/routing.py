@@ -5,20 +5,26 @@ is taken when a replica has a free sequence and the model's queue is not empty:
 
 - ``round_robin``: the oldest request, to the next replica in turn that has room.
 - ``least_loaded``: the oldest request, to the replica with the smallest share of its sequences in use.
-- ``cache_aware``: over the oldest ``ROUTING_WINDOW`` waiting requests and every replica with room, the
-  pair with the lowest expected time to first token minus the time the request has already waited. The
-  expected time is the tokens the replica would have to prefill (the prompt minus what it could restore)
-  at its measured prefill speed, plus the restore of what it holds at its tier's speed, plus the prefill
-  already routed to it and not yet done. What a replica holds comes from two places: its cache store's
-  KV events (``KvIndex``, by host) and the broker's own record of what each replica ran (its live
-  sequences and the rows they saved, known before the next events arrive). With a shared tier, any
-  replica can restore what any store holds, at the shared tier's speed. Waiting counts one for one
-  against expected time, so a request whose prefix is cached nowhere with room is still served in
-  turn, and a busy replica's request is not starved: its age grows until it wins.
+- ``cache_aware``: each of the oldest ``ROUTING_WINDOW`` waiting requests, oldest first, picks the replica
+  where it expects the lowest time to first token, full or not: the tokens that replica would have to
+  prefill (the prompt minus what it could restore) at its measured prefill speed, plus the restore of
+  what it holds at its tier's speed, plus the prefill already routed to it and not yet done, plus, for a
+  replica with no free sequence, the wait for one (its soonest expected end) and for the older requests
+  that picked it before (each holding a sequence for the replica's measured service time). A request
+  whose pick has room is a candidate; one whose pick is full waits for it: moving a conversation off the
+  replica holding it costs its whole history's prefill, which is worth it only when that replica's queue
+  is longer than the prefill. Of the candidates, the one with the lowest expected time minus the time
+  it has already waited is dispatched, so a request is served in turn even where nothing is cached.
+  What a replica holds comes from two places: its cache store's KV events (``KvIndex``, by host) and the
+  broker's own record of what each replica ran (its live sequences and the rows they saved, known
+  before the next events arrive). With a shared tier, any replica can restore what any store holds, at
+  the shared tier's speed.
 
 For every policy, a request with a ``session_id`` goes to the replica holding that session while it is
-serving (the session's KV lives in that worker), and a balance guard skips a replica whose load exceeds
-the least loaded one's by more than ``BALANCE_SPREAD``.
+serving (the session's KV lives in that worker), and a balance guard leaves out a replica whose routed
+prefill not yet done exceeds that of the least loaded one with room by more than ``BALANCE_SPREAD_S``
+(a replica left out counts as full): a prefix hot
+enough to draw every request to one replica then spreads to the others (which cache it in turn).
 """
 
 from __future__ import annotations
@@ -39,9 +45,8 @@ from erllama.protocol import CacheTier, CompletionResult, ErllamaError
 log = logging.getLogger(__name__)
 
 ROUTING_WINDOW: Final = 32  # waiting requests considered per decision (oldest first)
-BALANCE_SPREAD: Final = (
-    0.5  # a replica this much busier (share of sequences) than the least loaded is skipped
-)
+ROUTING_RECHECK_S: Final = 0.5  # how often held requests are routed again when no event comes
+BALANCE_SPREAD_S: Final = 10.0  # routed prefill (seconds at its speed) beyond the least loaded's
 LIVE_BLOCKS_PER_SLOT: Final = 512  # the broker's record of a replica's sequences: 32k tokens per sequence
 LIVE: Final = "live"  # the tier of a prefix still in the replica's own sequences
 # Restore speeds in tokens per second, measured on this machine with the default model (README, Several
@@ -133,36 +138,63 @@ class Router:
     # --- decisions -----------------------------------------------------------------------------------------
 
     def choose(self, entry: ModelEntry) -> Route | None:
-        """The next (request, replica) to dispatch, or None while no replica has room."""
+        """The next (request, replica) to dispatch, or None while no replica has room (or, routing by
+        cache, while every waiting request expects its first token sooner by waiting for a full one)."""
         serving = entry.serving()
         if not entry.queue.waiting or not any(r.free_slots for r in serving):
             return None
-        least = min(r.load for r in serving)
-        # the least loaded replica has room (some replica has): the guard never empties the list
-        room = [r for r in serving if r.free_slots > 0 and r.load - least <= BALANCE_SPREAD + 1e-9]
+        backlog_s = {r.index: self._backlog_s(r) for r in serving}
+        least = min(backlog_s[r.index] for r in serving if r.free_slots > 0)
+        # the guard keeps the least loaded replica with room, so some replica always has room
+        room = [r for r in serving if r.free_slots > 0 and backlog_s[r.index] - least <= BALANCE_SPREAD_S]
         policy = RoutingPolicy(entry.options.get("routing", RoutingPolicy.CACHE_AWARE.value))
-        now = time.monotonic()
-        best: tuple[float, Route] | None = None
-        backlog = {r.index: sum(r.prefill_backlog.values()) for r in room}  # tokens routed, not prefilled
+        if policy is RoutingPolicy.CACHE_AWARE:
+            return self._cache_aware(entry, serving, room, backlog_s)
         for rid in itertools.islice(entry.queue.waiting, ROUTING_WINDOW):
             req = self.requests[rid]
             pinned = self._session_replica(entry, req, serving)
             if pinned is not None:
-                route = Route(rid, pinned, "session") if pinned in room else None
-            elif policy is RoutingPolicy.CACHE_AWARE:
-                route = self._cheapest(entry, req, room, backlog)
-            elif policy is RoutingPolicy.LEAST_LOADED:
-                route = Route(rid, min(room, key=lambda r: (r.load, r.index)), "least_loaded")
-            else:
-                route = Route(rid, self._next_in_turn(entry, room), "round_robin")
-            if route is None:
+                if pinned in room:
+                    return self._decided(entry, Route(rid, pinned, "session"))
                 continue  # its session's replica is full: the next request may go meanwhile
-            if policy is not RoutingPolicy.CACHE_AWARE:
-                return self._decided(entry, route)
+            if policy is RoutingPolicy.LEAST_LOADED:
+                return self._decided(
+                    entry, Route(rid, min(room, key=lambda r: (r.load, r.index)), "least_loaded")
+                )
+            return self._decided(entry, Route(rid, self._next_in_turn(entry, room), "round_robin"))
+        return None
+
+    def _cache_aware(
+        self, entry: ModelEntry, serving: list[Replica], room: list[Replica], backlog_s: dict[int, float]
+    ) -> Route | None:
+        now = time.monotonic()
+        # what a full replica makes a request wait: its first free sequence, then the older requests
+        # of this window that picked it
+        queued_s = {r.index: r.slot_wait_s(now) for r in serving if r.free_slots == 0}
+        # a replica the balance guard left out with sequences free is no option this time
+        candidates = [r for r in serving if r in room or r.free_slots == 0]
+        best: tuple[float, Route] | None = None
+        for rid in itertools.islice(entry.queue.waiting, ROUTING_WINDOW):
+            req = self.requests[rid]
+            pinned = self._session_replica(entry, req, serving)
+            if pinned is not None:
+                route = Route(rid, pinned, "session")
+            else:
+                route = self._cheapest(entry, req, candidates, backlog_s, queued_s)
+            r = route.replica
+            if r not in room:  # it waits for that replica, behind the older ones that picked it
+                if r.index in queued_s:
+                    queued_s[r.index] += r.service_s / max(r.slots, 1)
+                continue
             score = route.expected_ttft_ms / 1000.0 - (now - req.received_s)
             if best is None or score < best[0]:
                 best = (score, route)
         return self._decided(entry, best[1]) if best is not None else None
+
+    @staticmethod
+    def _backlog_s(r: Replica) -> float:
+        """The prefill routed to ``r`` and not yet done, in seconds at its measured speed."""
+        return sum(r.prefill_backlog.values()) / max(r.prefill_tokens_per_s, 1.0)
 
     def _decided(self, entry: ModelEntry, route: Route) -> Route:
         self.decisions[route.reason] = self.decisions.get(route.reason, 0) + 1
@@ -195,15 +227,22 @@ class Router:
         return room[0]
 
     def _cheapest(
-        self, entry: ModelEntry, req: Request, room: list[Replica], backlog: dict[int, int]
+        self,
+        entry: ModelEntry,
+        req: Request,
+        candidates: list[Replica],
+        backlog_s: dict[int, float],
+        queued_s: dict[int, float],
     ) -> Route:
+        """The replica where ``req`` expects its first token soonest, with that expectation (a full
+        replica's wait included; ``queued_s`` has an entry for each full one)."""
         held = self._held(entry, req)
         n_prompt = len(req.prompt) if isinstance(req.prompt, list) else 0
         best: Route | None = None
-        for r in room:
+        for r in candidates:
             cached, tier = held.get(r.index, (0, None))
-            speed = max(r.prefill_tokens_per_s, 1.0)
-            seconds = (max(n_prompt - cached, 0) + backlog[r.index]) / speed
+            seconds = max(n_prompt - cached, 0) / max(r.prefill_tokens_per_s, 1.0) + backlog_s[r.index]
+            seconds += queued_s.get(r.index, 0.0)
             if tier is not None:
                 seconds += cached / RESTORE_TOKENS_PER_S[tier]
             ms = seconds * 1000.0
@@ -259,6 +298,7 @@ class Router:
         replica.routed += 1
         n_prompt = len(req.prompt) if isinstance(req.prompt, list) else 0
         replica.prefill_backlog[req.rid] = max(n_prompt - route.cached_tokens, 0)
+        replica.started_s[req.rid] = time.monotonic()
         if req.params.session_id is not None:
             entry.sessions[req.params.session_id] = replica.index
         blocks = self._blocks_of(entry, req)
@@ -273,10 +313,12 @@ class Router:
     ) -> None:
         """A request ended on ``replica``: learn its prefill speed and the context it left there."""
         replica.prefill_backlog.pop(rid, None)
+        started_s = replica.started_s.pop(rid, None)
         if result is None:
             return
-        prefilled = result.stats.prompt_tokens - result.cache_delta.get("read", 0)
-        replica.measured_prefill(prefilled, result.stats.prefill_ms)
+        if started_s is not None:
+            prefilled = result.stats.prompt_tokens - result.cache_delta.get("read", 0)
+            replica.measured_result(prefilled, result.stats.prefill_ms, time.monotonic() - started_s)
         if result.context_tokens and entry.fingerprint:
             fp = bytes.fromhex(entry.fingerprint)
             self._live(entry, replica).add(block_hashes(fp, result.context_tokens))
@@ -288,6 +330,7 @@ class Router:
         """A replica's worker died or left: its sequences and sessions are gone with it."""
         self.live.pop((entry.model_id, replica.index), None)
         replica.prefill_backlog.clear()
+        replica.started_s.clear()
         for sid, index in list(entry.sessions.items()):
             if index == replica.index:
                 del entry.sessions[sid]
