@@ -57,6 +57,8 @@ EXIT_REFUSED: Final = 2
 
 @dataclass(slots=True)
 class HostSettings:
+    """What ``erllama-host`` was started with (its flags)."""
+
     name: str
     broker: str  # tcp://ADDRESS:PORT of the broker's host endpoint
     runtime_dir: Path
