@@ -4,10 +4,12 @@ store socket, and every spawned child's pidfd and stderr pipe.
 The work is split by job, each part an object with its own state (see the README's Development section):
 ``FrontEnd`` (client sockets, CURVE, replies), ``Requests`` (admission, dispatch, the terminal event,
 re-queue after a crash), ``WorkerSide`` (registration, heartbeats, calls, the relay of events),
-``Models`` (load, unload, what a worker's death means for its model), ``Supervisor`` (spawn, reap,
+``Models`` (load, unload, what a worker's death means for its model), ``Supervisor`` (restarts and
 liveness timers) and ``CacheQueries``; with ``--hosts``, ``HostSide`` (the hosts that join, their
-liveness) and ``Placement`` (what a host's life means for the models placed on it). ``Broker`` owns the
-loop and wires the parts to each other.
+liveness) and ``Placement`` (what a host's life means for the models placed on it). The broker's own
+machine is supervised as every host's is: an in-process ``MachineSupervisor`` (``host/supervise.py``)
+spawns, watches and reaps its workers and cache store. ``Broker`` owns the loop and wires the parts to
+each other.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from erllama.broker.registry import ModelEntry
 from erllama.broker.supervisor import Supervisor
 from erllama.broker.workers import WorkerSide
 from erllama.curve import HOSTS_ZAP_DOMAIN, CurveServer
+from erllama.host.supervise import MachineSupervisor
 from erllama.options import validate_prompt
 from erllama.processes import TERMINATE_GRACE_S
 from erllama.protocol import (
@@ -91,7 +94,8 @@ class Broker:
         self.router.shared_tier = bool(cfg.cache.shared_url)
         instance = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.workers = WorkerSide(self.ctx, self.table, self.requests, self.front, self.totals, instance)
-        self.supervisor = Supervisor(cfg, self.poller, self.table)
+        self.machine = MachineSupervisor(cfg.machine, self.poller)  # this machine's workers and store
+        self.supervisor = Supervisor(self.machine, self.table)
         self.models = Models(
             cfg, self.table, self.front, self.requests, self.workers, self.supervisor, self.totals, rids
         )
@@ -171,8 +175,7 @@ class Broker:
             self.poller.register(self.hosts.sock, zmq.POLLIN)
         for sock in self.front.sockets + self.workers.sockets:
             self.poller.register(sock, zmq.POLLIN)
-        if self.supervisor.runs_cachestore:
-            self.supervisor.spawn_cachestore()
+        self.machine.start()
         if self.cache is not None:
             self.poller.register(self.cache.sock, zmq.POLLIN)
             if self.cfg.pressure.enabled:
@@ -193,7 +196,7 @@ class Broker:
         self._stop()
 
     def _stop(self) -> None:
-        self.stopping = self.requests.stopping = self.supervisor.stopping = True
+        self.stopping = self.requests.stopping = self.machine.stopping = True
 
     def _poll_once(self, timeout_ms: int) -> None:
         for item, _ in self.poller.poll(timeout_ms):
@@ -205,8 +208,8 @@ class Broker:
                 self.hosts.drain(DRAIN_BATCH)
             elif self.cache is not None and item is self.cache.sock:
                 self._drain(self.cache.sock, self.cache.on_frames)
-            elif isinstance(item, int) and item in self.supervisor.fds:
-                self.supervisor.on_fd(item)
+            elif isinstance(item, int) and item in self.machine.fds:
+                self.machine.on_fd(item)
         now = time.monotonic()
         if self.cache is not None:
             self.cache.timers(now)
@@ -246,7 +249,7 @@ class Broker:
             self.requests.fail(rid, shutting_down)
         if self.pressure is not None:
             self.pressure.stop()
-        self.supervisor.stop_cachestore()
+        self.machine.stop_cachestore()
         self.front.close()
         for sock in self.workers.sockets:
             sock.close(linger=500)

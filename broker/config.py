@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from erllama.broker.pressure import PressureConfig
+from erllama.host.supervise import MachineSettings
 from erllama.options import parse_load_options, validate_model_id
 from erllama.protocol import DEFAULT_MODEL_ID, ErllamaError, ErrorCode
 from erllama.transport import (
@@ -129,6 +130,20 @@ class BrokerConfig:
         if not self.cache.enabled:
             return None
         return self.cache.external_endpoint or ipc_endpoint(self.runtime_dir, CACHESTORE_SOCKET_NAME)
+
+    @property
+    def machine(self) -> MachineSettings:
+        """The broker's own machine, supervised as a host's is: its workers reach the broker over ipc
+        (no CURVE), and its cache store is spawned unless an external one is given."""
+        return MachineSettings(
+            runtime_dir=self.runtime_dir,
+            worker_endpoint=self.worker_endpoint,
+            cachestore_endpoint=self.cachestore_endpoint,
+            spawns_cachestore=self.cache.enabled and self.cache.external_endpoint is None,
+            log_level=self.log_level,
+            cache_flags=self.cache.flags,
+            shared_url=self.cache.shared_url,
+        )
 
 
 def _model_spec(raw: dict[str, Any]) -> ModelSpec:

@@ -1,36 +1,26 @@
-"""Supervision: spawning workers and the cache store, watching their pidfds and stderr, and the liveness
-timers (a worker that stays silent, one stuck in native code, a load that never ends, a frozen store).
+"""The broker's decisions about processes: when a replica's worker is spawned again (restart backoff), and
+the liveness timers (a worker that stays silent, one stuck in native code, a load that never ends, a
+frozen cache store).
 
-``Supervisor`` decides nothing about requests or models: when a worker process has ended (or has been
-declared dead) it calls ``on_worker_exit(wp, detail)``, and the broker settles the rest. A model placed
-on a host (``Replica.host``) is spawned and killed by that host's supervisor (the same ``processes`` code),
-at the broker's request through ``HostSide``; the timers here apply to it as to a local worker.
+The processes themselves are supervised by the machine they run on, with one code for every machine
+(``host/supervise.py`` ``MachineSupervisor``): the broker's own machine through an in-process
+``MachineSupervisor`` (``machine``), a host's through that host's, at the broker's request through
+``HostSide`` (``Replica.host``). The timers here apply to every worker alike. ``Supervisor`` decides
+nothing about requests or models: when a worker process has ended (or has been declared dead) it calls
+``on_worker_exit(wp, detail)``, and the broker settles the rest.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
-import zmq
-
 from erllama.broker.cachequery import CacheQueries
-from erllama.broker.config import BrokerConfig
 from erllama.broker.hosts import HostSide
 from erllama.broker.registry import ModelEntry, Replica
-from erllama.cachestore.config import SHARED_URL_ENV
-from erllama.processes import (
-    RESTART_BACKOFF_MAX_S,
-    TERMINATE_GRACE_S,
-    ChildProcess,
-    FdWatch,
-    RestartPolicy,
-    WorkerProcess,
-    spawn_cachestore,
-    spawn_worker,
-)
+from erllama.host.supervise import MachineSupervisor
+from erllama.processes import TERMINATE_GRACE_S, WorkerProcess
 from erllama.protocol import (
     HEARTBEAT_INTERVAL_S,
     MODEL_LOAD_TIMEOUT_S,
@@ -44,71 +34,45 @@ log = logging.getLogger(__name__)
 
 
 class Supervisor:
-    """The broker's child processes and their timers. ``fds`` maps each watched fd to its process."""
+    """The broker's workers (on its machine, on hosts, or operator-started) and their timers."""
 
-    def __init__(self, cfg: BrokerConfig, poller: zmq.Poller, models: dict[str, ModelEntry]):
-        self.cfg = cfg
-        self.poller = poller
+    def __init__(self, machine: MachineSupervisor, models: dict[str, ModelEntry]):
+        self.machine = machine
         self.models = models
-        self.watcher = FdWatch(poller)
-        self.fds = self.watcher.fds
-        self.cachestore: ChildProcess | None = None
-        self.cachestore_restart = RestartPolicy()
-        self.cachestore_restart_at_s = 0.0
-        self.stopping = False
         self.hosts: HostSide | None = None
         self.on_worker_exit: Callable[[WorkerProcess, dict[str, Any]], None] = lambda wp, detail: None
         # a replica placed on a host that is not up: the broker marks it unavailable until the host joins
         self.on_unplaceable: Callable[[ModelEntry, Replica], None] = lambda entry, replica: None
+        machine.on_worker_exit = lambda wp, detail: self.on_worker_exit(wp, detail)
+
+    @property
+    def stopping(self) -> bool:
+        return self.machine.stopping
 
     # --- workers -------------------------------------------------------------------------------------------
 
     def spawn(self, entry: ModelEntry, replica: Replica) -> None:
-        if replica.host is not None:
-            if self.hosts is not None and self.hosts.spawn(entry, replica):
-                # the pid comes from the host's report (or the worker's own ready, whichever is first)
-                replica.worker = WorkerProcess(
-                    name=entry.model_id, pid=0, host=replica.host, replica=replica.index
-                )
-            else:
-                replica.worker = None
-                self.on_unplaceable(entry, replica)
-            return
-        wp = spawn_worker(
-            entry.model_id,
-            entry.path,
-            entry.options,
-            self.cfg.worker_endpoint,
-            self.cfg.runtime_dir,
-            self.cfg.log_level,
-            self.cfg.cachestore_endpoint,
-            replica=replica.index,
-        )
-        replica.worker = wp
-        self._watch(wp)
-
-    def on_fd(self, fd: int) -> None:
-        child = self.watcher.on_fd(fd)
-        if child is None:
-            return
-        if child is self.cachestore:
-            self._cachestore_exited(child)
+        if replica.host is None:
+            replica.worker = self.machine.spawn(entry.model_id, entry.path, entry.options, replica.index)
+        elif self.hosts is not None and self.hosts.spawn(entry, replica):
+            # the pid comes from the host's report (or the worker's own ready, whichever is first)
+            replica.worker = WorkerProcess(
+                name=entry.model_id, pid=0, host=replica.host, replica=replica.index
+            )
         else:
-            assert isinstance(child, WorkerProcess)
-            self.reap(child)
+            replica.worker = None
+            self.on_unplaceable(entry, replica)
 
     def reap(self, wp: WorkerProcess) -> None:
-        """A worker process ended (or was declared dead): collect what it left and report it."""
-        self._unwatch(wp)
-        detail = wp.exit_detail()
-        wp.close_fds()
-        self.on_worker_exit(wp, detail)
+        """A worker that is not this machine's child has ended or is given up on: report it."""
+        self.on_worker_exit(wp, wp.exit_detail())
 
     def kill(self, wp: WorkerProcess) -> None:
-        """SIGKILL a worker: ours directly, a host's through its host (then it counts as gone at once:
-        the host's own report of the exit, if it comes, finds nothing left to settle)."""
+        """SIGKILL a worker: ours through this machine's supervisor (its pidfd fires next and the exit is
+        reported), a host's through its host (then it counts as gone at once: the host's own report of
+        the exit, if it comes, finds nothing left to settle). An operator's worker is not ours to kill."""
         if wp.host is None:
-            wp.kill()
+            self.machine.kill(wp.model_id, wp.pid, wp.replica)
             return
         if self.hosts is not None:
             self.hosts.stop(wp.host, wp.model_id, wp.pid)
@@ -116,19 +80,17 @@ class Supervisor:
 
     def kill_all(self) -> None:
         """Last resort at shutdown: workers that did not exit within the grace period."""
+        self.machine.kill_all()
+        self.machine.wait_workers(TERMINATE_GRACE_S)
         for entry in list(self.models.values()):
             for replica in entry.replicas:
                 wp = replica.worker
-                if wp is not None:
+                if wp is None:
+                    continue
+                if wp.host is not None:
                     self.kill(wp)
-                    if wp.host is None:
-                        self.reap(wp)
-
-    def _watch(self, child: ChildProcess) -> None:
-        self.watcher.watch(child)
-
-    def _unwatch(self, child: ChildProcess) -> None:
-        self.watcher.unwatch(child)
+                else:
+                    self.reap(wp)  # operator-started
 
     def timers(self, now: float) -> None:
         """Restart crashed workers when their backoff ends; kill loads that never end and workers that
@@ -158,46 +120,17 @@ class Supervisor:
                     continue
                 log.error("worker of %s: %s; declaring it dead", entry.model_id, wp.kill_reason)
                 if wp.spawned or wp.host is not None:
-                    self.kill(wp)  # its pidfd fires next and reap settles its requests (a host's: now)
+                    self.kill(wp)  # its pidfd fires next and its exit settles its requests (a host's: now)
                 else:
                     self.reap(wp)  # not our child: we cannot kill it, only stop using it
 
     # --- the cache store -----------------------------------------------------------------------------------
 
-    @property
-    def runs_cachestore(self) -> bool:
-        return self.cfg.cache.enabled and self.cfg.cache.external_endpoint is None
-
-    def spawn_cachestore(self) -> None:
-        endpoint = self.cfg.cachestore_endpoint or ""
-        args = ["--endpoint", endpoint, "--log-level", self.cfg.log_level, *self.cfg.cache.flags]
-        shared = self.cfg.cache.shared_url
-        self.cachestore = spawn_cachestore(args, {SHARED_URL_ENV: shared} if shared else None)
-        self._watch(self.cachestore)
-
-    def _cachestore_exited(self, child: ChildProcess) -> None:
-        """Workers keep serving (with cache misses) while the store is restarted with backoff."""
-        self._unwatch(child)
-        detail = child.exit_detail()
-        child.close_fds()
-        self.cachestore = None
-        if self.stopping:
-            return
-        now = time.monotonic()
-        self.cachestore_restart.record_crash(now)
-        self.cachestore_restart_at_s = now + self.cachestore_restart.next_delay()
-        shown = {k: v for k, v in detail.items() if k != "stderr_tail"}
-        log.error("the cache store died (%s); restarting it", shown)
-
     def cachestore_timers(self, now: float, queries: CacheQueries | None) -> None:
         """Restart a dead store after its backoff. Ask a live one for its stats every heartbeat; one that
         stays silent (frozen, stuck) is killed and restarted like a crashed one: its pidfd cannot tell."""
-        if self.cachestore is None and self.runs_cachestore and not self.stopping:
-            if now >= self.cachestore_restart_at_s:
-                self.spawn_cachestore()
-        elif self.cachestore is not None and now - self.cachestore.started_s > RESTART_BACKOFF_MAX_S:
-            self.cachestore_restart.reset()  # it has stayed up: the next crash restarts it quickly again
-        cs = self.cachestore
+        self.machine.cachestore_timers(now)
+        cs = self.machine.cachestore
         if queries is None:
             return
         if cs is None:
@@ -206,17 +139,5 @@ class Supervisor:
         if now - queries.pinged_s >= HEARTBEAT_INTERVAL_S:
             queries.ping(now)
         silent_s = now - max(queries.heard_s, cs.started_s)
-        if silent_s > WORKER_SILENCE_TIMEOUT_S and cs.kill_reason is None:
-            cs.kill_reason = f"silent for {silent_s:.0f} s"
-            log.error("the cache store has been silent for %.0f s; killing it", silent_s)
-            cs.kill()
-
-    def stop_cachestore(self) -> None:
-        """Last, after the workers: their shutdown saves must reach it. SIGTERM lets it spill RAM rows."""
-        cs = self.cachestore
-        if cs is None or cs.proc is None:
-            return
-        cs.stop(TERMINATE_GRACE_S + 5)
-        self._unwatch(cs)
-        cs.close_fds()
-        self.cachestore = None
+        if silent_s > WORKER_SILENCE_TIMEOUT_S:
+            self.machine.kill_cachestore(f"silent for {silent_s:.0f} s")

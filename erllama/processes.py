@@ -1,9 +1,9 @@
 """Child processes a supervisor watches (the workers and the cache store): spawning, stderr, exit details.
 
-One supervision code for every machine: the broker (for its own machine) and each ``erllama-host``
-(for the machine it runs on) spawn workers and their cache store through these functions. The parent
-learns of a death from the kernel (a pidfd becomes readable) rather than from a missed heartbeat: a
-``GGML_ASSERT`` abort is seen within one poll. Each child's stderr is a pipe read without blocking; the
+The pieces of one machine's supervision (``host/supervise.py`` ``MachineSupervisor``, which each
+``erllama-host`` runs, and the broker in-process for its own machine). The parent learns of a death from
+the kernel (a pidfd becomes readable) rather than from a missed heartbeat: a ``GGML_ASSERT`` abort is seen
+within one poll. Each child's stderr is a pipe read without blocking; the
 lines are passed through to the parent's own stderr and the tail is kept for crash reports.
 Operator-started workers have no pidfd; their death or hang shows as silence. A worker placed on
 another host is known to the broker by ``host`` and pid only: that host's supervisor watches it.

@@ -1,5 +1,6 @@
 """``Host``: one machine's part in a cluster. It joins the broker, runs this machine's cache store, spawns
 and supervises the workers the broker places here, beats with its resources, and drains on SIGTERM.
+The processes are supervised by ``MachineSupervisor``, the code the broker runs for its own machine.
 
 Every join starts from a clean slate: workers left from an earlier session (the broker restarted, or
 declared us dead across a partition) are stopped, and the broker places its models again.
@@ -12,6 +13,8 @@ import logging
 import os
 import signal
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 import zmq
@@ -20,7 +23,7 @@ from erllama.cachestore.client import CacheClient
 from erllama.cachestore.events import KvEventCursor
 from erllama.host.link import BrokerLink
 from erllama.host.resources import gpus, host_resources
-from erllama.host.supervise import HostSettings, HostSupervisor
+from erllama.host.supervise import MachineSettings, MachineSupervisor
 from erllama.processes import TERMINATE_GRACE_S, WorkerProcess
 from erllama.protocol import (
     HEARTBEAT_INTERVAL_S,
@@ -52,6 +55,43 @@ JOIN_RETRY_S: Final = 5.0  # a join unanswered this long is sent again (the brok
 EXIT_REFUSED: Final = 2
 
 
+@dataclass(slots=True)
+class HostSettings:
+    """What ``erllama-host`` was started with (its flags)."""
+
+    name: str
+    broker: str  # tcp://ADDRESS:PORT of the broker's host endpoint
+    runtime_dir: Path
+    log_level: str = "INFO"
+    curve: tuple[str, str] | None = None  # (our key file with its secret, the broker's public key file)
+    cache: bool = True
+    cache_flags: list[str] = field(default_factory=list)  # passed through to erllama-cachestore
+    shared_url: str | None = None  # handed to the store in its environment, never its argv
+
+    @property
+    def cachestore_endpoint(self) -> str | None:
+        return f"ipc://{self.runtime_dir / 'cachestore.sock'}" if self.cache else None
+
+    def worker_endpoint(self, port: int) -> str:
+        """The broker's worker endpoint: the address we reached it at, with the port it told us."""
+        address = self.broker.rsplit(":", 1)[0]
+        return f"{address}:{port}"
+
+    @property
+    def machine(self) -> MachineSettings:
+        """This machine's supervision; its workers' endpoint is set when the broker welcomes us."""
+        return MachineSettings(
+            runtime_dir=self.runtime_dir,
+            worker_endpoint="",
+            cachestore_endpoint=self.cachestore_endpoint,
+            spawns_cachestore=self.cache,
+            log_level=self.log_level,
+            curve=self.curve,
+            cache_flags=self.cache_flags,
+            shared_url=self.shared_url,
+        )
+
+
 class HostPhase(enum.StrEnum):
     JOINING = "joining"  # join sent, no welcome yet
     JOINED = "joined"
@@ -64,7 +104,7 @@ class Host:
         self.ctx = zmq.Context()
         self.poller = zmq.Poller()
         self.link = BrokerLink(self.ctx, settings.name, settings.broker, settings.curve)
-        self.sup = HostSupervisor(settings, self.poller)
+        self.sup = MachineSupervisor(settings.machine, self.poller)
         self.sup.on_worker_exit = self._worker_exited
         self.store = (
             CacheClient(settings.cachestore_endpoint, STORE_STATS_TIMEOUT_S) if settings.cache else None
@@ -73,7 +113,6 @@ class Host:
             gpus()
         )  # asked once: NVML is slow to start, and devices do not come and go
         self.phase = HostPhase.JOINING
-        self.worker_port = 0
         self.instance: str | None = None
         self.store_stats: dict[str, Any] | None = None
         self.kv_cursor = KvEventCursor()  # where our beats are in the store's KV events
@@ -89,8 +128,7 @@ class Host:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         self.poller.register(self.link.sock, zmq.POLLIN)
-        if self.settings.cache:
-            self.sup.spawn_cachestore()
+        self.sup.start()
         self._join()
         try:
             while not self._finished():
@@ -98,7 +136,7 @@ class Host:
                     if item is self.link.sock:
                         for msg in self.link.receive():
                             self._on_command(msg)
-                    elif isinstance(item, int) and item in self.sup.watcher.fds:
+                    elif isinstance(item, int) and item in self.sup.fds:
                         self.sup.on_fd(item)
                 refused = self.link.refusal()
                 if refused is not None:
@@ -171,7 +209,7 @@ class Host:
             cachestore_up = self.store_stats is not None
         if self.phase is HostPhase.JOINING:
             return
-        workers = [HostWorker(model=m, pid=wp.pid) for m, wp in self.sup.workers.items()]
+        workers = [HostWorker(model=m, pid=wp.pid) for (m, _), wp in self.sup.workers.items()]
         resources = host_resources(self.gpus, self.gpu_error, self.store_stats)
         kv = self._kv_events() if cachestore_up and self.store is not None else None
         self.link.send(
@@ -200,7 +238,8 @@ class Host:
         if isinstance(msg, HostWelcome):
             if self.instance is not None and msg.instance != self.instance:
                 log.warning("the broker restarted (instance %s)", msg.instance)
-            self.instance, self.worker_port = msg.instance, msg.worker_port
+            self.instance = msg.instance
+            self.sup.settings.worker_endpoint = self.settings.worker_endpoint(msg.worker_port)
             if self.phase is HostPhase.JOINING:
                 self.phase = HostPhase.JOINED
                 self.beat_at_s = 0.0  # beat at once: the broker waits for our store to be up
@@ -228,13 +267,13 @@ class Host:
             log.warning("the broker says %s: %s", msg.code, msg.message)
 
     def _spawn(self, msg: SpawnWorker) -> None:
-        if self.phase is not HostPhase.JOINED or msg.model in self.sup.workers:
+        if self.phase is not HostPhase.JOINED or self.sup.runs(msg.model):
             reason = "draining" if self.phase is HostPhase.DRAINING else "a worker of it already runs here"
             log.warning("not spawning %s: %s", msg.model, reason)
             self.link.send(WorkerExited(model=msg.model, pid=0, detail={"refused": reason}))
             return
         try:
-            wp = self.sup.spawn(msg.model, msg.path, msg.options, self.worker_port, msg.replica)
+            wp = self.sup.spawn(msg.model, msg.path, msg.options, msg.replica)
         except OSError as exc:
             self.link.send(WorkerExited(model=msg.model, pid=0, detail={"spawn_failed": str(exc)}))
             return

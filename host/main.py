@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 
 from erllama.cachestore.config import SHARED_URL_ENV
-from erllama.host.host import Host
-from erllama.host.supervise import HostSettings
+from erllama.host.host import Host, HostSettings
 from erllama.logsetup import setup_logging
 from erllama.options import validate_model_id
 from erllama.protocol import ErllamaError

@@ -1,7 +1,9 @@
-"""A host's supervision of its own processes: its cache store (restarted with backoff when it dies) and
-the workers the broker places here. The same code as the broker's for its machine (``erllama.processes``:
-spawning, pidfds, stderr tails, exit details, backoff); what a worker's death means for its model is
-the broker's decision, so an exit is only reported (``on_worker_exit``).
+"""One machine's supervision of its processes: its cache store (restarted with backoff when it dies) and
+the workers placed on it. One code serves every machine: each ``erllama-host`` runs a
+``MachineSupervisor`` for the machine it is on, and the broker runs one in-process for its own machine
+(``broker/supervisor.py`` keeps the decisions: restarts of replicas, liveness timers, hosts).
+What a worker's death means for its model is the broker's decision, so an exit is only reported
+(``on_worker_exit``).
 """
 
 from __future__ import annotations
@@ -30,67 +32,73 @@ from erllama.processes import (
 
 log = logging.getLogger(__name__)
 
+WorkerKey = tuple[str, int]  # (model id, replica index)
+
 
 @dataclass(slots=True)
-class HostSettings:
-    name: str
-    broker: str  # tcp://ADDRESS:PORT of the broker's host endpoint
+class MachineSettings:
+    """How this machine's children are started and where they reach the broker and the cache store."""
+
     runtime_dir: Path
+    worker_endpoint: str  # the broker's worker endpoint (a host learns its port when it joins)
+    cachestore_endpoint: str | None  # where workers find the cache store; None: no KV cache
+    spawns_cachestore: bool = True  # False: no cache, or an external store that someone else runs
     log_level: str = "INFO"
-    curve: tuple[str, str] | None = None  # (our key file with its secret, the broker's public key file)
-    cache: bool = True
+    curve: tuple[str, str] | None = None  # workers over tcp: (our key file with its secret, the broker's)
     cache_flags: list[str] = field(default_factory=list)  # passed through to erllama-cachestore
     shared_url: str | None = None  # handed to the store in its environment, never its argv
 
-    @property
-    def cachestore_endpoint(self) -> str | None:
-        return f"ipc://{self.runtime_dir / 'cachestore.sock'}" if self.cache else None
 
-    def worker_endpoint(self, port: int) -> str:
-        """The broker's worker endpoint: the address we reached it at, with the port it told us."""
-        address = self.broker.rsplit(":", 1)[0]
-        return f"{address}:{port}"
+class MachineSupervisor:
+    """This machine's children; ``workers`` maps (model id, replica) to its worker process."""
 
-
-class HostSupervisor:
-    """This machine's children; ``workers`` maps a model id to its worker process."""
-
-    def __init__(self, settings: HostSettings, poller: zmq.Poller):
+    def __init__(self, settings: MachineSettings, poller: zmq.Poller):
         self.settings = settings
         self.watcher = FdWatch(poller)
-        self.workers: dict[str, WorkerProcess] = {}
+        self.workers: dict[WorkerKey, WorkerProcess] = {}
         self.cachestore: ChildProcess | None = None
         self.cachestore_restart = RestartPolicy()
         self.cachestore_restart_at_s = 0.0
         self.stopping = False
         self.on_worker_exit: Callable[[WorkerProcess, dict[str, Any]], None] = lambda wp, detail: None
 
+    @property
+    def fds(self) -> dict[int, ChildProcess]:
+        """The watched pidfds and stderr pipes: the owner's poll loop hands each to ``on_fd``."""
+        return self.watcher.fds
+
     # --- workers -------------------------------------------------------------------------------------------
 
     def spawn(
-        self, model_id: str, path: str | None, options: dict[str, Any], worker_port: int, replica: int = 0
+        self, model_id: str, path: str | None, options: dict[str, Any], replica: int = 0
     ) -> WorkerProcess:
         s = self.settings
         wp = spawn_worker(
             model_id,
             path,
             options,
-            s.worker_endpoint(worker_port),
+            s.worker_endpoint,
             s.runtime_dir,
             s.log_level,
             s.cachestore_endpoint,
             s.curve,
             replica,
         )
-        self.workers[model_id] = wp
+        self.workers[(model_id, replica)] = wp
         self.watcher.watch(wp)
         return wp
 
-    def kill(self, model_id: str, pid: int | None = None) -> None:
-        wp = self.workers.get(model_id)
-        if wp is not None and (pid is None or pid in (0, wp.pid)):
-            log.warning("killing the worker of %s (pid %d) at the broker's request", model_id, wp.pid)
-            wp.kill()
+    def runs(self, model_id: str) -> bool:
+        """Whether a worker of ``model_id`` (any replica) runs here."""
+        return any(m == model_id for m, _ in self.workers)
+
+    def kill(self, model_id: str, pid: int = 0, replica: int | None = None) -> None:
+        """SIGKILL the model's worker (``replica``: that one only; ``pid``: if it is still that process,
+        0 for whichever). Its pidfd fires next and its exit is reported."""
+        for (m, r), wp in list(self.workers.items()):
+            if m == model_id and replica in (None, r) and pid in (0, wp.pid):
+                log.warning("killing the worker of %s (replica %d, pid %d)", model_id, r, wp.pid)
+                wp.kill()
 
     def kill_all(self) -> None:
         for wp in self.workers.values():
@@ -107,8 +115,9 @@ class HostSupervisor:
             self._cachestore_exited(detail)
             return
         assert isinstance(child, WorkerProcess)
-        if self.workers.get(child.model_id) is child:
-            del self.workers[child.model_id]
+        key = (child.model_id, child.replica)
+        if self.workers.get(key) is child:
+            del self.workers[key]
         log.info("worker of %s (pid %d) ended: %s", child.model_id, child.pid, _shown(detail))
         self.on_worker_exit(child, detail)
 
@@ -126,6 +135,11 @@ class HostSupervisor:
 
     # --- the cache store -----------------------------------------------------------------------------------
 
+    def start(self) -> None:
+        """Spawn this machine's cache store, if it runs one."""
+        if self.settings.spawns_cachestore:
+            self.spawn_cachestore()
+
     def spawn_cachestore(self) -> None:
         s = self.settings
         args = ["--endpoint", s.cachestore_endpoint or "", "--log-level", s.log_level, *s.cache_flags]
@@ -133,6 +147,7 @@ class HostSupervisor:
         self.watcher.watch(self.cachestore)
 
     def _cachestore_exited(self, detail: dict[str, Any]) -> None:
+        """Workers keep serving (with cache misses) while the store is restarted with backoff."""
         self.cachestore = None
         if self.stopping:
             return
@@ -142,15 +157,24 @@ class HostSupervisor:
         log.error("the cache store died (%s); restarting it", _shown(detail))
 
     def cachestore_timers(self, now: float) -> None:
-        if not self.settings.cache or self.stopping:
+        """Restart a dead store after its backoff; one that has stayed up is restarted quickly next time."""
+        if not self.settings.spawns_cachestore or self.stopping:
             return
         if self.cachestore is None and now >= self.cachestore_restart_at_s:
             self.spawn_cachestore()
         elif self.cachestore is not None and now - self.cachestore.started_s > RESTART_BACKOFF_MAX_S:
             self.cachestore_restart.reset()
 
+    def kill_cachestore(self, reason: str) -> None:
+        """SIGKILL a store that is alive but useless (frozen): it restarts like a crashed one."""
+        cs = self.cachestore
+        if cs is not None and cs.kill_reason is None:
+            cs.kill_reason = reason
+            log.error("the cache store is %s; killing it", reason)
+            cs.kill()
+
     def stop_cachestore(self) -> None:
-        """Last, after the workers: SIGTERM lets the store spill its RAM rows."""
+        """Last, after the workers (their shutdown saves must reach it): SIGTERM lets it spill RAM rows."""
         self.stopping = True
         cs = self.cachestore
         if cs is None or cs.proc is None:
