@@ -244,10 +244,11 @@ class Store:
         load_pid: int | None = None,
     ) -> None:
         """The longest usable row for a query (see ``PrefixTree.longest_prefix`` for the limits), leased
-        for ``load_pid`` in the same reply when given. A local miss, or a local hit that leaves at least
-        ``SHARED_MIN_GAIN_TOKENS`` of the query uncovered, is handed to the shared tier, if any, which
-        looks for a longer row there and answers later (``answer_prefix``): every host holds the
-        system prompt's row, so asking only on a miss would never find another host's conversation."""
+        for ``load_pid`` in the same reply when given. A local miss (however short the query), or a
+        local hit that leaves at least ``SHARED_MIN_GAIN_TOKENS`` of the query uncovered, is handed to
+        the shared tier, if any, which looks for a longer row there and answers later
+        (``answer_prefix``): every host holds the system prompt's row, so asking only on a miss would
+        never find another host's conversation."""
         t0 = time.perf_counter_ns()
         if len(token_bytes) % 4:
             raise ErllamaError(ErrorCode.INVALID_PARAMS, "tokens must be u32 little-endian")
@@ -263,12 +264,10 @@ class Store:
         )
         found = self._longest(query)
         self._count_lookup(found is not None, exact=False, t0=t0)
-        if self.shared is not None:
-            have = 0 if found is None else found[1]
-            if len(token_bytes) // TOKEN_BYTES - have >= SHARED_MIN_GAIN_TOKENS and self.shared.lookup(
-                reply, query, have
-            ):
-                return
+        have = 0 if found is None else found[1]
+        worth_asking = found is None or len(token_bytes) // TOKEN_BYTES - have >= SHARED_MIN_GAIN_TOKENS
+        if self.shared is not None and worth_asking and self.shared.lookup(reply, query, have):
+            return
         self._answer(reply, query, found, fetched=None)
 
     def answer_prefix(self, reply: Replier, query: PrefixQuery, fetched: bytes | None) -> None:
