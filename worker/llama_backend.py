@@ -337,10 +337,7 @@ class LlamaBackend:
 
     def sample(self, sampler: RequestSampler, logits: Logits, greedy: bool = False) -> int:
         if sampler.argmax_only:
-            # The first of equal maxima, as llama.cpp's greedy sampler picks; nothing to accept.
-            if isinstance(logits, int):
-                return self.argmax(logits)
-            return int(np.argmax(np.frombuffer(logits, dtype=np.float32, count=self.n_vocab)))
+            return self._argmax_of(logits)  # nothing to accept
         chain = sampler.chain_for(greedy)
         if sampler.grammar is not None and (greedy or sampler.greedy_default):
             token = self._grammar_argmax(sampler.grammar, logits)
@@ -372,10 +369,7 @@ class LlamaBackend:
         first of the largest logits among the tokens the grammar allows; when the overall argmax is
         allowed that is the argmax itself, so checking that one token (instead of the grammar over the
         whole vocabulary, milliseconds a token) gives the same token."""
-        if isinstance(logits, int):
-            token = self.argmax(logits)
-        else:
-            token = int(np.argmax(np.frombuffer(logits, dtype=np.float32, count=self.n_vocab)))
+        token = self._argmax_of(logits)
         one = self._one_candidate
         one["id"], one["logit"], one["p"] = token, 0.0, 0.0
         arr = L.llama_token_data_array(
@@ -390,6 +384,13 @@ class LlamaBackend:
     def argmax(self, logits_index: int) -> int:
         logits = L.llama_get_logits_ith(self.ctx, logits_index)
         return int(np.argmax(np.ctypeslib.as_array(logits, shape=(self.n_vocab,))))
+
+    def _argmax_of(self, logits: Logits) -> int:
+        """The first of equal maxima, as llama.cpp's greedy sampler picks: of the context's logits at an
+        index, or of stored ones."""
+        if isinstance(logits, int):
+            return self.argmax(logits)
+        return int(np.argmax(np.frombuffer(logits, dtype=np.float32, count=self.n_vocab)))
 
     def free_sampler(self, sampler: RequestSampler) -> None:
         sampler.free()
