@@ -32,6 +32,7 @@ from erllama.broker.cachequery import MAX_TOKEN_ID, CacheQueries
 from erllama.broker.config import BrokerConfig
 from erllama.broker.front import FrontEnd
 from erllama.broker.hosts import HostSide
+from erllama.broker.hosttable import OwnMachine, host_rows
 from erllama.broker.kvindex import KvIndex
 from erllama.broker.lifecycle import Requests
 from erllama.broker.models import Models
@@ -46,11 +47,13 @@ from erllama.host.supervise import MachineSupervisor
 from erllama.options import validate_prompt
 from erllama.processes import TERMINATE_GRACE_S
 from erllama.protocol import (
+    HEARTBEAT_INTERVAL_S,
     CachedPrefixLen,
     Call,
     Cancel,
     ErllamaError,
     ErrorCode,
+    HostWorker,
     Infer,
     ListHosts,
     ListModels,
@@ -68,7 +71,10 @@ from erllama.transport import BROKER_LOCK_NAME, InstanceLock, ensure_private_dir
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_MS = 100
-DRAIN_BATCH = 1000  # messages taken from one socket per wake, so a flood on one cannot starve the others
+DRAIN_BATCH = 1000
+STORE_ANSWERED_S = (
+    3 * HEARTBEAT_INTERVAL_S
+)  # the store answered a ping this recently: it is up  # messages taken from one socket per wake, so a flood on one cannot starve the others
 
 
 class Broker:
@@ -92,9 +98,11 @@ class Broker:
         self.router = self.requests.router
         # with a shared tier (the hosts are given the same URL), any replica can restore any host's rows
         self.router.shared_tier = bool(cfg.cache.shared_url)
+        self.router.here = cfg.name
         instance = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.workers = WorkerSide(self.ctx, self.table, self.requests, self.front, self.totals, instance)
         self.machine = MachineSupervisor(cfg.machine, self.poller)  # this machine's workers and store
+        self.own = OwnMachine(cfg.name)  # and this machine as a host, in list_hosts
         self.supervisor = Supervisor(self.machine, self.table)
         self.models = Models(
             cfg, self.table, self.front, self.requests, self.workers, self.supervisor, self.totals, rids
@@ -110,7 +118,7 @@ class Broker:
         self.placement: Placement | None = None
         if cfg.hosts and cfg.host_workers and self.curve is not None:
             self.hosts = HostSide(
-                self.ctx, self.curve, cfg.hosts, cfg.host_workers, self.table, self.totals, instance
+                self.ctx, self.curve, cfg.hosts, cfg.host_workers, self.table, self.totals, instance, cfg.name
             )
             self.supervisor.hosts = self.hosts
             self.hosts.on_kv_events = lambda host, batch: self.kv_index.apply(host.name, batch)
@@ -130,13 +138,15 @@ class Broker:
             ),
             LoadModel: self.models.load,
             UnloadModel: self.models.unload,
-            ListModels: lambda c, m: self.front.reply(c, m.id, [e.describe() for e in self.table.values()]),
-            ModelInfo: lambda c, m: self.front.reply(c, m.id, self.models.entry(m.model).describe()),
+            ListModels: lambda c, m: self.front.reply(
+                c, m.id, [e.describe(cfg.name) for e in self.table.values()]
+            ),
+            ModelInfo: lambda c, m: self.front.reply(c, m.id, self.models.entry(m.model).describe(cfg.name)),
             QueueDepth: self.models.queue_depth,
             Call: self.models.call,
             CachedPrefixLen: self._cached_prefix_len,
             Ping: lambda c, m: self.front.reply(c, m.id, self._ping()),
-            ListHosts: lambda c, m: self.front.reply(c, m.id, self.hosts.describe() if self.hosts else []),
+            ListHosts: lambda c, m: self.front.reply(c, m.id, self._list_hosts()),
             VramInfo: lambda c, m: self.front.reply(c, m.id, vram_info()),
         }
 
@@ -147,6 +157,16 @@ class Broker:
             self.front.reply(client, msg.id, 0)
         else:
             self.cache.cached_prefix_len(client, msg.id, tokens, entry)
+
+    def _list_hosts(self) -> list[dict[str, Any]]:
+        """This machine first (always up; its store up if it answered the last heartbeat's ping), then
+        the hosts that joined."""
+        workers = [HostWorker(model=m, pid=wp.pid) for (m, _), wp in self.machine.workers.items()]
+        store_up = self.cache is None or (
+            self.machine.cachestore is not None and time.monotonic() - self.cache.heard_s < STORE_ANSWERED_S
+        )
+        own = self.own.entry(workers, store_up, self.cache.stats if self.cache else None)
+        return host_rows([own, *(self.hosts.hosts.values() if self.hosts else ())], self.table)
 
     def _ping(self) -> dict[str, Any]:
         return {

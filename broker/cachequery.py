@@ -1,5 +1,5 @@
 """The broker's own questions to the cache store: ``cached_prefix_len`` for clients (no worker hop), the
-stats ping that tells a live store from a frozen one, evictions for the memory-pressure watcher, and the
+stats ping that tells a live store from a frozen one (its answer kept for ``list_hosts``), evictions for the memory-pressure watcher, and the
 store's KV events for the routing index (source ``""``: this machine).
 """
 
@@ -9,7 +9,7 @@ import logging
 import struct
 import time
 from collections.abc import Callable, Iterator
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 import zmq
@@ -28,6 +28,7 @@ from erllama.protocol import (
     KvEventsReply,
     MemoryKind,
     PrefixReply,
+    StatsReply,
     WireError,
     as_exception,
     encode,
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 CACHE_QUERY_TIMEOUT_S: Final = 2.0
 MAX_TOKEN_ID: Final = 2**31  # token ids travel to the cache store as u32; no vocabulary comes near this
+PING_RID: Final = 0  # the stats ping's; queries take theirs from the broker's ids, which start at 1
 KV_POLL_INTERVAL_S: Final = 1.0  # as often as a host relays its store's events (once per beat)
 
 
@@ -63,6 +65,8 @@ class CacheQueries:
         self._pressure_client: CacheClient | None = None  # used only from the watcher's thread
         self._head = msgspec.msgpack.Decoder(_ReplyHead)
         self._kv_decoder = protocol.cache_reply_decoder(KvEventsReply)
+        self._stats_decoder = protocol.cache_reply_decoder(StatsReply)
+        self.stats: dict[str, Any] | None = None  # the last ping's answer
         self.kv_cursor = KvEventCursor()
         self._kv_rid: int | None = None  # the KV events query under way
         self._kv_deadline_s = 0.0
@@ -95,7 +99,7 @@ class CacheQueries:
     def ping(self, now: float) -> None:
         self.pinged_s = now
         try:
-            self.sock.send(encode(CacheStats(rid=0)), zmq.NOBLOCK)
+            self.sock.send(encode(CacheStats(rid=PING_RID)), zmq.NOBLOCK)
         except zmq.Again:
             pass
 
@@ -129,18 +133,24 @@ class CacheQueries:
 
     def on_frames(self, frames: list[bytes]) -> None:
         self.heard_s = time.monotonic()  # any reply, the pings' included, shows the store is alive
-        if self._kv_rid is not None:
+        try:
+            rid = self._head.decode(frames[0]).rid
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            rid = None
+        if rid is not None and rid == self._kv_rid:
+            self._on_kv_reply(frames[0])
+            return
+        if rid == PING_RID:
             try:
-                rid = self._head.decode(frames[0]).rid
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                rid = None
-            if rid == self._kv_rid:
-                self._on_kv_reply(frames[0])
+                stats = self._stats_decoder.decode(frames[0])
+            except WireError:
                 return
+            self.stats = stats.stats if isinstance(stats, StatsReply) else None
+            return
         try:
             msg = self._decoder.decode(frames[0])
         except WireError:
-            return  # a stats reply (decoded as a prefix reply it lacks nothing) or garbage
+            return  # garbage
         query = self.pending.pop(msg.rid, None) if msg.rid is not None else None
         if query is None:
             return

@@ -6,6 +6,7 @@ Example ``erllama.toml``::
     endpoint = "ipc:///run/user/1000/erllama/broker.sock"   # default: ipc in the runtime dir
     tcp = "tcp://127.0.0.1:7420"                              # optional extra endpoint
     log_level = "INFO"
+    # name = "router1"                    # this machine's name among the hosts (default: the hostname)
     # hosts = "tcp://10.0.0.1:7421"        # where erllama-host processes join (CURVE); their workers use
     # host_workers = "tcp://10.0.0.1:7422" # this one (default: the hosts port + 1)
     # curve_hosts = "/etc/erllama/hosts"   # allowlist of host keys (default: curve_clients)
@@ -35,7 +36,7 @@ Example ``erllama.toml``::
     path = "/models/qwen2.5-0.5b-instruct-q4_k_m.gguf"
     # host = "gpu1"                   # run its worker on the erllama-host named gpu1, once it joins
     # hosts = ["gpu1", "gpu2"]        # or one replica on each of these hosts
-    # replicas = 2                    # or two replicas on this machine
+    # replicas = 2                    # or two replicas (on this machine: at start no host has joined)
 
 Without a file (and without ``--no-default-model``) the broker serves the embedded default
 model under the id ``smollm2-135m``.
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,6 +120,9 @@ class BrokerConfig:
     curve: CurveSettings | None = None
     pressure: PressureConfig = field(default_factory=PressureConfig)
     hosts: str | None = None  # tcp endpoint where erllama-host processes join (CURVE required)
+    # This machine's name among the hosts: a model placed on it by name runs here, under the broker's own
+    # supervision; no joining host may take it.
+    name: str = field(default_factory=socket.gethostname)
     host_workers: str | None = None  # tcp endpoint for the workers hosts spawn (CURVE)
 
     @property
@@ -194,6 +199,7 @@ def build_config(
     curve_clients: str | None = None,
     hosts: str | None = None,
     curve_hosts: str | None = None,
+    name: str | None = None,
 ) -> BrokerConfig:
     """Merge flags (strongest), environment, the TOML file and defaults (weakest)."""
     file_cfg: dict[str, Any] = {}
@@ -261,6 +267,7 @@ def build_config(
         pressure=_pressure(file_cfg.get("pressure", {})),
         hosts=hosts_ep,
         host_workers=host_workers,
+        name=validate_model_id(name or section.get("name") or socket.gethostname()),
     )
 
 

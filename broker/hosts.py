@@ -9,6 +9,7 @@ callbacks (``on_up``, ``on_draining``, ``on_lost``) and what happens to a worker
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -66,8 +67,10 @@ class HostSide:
         models: dict[str, ModelEntry],
         totals: QueueTotals,
         instance: str,
+        here: str,
     ):
         self.endpoint = endpoint
+        self.here = here  # the broker's own machine's name: no host may join under it
         self.worker_port = port_of(worker_endpoint)
         self.models = models
         self.totals = totals
@@ -124,14 +127,6 @@ class HostSide:
         """Ask ``host`` to read its cache store's KV events from a snapshot again."""
         if host.live:
             self._send(host, HostKvResync(name=host.name))
-
-    def describe(self) -> list[dict[str, Any]]:
-        placed: dict[str, list[str]] = {}
-        for e in self.models.values():
-            for host in e.hosts:
-                if host is not None:
-                    placed.setdefault(host, []).append(e.model_id)
-        return [h.describe(placed.get(h.name, [])) for h in self.hosts.values()]
 
     def _send(self, host: HostEntry, msg: Message) -> bool:
         return self._send_to(host.identity, msg)
@@ -203,9 +198,10 @@ class HostSide:
 
     def _join(self, identity: bytes, msg: HostJoin, address: str | None) -> None:
         old = self.hosts.get(msg.name)
-        if old is not None and old.live and old.identity != identity:
+        if msg.name == self.here or (old is not None and old.live and old.identity != identity):
+            pid = os.getpid() if old is None else old.pid
             err = ErllamaError(
-                ErrorCode.HOST_REFUSED, f"a host named {msg.name!r} is already joined", {"pid": old.pid}
+                ErrorCode.HOST_REFUSED, f"a host named {msg.name!r} is already joined", {"pid": pid}
             )
             log.warning("refused host %s (pid %d): %s", msg.name, msg.pid, err.message)
             self._send_to(identity, error_of(err, None))

@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--curve-hosts", help="directory of the host public keys allowed to join (default: --curve-clients)"
     )
+    ap.add_argument("--name", help="this machine's name among the hosts (default: the hostname)")
     ap.add_argument(
         "--runtime-dir", help="where ipc sockets and the lock live (default: $ERLLAMA_RUNTIME_DIR)"
     )
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             curve_clients=args.curve_clients,
             hosts=args.hosts,
             curve_hosts=args.curve_hosts,
+            name=args.name,
         )
     except (ErllamaError, OSError, ValueError) as exc:
         setup_logging("INFO", "broker")

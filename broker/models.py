@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from erllama.broker.config import BrokerConfig
 from erllama.broker.front import FrontEnd
 from erllama.broker.lifecycle import Requests, host_down
@@ -79,10 +81,10 @@ class Models:
             )
         path = msg.path
         places = self._places(msg)
-        if any(places):
-            for name in places:
-                self._check_host(name or "")
-        elif path is not None:
+        for name in places:
+            if name is not None:
+                self._check_host(name)
+        if None in places and path is not None:  # a replica here: the path must be a file here
             try:
                 p = Path(path).resolve()
                 is_file = p.is_file()
@@ -105,19 +107,20 @@ class Models:
         self.table[model_id].floating = msg.replicas is not None and any(places)
 
     def _places(self, msg: LoadModel) -> list[str | None]:
-        """Where the model's replicas run: a host name each, None for the broker's own machine."""
+        """Where the model's replicas run: a host name each, None for the broker's own machine (a host
+        like the others, named ``cfg.name``)."""
         given = sum(x is not None for x in (msg.host, msg.hosts, msg.replicas))
         if given > 1:
             raise ErllamaError(ErrorCode.INVALID_PARAMS, "give one of host, hosts and replicas")
         if msg.host is not None:
-            return [msg.host]
+            return [self.here(msg.host)]
         if msg.hosts is not None:
             if not 1 <= len(msg.hosts) <= MAX_REPLICAS or len(set(msg.hosts)) != len(msg.hosts):
                 raise ErllamaError(
                     ErrorCode.INVALID_PARAMS,
                     f"hosts: 1-{MAX_REPLICAS} distinct host names (one replica each)",
                 )
-            return list(msg.hosts)
+            return [self.here(h) for h in msg.hosts]
         n = msg.replicas if msg.replicas is not None else 1
         if not 1 <= n <= MAX_REPLICAS:
             raise ErllamaError(ErrorCode.INVALID_PARAMS, f"replicas: 1-{MAX_REPLICAS}")
@@ -125,14 +128,20 @@ class Models:
         up = [h for h in hosts.hosts.values() if hosts.up(h.name)] if hosts is not None and n > 1 else []
         if not up:
             return [None] * n  # no hosts: every replica on the broker's own machine
-        if len(up) < n:
+        machines = [(h.resources.memory_available_bytes, h.name) for h in up]
+        machines.append((psutil.virtual_memory().available, self.cfg.name))
+        if len(machines) < n:
             raise ErllamaError(
                 ErrorCode.INVALID_PARAMS,
-                f"replicas={n} needs {n} hosts that are up; {len(up)} are",
-                {"hosts_up": [h.name for h in up]},
+                f"replicas={n} needs {n} hosts that are up; {len(machines)} are",
+                {"hosts_up": [name for _, name in machines]},
             )
-        up.sort(key=lambda h: -h.resources.memory_available_bytes)
-        return [h.name for h in up[:n]]
+        machines.sort(key=lambda m: -m[0])  # the most memory free first
+        return [self.here(name) for _, name in machines[:n]]
+
+    def here(self, name: str) -> str | None:
+        """A host name as placements hold it: None for the broker's own machine."""
+        return None if name == self.cfg.name else name
 
     def _check_host(self, name: str) -> None:
         """A model placed on a host: the host must be up (its path is checked there, by the worker)."""
@@ -163,11 +172,12 @@ class Models:
         places: list[str | None],
     ) -> None:
         entry = ModelEntry(model_id, path, options, ModelQueue(model_id, max_queue=options["max_queue"]))
+        places = [self.here(p) if p is not None else None for p in places]  # a config file names this one
         entry.replicas = [Replica(model_id, i, host) for i, host in enumerate(places)]
         if waiter is not None:
             entry.load_waiters.append(waiter)
         self.table[model_id] = entry
-        where = ", ".join(h or "this machine" for h in places)
+        where = ", ".join(h or self.cfg.name for h in places)
         log.info("loading model %s: %d replica(s) on %s", model_id, len(places), where)
         for replica in entry.replicas:
             self.supervisor.spawn(entry, replica)
@@ -247,7 +257,7 @@ class Models:
         if any(r.state is ModelState.LOADING for r in entry.replicas):
             return
         for w in entry.load_waiters:
-            self.front.answer(w, entry.describe())
+            self.front.answer(w, entry.describe(self.cfg.name))
         entry.load_waiters.clear()
 
     def worker_exited(self, wp: WorkerProcess, detail: dict[str, Any]) -> None:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import psutil
+
 from erllama.broker.hosts import HostSide
 from erllama.broker.hosttable import HostEntry
 from erllama.broker.lifecycle import Requests, host_down
@@ -119,20 +121,27 @@ class Placement:
                 self._move(entry, replica)
 
     def _move(self, entry: ModelEntry, replica: Replica) -> None:
-        """Place a replica that was placed by count on another host that is up and has none of the model."""
+        """Place a replica that was placed by count on another machine that is up and has none of the
+        model: a joined host or the broker's own."""
         taken = set(entry.hosts)
-        free = [h for h in self.hosts.hosts.values() if self.hosts.up(h.name) and h.name not in taken]
+        free: list[tuple[int, str | None]] = [
+            (h.resources.memory_available_bytes, h.name)
+            for h in self.hosts.hosts.values()
+            if self.hosts.up(h.name) and h.name not in taken
+        ]
+        if None not in taken:
+            free.append((psutil.virtual_memory().available, None))
         if not free:
             return  # it stays unavailable; it is placed again when its host comes back
-        target = max(free, key=lambda h: h.resources.memory_available_bytes)
+        target = max(free, key=lambda m: m[0])[1]
         log.info(
             "moving %s replica %d from host %s to %s",
             entry.model_id,
             replica.index,
             replica.host,
-            target.name,
+            target or self.models.cfg.name,
         )
-        replica.host = target.name
+        replica.host = target
         replica.state = ModelState.RESTARTING
         self.supervisor.spawn(entry, replica)
 

@@ -110,10 +110,11 @@ class Replica:
             return 0.0
         return min(abs(self.service_s - (now - t)) for t in self.started_s.values())
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, here: str) -> dict[str, Any]:
+        """One of ``model_info``'s ``replicas``; ``here``: the name of the broker's own machine."""
         return {
             "index": self.index,
-            "host": self.host,
+            "host": self.host or here,
             "state": self.state.value,
             "worker_pid": self.worker.pid if self.worker else None,
             "slots": self.slots,
@@ -182,9 +183,10 @@ class ModelEntry:
     def replica_of_pid(self, pid: int) -> Replica | None:
         return next((r for r in self.replicas if r.worker is not None and r.worker.pid == pid), None)
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, here: str) -> dict[str, Any]:
         """``model_info``: everything from the broker's own tables, no worker round-trip. The top-level
-        worker fields are the first replica's (a model loaded without replicas has just that one)."""
+        worker fields are the first replica's (a model loaded without replicas has just that one).
+        ``here``: the name of the broker's own machine, shown as the host of the replicas it runs."""
         first = self.replicas[0]  # a model has at least one replica from its creation on
         running = sum(len(r.running) for r in self.replicas)
         return {
@@ -192,7 +194,7 @@ class ModelEntry:
             "state": self.state.value,
             "worker_pid": first.worker.pid if first.worker else None,
             "spawned": self.spawned,
-            "host": first.host,
+            "host": first.host or here,
             "path": self.path,
             "options": self.options,
             "n_ctx": self.info.get("n_ctx"),
@@ -213,7 +215,7 @@ class ModelEntry:
             "exact": self.info.get("exact"),  # warm greedy output bit-identical to cold
             "model": {k: v for k, v in self.info.items() if k not in ("options", "path", "n_ctx")},
             "routing": self.options.get("routing"),
-            "replicas": [r.describe() for r in self.replicas],
+            "replicas": [r.describe(here) for r in self.replicas],
             "last_route": self.last_route,
         }
 

@@ -78,11 +78,11 @@ class Route:
     tier: str | None = None
     expected_ttft_ms: float = 0.0
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, here: str) -> dict[str, Any]:
         return {
             "rid": self.rid,
             "replica": self.replica.index,
-            "host": self.replica.host,
+            "host": self.replica.host or here,
             "reason": self.reason,
             "cached_tokens": self.cached_tokens,
             "tier": self.tier,
@@ -130,6 +130,7 @@ class Router:
         self.requests = requests
         self.index = index  # the cache stores' KV events (broker/kvindex.py)
         self.shared_tier = shared_tier
+        self.here = ""  # the broker's own machine's name, for the decisions it shows
         self.live: dict[tuple[str, int], LiveBlocks] = {}  # (model, replica index) -> what it ran
         self.blocks: dict[int, list[int]] = {}  # rid -> its prompt's block hashes, computed once
         self.turns: dict[str, itertools.cycle[int]] = {}  # model -> round-robin order
@@ -198,12 +199,12 @@ class Router:
 
     def _decided(self, entry: ModelEntry, route: Route) -> Route:
         self.decisions[route.reason] = self.decisions.get(route.reason, 0) + 1
-        entry.last_route = route.describe()
+        entry.last_route = route.describe(self.here)
         log.info(
             "rid=%d routed to replica %d (host %s): %s, %d tokens cached (%s)",
             route.rid,
             route.replica.index,
-            route.replica.host or "local",
+            route.replica.host or self.here,
             route.reason,
             route.cached_tokens,
             route.tier,

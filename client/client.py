@@ -180,8 +180,9 @@ class Client:
         return self._conn.call(ListModels(id=new_request_id()), self.timeout_s)
 
     def list_hosts(self) -> list[dict[str, Any]]:
-        """The hosts that joined: name, state (``joining``/``up``/``draining``/``left``/``dead``), pid,
-        ``heartbeat_age_s``, resources (cores, memory, GPUs, free KV bytes), workers and models placed."""
+        """The broker's own machine (``local``: true, always ``up``), then the hosts that joined: name, state
+        (``joining``/``up``/``draining``/``left``/``dead``), pid, ``heartbeat_age_s``, resources (cores,
+        memory, GPUs, free KV bytes), workers and models placed."""
         return self._conn.call(ListHosts(id=new_request_id()), self.timeout_s)
 
     def model_info(self, model_id: str) -> dict[str, Any]:

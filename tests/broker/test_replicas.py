@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import socket
 
 import pytest
 
@@ -37,6 +38,11 @@ def test_two_replicas_run_two_workers_behind_one_queue(client: Client):
     assert info["pending_len"] == 3 and client.queue_depth("m") == 5
     assert all(s.collect().finish_reason == "length" for s in streams)
     assert sum(routed(client, "m")) == 5 and min(routed(client, "m")) >= 1
+    # a broker without hosts lists its own machine, named for its hostname, with both workers
+    [here] = client.list_hosts()
+    assert (here["name"], here["state"], here["local"]) == (socket.gethostname(), "up", True)
+    assert sorted(w["pid"] for w in here["workers"]) == sorted(pids) and "m" in here["models"]
+    assert {r["host"] for r in client.model_info("m")["replicas"]} == {socket.gethostname()}
 
 
 def test_round_robin_sends_each_request_to_the_next_replica(client: Client):

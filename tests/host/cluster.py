@@ -24,6 +24,7 @@ from tests.broker.test_endpoints import free_port
 from tests.conftest import BrokerProcess, remove_runtime, short_tmpdir, start_broker, wait_for
 
 HOST_STOP_TIMEOUT_S = 30.0
+BROKER_MACHINE = "hub"  # the broker's own machine's name among the hosts (``--name``)
 
 
 @dataclass
@@ -105,6 +106,13 @@ class Cluster:
         return host
 
     @staticmethod
+    def joined(c: Client) -> list[dict[str, Any]]:
+        """``list_hosts`` without the broker's own machine (always its first row)."""
+        rows = c.list_hosts()
+        assert rows[0]["name"] == BROKER_MACHINE and rows[0]["local"]
+        return rows[1:]
+
+    @staticmethod
     def state_of(c: Client, name: str) -> str | None:
         return next((h["state"] for h in c.list_hosts() if h["name"] == name), None)
 
@@ -123,6 +131,8 @@ def cluster(host_names: tuple[str, ...] = ("h1",), *broker_args: str) -> Iterato
     rdir = short_tmpdir("erl-clb-")
     args = (
         "--no-default-model",
+        "--name",
+        BROKER_MACHINE,
         "--hosts",
         hosts_endpoint,
         "--curve-secret-key",

@@ -10,7 +10,7 @@ import pytest
 
 from erllama import ErllamaError
 from tests.conftest import wait_for
-from tests.host.cluster import cluster
+from tests.host.cluster import BROKER_MACHINE, cluster
 
 SLOW_STUB = {"backend": "stub", "n_ctx": 512, "n_seq_max": 1, "stub_decode_ms": 20}
 SENTENCE = "The ferry to the northern islands leaves at dawn when the harbour master rings the bell. "
@@ -92,29 +92,35 @@ def test_a_host_cut_off_from_the_broker_is_declared_dead_its_requests_move_and_i
         assert next(h for h in c.list_hosts() if h["name"] == "h1")["joins"] == 2
 
 
-def test_replicas_by_count_are_placed_on_the_hosts_that_are_up():
-    with cluster(("h1", "h2")) as cl:
+def test_replicas_by_count_are_placed_on_the_machines_that_are_up_the_brokers_own_among_them():
+    with cluster(("h1",)) as cl:
         cl.start_host("h1", "127.0.0.2")
-        cl.start_host("h2", "127.0.0.3")
         c = cl.client(timeout_s=60)
         info = c.load_model("m", replicas=2, backend="stub", n_ctx=256)
-        assert sorted(r["host"] for r in info["replicas"]) == ["h1", "h2"]
+        assert sorted(r["host"] for r in info["replicas"]) == sorted([BROKER_MACHINE, "h1"])
+        assert [h["models"] for h in c.list_hosts()] == [["m"], ["m"]]
+        for i in range(4):
+            assert c.complete("m", f"by count {i}", max_tokens=3).finish_reason == "length"
         with pytest.raises(ErllamaError) as exc:
             c.load_model("too-many", replicas=3, backend="stub", n_ctx=256)
-        assert exc.value.code == "invalid_params" and exc.value.detail["hosts_up"]
+        assert exc.value.code == "invalid_params"
+        assert sorted(exc.value.detail["hosts_up"]) == sorted([BROKER_MACHINE, "h1"])
 
 
-def test_a_replica_placed_by_count_moves_to_another_host_when_its_host_dies():
-    with cluster(("h1", "h2", "h3")) as cl:
-        procs = {name: cl.start_host(name, f"127.0.0.{i + 2}") for i, name in enumerate(("h1", "h2", "h3"))}
+def test_a_replica_placed_by_count_moves_to_another_machine_when_its_host_dies():
+    """Two hosts and the broker's own machine, two replicas: the one on a host that dies moves to the
+    machine that had none, whichever it is."""
+    with cluster(("h1", "h2")) as cl:
+        procs = {name: cl.start_host(name, f"127.0.0.{i + 2}") for i, name in enumerate(("h1", "h2"))}
         c = cl.client(timeout_s=60)
         info = c.load_model("m", replicas=2, backend="stub", n_ctx=256)
         placed = [r["host"] for r in info["replicas"]]
-        spare = ({"h1", "h2", "h3"} - set(placed)).pop()
-        procs[placed[0]].signal_group(signal.SIGKILL)
-        wait_for(lambda: cl.state_of(c, placed[0]) == "dead", 30, "its host declared dead")
+        spare = ({BROKER_MACHINE, "h1", "h2"} - set(placed)).pop()
+        lost = next(i for i, h in enumerate(placed) if h != BROKER_MACHINE)
+        procs[placed[lost]].signal_group(signal.SIGKILL)
+        wait_for(lambda: cl.state_of(c, placed[lost]) == "dead", 30, "its host declared dead")
         moved = wait_for(
-            lambda: (r := c.model_info("m")["replicas"][0])["state"] == "ready" and r, 60, "replica moved"
+            lambda: (r := c.model_info("m")["replicas"][lost])["state"] == "ready" and r, 60, "replica moved"
         )
-        assert moved["host"] == spare and c.model_info("m")["replicas"][1]["host"] == placed[1]
+        assert moved["host"] == spare and c.model_info("m")["replicas"][1 - lost]["host"] == placed[1 - lost]
         assert c.complete("m", "served after the move", max_tokens=3).finish_reason == "length"

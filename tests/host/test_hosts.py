@@ -14,7 +14,7 @@ import pytest
 from erllama import AsyncClient, ErllamaError
 from tests.broker.test_curve import keys
 from tests.conftest import wait_for
-from tests.host.cluster import cluster
+from tests.host.cluster import BROKER_MACHINE, cluster
 
 
 async def async_hosts(endpoint: str) -> list[str]:
@@ -29,7 +29,7 @@ def test_a_host_joins_advertises_what_it_has_and_serves_a_model_placed_on_it():
     with cluster(("h1",)) as cl:
         cl.start_host("h1", "127.0.0.2")
         c = cl.client(timeout_s=30)
-        [h1] = c.list_hosts()
+        [h1] = cl.joined(c)
         assert (h1["name"], h1["state"], h1["address"]) == ("h1", "up", "127.0.0.2")
         r = h1["resources"]
         assert r["cores"] >= 1 and r["memory_total_bytes"] >= r["memory_available_bytes"] > 0
@@ -41,13 +41,11 @@ def test_a_host_joins_advertises_what_it_has_and_serves_a_model_placed_on_it():
         assert c.complete("remote", "placed on a host", max_tokens=5).finish_reason == "length"
         assert c.complete("local", "on the broker's machine", max_tokens=5).finish_reason == "length"
         by_id = {m["id"]: m for m in c.list_models()}
-        assert by_id["remote"]["host"] == "h1" and by_id["local"]["host"] is None
+        assert by_id["remote"]["host"] == "h1" and by_id["local"]["host"] == BROKER_MACHINE
         pid = by_id["remote"]["worker_pid"]
-        wait_for(
-            lambda: [w["pid"] for w in c.list_hosts()[0]["workers"]] == [pid], 10, "the worker in a beat"
-        )
-        assert c.list_hosts()[0]["models"] == ["remote"]
-        assert asyncio.run(async_hosts(cl.broker.endpoint)) == ["h1"]
+        wait_for(lambda: [w["pid"] for w in cl.joined(c)[0]["workers"]] == [pid], 10, "the worker in a beat")
+        assert cl.joined(c)[0]["models"] == ["remote"]
+        assert asyncio.run(async_hosts(cl.broker.endpoint)) == [BROKER_MACHINE, "h1"]
         shown = subprocess.run(
             [sys.executable, "-m", "erllama.cli", "--endpoint", cl.broker.endpoint, "hosts"],
             check=True,
@@ -63,14 +61,22 @@ def test_a_host_joins_advertises_what_it_has_and_serves_a_model_placed_on_it():
 
 def test_a_model_configured_for_a_host_is_placed_once_that_host_joins(tmp_path: Path):
     config = tmp_path / "erllama.toml"
-    config.write_text('[[models]]\nid = "later"\nhost = "h1"\noptions = { backend = "stub", n_ctx = 128 }\n')
+    stub = 'options = { backend = "stub", n_ctx = 128 }\n'
+    config.write_text(
+        f'[[models]]\nid = "later"\nhost = "h1"\n{stub}'
+        f'[[models]]\nid = "split"\nhosts = ["{BROKER_MACHINE}", "h1"]\n{stub}'
+    )
     with cluster(("h1",), "--config", str(config)) as cl:
         c = cl.client(timeout_s=30)
         info = c.model_info("later")
         assert (info["state"], info["host"], info["last_error"]["code"]) == ("unavailable", "h1", "host_down")
+        wait_for(lambda: c.model_info("split")["state"] == "ready", 30, "its replica on the broker's machine")
+        assert [r["state"] for r in c.model_info("split")["replicas"]] == ["ready", "unavailable"]
         cl.start_host("h1", "127.0.0.2")
         wait_for(lambda: c.model_info("later")["state"] == "ready", 30, "placed on h1")
+        wait_for(lambda: c.model_info("split")["replicas"][1]["state"] == "ready", 30, "split placed on h1")
         assert c.complete("later", "configured", max_tokens=3).finish_reason == "length"
+        assert [h["models"] for h in c.list_hosts()] == [["split"], ["later", "split"]]
 
 
 def test_sigterm_drains_a_host_its_running_stream_finishes_new_requests_are_refused_then_it_leaves():
@@ -145,7 +151,7 @@ def test_a_host_without_curve_with_an_unknown_key_or_with_a_name_in_use_is_refus
             done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)
             assert done.returncode == 2, done.stderr
             assert "host_refused" in done.stderr
-        assert c.list_hosts() == []
+        assert cl.joined(c) == []
         assert c.ping()["hosts_refused"] >= 2  # and the broker logged each refusal
         cl.start_host("h1", "127.0.0.2")
         twin = cl.host_command(
@@ -153,7 +159,36 @@ def test_a_host_without_curve_with_an_unknown_key_or_with_a_name_in_use_is_refus
         )  # an allowed key, but the name is taken
         done = subprocess.run(twin, check=False, capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and "already joined" in done.stderr, done.stderr
-        assert [(h["name"], h["state"], h["address"]) for h in c.list_hosts()] == [("h1", "up", "127.0.0.2")]
+        assert [(h["name"], h["state"], h["address"]) for h in cl.joined(c)] == [("h1", "up", "127.0.0.2")]
+        usurper = cl.host_command(
+            BROKER_MACHINE, "127.0.0.6", "--no-cache", "--runtime-dir", str(tmp_path / "u"), key="h1"
+        )  # an allowed key under the broker's own machine's name
+        done = subprocess.run(usurper, check=False, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "already joined" in done.stderr, done.stderr
+        assert [h["name"] for h in c.list_hosts()] == [BROKER_MACHINE, "h1"]
+
+
+def test_the_brokers_own_machine_is_a_host_that_is_always_up_listed_and_placed_on_by_name():
+    with cluster(("h1",)) as cl:
+        c = cl.client(timeout_s=30)
+        [here] = c.list_hosts()
+        assert (here["name"], here["state"], here["local"], here["models"]) == (
+            BROKER_MACHINE,
+            "up",
+            True,
+            [],
+        )
+        r = here["resources"]
+        assert r["cores"] >= 1 and r["memory_total_bytes"] >= r["memory_available_bytes"] > 0
+        assert r["gpus"] or r["gpu_error"] == "no_gpu"
+        wait_for(lambda: (c.list_hosts()[0]["resources"]["kv_free_bytes"] or 0) > 0, 10, "its store's room")
+        assert c.list_hosts()[0]["cachestore_up"]
+        info = c.load_model("here", host=BROKER_MACHINE, backend="stub", n_ctx=256)
+        assert (info["state"], info["host"], info["replicas"][0]["host"]) == ("ready", *[BROKER_MACHINE] * 2)
+        [here] = c.list_hosts()
+        assert here["models"] == ["here"] and [w["pid"] for w in here["workers"]] == [info["worker_pid"]]
+        assert c.complete("here", "on the broker's machine", max_tokens=3).finish_reason == "length"
+        assert c.model_info("here")["last_route"]["host"] == BROKER_MACHINE
 
 
 def test_the_real_model_on_a_host_answers_as_on_the_brokers_machine_and_hits_the_hosts_own_cache():
