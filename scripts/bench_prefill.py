@@ -5,11 +5,12 @@ under each prefill policy.
 Two tables from one run:
 
 - ``cold``: prompts of 512, 2,048 and 4,096 tokens that no cache holds, one at a time, in alternating
-  rounds: erllama with its default load options (exact mode) through the ``Client``, and
-  ``llama-server`` (built from the vendored llama.cpp source) with its defaults through ``/completion``
-  (``cache_prompt`` off), both with the same model, context and threads. Client-side time from sending
-  the request to the first streamed token; median of ``--rounds``; the ratio llama-server / erllama
-  (goal >= 1.0: erllama's first token no later).
+  rounds: erllama with its default load options (exact mode) through the ``Client``, the same model
+  loaded beside it with ``exact=false`` (llama.cpp's own kernels), and ``llama-server`` (built from the
+  vendored llama.cpp source) with its defaults through ``/completion`` (``cache_prompt`` off), all with
+  the same model, context and threads. Client-side time from sending the request to the first streamed
+  token; median of ``--rounds``; the ratio llama-server / erllama (goal >= 1.0: erllama's first token no
+  later), and the same for ``exact=false``: what is left once the exact mode's kernels are out.
 - ``wave``: four requests of ~150 new tokens each sent at once, for each ``prefill_policy``: mean and
   last time to first token (client side). ``fair`` is the equal-slices policy erllama had before.
 
@@ -40,11 +41,12 @@ N_CTX: Final = 4608  # holds the 4,096-token prompt and its answer
 N_SEQ: Final = 4  # erllama's default; llama-server gets as many slots
 WAVE_REQUESTS: Final = 4
 WAVE_TOKENS: Final = 150
+FAST_MODEL_ID: Final = "fast"  # the same model loaded with exact=false, beside the default one
 
 
-def erllama_ttft_ms(c: Client, prompt: list[int]) -> float:
+def erllama_ttft_ms(c: Client, prompt: list[int], model: str = MODEL_ID) -> float:
     t0 = time.perf_counter()
-    stream = c.infer(MODEL_ID, prompt, max_tokens=1, temperature=0.0)
+    stream = c.infer(model, prompt, max_tokens=1, temperature=0.0)
     next(iter(stream))
     ttft = (time.perf_counter() - t0) * 1000.0
     stream.collect()
@@ -66,26 +68,36 @@ def llama_server_ttft_ms(url: str, prompt: list[int]) -> float:
 
 
 def cold_table(c: Client, corpus: Corpus, sizes: list[int], rounds: int, threads: int) -> None:
-    ours: dict[int, list[float]] = {n: [] for n in sizes}
-    theirs: dict[int, list[float]] = {n: [] for n in sizes}
+    """Alternating rounds of erllama (exact mode, the default), erllama loaded with ``exact=false``
+    (llama.cpp's own kernels: what the exact mode costs, measured beside it) and llama-server."""
+    c.load_model(
+        FAST_MODEL_ID, None, n_ctx=N_CTX, n_seq_max=N_SEQ, n_threads=threads, cache=False, exact=False
+    )
+    c.complete(FAST_MODEL_ID, "Hello", max_tokens=1)
+    sides = ("exact", "fast", "llama-server")
+    times: dict[str, dict[int, list[float]]] = {side: {n: [] for n in sizes} for side in sides}
     with llama_server(N_CTX, N_SEQ, threads, MODEL_ID) as url:
         for rnd in range(rounds):
             for n in sizes:
-                mine = corpus.prompt(f"Cold round {rnd} of {n}, ours.", n, offset=rnd * 131 + n)
-                other = corpus.prompt(f"Cold round {rnd} of {n}, theirs.", n, offset=rnd * 131 + n)
-                for side in ("ours", "theirs") if rnd % 2 == 0 else ("theirs", "ours"):
-                    if side == "ours":
-                        ours[n].append(erllama_ttft_ms(c, mine))
+                for side in sides if rnd % 2 == 0 else tuple(reversed(sides)):
+                    prompt = corpus.prompt(f"Cold round {rnd} of {n}, {side}.", n, offset=rnd * 131 + n)
+                    if side == "llama-server":
+                        ms = llama_server_ttft_ms(url, prompt)
                     else:
-                        theirs[n].append(llama_server_ttft_ms(url, other))
+                        ms = erllama_ttft_ms(c, prompt, MODEL_ID if side == "exact" else FAST_MODEL_ID)
+                    times[side][n].append(ms)
+    c.unload_model(FAST_MODEL_ID)
     print(
         f"\n## cold: time to first token of a prompt no cache holds, median of {rounds} alternating rounds\n"
     )
-    print("| prompt tokens | erllama ms | llama-server ms | llama-server / erllama |")
-    print("| --- | --- | --- | --- |")
+    print(
+        "| prompt tokens | erllama ms | erllama `exact=false` ms | llama-server ms "
+        "| llama-server / erllama (goal >= 1.0) | llama-server / erllama `exact=false` |"
+    )
+    print("| --- | --- | --- | --- | --- | --- |")
     for n in sizes:
-        e, r = statistics.median(ours[n]), statistics.median(theirs[n])
-        print(f"| {n:,} | {e:.0f} | {r:.0f} | **{r / e:.2f}** |")
+        e, f, r = (statistics.median(times[side][n]) for side in sides)
+        print(f"| {n:,} | {e:.0f} | {f:.0f} | {r:.0f} | **{r / e:.2f}** | {r / f:.2f} |")
 
 
 def wave_ttfts(c: Client, corpus: Corpus, model: str, lead: str) -> list[float]:
