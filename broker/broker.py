@@ -71,10 +71,8 @@ from erllama.transport import BROKER_LOCK_NAME, InstanceLock, ensure_private_dir
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_MS = 100
-DRAIN_BATCH = 1000
-STORE_ANSWERED_S = (
-    3 * HEARTBEAT_INTERVAL_S
-)  # the store answered a ping this recently: it is up  # messages taken from one socket per wake, so a flood on one cannot starve the others
+DRAIN_BATCH = 1000  # messages taken from one socket per wake, so a flood on one cannot starve the others
+STORE_ANSWERED_S = 3 * HEARTBEAT_INTERVAL_S  # the store answered a ping this recently: it is up
 
 
 class Broker:

@@ -1,6 +1,7 @@
 """The broker's own questions to the cache store: ``cached_prefix_len`` for clients (no worker hop), the
-stats ping that tells a live store from a frozen one (its answer kept for ``list_hosts``), evictions for the memory-pressure watcher, and the
-store's KV events for the routing index (source ``""``: this machine).
+stats ping that tells a live store from a frozen one (its answer kept for ``list_hosts``), evictions for
+the memory-pressure watcher, and the store's KV events for the routing index (source ``""``: this
+machine).
 """
 
 from __future__ import annotations

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
+import psutil
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
@@ -106,6 +107,16 @@ class HostSide:
     def up(self, name: str) -> HostEntry | None:
         host = self.hosts.get(name)
         return host if host is not None and host.state is HostState.UP else None
+
+    def machines(self, taken: Collection[str | None] = ()) -> list[str | None]:
+        """Where a replica placed by count may go, the most free memory first: the hosts that are up and
+        the broker's own machine (None), less ``taken``."""
+        free: list[tuple[int, str | None]] = [
+            (h.resources.memory_available_bytes, h.name) for h in self.hosts.values() if self.up(h.name)
+        ]
+        free.append((psutil.virtual_memory().available, None))
+        free.sort(key=lambda m: -m[0])
+        return [name for _, name in free if name not in taken]
 
     def spawn(self, entry: ModelEntry, replica: Replica) -> bool:
         """Ask the replica's host to start its worker; False if the host is not up to take it."""

@@ -11,8 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 from erllama.broker.config import BrokerConfig
 from erllama.broker.front import FrontEnd
 from erllama.broker.lifecycle import Requests, host_down
@@ -125,19 +123,18 @@ class Models:
         if not 1 <= n <= MAX_REPLICAS:
             raise ErllamaError(ErrorCode.INVALID_PARAMS, f"replicas: 1-{MAX_REPLICAS}")
         hosts = self.supervisor.hosts
-        up = [h for h in hosts.hosts.values() if hosts.up(h.name)] if hosts is not None and n > 1 else []
-        if not up:
-            return [None] * n  # no hosts: every replica on the broker's own machine
-        machines = [(h.resources.memory_available_bytes, h.name) for h in up]
-        machines.append((psutil.virtual_memory().available, self.cfg.name))
+        machines: list[str | None] = [None]  # the broker's own machine, and the hosts that are up
+        if hosts is not None and n > 1:
+            machines = hosts.machines()
+        if machines == [None]:
+            return [None] * n  # no hosts up: every replica on the broker's own machine
         if len(machines) < n:
             raise ErllamaError(
                 ErrorCode.INVALID_PARAMS,
                 f"replicas={n} needs {n} hosts that are up; {len(machines)} are",
-                {"hosts_up": [name for _, name in machines]},
+                {"hosts_up": [name or self.cfg.name for name in machines]},
             )
-        machines.sort(key=lambda m: -m[0])  # the most memory free first
-        return [self.here(name) for _, name in machines[:n]]
+        return machines[:n]
 
     def here(self, name: str) -> str | None:
         """A host name as placements hold it: None for the broker's own machine."""

@@ -19,8 +19,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import psutil
-
 from erllama.broker.hosts import HostSide
 from erllama.broker.hosttable import HostEntry
 from erllama.broker.lifecycle import Requests, host_down
@@ -123,17 +121,10 @@ class Placement:
     def _move(self, entry: ModelEntry, replica: Replica) -> None:
         """Place a replica that was placed by count on another machine that is up and has none of the
         model: a joined host or the broker's own."""
-        taken = set(entry.hosts)
-        free: list[tuple[int, str | None]] = [
-            (h.resources.memory_available_bytes, h.name)
-            for h in self.hosts.hosts.values()
-            if self.hosts.up(h.name) and h.name not in taken
-        ]
-        if None not in taken:
-            free.append((psutil.virtual_memory().available, None))
+        free = self.hosts.machines(taken=entry.hosts)
         if not free:
             return  # it stays unavailable; it is placed again when its host comes back
-        target = max(free, key=lambda m: m[0])[1]
+        target = free[0]
         log.info(
             "moving %s replica %d from host %s to %s",
             entry.model_id,
