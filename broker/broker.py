@@ -53,7 +53,6 @@ from erllama.protocol import (
     Cancel,
     ErllamaError,
     ErrorCode,
-    HostWorker,
     Infer,
     ListHosts,
     ListModels,
@@ -116,7 +115,7 @@ class Broker:
         self.placement: Placement | None = None
         if cfg.hosts and cfg.host_workers and self.curve is not None:
             self.hosts = HostSide(
-                self.ctx, self.curve, cfg.hosts, cfg.host_workers, self.table, self.totals, instance, cfg.name
+                self.ctx, self.curve, cfg.hosts, cfg.host_workers, self.totals, instance, cfg.name
             )
             self.supervisor.hosts = self.hosts
             self.hosts.on_kv_events = lambda host, batch: self.kv_index.apply(host.name, batch)
@@ -159,11 +158,10 @@ class Broker:
     def _list_hosts(self) -> list[dict[str, Any]]:
         """This machine first (always up; its store up if it answered the last heartbeat's ping), then
         the hosts that joined."""
-        workers = [HostWorker(model=m, pid=wp.pid) for (m, _), wp in self.machine.workers.items()]
         store_up = self.cache is None or (
             self.machine.cachestore is not None and time.monotonic() - self.cache.heard_s < STORE_ANSWERED_S
         )
-        own = self.own.entry(workers, store_up, self.cache.stats if self.cache else None)
+        own = self.own.entry(self.machine.host_workers(), store_up, self.cache.stats if self.cache else None)
         return host_rows([own, *(self.hosts.hosts.values() if self.hosts else ())], self.table)
 
     def _ping(self) -> dict[str, Any]:

@@ -65,7 +65,6 @@ class HostSide:
         curve: CurveServer,
         endpoint: str,
         worker_endpoint: str,
-        models: dict[str, ModelEntry],
         totals: QueueTotals,
         instance: str,
         here: str,
@@ -73,7 +72,6 @@ class HostSide:
         self.endpoint = endpoint
         self.here = here  # the broker's own machine's name: no host may join under it
         self.worker_port = port_of(worker_endpoint)
-        self.models = models
         self.totals = totals
         self.instance = instance
         self.sock = curve.secure(

@@ -136,7 +136,7 @@ class Models:
             )
         return machines[:n]
 
-    def here(self, name: str) -> str | None:
+    def here(self, name: str | None) -> str | None:
         """A host name as placements hold it: None for the broker's own machine."""
         return None if name == self.cfg.name else name
 
@@ -169,7 +169,7 @@ class Models:
         places: list[str | None],
     ) -> None:
         entry = ModelEntry(model_id, path, options, ModelQueue(model_id, max_queue=options["max_queue"]))
-        places = [self.here(p) if p is not None else None for p in places]  # a config file names this one
+        places = [self.here(p) for p in places]  # a config file names this machine
         entry.replicas = [Replica(model_id, i, host) for i, host in enumerate(places)]
         if waiter is not None:
             entry.load_waiters.append(waiter)

@@ -37,7 +37,6 @@ from erllama.protocol import (
     HostKvResync,
     HostLeave,
     HostWelcome,
-    HostWorker,
     KvEventBatch,
     SpawnWorker,
     StopWorker,
@@ -209,14 +208,13 @@ class Host:
             cachestore_up = self.store_stats is not None
         if self.phase is HostPhase.JOINING:
             return
-        workers = [HostWorker(model=m, pid=wp.pid) for (m, _), wp in self.sup.workers.items()]
         resources = host_resources(self.gpus, self.gpu_error, self.store_stats)
         kv = self._kv_events() if cachestore_up and self.store is not None else None
         self.link.send(
             HostBeat(
                 name=self.settings.name,
                 resources=resources,
-                workers=workers,
+                workers=self.sup.host_workers(),
                 cachestore_up=cachestore_up,
                 kv=kv,
             )

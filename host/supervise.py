@@ -29,6 +29,7 @@ from erllama.processes import (
     spawn_cachestore,
     spawn_worker,
 )
+from erllama.protocol import HostWorker
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,10 @@ class MachineSupervisor:
         self.workers[(model_id, replica)] = wp
         self.watcher.watch(wp)
         return wp
+
+    def host_workers(self) -> list[HostWorker]:
+        """The workers running here, as the broker lists them (``list_hosts``, a host's beats)."""
+        return [HostWorker(model=m, pid=wp.pid) for (m, _), wp in self.workers.items()]
 
     def runs(self, model_id: str) -> bool:
         """Whether a worker of ``model_id`` (any replica) runs here."""
